@@ -1,0 +1,53 @@
+"""The ``neoray`` command.
+
+Each subcommand lives in the module that owns its step; that module defines ``add_arguments(parser)``
+and ``run(args) -> int``. Modules are imported only when their subcommand runs, so that
+``neoray synth`` does not pay for importing torch and Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "synth": ("neoray.data.synth", "write the embedded synthetic COCO dataset"),
+    "prepare": ("neoray.data.prepare", "COCO or YOLO -> validated 16:9 Parquet shards"),
+    "check": ("neoray.data.check", "verify shards against their manifest and summarise them"),
+    "train": ("neoray.engine.train_cmd", "train a detector with Ray Train (DDP)"),
+    "eval": ("neoray.engine.eval_cmd", "COCO evaluation of a checkpoint on a shard directory"),
+    "predict": ("neoray.engine.predict_cmd", "draw a checkpoint's detections on images"),
+    "sweep": ("neoray.tune.sweep_cmd", "hyperparameter sweep: Ray Tune + Optuna + ASHA"),
+    "report": ("neoray.tune.report", "Markdown report with plots for a finished sweep"),
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neoray", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        # Only the chosen subcommand's module is imported (its arguments are needed to parse).
+        if argv and argv[0] == name:
+            importlib.import_module(module_name).add_arguments(sub_parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 1
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print("neoray: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,328 @@
+"""Typed run configuration: one YAML file plus ``key=value`` overrides, validated strictly.
+
+Every key is declared in a dataclass below. Unknown or misspelled keys are an error that names the key
+and the closest valid one (seed 000 lost a run to ``lr_warmup_epochs``). Values are coerced to the
+declared type and checked before anything starts, so that a bad config never reaches a GPU worker.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message is one line naming the key."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# 16:9 sizes
+# ----------------------------------------------------------------------------------------------------
+
+
+def is_16_9(width: int, height: int) -> bool:
+    return width > 0 and height > 0 and width * 9 == height * 16
+
+
+def nearest_16_9(width: int, height: int, count: int = 2) -> list[tuple[int, int]]:
+    """The 16:9 sizes (multiples of 16x9) closest to ``width x height``: keeping the width, or the height."""
+    ks = {max(1, width // 16), max(1, -(-width // 16)), max(1, height // 9), max(1, -(-height // 9))}
+    ranked = sorted(ks, key=lambda k: (abs(16 * k - width) + abs(9 * k - height), k))
+    return [(16 * k, 9 * k) for k in ranked[:count]]
+
+
+def parse_size(value: Any, key: str = "size", require_16_9: bool = True) -> tuple[int, int]:
+    """Parse ``"1920x1080"``, ``[1920, 1080]`` or ``(1920, 1080)`` into ``(width, height)``."""
+    try:
+        if isinstance(value, str):
+            w_text, h_text = value.lower().replace(" ", "").split("x")
+            width, height = int(w_text), int(h_text)
+        else:
+            width, height = (int(v) for v in value)
+    except (ValueError, TypeError):
+        raise ConfigError(f"{key}: expected a size like 1920x1080, got {value!r}") from None
+    if width <= 0 or height <= 0:
+        raise ConfigError(f"{key}: size must be positive, got {width}x{height}")
+    if require_16_9 and not is_16_9(width, height):
+        near = " or ".join(f"{w}x{h}" for w, h in nearest_16_9(width, height))
+        raise ConfigError(f"{key}: {width}x{height} is not 16:9 (W*9 must equal H*16); nearest 16:9 sizes: {near}")
+    return width, height
+
+
+def format_size(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The schema
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    name: str = "rtdetr_cpu"
+    # "none", "imagenet" (torchvision weights, needs internet or a warm torch hub cache) or a file path.
+    backbone_weights: str = "none"
+    # Fine-tune from a full checkpoint: loads every tensor whose shape matches, reports the rest.
+    init_from: str = ""
+    max_detections: int = 100
+    score_threshold: float = 0.0
+    # Extra keyword options passed to build_model (e.g. num_queries, hidden_dim, num_decoder_layers).
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # shard directory written by `neoray prepare`
+    val: str = ""  # shard directory; empty means no evaluation
+    size: tuple = (320, 180)  # training and evaluation size, 16:9
+    multiscale: list = field(default_factory=list)  # 16:9 sizes drawn per batch at train time
+    hflip: float = 0.5
+    color_jitter: float = 0.4  # strength; 0 turns it off
+    shuffle_buffer: int = 256
+    max_train_images: int = 0  # 0 = all; handy for smoke runs
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 4  # per worker
+    accumulate: int = 1
+    lr: float = 1e-4
+    backbone_lr_mult: float = 0.1
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"  # adamw | sgd
+    momentum: float = 0.9  # sgd only
+    schedule: str = "cosine"  # cosine | multistep | onecycle | constant
+    milestones: list = field(default_factory=list)  # multistep: fractions of total steps or step numbers
+    gamma: float = 0.1
+    min_lr_ratio: float = 0.01
+    warmup_steps: int = 0  # optimizer steps
+    clip_grad_norm: float = 0.1  # 0 turns clipping off
+    amp: str = "auto"  # auto | bf16 | fp16 | off  (auto: bf16 on GPUs that have it, fp16 otherwise, off on CPU)
+    ema: bool = True
+    ema_decay: float = 0.9999
+    ema_warmup_steps: int = 200
+    freeze_backbone_until_epoch: int = 0  # backbone frozen for epochs < N (0 = never frozen)
+    seed: int = 0
+    workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    eval_every: int = 1  # evaluate every N epochs (and always after the last)
+    early_stop_patience: int = 0  # evaluations without mAP improvement before stopping (0 = off)
+    max_skipped_fraction: float = 0.25  # of an epoch's updates skipped for non-finite loss/grad
+    max_oom_per_epoch: int = 3
+    max_failures: int = 2  # worker failures Ray Train recovers from
+    log_every: int = 0  # steps between progress lines on rank 0 (0 = epoch lines only)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: str = "runs"
+    name: str = ""
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["data"]["size"] = format_size(self.data.size)
+        out["data"]["multiscale"] = [format_size(s) for s in self.data.multiscale]
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def effective_batch(self) -> int:
+        return self.train.batch_size * self.train.accumulate * self.train.workers
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not close:
+        # Also compare the last word, so that lr_warmup_epochs suggests warmup_steps.
+        close = difflib.get_close_matches(key.split("_")[-1], valid, n=1, cutoff=0.5)
+        close = close or [k for k in valid if any(part in k for part in key.split("_") if len(part) > 2)][:1]
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    origin = typing.get_origin(annotation) or annotation
+    if annotation in ("bool", bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if annotation in ("int", int):
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if annotation in ("float", float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if annotation in ("str", str):
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return "" if value is None else str(value)
+    if annotation in ("dict", dict) or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if annotation in ("list", list) or origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return list(value)
+    return value
+
+
+def _build_section(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix}: expected a mapping of keys, got {raw!r}")
+    valid = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in valid:
+            raise ConfigError(f"unknown config key '{prefix}.{key}'{_suggest(key, list(valid))}")
+        kwargs[key] = _coerce(value, valid[key].type, f"{prefix}.{key}")
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> None:
+    d, t, m = cfg.data, cfg.train, cfg.model
+    d.size = parse_size(d.size, "data.size")
+    d.multiscale = [parse_size(s, "data.multiscale") for s in d.multiscale]
+    checks = [
+        (t.epochs >= 1, "train.epochs must be >= 1"),
+        (t.batch_size >= 1, "train.batch_size must be >= 1"),
+        (t.accumulate >= 1, "train.accumulate must be >= 1"),
+        (t.lr > 0, "train.lr must be > 0"),
+        (t.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
+        (t.workers >= 1, "train.workers must be >= 1"),
+        (t.optimizer in ("adamw", "sgd"), f"train.optimizer must be adamw or sgd, got {t.optimizer!r}"),
+        (t.schedule in ("cosine", "multistep", "onecycle", "constant"),
+         f"train.schedule must be cosine, multistep, onecycle or constant, got {t.schedule!r}"),
+        (t.amp in ("auto", "bf16", "fp16", "off"), f"train.amp must be auto, bf16, fp16 or off, got {t.amp!r}"),
+        (0.0 <= t.max_skipped_fraction <= 1.0, "train.max_skipped_fraction must be in [0, 1]"),
+        (0.0 < t.ema_decay < 1.0, "train.ema_decay must be in (0, 1)"),
+        (t.eval_every >= 1, "train.eval_every must be >= 1"),
+        (0.0 <= d.hflip <= 1.0, "data.hflip must be in [0, 1]"),
+        (d.color_jitter >= 0.0, "data.color_jitter must be >= 0"),
+        (m.max_detections >= 1, "model.max_detections must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``train.lr=3e-4`` -> ("train.lr", 0.0003); values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. train.epochs=2")
+    key, value = text.split("=", 1)
+    try:
+        parsed = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str] | dict) -> dict:
+    """Apply dotted overrides to a raw (not yet validated) config mapping."""
+    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides)
+    for key, value in items:
+        parts = key.split(".")
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}: {part} is not a section")
+        node[parts[-1]] = value
+    return raw
+
+
+def from_dict(raw: dict) -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping at the top level, got {type(raw).__name__}")
+    top_valid = list(SECTIONS) + ["output", "name"]
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in SECTIONS:
+            kwargs[key] = _build_section(SECTIONS[key], value, key)
+        elif key in ("output", "name"):
+            kwargs[key] = _coerce(value, str, key)
+        else:
+            raise ConfigError(f"unknown config key '{key}'{_suggest(key, top_valid)}")
+    cfg = Config(**kwargs)
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Read a YAML config (or the defaults when ``path`` is None), apply overrides, validate."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return from_dict(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config atomically (it is the record of what ran)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(cfg.to_yaml())
+    tmp.replace(path)
+
+
+def replace(cfg: Config, **section_updates: dict) -> Config:
+    """A validated copy of ``cfg`` with e.g. ``train={"lr": 1e-3}`` applied."""
+    raw = cfg.to_dict()
+    for section, updates in section_updates.items():
+        raw.setdefault(section, {}).update(updates)
+    return from_dict(raw)
+
+
+__all__ = [
+    "Config", "ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "apply_overrides", "format_size",
+    "from_dict", "is_16_9", "load_config", "nearest_16_9", "parse_override", "parse_size", "replace",
+    "save_config",
+]

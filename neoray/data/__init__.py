@@ -1,0 +1,1 @@
+"""Data: synthetic dataset, COCO/YOLO sources, letterbox geometry, Parquet shards, Ray Data streams."""

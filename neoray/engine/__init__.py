@@ -1,0 +1,1 @@
+"""Engine: the per-worker training function, optimisation, guards, checkpoints, COCO evaluation."""

@@ -1,0 +1,1 @@
+"""Detectors behind one interface; see build_model in neoray.models.registry."""

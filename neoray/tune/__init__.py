@@ -1,0 +1,1 @@
+"""Sweeps: Ray Tune + OptunaSearch + ASHA over the engine's training function."""

@@ -1,0 +1,81 @@
+"""Config: strict keys with suggestions, overrides, type coercion, 16:9 validation, round trip."""
+
+from __future__ import annotations
+
+import pytest
+
+from neoray.config import ConfigError, is_16_9, load_config, nearest_16_9, parse_size, replace, save_config
+
+
+def test_defaults_validate_and_are_16_9():
+    cfg = load_config()
+    assert is_16_9(*cfg.data.size)
+    assert cfg.effective_batch == cfg.train.batch_size * cfg.train.accumulate * cfg.train.workers
+
+
+def test_misspelled_key_names_key_and_suggestion(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr_warmup_epochs: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert "train.lr_warmup_epochs" in message and "warmup_steps" in message and str(path) in message
+    assert "\n" not in message
+
+
+def test_unknown_section_and_top_level_key():
+    with pytest.raises(ConfigError, match="'trian'.*'train'"):
+        load_config(None, {"trian.lr": 1.0})
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["train.lr=3e-4", "train.epochs=2", "train.use_gpu=true",
+                             "data.size=640x360", "data.multiscale=[576x324, 704x396]"])
+    assert cfg.train.lr == pytest.approx(3e-4) and cfg.train.epochs == 2 and cfg.train.use_gpu is True
+    assert cfg.data.size == (640, 360)
+    assert cfg.data.multiscale == [(576, 324), (704, 396)]
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.epochs=two", "train.epochs: expected an integer"),
+    ("train.epochs=1.5", "train.epochs: expected an integer"),
+    ("train.use_gpu=maybe", "train.use_gpu: expected true or false"),
+    ("train.optimizer=lamb", "train.optimizer must be adamw or sgd"),
+    ("data.multiscale=[640x480]", "data.multiscale: 640x480 is not 16:9"),
+    ("train.accumulate=0", "train.accumulate must be >= 1"),
+])
+def test_bad_values_are_refused(override, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("[", r"\[")):
+        load_config(None, [override])
+
+
+def test_non_16_9_size_names_nearest_sizes():
+    with pytest.raises(ConfigError) as err:
+        parse_size("640x480", "data.size")
+    assert "640x360" in str(err.value) and "848x477" in str(err.value)
+    for w, h in nearest_16_9(1920, 1088):
+        assert is_16_9(w, h)
+    assert nearest_16_9(1920, 1088)[0] == (1920, 1080)
+
+
+def test_save_and_reload_round_trip(tmp_path):
+    cfg = load_config(None, ["train.lr=0.002", "data.multiscale=[288x162,320x180]", "model.options={hidden_dim: 64}"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_replace_validates():
+    cfg = load_config()
+    assert replace(cfg, train={"lr": 0.5}).train.lr == 0.5
+    with pytest.raises(ConfigError):
+        replace(cfg, train={"batch_size": 0})
+
+
+def test_broken_yaml_is_one_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
