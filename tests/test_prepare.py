@@ -1,0 +1,509 @@
+"""`neoray prepare`: bad input is reported and counted, letterbox round trip, YOLO == COCO, re-runs reuse."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from neoray.cli import main
+from neoray.data import prepare as prepare_module
+from neoray.data import sources as src
+from neoray.data.geometry import boxes_from_letterbox, xywh_to_xyxy
+from neoray.data.prepare import prepare_coco, prepare_yolo
+from neoray.data.shards import SCHEMA, ManifestError, read_manifest, shard_files
+from neoray.data.synth import write_synthetic_dataset
+
+SIZE = (160, 90)
+
+
+def _synth(tmp_path: Path, n: int = 8, aspect_mix: bool = False) -> tuple[Path, Path]:
+    out = write_synthetic_dataset(tmp_path / "src", train=n, val=0, size=SIZE, classes=3, seed=0,
+                                  aspect_mix=aspect_mix)
+    return out["train_annotations"], out["train_images"]
+
+
+def _rows(shard_dir: Path) -> list[dict]:
+    return [row for path in shard_files(shard_dir) for row in pq.read_table(path).to_pylist()]
+
+
+def _assert_consistent(result) -> None:
+    """Counts add up, the files on disk say what the result says, every row is accounted for."""
+    manifest, counts, skipped = result.manifest, result.manifest["counts"], result.manifest["skipped"]
+    assert counts["images_in"] == counts["images_written"] + counts["images_skipped"]
+    assert counts["annotations_in"] == counts["annotations_written"] + counts["annotations_skipped"]
+    assert sum(skipped["images"].values()) == counts["images_skipped"]
+    assert sum(skipped["annotations"].values()) == counts["annotations_skipped"]
+    rows = _rows(result.out_dir)
+    assert len(rows) == counts["images_written"] == manifest["num_images"]
+    assert sum(len(r["boxes"]) for r in rows) == counts["annotations_written"] == manifest["num_boxes"]
+    assert json.loads(result.report_path.read_text()) == result.report
+    assert read_manifest(result.out_dir) == json.loads(json.dumps(manifest))
+    assert not [p for p in result.out_dir.iterdir() if ".tmp" in p.name]  # atomic writes leave no temp files
+
+
+def _entries(result, reason: str) -> list[dict]:
+    return [entry for entry in result.report if entry["reason"] == reason]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input, one case at a time
+# ----------------------------------------------------------------------------------------------------
+
+
+def _first_image(coco):
+    """The first image that has annotations, and its first annotation."""
+    for img in coco["images"]:
+        anns = [a for a in coco["annotations"] if a["image_id"] == img["id"]]
+        if anns:
+            return img, anns[0], len(anns)
+    raise AssertionError("synthetic set without annotations")
+
+
+def _write_outside_image(tmp_path: Path) -> Path:
+    outside = tmp_path / "src" / "outside.jpg"  # a valid image next to (not under) the image root
+    cv2.imwrite(str(outside), np.full((90, 160, 3), 200, np.uint8))
+    return outside
+
+
+# Each case mutates (coco, image_dir) and names the reason and action expected in the report, and
+# whether the whole image is skipped.
+def _missing(coco, image_dir, img, ann, tmp_path):
+    (image_dir / img["file_name"]).unlink()
+
+
+def _not_an_image(coco, image_dir, img, ann, tmp_path):
+    (image_dir / img["file_name"]).write_bytes(b"this is not an image\n")
+
+
+def _empty_file(coco, image_dir, img, ann, tmp_path):
+    (image_dir / img["file_name"]).write_bytes(b"")
+
+
+def _truncated(coco, image_dir, img, ann, tmp_path):
+    path = image_dir / img["file_name"]
+    path.write_bytes(path.read_bytes()[:600])
+
+
+def _size_mismatch(coco, image_dir, img, ann, tmp_path):
+    img["width"], img["height"] = 320, 180
+
+
+def _unknown_category(coco, image_dir, img, ann, tmp_path):
+    ann["category_id"] = 999
+
+
+def _zero_width(coco, image_dir, img, ann, tmp_path):
+    ann["bbox"][2] = 0
+
+
+def _negative_height(coco, image_dir, img, ann, tmp_path):
+    ann["bbox"][3] = -4.0
+
+
+def _nan(coco, image_dir, img, ann, tmp_path):
+    ann["bbox"][0] = float("nan")
+
+
+def _malformed(coco, image_dir, img, ann, tmp_path):
+    ann["bbox"] = [1, 2, "3", 4]
+
+
+def _fully_outside(coco, image_dir, img, ann, tmp_path):
+    ann["bbox"] = [170.0, 10.0, 20.0, 20.0]
+
+
+def _partly_outside(coco, image_dir, img, ann, tmp_path):
+    ann["bbox"] = [150.0, -5.0, 30.0, 20.0]
+
+
+def _duplicate_image_id(coco, image_dir, img, ann, tmp_path):
+    other = next(i for i in coco["images"] if i["id"] != img["id"])
+    coco["images"].append({**other, "id": img["id"]})
+
+
+def _absolute_name(coco, image_dir, img, ann, tmp_path):
+    img["file_name"] = str(_write_outside_image(tmp_path).resolve())
+
+
+def _escaping_name(coco, image_dir, img, ann, tmp_path):
+    _write_outside_image(tmp_path)
+    img["file_name"] = "../outside.jpg"
+
+
+def _bad_area(coco, image_dir, img, ann, tmp_path):
+    ann["area"] = -1
+
+
+def _unknown_image_id(coco, image_dir, img, ann, tmp_path):
+    ann["image_id"] = 123456
+
+
+def _duplicate_annotation_id(coco, image_dir, img, ann, tmp_path):
+    other = next(a for a in coco["annotations"] if a["id"] != ann["id"])
+    other["id"] = ann["id"]
+
+
+BAD_INPUT = [
+    (_missing, src.IMAGE_MISSING, src.SKIP_IMAGE, True),
+    (_not_an_image, src.IMAGE_UNREADABLE, src.SKIP_IMAGE, True),
+    (_empty_file, src.IMAGE_UNREADABLE, src.SKIP_IMAGE, True),
+    (_truncated, src.IMAGE_TRUNCATED, src.SKIP_IMAGE, True),
+    (_size_mismatch, src.IMAGE_SIZE_MISMATCH, src.USE_REAL_SIZE, False),
+    (_unknown_category, src.UNKNOWN_CATEGORY, src.DROP_ANNOTATION, False),
+    (_zero_width, src.BBOX_NON_POSITIVE, src.DROP_ANNOTATION, False),
+    (_negative_height, src.BBOX_NON_POSITIVE, src.DROP_ANNOTATION, False),
+    (_nan, src.BBOX_NOT_FINITE, src.DROP_ANNOTATION, False),
+    (_malformed, src.BBOX_MALFORMED, src.DROP_ANNOTATION, False),
+    (_fully_outside, src.BBOX_OUTSIDE, src.DROP_ANNOTATION, False),
+    (_partly_outside, src.BBOX_CLIPPED, src.CLIP_BOX, False),
+    (_duplicate_image_id, src.DUPLICATE_IMAGE_ID, src.SKIP_IMAGE, True),
+    (_absolute_name, src.UNSAFE_FILE_NAME, src.SKIP_IMAGE, True),
+    (_escaping_name, src.UNSAFE_FILE_NAME, src.SKIP_IMAGE, True),
+    (_bad_area, src.AREA_INVALID, src.USE_BOX_AREA, False),
+    (_unknown_image_id, src.UNKNOWN_IMAGE_ID, src.DROP_ANNOTATION, False),
+    (_duplicate_annotation_id, src.DUPLICATE_ANNOTATION_ID, src.DROP_ANNOTATION, False),
+]
+
+
+@pytest.mark.parametrize("mutate, reason, action, image_skipped", BAD_INPUT, ids=[c[0].__name__[1:] for c in BAD_INPUT])
+def test_bad_input_is_reported_and_counted(tmp_path, monkeypatch, mutate, reason, action, image_skipped):
+    ann_path, image_dir = _synth(tmp_path)
+    coco = json.loads(ann_path.read_text())
+    img, ann, n_anns = _first_image(coco)
+    mutate(coco, image_dir, img, ann, tmp_path)
+    ann_path.write_text(json.dumps(coco))  # NaN is written as the (non-standard, accepted) NaN literal
+
+    opened = []
+    real_decode = prepare_module._decode
+    monkeypatch.setattr(prepare_module, "_decode", lambda path: opened.append(Path(path)) or real_decode(path))
+    result = prepare_coco(ann_path, image_dir, tmp_path / "out", size=SIZE, workers=1)
+
+    _assert_consistent(result)
+    entries = _entries(result, reason)
+    assert len(entries) == 1, result.report
+    assert entries[0]["action"] == action
+    assert result.problems == len(result.report) >= 1
+    counts, skipped = result.counts, result.manifest["skipped"]
+    assert counts["images_in"] == len(coco["images"])
+    assert counts["annotations_in"] == len(coco["annotations"])
+    if image_skipped:
+        assert skipped["images"] == {reason: 1}
+        assert counts["images_written"] == len(coco["images"]) - 1
+        if reason != src.DUPLICATE_IMAGE_ID:  # a duplicate's annotations belong to the first image
+            assert skipped["annotations"] == {src.IMAGE_SKIPPED: n_anns}
+    elif action == src.DROP_ANNOTATION:
+        assert skipped["annotations"] == {reason: 1} and skipped["images"] == {}
+        assert entries[0]["annotation_id"] == ann["id"]
+        assert ann["id"] not in [i for row in _rows(result.out_dir) for i in row["ann_ids"]] or \
+            reason == src.DUPLICATE_ANNOTATION_ID  # the first of two equal ids is kept
+    else:  # reported, nothing dropped
+        assert counts["images_skipped"] == counts["annotations_skipped"] == 0
+    # Unsafe names are refused before anything is opened: no path outside the image root was read.
+    assert opened and all(path.resolve().is_relative_to(image_dir.resolve()) for path in opened)
+
+
+def test_clipped_box_is_written_clipped(tmp_path):
+    ann_path, image_dir = _synth(tmp_path)
+    coco = json.loads(ann_path.read_text())
+    img, ann, _ = _first_image(coco)
+    ann["bbox"] = [150.0, -5.0, 30.0, 20.0]  # x 150..180 in a 160-wide image, y -5..15
+    ann_path.write_text(json.dumps(coco))
+    result = prepare_coco(ann_path, image_dir, tmp_path / "out", size=SIZE, workers=1)
+    assert result.counts["annotations_clipped"] == 1
+    row = next(r for r in _rows(result.out_dir) if r["image_id"] == img["id"])
+    box = row["boxes"][row["ann_ids"].index(ann["id"])]
+    np.testing.assert_allclose(box, [150, 0, 160, 15], atol=1e-4)
+    assert row["areas"][row["ann_ids"].index(ann["id"])] == pytest.approx(ann["area"])  # the source's area
+
+
+def test_size_mismatch_uses_the_real_size(tmp_path):
+    ann_path, image_dir = _synth(tmp_path)
+    coco = json.loads(ann_path.read_text())
+    img, _, _ = _first_image(coco)
+    img["width"], img["height"] = 320, 180
+    ann_path.write_text(json.dumps(coco))
+    result = prepare_coco(ann_path, image_dir, tmp_path / "out", size=(320, 180), workers=1)
+    row = next(r for r in _rows(result.out_dir) if r["image_id"] == img["id"])
+    assert (row["orig_width"], row["orig_height"], row["scale"]) == (160, 90, 2.0)
+    assert "declared 320x180, file is 160x90" in _entries(result, src.IMAGE_SIZE_MISMATCH)[0]["detail"]
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("{not json", "not valid JSON"),
+    ("[]", "top level"),
+    ('{"images": [], "annotations": []}', "missing required key 'categories'"),
+    ('{"images": {}, "annotations": [], "categories": []}', "'images' must be a list"),
+    ('{"images": [{"id": 1}], "annotations": [], "categories": []}', "images[0]: missing required key 'file_name'"),
+    ('{"images": [{"id": 1, "file_name": "a.jpg"}], "categories": [{"id": 1, "name": "a"}],'
+     ' "annotations": [{"id": 1, "image_id": "1", "category_id": 1, "bbox": [0, 0, 1, 1]}]}',
+     "annotations[0]: 'image_id' must be an integer"),
+    ('{"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}, {"id": 1, "name": "b"}]}',
+     "duplicate category id 1"),
+])
+def test_broken_annotation_file_exits_1_with_one_line(tmp_path, capsys, content, expected):
+    ann_path = tmp_path / "instances.json"
+    ann_path.write_text(content)
+    (tmp_path / "images").mkdir()
+    code = main(["prepare", "--coco", str(ann_path), "--images", str(tmp_path / "images"),
+                 "--out", str(tmp_path / "out"), "--size", "160x90"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert expected in err and str(ann_path) in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_missing_annotation_file_exits_1(tmp_path, capsys):
+    code = main(["prepare", "--coco", str(tmp_path / "nope.json"), "--images", str(tmp_path),
+                 "--out", str(tmp_path / "out"), "--size", "160x90"])
+    assert code == 1 and "not found" in capsys.readouterr().err
+
+
+def test_size_must_be_16_9(tmp_path, capsys):
+    ann_path, image_dir = _synth(tmp_path, n=2)
+    code = main(["prepare", "--coco", str(ann_path), "--images", str(image_dir), "--out", str(tmp_path / "out"),
+                 "--size", "640x480"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "640x480 is not 16:9" in err and "640x360" in err and "848x477" in err
+    assert not (tmp_path / "out").exists()  # refused before anything was read or written
+
+
+def test_strict_exits_2_after_writing_the_report(tmp_path, capsys):
+    ann_path, image_dir = _synth(tmp_path)
+    args = ["prepare", "--coco", str(ann_path), "--images", str(image_dir), "--size", "160x90", "--workers", "1"]
+    assert main(args + ["--out", str(tmp_path / "clean"), "--strict"]) == 0
+
+    coco = json.loads(ann_path.read_text())
+    coco["annotations"][0]["bbox"][2] = 0
+    ann_path.write_text(json.dumps(coco))
+    assert main(args + ["--out", str(tmp_path / "lenient")]) == 0
+    assert main(args + ["--out", str(tmp_path / "strict"), "--strict"]) == 2
+    out = capsys.readouterr().out
+    assert "1 problems" in out and "_report.json" in out
+    report = json.loads((tmp_path / "strict" / "_report.json").read_text())
+    assert [e["reason"] for e in report] == [src.BBOX_NON_POSITIVE]
+    assert read_manifest(tmp_path / "strict")["counts"]["annotations_skipped"] == 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# Geometry end to end, manifest, YOLO
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", [(320, 180), (128, 72)])
+def test_letterbox_round_trip_through_the_shards(tmp_path, target):
+    """Boxes read back from the parquet and mapped to original pixels equal the source boxes."""
+    ann_path, image_dir = _synth(tmp_path, n=10, aspect_mix=True)
+    coco = json.loads(ann_path.read_text())
+    result = prepare_coco(ann_path, image_dir, tmp_path / "out", size=target, workers=1, rows_per_shard=4)
+    _assert_consistent(result)
+    assert result.problems == 0
+    source = {a["id"]: a for a in coco["annotations"]}
+    label_of = {c["id"]: i for i, c in enumerate(sorted(coco["categories"], key=lambda c: c["id"]))}
+    rows = _rows(result.out_dir)
+    assert {(r["orig_width"], r["orig_height"]) for r in rows} == {(160, 90), (120, 90), (90, 160)}
+    seen = []
+    for row in rows:
+        image = cv2.imdecode(np.frombuffer(row["image"], np.uint8), cv2.IMREAD_COLOR)
+        assert image.shape == (target[1], target[0], 3) and (row["width"], row["height"]) == target
+        if row["ann_ids"]:
+            back = boxes_from_letterbox(row["boxes"], row["scale"], row["pad_x"], row["pad_y"])
+            expected = xywh_to_xyxy([source[i]["bbox"] for i in row["ann_ids"]])
+            np.testing.assert_allclose(back, expected, atol=0.5)
+            assert np.abs(back - expected).max() < 0.01  # in fact exact up to float32
+        assert row["labels"] == [label_of[source[i]["category_id"]] for i in row["ann_ids"]]
+        assert row["areas"] == [source[i]["area"] for i in row["ann_ids"]]
+        seen += row["ann_ids"]
+    assert sorted(seen) == sorted(source)
+    assert [r["image_id"] for r in rows] == sorted(img["id"] for img in coco["images"])
+
+
+def test_manifest_contents(tmp_path):
+    ann_path, image_dir = _synth(tmp_path, n=7)
+    result = prepare_coco(ann_path, image_dir, tmp_path / "out", size=SIZE, workers=1, quality=80, rows_per_shard=3)
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest["format"] == "neoray-shards" and manifest["version"] == 1 and manifest["size"] == [160, 90]
+    assert manifest["categories"] == [{"id": 1, "name": "rectangle", "label": 0},
+                                      {"id": 3, "name": "outlined_rectangle", "label": 1},
+                                      {"id": 7, "name": "ellipse", "label": 2}]
+    assert [s["rows"] for s in manifest["shards"]] == [3, 3, 1]
+    assert shard_files(tmp_path / "out") == [tmp_path / "out" / f"shard-0000{i}.parquet" for i in range(3)]
+    assert manifest["options"]["quality"] == 80 and manifest["options"]["source"] == "coco"
+    assert set(manifest["counts"]) == {"images_in", "images_written", "images_skipped", "annotations_in",
+                                       "annotations_written", "annotations_skipped", "annotations_clipped"}
+    for path in shard_files(tmp_path / "out"):
+        assert pq.read_schema(path).equals(SCHEMA)
+    assert result.exit_code() == 0 and result.exit_code(strict=True) == 0
+
+
+def test_read_manifest_errors_are_one_line(tmp_path):
+    with pytest.raises(ManifestError, match="manifest not found") as err:
+        read_manifest(tmp_path)
+    assert "\n" not in str(err.value)
+    (tmp_path / "_manifest.json").write_text("{")
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        read_manifest(tmp_path)
+    (tmp_path / "_manifest.json").write_text('{"format": "neoray-shards", "version": 1, "size": [1, 1]}')
+    with pytest.raises(ManifestError, match="'categories'"):
+        read_manifest(tmp_path)
+
+
+def _write_yolo_copy(coco_path: Path, image_dir: Path, root: Path, names_as_dict: bool = False) -> Path:
+    """The same images and boxes in Ultralytics layout (class = rank of the COCO category id)."""
+    coco = json.loads(coco_path.read_text())
+    cats = sorted(coco["categories"], key=lambda c: c["id"])
+    cls_of = {c["id"]: i for i, c in enumerate(cats)}
+    names = {i: c["name"] for i, c in enumerate(cats)} if names_as_dict else [c["name"] for c in cats]
+    (root / "images" / "train").mkdir(parents=True)
+    (root / "labels" / "train").mkdir(parents=True)
+    (root / "data.yaml").write_text(yaml.safe_dump({"path": ".", "train": "images/train", "val": "images/val",
+                                                    "names": names}))
+    for img in coco["images"]:
+        shutil.copy(image_dir / img["file_name"], root / "images" / "train" / img["file_name"])
+        lines = []
+        for ann in (a for a in coco["annotations"] if a["image_id"] == img["id"]):
+            x, y, w, h = ann["bbox"]
+            W, H = img["width"], img["height"]
+            lines.append(f"{cls_of[ann['category_id']]} {(x + w / 2) / W:.8f} {(y + h / 2) / H:.8f} "
+                         f"{w / W:.8f} {h / H:.8f}")
+        if lines:  # empty images get no label file at all (Ultralytics' convention)
+            (root / "labels" / "train" / Path(img["file_name"]).with_suffix(".txt")).write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_yolo_and_coco_give_the_same_shards(tmp_path):
+    ann_path, image_dir = _synth(tmp_path, n=10, aspect_mix=True)
+    yolo_root = _write_yolo_copy(ann_path, image_dir, tmp_path / "yolo")
+    coco_result = prepare_coco(ann_path, image_dir, tmp_path / "coco_out", size=(320, 180), workers=1)
+    code = main(["prepare", "--yolo", str(yolo_root), "--split", "train", "--out", str(tmp_path / "yolo_out"),
+                 "--size", "320x180", "--workers", "1"])
+    assert code == 0
+    yolo_manifest = read_manifest(tmp_path / "yolo_out")
+    assert coco_result.problems == 0 and json.loads((tmp_path / "yolo_out" / "_report.json").read_text()) == []
+    assert [c["name"] for c in yolo_manifest["categories"]] == [c["name"] for c in coco_result.manifest["categories"]]
+    assert yolo_manifest["counts"]["annotations_written"] == coco_result.counts["annotations_written"] > 0
+
+    coco_rows = sorted(_rows(tmp_path / "coco_out"), key=lambda r: r["file_name"])
+    yolo_rows = sorted(_rows(tmp_path / "yolo_out"), key=lambda r: r["file_name"])
+    assert [r["file_name"] for r in coco_rows] == [r["file_name"] for r in yolo_rows]
+    assert [r["image_id"] for r in yolo_rows] == list(range(10))  # YOLO ids: index in sorted file order
+    for c, y in zip(coco_rows, yolo_rows):
+        assert c["image"] == y["image"]
+        assert c["labels"] == y["labels"]
+        for key in ("orig_width", "orig_height", "scale", "pad_x", "pad_y"):
+            assert c[key] == y[key]
+        np.testing.assert_allclose(np.array(y["boxes"]).reshape(-1, 4), np.array(c["boxes"]).reshape(-1, 4),
+                                   atol=1e-3)
+        np.testing.assert_allclose(y["areas"], c["areas"], rtol=1e-4)
+
+
+def test_yolo_bad_labels_are_reported(tmp_path):
+    ann_path, image_dir = _synth(tmp_path, n=4)
+    root = _write_yolo_copy(ann_path, image_dir, tmp_path / "yolo", names_as_dict=True)
+    label = root / "labels" / "train" / "000001.txt"
+    good_lines = label.read_text().splitlines()
+    label.write_text("\n".join(good_lines + [
+        "0 0.5 0.5 0.2",  # four fields
+        "0 0.5 0.5 0.2 0.2 0.9",  # six fields (a polygon, not a box)
+        "3 0.5 0.5 0.2 0.2",  # class 3 with 3 classes
+        "-1 0.5 0.5 0.2 0.2",
+        "1.5 0.5 0.5 0.2 0.2",
+        "zero 0.5 0.5 0.2 0.2",
+        "0 0.5 0.5 0.0 0.2",
+        "0 0.5 nan 0.2 0.2",
+        "0 1.5 1.5 0.2 0.2",  # fully outside the image
+        "",
+    ]) + "\n")
+    (root / "images" / "train" / "notes.txt").write_text("not an image")
+    (root / "labels" / "train" / "ghost.txt").write_text("0 0.5 0.5 0.1 0.1\n")
+    result = prepare_yolo(root, tmp_path / "out", size=SIZE, split="train", workers=1)
+    _assert_consistent(result)
+    reasons = [e["reason"] for e in result.report]
+    assert reasons.count(src.LABEL_FIELD_COUNT) == 2
+    assert reasons.count(src.CLASS_OUT_OF_RANGE) == 3
+    assert reasons.count(src.LABEL_NON_NUMERIC) == 1
+    assert reasons.count(src.BBOX_NON_POSITIVE) == 1 and reasons.count(src.BBOX_NOT_FINITE) == 1
+    assert reasons.count(src.BBOX_OUTSIDE) == 1
+    assert reasons.count(src.UNSUPPORTED_FILE) == 1 and reasons.count(src.LABEL_WITHOUT_IMAGE) == 1
+    assert result.counts["annotations_in"] == result.counts["annotations_written"] + 9
+    assert result.counts["annotations_written"] == len(json.loads(ann_path.read_text())["annotations"])
+    assert result.counts["images_in"] == 5 and result.counts["images_written"] == 4
+    detail = next(e for e in result.report if e["reason"] == src.LABEL_NON_NUMERIC)["detail"]
+    assert "000001.txt" in detail and "zero" in detail
+
+
+def test_yolo_broken_data_yaml(tmp_path, capsys):
+    (tmp_path / "data.yaml").write_text("names: [a, b]\n")
+    code = main(["prepare", "--yolo", str(tmp_path), "--out", str(tmp_path / "out"), "--size", "160x90"])
+    err = capsys.readouterr().err
+    assert code == 1 and "missing required key 'train'" in err and err.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# Re-runs
+# ----------------------------------------------------------------------------------------------------
+
+
+def _state(out_dir: Path) -> dict:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(out_dir.glob("shard-*.parquet"))}
+
+
+def test_rerun_reuses_unchanged_shards(tmp_path):
+    ann_path, image_dir = _synth(tmp_path, n=8)
+    run = lambda **kw: prepare_coco(ann_path, image_dir, tmp_path / "out", size=SIZE, workers=1,  # noqa: E731
+                                    rows_per_shard=3, **kw)
+    first = run()
+    assert (first.shards_written, first.shards_reused) == (3, 0)
+    before = _state(tmp_path / "out")
+
+    second = run()
+    assert (second.shards_written, second.shards_reused) == (0, 3)
+    assert _state(tmp_path / "out") == before  # not even rewritten
+    assert second.manifest == first.manifest
+    assert "3 shards (3 reused)" in second.summary()
+
+    # One changed image (ids 4..6 live in shard 1) re-encodes only its shard.
+    img = cv2.imread(str(image_dir / "000005.jpg"))
+    cv2.imwrite(str(image_dir / "000005.jpg"), 255 - img)
+    third = run()
+    assert (third.shards_written, third.shards_reused) == (1, 2)
+    after = _state(tmp_path / "out")
+    assert [after[n] == before[n] for n in sorted(before)] == [True, False, True]
+
+    # A damaged shard is rebuilt, not trusted.
+    shard = tmp_path / "out" / "shard-00002.parquet"
+    shard.write_bytes(shard.read_bytes()[:-10] + b"0123456789")
+    fourth = run()
+    assert (fourth.shards_written, fourth.shards_reused) == (1, 2)
+    assert _state(tmp_path / "out")["shard-00002.parquet"][0] == before["shard-00002.parquet"][0]
+
+    # Different options re-encode everything; problems of reused shards are still reported.
+    assert run(quality=60).shards_written == 3
+
+
+def test_rerun_keeps_problems_of_reused_shards_and_removes_stale_shards(tmp_path):
+    ann_path, image_dir = _synth(tmp_path, n=8)
+    (image_dir / "000002.jpg").write_bytes(b"broken")
+    first = prepare_coco(ann_path, image_dir, tmp_path / "out", size=SIZE, workers=1, rows_per_shard=2)
+    second = prepare_coco(ann_path, image_dir, tmp_path / "out", size=SIZE, workers=1, rows_per_shard=2)
+    assert second.shards_reused == 4 and second.report == first.report and second.counts == first.counts
+    assert [e["reason"] for e in second.report] == [src.IMAGE_UNREADABLE]
+    third = prepare_coco(ann_path, image_dir, tmp_path / "out", size=SIZE, workers=1, rows_per_shard=8)
+    assert sorted(p.name for p in (tmp_path / "out").glob("shard-*")) == ["shard-00000.parquet"]
+    _assert_consistent(third)
+
+
+@pytest.mark.slow
+def test_process_pool_writes_the_same_shards(tmp_path):
+    ann_path, image_dir = _synth(tmp_path, n=8)
+    one = prepare_coco(ann_path, image_dir, tmp_path / "one", size=SIZE, workers=1, rows_per_shard=3)
+    two = prepare_coco(ann_path, image_dir, tmp_path / "two", size=SIZE, workers=2, rows_per_shard=3)
+    assert [s["sha256"] for s in two.manifest["shards"]] == [s["sha256"] for s in one.manifest["shards"]]
+    _assert_consistent(two)
