@@ -1,0 +1,62 @@
+"""Preflight, rank-consistent skip decisions and the per-epoch stop rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from neoray.engine import guards
+from test_train_loop import TinyDetector, make_batches
+
+
+def test_preflight_passes_and_leaves_no_gradient():
+    model = TinyDetector(2)
+    losses = guards.preflight(model, make_batches(4, 4)[0], num_classes=2, device=torch.device("cpu"))
+    assert set(losses) == {"count", "area"}
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_preflight_names_the_label_and_num_classes():
+    batch = make_batches(4, 4)[0]
+    batch.targets[2]["labels"] = torch.full_like(batch.targets[2]["labels"], 5)
+    with pytest.raises(guards.PreflightError, match=r"label 5 .*num_classes=2"):
+        guards.preflight(TinyDetector(2), batch, num_classes=2, device=torch.device("cpu"))
+
+
+def test_preflight_rejects_float_images_and_a_nan_loss():
+    batch = make_batches(4, 4)[0]
+    batch.images = batch.images.float()
+    with pytest.raises(guards.PreflightError, match="uint8"):
+        guards.check_batch(batch, 2)
+
+    class NanModel(TinyDetector):
+        def forward(self, images, targets=None):
+            return {k: v * float("nan") for k, v in super().forward(images, targets).items()}
+
+    with pytest.raises(guards.PreflightError, match="not finite"):
+        guards.preflight(NanModel(2), make_batches(4, 4)[0], 2, torch.device("cpu"))
+
+
+def test_preflight_turns_oom_into_advice():
+    class OomModel(TinyDetector):
+        def forward(self, images, targets=None):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(guards.PreflightError, match="lower train.batch_size"):
+        guards.preflight(OomModel(2), make_batches(4, 4)[0], 2, torch.device("cpu"))
+
+
+def test_epoch_stop_reasons():
+    ok = guards.EpochCounters(updates=100, skipped=25, oom=3)
+    assert guards.epoch_stop_reason(ok, 0.25, 3, batch_size=8, accumulate=1) is None
+    nan = guards.EpochCounters(updates=100, skipped=26)
+    assert "26 of 100 updates" in guards.epoch_stop_reason(nan, 0.25, 3, 8, 1)
+    oom = guards.EpochCounters(updates=100, oom=4)
+    reason = guards.epoch_stop_reason(oom, 0.25, 3, batch_size=8, accumulate=2)
+    assert "train.batch_size=4" in reason and "train.accumulate=4" in reason
+
+
+def test_any_rank_without_distributed_is_the_local_flag():
+    assert guards.any_rank(True, 1, torch.device("cpu")) is True
+    assert guards.any_rank(False, 1, torch.device("cpu")) is False
+    assert guards.is_oom(torch.OutOfMemoryError("x")) and not guards.is_oom(RuntimeError("x"))

@@ -1,0 +1,285 @@
+"""The training loop in a plain process (LocalContext) with a tiny deterministic detector.
+
+The tiny model implements the detector interface (a ``backbone``; train forward returns a dict of
+losses; every parameter used) with mean-reduced losses, so one batch of 4 and two accumulated
+batches of 2 give the same gradient, and so do two DDP workers with 2 images each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from neoray.config import from_dict
+from neoray.engine.checkpoint import load_checkpoint
+from neoray.engine.loop import FaultInjection, LocalContext, run_training_loop
+
+CATEGORIES = [{"id": 1, "name": "a", "label": 0}, {"id": 2, "name": "b", "label": 1}]
+
+
+@dataclass
+class TinyBatch:
+    images: torch.Tensor
+    targets: list
+    image_ids: torch.Tensor
+
+    def to(self, device):
+        return TinyBatch(self.images.to(device), [{k: v.to(device) for k, v in t.items()} for t in self.targets],
+                         self.image_ids)
+
+
+class TinyDetector(nn.Module):
+    """Mean colour -> backbone -> head predicting per-class box counts; MSE losses (batch means)."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = nn.Sequential(nn.Linear(3, 8), nn.LayerNorm(8))
+        self.head = nn.Linear(8, num_classes)
+        self.box = nn.Linear(8, 1)
+        self.num_classes = num_classes
+
+    def forward(self, images, targets=None):
+        x = images.float().mean(dim=(2, 3)) / 255.0
+        features = torch.tanh(self.backbone(x))
+        counts = self.head(features)
+        if not self.training:
+            return [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
+                    for _ in range(images.shape[0])]
+        wanted = torch.stack([torch.bincount(t["labels"], minlength=self.num_classes).float() for t in targets])
+        areas = torch.stack([(t["boxes"][:, 2:] - t["boxes"][:, :2]).prod(1).sum() / 1000.0 for t in targets])
+        return {"count": ((counts - wanted) ** 2).mean(), "area": ((self.box(features)[:, 0] - areas) ** 2).mean()}
+
+
+def make_batches(num_images: int, batch_size: int, seed: int = 0, first_id: int = 0, empty: bool = False):
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for start in range(0, num_images - batch_size + 1, batch_size):
+        images = torch.randint(0, 256, (batch_size, 3, 18, 32), dtype=torch.uint8, generator=generator)
+        targets = []
+        for _ in range(batch_size):
+            n = 0 if empty else int(torch.randint(1, 4, (1,), generator=generator))
+            xy = torch.rand(n, 2, generator=generator) * torch.tensor([16.0, 8.0])
+            wh = 1 + torch.rand(n, 2, generator=generator) * torch.tensor([15.0, 9.0])
+            boxes = torch.cat([xy, xy + wh], dim=1)  # inside the 32x18 image
+            targets.append({"boxes": boxes, "labels": torch.randint(0, 2, (n,), generator=generator),
+                            "iscrowd": torch.zeros(n, dtype=torch.bool), "areas": torch.ones(n)})
+        ids = torch.arange(first_id + start, first_id + start + batch_size)
+        batches.append(TinyBatch(images, targets, ids))
+    return batches
+
+
+def rebatch(batches, batch_size):
+    """The same images in the same order, cut into batches of another size."""
+    images = torch.cat([b.images for b in batches])
+    targets = [t for b in batches for t in b.targets]
+    ids = torch.cat([b.image_ids for b in batches])
+    return [TinyBatch(images[i:i + batch_size], targets[i:i + batch_size], ids[i:i + batch_size])
+            for i in range(0, len(targets), batch_size)]
+
+
+def tiny_config(**train):
+    base = {"epochs": 1, "batch_size": 4, "accumulate": 1, "lr": 0.05, "optimizer": "sgd", "momentum": 0.0,
+            "weight_decay": 0.0, "schedule": "constant", "clip_grad_norm": 0.0, "ema": False, "amp": "off"}
+    base.update(train)
+    return from_dict({"model": {"name": "tiny"}, "train": base})
+
+
+def run_local(cfg, batches, tmp_path=None, **kwargs):
+    ctx = LocalContext({"train": batches}, checkpoint_root=tmp_path)
+    models = []
+
+    def model_fn(num_classes):
+        models.append(TinyDetector(num_classes))
+        return models[-1]
+
+    run_training_loop(cfg, ctx, categories=CATEGORIES, model_fn=model_fn, log=None, **kwargs)
+    return models[0], ctx
+
+
+def test_loss_falls_and_one_report_per_epoch(tmp_path):
+    cfg = tiny_config(epochs=3, optimizer="adamw", lr=0.02, schedule="cosine", warmup_steps=2, ema=True)
+    _, ctx = run_local(cfg, make_batches(32, 4), tmp_path)
+    assert [r["epoch"] for r in ctx.reports] == [1, 2, 3]
+    assert ctx.reports[-1]["loss"] < ctx.reports[0]["loss"]
+    assert ctx.reports[-1]["step"] == 24
+    for key in ("lr", "loss_count", "loss_area", "images_per_s", "step_time_s", "peak_mem_mb",
+                "skipped_steps", "oom_skipped"):
+        assert key in ctx.reports[0], key
+    assert ctx.reports[0]["stop_reason"] == ""
+    payload = load_checkpoint(tmp_path / "epoch_0003")
+    assert payload["epoch"] == 3 and payload["step"] == 24 and payload["ema"] is not None
+
+
+def test_accumulation_matches_a_bigger_batch():
+    batches = make_batches(16, 4)
+    big, _ = run_local(tiny_config(batch_size=4, accumulate=1), batches)
+    small, _ = run_local(tiny_config(batch_size=2, accumulate=2), rebatch(batches, 2))
+    untouched = TinyDetector(2)
+    for (name, a), b, c in zip(big.named_parameters(), small.parameters(), untouched.parameters()):
+        assert not torch.allclose(a, c), f"{name} did not train"
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_partial_accumulation_group_steps_at_epoch_end():
+    # 5 batches with accumulate 2: groups (2, 2, 1) -> 3 optimizer steps per epoch.
+    _, ctx = run_local(tiny_config(batch_size=2, accumulate=2, epochs=2), make_batches(10, 2))
+    assert [r["step"] for r in ctx.reports] == [3, 6]
+
+
+def test_frozen_backbone_has_no_gradient_until_its_epoch():
+    cfg = tiny_config(epochs=3, freeze_backbone_until_epoch=2)
+    batches = make_batches(8, 4)
+    model_holder = []
+    backbone_after_epoch = []
+    backbone_requires_grad = []
+
+    class Ctx(LocalContext):
+        def report(self, metrics, checkpoint_dir):
+            super().report(metrics, checkpoint_dir)
+            params = list(model_holder[0].backbone.parameters())
+            backbone_after_epoch.append([p.detach().clone() for p in params])
+            backbone_requires_grad.append({p.requires_grad for p in params})
+
+    def model_fn(num_classes):
+        model_holder.append(TinyDetector(num_classes))
+        return model_holder[0]
+
+    initial = [p.detach().clone() for p in TinyDetector(2).backbone.parameters()]
+    run_training_loop(cfg, Ctx({"train": batches}), categories=CATEGORIES, model_fn=model_fn, log=None)
+    epoch1, epoch2, epoch3 = backbone_after_epoch
+    assert all(torch.equal(a, b) for a, b in zip(initial, epoch1))  # frozen in epoch 1 (index 0)
+    assert all(torch.equal(a, b) for a, b in zip(initial, epoch2))  # and epoch 2 (index 1)
+    assert not all(torch.equal(a, b) for a, b in zip(epoch2, epoch3))  # trains from epoch index 2
+    assert backbone_requires_grad == [{False}, {False}, {True}]
+    assert not torch.equal(model_holder[0].head.weight, TinyDetector(2).head.weight)
+
+
+def test_resume_continues_step_and_lr(tmp_path):
+    cfg = tiny_config(epochs=4, optimizer="adamw", schedule="cosine", lr=0.01)
+    batches = make_batches(16, 4)
+    _, full = run_local(cfg, batches, tmp_path)
+    # Continue from the epoch-2 checkpoint in a fresh loop: epochs 3 and 4 must match the full run.
+    ctx = LocalContext({"train": batches}, resume_dir=str(tmp_path / "epoch_0002"))
+    run_training_loop(cfg, ctx, categories=CATEGORIES, model_fn=TinyDetector, log=None)
+    assert [r["epoch"] for r in ctx.reports] == [3, 4]
+    for resumed, reference in zip(ctx.reports, full.reports[2:]):
+        assert resumed["step"] == reference["step"]
+        assert resumed["lr"] == pytest.approx(reference["lr"])
+        assert resumed["loss"] == pytest.approx(reference["loss"], rel=1e-5)
+
+
+def test_nan_loss_is_skipped_and_counted():
+    cfg = tiny_config(epochs=1)
+    batches = make_batches(24, 4)
+    model, ctx = run_local(cfg, batches, fault_injection=FaultInjection(nan_loss_at=(2,)))
+    report = ctx.reports[0]
+    assert report["skipped_steps"] == 1 and report["step"] == 5 and report["stop_reason"] == ""
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_too_many_nan_updates_stop_the_run_with_the_reason():
+    cfg = tiny_config(epochs=3, max_skipped_fraction=0.25)
+    _, ctx = run_local(cfg, make_batches(16, 4), fault_injection=FaultInjection(nan_loss_at=(0, 1)))
+    assert len(ctx.reports) == 1
+    assert "non-finite" in ctx.reports[0]["stop_reason"] and ctx.reports[0]["skipped_steps"] == 2
+
+
+def test_oom_skips_the_batch_then_stops_past_the_limit():
+    _, ctx = run_local(tiny_config(epochs=1), make_batches(16, 4), fault_injection=FaultInjection(oom_at=(1,)))
+    assert ctx.reports[0]["oom_skipped"] == 1 and ctx.reports[0]["step"] == 3
+    _, ctx = run_local(tiny_config(epochs=2, max_oom_per_epoch=1), make_batches(16, 4),
+                       fault_injection=FaultInjection(oom_at=(0, 2)))
+    assert len(ctx.reports) == 1 and "out of memory" in ctx.reports[0]["stop_reason"]
+    assert "train.accumulate=2" in ctx.reports[0]["stop_reason"]
+
+
+def test_bad_label_fails_preflight_with_label_and_num_classes():
+    batches = make_batches(8, 4)
+    batches[0].targets[1]["labels"] = torch.tensor([0, 7])
+    batches[0].targets[1]["boxes"] = torch.tensor([[1.0, 1.0, 5.0, 5.0], [2.0, 2.0, 6.0, 6.0]])
+    model, ctx = run_local(tiny_config(epochs=2), batches)
+    assert len(ctx.reports) == 1
+    reason = ctx.reports[0]["stop_reason"]
+    assert "label 7" in reason and "num_classes=2" in reason
+    assert torch.equal(model.head.weight, TinyDetector(2).head.weight)  # nothing was trained
+
+
+def test_images_without_boxes_train():
+    batches = make_batches(8, 4, empty=True)
+    _, ctx = run_local(tiny_config(epochs=1), batches)
+    assert ctx.reports[0]["step"] == 2 and ctx.reports[0]["skipped_steps"] == 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Two DDP workers (gloo, torch.multiprocessing): accumulation and unequal shards
+# ----------------------------------------------------------------------------------------------------
+
+
+def _ddp_worker(rank, world_size, port, config_dict, shards, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        class Ctx(LocalContext):
+            world_rank = rank
+            local_rank = rank
+
+        ctx = Ctx({"train": shards[rank]})
+        ctx.world_size = world_size
+        holder = []
+
+        def model_fn(num_classes):
+            holder.append(TinyDetector(num_classes))
+            return holder[0]
+
+        run_training_loop(from_dict(config_dict), ctx, categories=CATEGORIES, model_fn=model_fn, log=None)
+        torch.save({"params": [p.detach() for p in holder[0].parameters()], "reports": ctx.reports},
+                   f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ddp(cfg, shards, tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), cfg.to_dict(), shards, str(tmp_path)), nprocs=2, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.mark.slow
+def test_ddp_accumulation_matches_single_process_big_batch(tmp_path):
+    batches = make_batches(16, 4)  # 4 batches of 4 images on one process
+    single, _ = run_local(tiny_config(batch_size=4, accumulate=1), batches)
+    # Two workers, batch 1 x accumulate 2: each update sees 2 images per worker = 4 images, like above.
+    # Worker r takes images 2r, 2r+1 of every batch of 4.
+    ones = rebatch(batches, 1)
+    shards = [[ones[i] for i in range(len(ones)) if (i % 4) // 2 == r] for r in range(2)]
+    results = run_ddp(tiny_config(batch_size=1, accumulate=2), shards, tmp_path)
+    for rank_result in results:
+        assert rank_result["reports"][0]["step"] == 4
+        for a, b in zip(single.parameters(), rank_result["params"]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert results[0]["reports"][0]["loss"] == pytest.approx(results[1]["reports"][0]["loss"])
+
+
+@pytest.mark.slow
+def test_ddp_worker_with_only_empty_images_and_a_longer_shard_does_not_stall(tmp_path):
+    # Rank 0 has boxes; rank 1 sees only images without boxes and one batch more: the ranks must agree
+    # to stop together (no hang) and keep identical weights.
+    shards = [make_batches(8, 2, seed=1), make_batches(10, 2, seed=2, first_id=100, empty=True)]
+    results = run_ddp(tiny_config(batch_size=2, epochs=2), shards, tmp_path)
+    assert [r["step"] for r in results[0]["reports"]] == [4, 8]
+    for a, b in zip(results[0]["params"], results[1]["params"]):
+        torch.testing.assert_close(a, b)
+    assert results[0]["reports"][0]["stop_reason"] == ""
