@@ -1,0 +1,292 @@
+"""Ray Data streaming of shards into Batches: shapes, ragged targets, scale/pad, splits, determinism.
+
+Most tests write their own small shard directory (with the shard schema of docs/ARCHITECTURE.md), so
+that every box, pad and scale is known; one end-to-end test streams the `synthetic_shards` fixture.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from neoray.config import DataConfig
+from neoray.data.shards import FORMAT, MANIFEST_NAME, VERSION, file_sha256, shard_name, write_shard
+from neoray.data.stream import (
+    Batch, ExactSplitDataConfig, eval_dataset, iter_eval_batches, iter_train_batches, train_dataset,
+)
+
+W, H = 160, 90  # shard size
+ORIG_W, ORIG_H = 320, 240  # a 4:3 source, letterboxed into 160x90
+SCALE = H / ORIG_H  # 0.375
+PAD_X, PAD_Y = (W - ORIG_W * SCALE) / 2, 0.0  # 20.0, 0.0
+NUM_IMAGES, ROWS_PER_SHARD = 30, 10
+NUM_CLASSES = 8
+
+
+def _num_boxes(image_id: int) -> int:
+    return [0, 1, 7, 2][image_id % 4]  # empty, one and many boxes
+
+
+def _shard_boxes(image_id: int) -> np.ndarray:
+    """Boxes inside the letterboxed picture area, at least 6 px, distinct per image."""
+    rng = np.random.default_rng(image_id)
+    n = _num_boxes(image_id)
+    x1 = rng.uniform(PAD_X, W - PAD_X - 20, n)
+    y1 = rng.uniform(0, H - 20, n)
+    w, h = rng.uniform(6, 19, n), rng.uniform(6, 19, n)
+    return np.stack([x1, y1, x1 + w, y1 + h], axis=1).astype(np.float32).reshape(-1, 4)
+
+
+def _row(image_id: int, image_bytes: bytes | None = None) -> dict:
+    boxes = _shard_boxes(image_id)
+    n = len(boxes)
+    if image_bytes is None:
+        image = np.random.default_rng(1000 + image_id).integers(0, 256, (H, W, 3), dtype=np.uint8)
+        image_bytes = cv2.imencode(".jpg", image)[1].tobytes()
+    return {
+        "image_id": image_id, "file_name": f"{image_id:06d}.jpg", "image": image_bytes,
+        "width": W, "height": H, "orig_width": ORIG_W, "orig_height": ORIG_H,
+        "scale": SCALE, "pad_x": PAD_X, "pad_y": PAD_Y,
+        "boxes": boxes.tolist(),
+        "labels": list(range(n)),  # label k is box k: lets a test find the source box of a kept box
+        "iscrowd": [k == 1 for k in range(n)],
+        "areas": [float(100 * (k + 1)) for k in range(n)],
+        "ann_ids": [image_id * 100 + k for k in range(n)],
+    }
+
+
+def _write_shard_dir(out_dir, rows: list[dict]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for index, start in enumerate(range(0, len(rows), ROWS_PER_SHARD)):
+        chunk = rows[start:start + ROWS_PER_SHARD]
+        write_shard(chunk, out_dir / shard_name(index))
+        shards.append({"file": shard_name(index), "rows": len(chunk), "sha256": file_sha256(out_dir / shard_name(index))})
+    manifest = {
+        "format": FORMAT, "version": VERSION, "size": [W, H],
+        "categories": [{"id": k + 1, "name": f"c{k}", "label": k} for k in range(NUM_CLASSES)],
+        "num_images": len(rows), "num_boxes": sum(len(r["boxes"]) for r in rows), "shards": shards,
+        "options": {}, "skipped": {"images": {}, "annotations": {}}, "counts": {},
+    }
+    (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stream") / "shards"
+    _write_shard_dir(out, [_row(i) for i in range(NUM_IMAGES)])
+    return out
+
+
+def _orig_boxes(image_id: int) -> np.ndarray:
+    return (_shard_boxes(image_id) - np.array([PAD_X, PAD_Y, PAD_X, PAD_Y])) / SCALE
+
+
+def _to_orig(batch: Batch, i: int) -> np.ndarray:
+    pad = batch.pad[i].numpy().astype(np.float64)
+    return (batch.targets[i]["boxes"].numpy() - np.concatenate([pad, pad])) / float(batch.scale[i])
+
+
+def _check_batch_types(batch: Batch) -> None:
+    assert batch.images.dtype == torch.uint8 and batch.images.ndim == 4 and batch.images.shape[1] == 3
+    assert len(batch) == batch.images.shape[0] == len(batch.targets) == batch.image_ids.shape[0]
+    assert batch.image_ids.dtype == torch.int64 and batch.orig_sizes.dtype == torch.int64
+    assert batch.scale.dtype == torch.float32 and batch.pad.shape == (len(batch), 2)
+    for t in batch.targets:
+        n = t["boxes"].shape[0]
+        assert t["boxes"].dtype == torch.float32 and t["boxes"].shape == (n, 4)
+        assert t["labels"].dtype == torch.int64 and t["labels"].shape == (n,)
+        assert t["iscrowd"].dtype == torch.bool and t["iscrowd"].shape == (n,)
+        assert t["areas"].dtype == torch.float32 and t["areas"].shape == (n,)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation stream
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_eval_stream_reproduces_every_shard_row_once(ray_session, shard_dir):
+    seen = []
+    for batch in iter_eval_batches(eval_dataset(shard_dir), 4):
+        _check_batch_types(batch)
+        assert batch.images.shape[2:] == (H, W)
+        for i, image_id in enumerate(batch.image_ids.tolist()):
+            seen.append(image_id)
+            row = _row(image_id)
+            expected = cv2.imdecode(np.frombuffer(row["image"], np.uint8), cv2.IMREAD_COLOR_RGB)
+            np.testing.assert_array_equal(batch.images[i].permute(1, 2, 0).numpy(), expected)
+            target = batch.targets[i]
+            np.testing.assert_array_equal(target["boxes"].numpy(), _shard_boxes(image_id))
+            assert target["boxes"].shape == (_num_boxes(image_id), 4)  # 0, 1 and 7 boxes survive
+            assert target["labels"].tolist() == row["labels"]
+            assert target["iscrowd"].tolist() == row["iscrowd"]
+            assert target["areas"].tolist() == row["areas"]
+            assert batch.orig_sizes[i].tolist() == [ORIG_W, ORIG_H]
+            np.testing.assert_allclose(_to_orig(batch, i), _orig_boxes(image_id), atol=1e-3)
+    assert sorted(seen) == list(range(NUM_IMAGES))
+    assert seen == sorted(seen)  # eval keeps manifest order
+
+
+def test_eval_resized_to_another_size_still_maps_back_to_original_boxes(ray_session, shard_dir):
+    seen = 0
+    for batch in iter_eval_batches(eval_dataset(shard_dir), 8, size=(320, 180)):
+        assert batch.images.shape[2:] == (180, 320)
+        np.testing.assert_allclose(batch.scale.numpy(), SCALE * 2, rtol=1e-6)
+        np.testing.assert_allclose(batch.pad.numpy(), [[PAD_X * 2, PAD_Y * 2]] * len(batch), rtol=1e-6)
+        for i, image_id in enumerate(batch.image_ids.tolist()):
+            np.testing.assert_allclose(batch.targets[i]["boxes"].numpy(), _shard_boxes(image_id) * 2, atol=1e-3)
+            np.testing.assert_allclose(_to_orig(batch, i), _orig_boxes(image_id), atol=1e-3)
+            seen += 1
+    assert seen == NUM_IMAGES
+
+
+def _drain_in_threads(iterators) -> list[list[int]]:
+    """Iterate the splits concurrently, as Train workers do (a streaming split waits for all readers)."""
+    results = [[] for _ in iterators]
+
+    def read(k):
+        results[k] = [i for b in iter_eval_batches(iterators[k], 4) for i in b.image_ids.tolist()]
+
+    threads = [threading.Thread(target=read, args=(k,)) for k in range(len(iterators))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return results
+
+
+def test_eval_split_in_two_yields_every_image_exactly_once(ray_session, shard_dir):
+    first, second = _drain_in_threads(eval_dataset(shard_dir).streaming_split(2, equal=False))
+    assert first and second
+    assert sorted(first + second) == list(range(NUM_IMAGES))
+
+
+def test_exact_split_data_config_loses_no_eval_image(ray_session, tmp_path):
+    # 29 images: Ray Train's default (equal=True) split would drop one to give both workers 14.
+    odd_dir = tmp_path / "odd"
+    _write_shard_dir(odd_dir, [_row(i) for i in range(29)])
+    config = ExactSplitDataConfig(exact=["val"])
+    splits = config.configure({"val": eval_dataset(odd_dir)}, world_size=2, worker_handles=None,
+                              worker_node_ids=None)
+    first, second = _drain_in_threads([splits[0]["val"], splits[1]["val"]])
+    assert sorted(first + second) == list(range(29))
+
+
+def test_bad_jpeg_is_an_error_naming_file_record_and_field(ray_session, tmp_path):
+    bad_dir = tmp_path / "bad"
+    _write_shard_dir(bad_dir, [_row(0), _row(1, image_bytes=b"not a jpeg"), _row(2)])
+    with pytest.raises(Exception, match=r"shard-00000\.parquet: image_id 1: field 'image': not a decodable JPEG"):
+        list(iter_eval_batches(eval_dataset(bad_dir), 4))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training stream
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_train_batches_stack_with_one_configured_size_each(ray_session, shard_dir):
+    sizes = [(160, 90), (320, 180), (256, 144)]
+    cfg = DataConfig(size=(160, 90), multiscale=sizes, hflip=0.5, color_jitter=0.4, shuffle_buffer=8)
+    stats = {}
+    batches = list(iter_train_batches(train_dataset(shard_dir, seed=0), 4, cfg, seed=0, epoch=0, stats=stats))
+    assert len(batches) == NUM_IMAGES // 4  # drop_last
+    seen_sizes = set()
+    for batch in batches:
+        _check_batch_types(batch)
+        assert len(batch) == 4
+        h, w = batch.images.shape[2:]
+        assert (w, h) in sizes
+        seen_sizes.add((w, h))
+        for target in batch.targets:
+            boxes = target["boxes"]
+            assert (boxes[:, 2] - boxes[:, 0] >= 1).all() and (boxes[:, 3] - boxes[:, 1] >= 1).all()
+            assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all()
+    assert len(seen_sizes) > 1
+    ids = [i for b in batches for i in b.image_ids.tolist()]
+    assert len(set(ids)) == len(ids) == len(batches) * 4
+    assert stats["images"] == len(ids)
+    assert stats["boxes"] + stats["boxes_dropped"] == sum(_num_boxes(i) for i in ids)
+
+
+def test_train_scale_and_pad_map_unflipped_boxes_back_to_original(ray_session, shard_dir):
+    cfg = DataConfig(size=(160, 90), multiscale=[(320, 180), (480, 270)], hflip=0.0, color_jitter=0.0)
+    count = 0
+    for batch in iter_train_batches(train_dataset(shard_dir, seed=1), 5, cfg, seed=1, epoch=0, drop_last=False):
+        for i, image_id in enumerate(batch.image_ids.tolist()):
+            source = _orig_boxes(image_id)[batch.targets[i]["labels"].numpy()]  # label k = source box k
+            assert len(source) == _num_boxes(image_id)  # enlarging drops nothing
+            np.testing.assert_allclose(_to_orig(batch, i), source, atol=0.5 / SCALE)
+            ratio = batch.images.shape[3] / W
+            np.testing.assert_allclose(batch.targets[i]["boxes"].numpy(), _shard_boxes(image_id) * ratio, atol=0.5)
+            count += 1
+    assert count == NUM_IMAGES
+
+
+def _epoch_ids(ds, cfg, seed, epoch) -> list[int]:
+    return [i for b in iter_train_batches(ds, 4, cfg, seed=seed, epoch=epoch) for i in b.image_ids.tolist()]
+
+
+def test_train_order_is_deterministic_per_seed_and_changes_per_epoch(ray_session, shard_dir):
+    cfg = DataConfig(size=(160, 90), hflip=0.5, color_jitter=0.0, shuffle_buffer=8)
+    first = train_dataset(shard_dir, seed=3)
+    again = train_dataset(shard_dir, seed=3)  # a fresh run with the same seed
+    a0, a1 = _epoch_ids(first, cfg, 3, 0), _epoch_ids(first, cfg, 3, 1)
+    b0, b1 = _epoch_ids(again, cfg, 3, 0), _epoch_ids(again, cfg, 3, 1)
+    assert a0 == b0 and a1 == b1
+    assert a0 != a1
+    assert a0 != list(range(len(a0)))  # actually shuffled
+    other = _epoch_ids(train_dataset(shard_dir, seed=4), cfg, 4, 0)
+    assert other != a0
+
+
+def test_max_images_keeps_the_same_subset_every_epoch(ray_session, shard_dir):
+    cfg = DataConfig(size=(160, 90), hflip=0.0, color_jitter=0.0, shuffle_buffer=4)
+    ds = train_dataset(shard_dir, seed=0, max_images=12)
+    e0 = [i for b in iter_train_batches(ds, 4, cfg, seed=0, epoch=0, drop_last=False) for i in b.image_ids.tolist()]
+    e1 = [i for b in iter_train_batches(ds, 4, cfg, seed=0, epoch=1, drop_last=False) for i in b.image_ids.tolist()]
+    assert len(e0) == len(e1) == 12
+    assert sorted(e0) == sorted(e1) == list(range(12))
+
+
+def test_batch_to_moves_every_tensor(ray_session, shard_dir):
+    batch = next(iter_eval_batches(eval_dataset(shard_dir), 3))
+    moved = batch.to(torch.device("cpu"), non_blocking=True)
+    assert len(moved) == 3 and torch.equal(moved.images, batch.images)
+    assert moved.targets[2]["boxes"].shape == batch.targets[2]["boxes"].shape
+
+
+# ----------------------------------------------------------------------------------------------------
+# End to end on shards written by `neoray prepare`
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_synthetic_shards_stream_end_to_end(ray_session, synthetic_shards):
+    from neoray.data.geometry import xywh_to_xyxy
+    from neoray.data.shards import read_manifest
+
+    root = synthetic_shards["root"]
+    coco = json.loads((root / "annotations" / "instances_val.json").read_text())
+    source = {img["id"]: [] for img in coco["images"]}
+    for ann in coco["annotations"]:
+        source[ann["image_id"]].append(ann["bbox"])
+    seen = []
+    for batch in iter_eval_batches(eval_dataset(synthetic_shards["val"]), 3, size=(320, 180)):
+        _check_batch_types(batch)
+        for i, image_id in enumerate(batch.image_ids.tolist()):
+            seen.append(image_id)
+            expected = xywh_to_xyxy(source[image_id]) if source[image_id] else np.zeros((0, 4))
+            got = _to_orig(batch, i)
+            assert got.shape == expected.shape
+            np.testing.assert_allclose(np.sort(got, axis=0), np.sort(expected, axis=0), atol=0.05)
+    assert sorted(seen) == sorted(source)
+
+    cfg = DataConfig(size=(160, 90), multiscale=[(160, 90), (320, 180)], hflip=0.5, color_jitter=0.4)
+    train_ids = [i for b in iter_train_batches(train_dataset(synthetic_shards["train"], seed=0), 4, cfg, seed=0,
+                                               epoch=0, drop_last=False) for i in b.image_ids.tolist()]
+    assert len(train_ids) == len(set(train_ids)) == read_manifest(synthetic_shards["train"])["num_images"]
