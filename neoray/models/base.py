@@ -1,0 +1,116 @@
+"""What every detector shares: uint8 input checks, normalisation, padding, target validation.
+
+Input: uint8 (B, 3, H, W) RGB of any size (16:9 in practice, e.g. 1920x1080). Inside the model, on the
+device, pixels become ImageNet-normalised floats, and the batch is zero-padded at the bottom and right
+to a multiple of 32 (1920x1080 -> 1920x1088). Zero after normalisation is the mean colour, so the
+padding looks like flat grey. Boxes, in targets and in predictions, are always in pixels of the
+un-padded input; predictions are clipped to it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PAD_MULTIPLE = 32
+BOX_TOLERANCE_PX = 1.0  # boxes may overhang the image by rounding; they are clipped inside
+
+
+def check_targets(targets: list[dict], num_classes: int, image_size: tuple[int, int]) -> None:
+    """Raise a one-line ValueError for targets a detector cannot train on; image_size is (width, height).
+
+    Runs on CPU copies, so a bad label is reported here instead of as a device-side index assertion.
+    """
+    width, height = image_size
+    if not isinstance(targets, (list, tuple)):
+        raise ValueError(f"targets must be a list of dicts, got {type(targets).__name__}")
+    for i, target in enumerate(targets):
+        if "boxes" not in target or "labels" not in target:
+            raise ValueError(f"targets[{i}]: needs 'boxes' and 'labels', got keys {sorted(target)}")
+        boxes = torch.as_tensor(target["boxes"]).detach().cpu()
+        labels = torch.as_tensor(target["labels"]).detach().cpu()
+        if boxes.ndim != 2 or boxes.shape[1] != 4:
+            raise ValueError(f"targets[{i}]: boxes must have shape (N, 4), got {tuple(boxes.shape)}")
+        if labels.ndim != 1 or len(labels) != len(boxes):
+            raise ValueError(f"targets[{i}]: labels must have shape ({len(boxes)},), got {tuple(labels.shape)}")
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            raise ValueError(f"targets[{i}]: labels must be integers, got {labels.dtype}")
+        if len(labels) == 0:
+            continue
+        bad = (labels < 0) | (labels >= num_classes)
+        if bad.any():
+            raise ValueError(
+                f"targets[{i}]: label {int(labels[bad][0])} is outside [0, {num_classes}) "
+                f"(num_classes={num_classes}); image {i} of the batch"
+            )
+        if not torch.isfinite(boxes).all():
+            raise ValueError(f"targets[{i}]: boxes contain NaN or Inf")
+        degenerate = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+        if degenerate.any():
+            raise ValueError(f"targets[{i}]: box {boxes[degenerate][0].tolist()} has x2 <= x1 or y2 <= y1 (xyxy expected)")
+        limit = torch.tensor([width, height, width, height], dtype=boxes.dtype) + BOX_TOLERANCE_PX
+        outside = ((boxes < -BOX_TOLERANCE_PX) | (boxes > limit)).any(1)
+        if outside.any():
+            raise ValueError(f"targets[{i}]: box {boxes[outside][0].tolist()} lies outside the {width}x{height} image")
+
+
+class Detector(nn.Module):
+    """Base class: subclasses implement ``compute_losses(x, size, targets)`` and ``predict(x, size)``."""
+
+    def __init__(self, num_classes: int, max_detections: int = 100, score_threshold: float = 0.0):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if max_detections < 1:
+            raise ValueError(f"max_detections must be >= 1, got {max_detections}")
+        self.num_classes = num_classes
+        self.max_detections = max_detections
+        self.score_threshold = score_threshold
+        # Non-persistent: they are constants, not learned, and stay out of checkpoints.
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0
+        self.register_buffer("pixel_mean", mean, persistent=False)
+        self.register_buffer("pixel_std", std, persistent=False)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be uint8 (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+        return (images.to(self.pixel_mean.device, torch.float32) - self.pixel_mean) / self.pixel_std
+
+    @staticmethod
+    def pad(x: torch.Tensor) -> torch.Tensor:
+        """Zero-pad bottom/right to a multiple of PAD_MULTIPLE (zero = mean colour after normalisation)."""
+        height, width = x.shape[-2:]
+        pad_h = -height % PAD_MULTIPLE
+        pad_w = -width % PAD_MULTIPLE
+        return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
+
+    def forward(self, images: torch.Tensor, targets: list[dict] | None = None):
+        """Train mode: dict of weighted scalar losses. Eval mode: per image {"boxes", "scores", "labels"}."""
+        x = self.normalize(images)
+        size = (images.shape[-1], images.shape[-2])  # (width, height)
+        if not self.training:
+            return self.predict(x, size)
+        if targets is None:
+            raise ValueError("train mode needs targets; call model.eval() to get predictions")
+        if len(targets) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(targets)} targets")
+        check_targets(targets, self.num_classes, size)
+        device = x.device
+        clean = [
+            {
+                "boxes": torch.as_tensor(t["boxes"]).to(device, torch.float32).reshape(-1, 4),
+                "labels": torch.as_tensor(t["labels"]).to(device, torch.int64).reshape(-1),
+            }
+            for t in targets
+        ]  # extra keys (iscrowd, areas, ...) are ignored
+        return self.compute_losses(x, size, clean)
+
+    def compute_losses(self, x: torch.Tensor, size: tuple[int, int], targets: list[dict]) -> dict:
+        raise NotImplementedError
+
+    def predict(self, x: torch.Tensor, size: tuple[int, int]) -> list[dict]:
+        raise NotImplementedError

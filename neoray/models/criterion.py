@@ -1,0 +1,109 @@
+"""RT-DETR losses: varifocal classification + L1 + GIoU on boxes, for every set of predictions.
+
+Sets: the final decoder layer, each earlier decoder layer (auxiliary), the encoder's top-k proposals,
+and the denoising queries of every decoder layer (their targets are known, no matching needed). Each
+loss is normalised by the number of ground-truth boxes, all-reduced over DDP workers so that every rank
+divides by the same number. Returned losses are already weighted; the engine sums them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from neoray.models.box_ops import cxcywh_to_xyxy, paired_iou_and_giou
+from neoray.models.matcher import HungarianMatcher
+
+DEFAULT_LOSS_WEIGHTS = {"vfl": 1.0, "bbox": 5.0, "giou": 2.0}
+
+
+def global_num_boxes(targets: list[dict], device: torch.device) -> float:
+    """Mean number of boxes per worker (all-reduced when torch.distributed is running), at least 1."""
+    count = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(count)
+        count = count / dist.get_world_size()
+    return max(count.item(), 1.0)
+
+
+class RTDETRCriterion(nn.Module):
+    def __init__(
+        self,
+        num_classes: int,
+        matcher: HungarianMatcher,
+        loss_weights: dict | None = None,
+        alpha: float = 0.75,
+        gamma: float = 2.0,
+    ):
+        super().__init__()
+        weights = dict(DEFAULT_LOSS_WEIGHTS)
+        for key, value in (loss_weights or {}).items():
+            if key not in weights:
+                raise ValueError(f"loss_weights: unknown loss {key!r}; valid: {sorted(weights)}")
+            weights[key] = float(value)
+        self.num_classes, self.matcher, self.weights = num_classes, matcher, weights
+        self.alpha, self.gamma = alpha, gamma
+
+    def varifocal(self, logits, boxes, targets, matches, num_boxes) -> torch.Tensor:
+        """IoU-aware classification: the matched query's target score is its IoU with the object."""
+        batch_idx, query_idx, target_labels, target_boxes = _gather(matches, targets, logits.device)
+        scores = torch.zeros_like(logits)
+        is_target = torch.zeros_like(logits)
+        is_target[batch_idx, query_idx, target_labels] = 1.0
+        if len(query_idx):
+            iou, _ = paired_iou_and_giou(
+                cxcywh_to_xyxy(boxes[batch_idx, query_idx].detach().float()), cxcywh_to_xyxy(target_boxes)
+            )
+            scores[batch_idx, query_idx, target_labels] = iou.clamp(min=0).to(scores.dtype)
+        prob = logits.sigmoid().detach()
+        # Negatives are down-weighted like focal loss; positives are weighted by their IoU target.
+        weight = self.alpha * prob.pow(self.gamma) * (1 - is_target) + scores
+        loss = F.binary_cross_entropy_with_logits(logits, scores, weight=weight, reduction="none")
+        return loss.mean(1).sum() * logits.shape[1] / num_boxes
+
+    def box_losses(self, boxes, targets, matches, num_boxes) -> tuple[torch.Tensor, torch.Tensor]:
+        batch_idx, query_idx, _, target_boxes = _gather(matches, targets, boxes.device)
+        # Indexing with possibly-empty indices keeps the box heads in the graph (zero gradient) even
+        # when the batch has no objects, so DDP sees every parameter used.
+        matched = boxes[batch_idx, query_idx].float()
+        l1 = F.l1_loss(matched, target_boxes, reduction="sum") / num_boxes
+        _, giou = paired_iou_and_giou(cxcywh_to_xyxy(matched), cxcywh_to_xyxy(target_boxes))
+        return l1, (1 - giou).sum() / num_boxes
+
+    def set_losses(self, logits, boxes, targets, matches, num_boxes) -> dict[str, torch.Tensor]:
+        l1, giou = self.box_losses(boxes, targets, matches, num_boxes)
+        return {"vfl": self.varifocal(logits, boxes, targets, matches, num_boxes), "bbox": l1, "giou": giou}
+
+    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """outputs: "logits"/"boxes" (layers, B, Q, K|4) per decoder layer, "enc_logits"/"enc_boxes"
+        (B, Q, K|4), optional "dn_logits"/"dn_boxes" (layers, B, N, K|4) with "dn_matches".
+        targets: per image {"labels", "boxes" cxcywh normalised}."""
+        num_boxes = global_num_boxes(targets, outputs["logits"].device)
+        totals = {name: outputs["logits"].new_zeros(()) for name in self.weights}
+
+        def add(losses: dict, divide_by: float = 1.0) -> None:
+            for name, value in losses.items():
+                totals[name] = totals[name] + value / divide_by
+
+        sets = [(l, b) for l, b in zip(outputs["logits"], outputs["boxes"])]
+        sets.append((outputs["enc_logits"], outputs["enc_boxes"]))
+        for logits, boxes in sets:
+            matches = self.matcher(logits, boxes, targets)
+            add(self.set_losses(logits, boxes, targets, matches, num_boxes))
+        if "dn_logits" in outputs:
+            # Every object appears once per denoising group: divide by the group count too.
+            groups = outputs["dn_groups"]
+            for logits, boxes in zip(outputs["dn_logits"], outputs["dn_boxes"]):
+                add(self.set_losses(logits, boxes, targets, outputs["dn_matches"], num_boxes), groups)
+        return {name: totals[name] * self.weights[name] for name in self.weights}
+
+
+def _gather(matches, targets, device):
+    """Flatten per-image matches into (batch_idx, query_idx, labels, boxes) for indexing the batch."""
+    batch_idx = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(matches)]).to(device)
+    query_idx = torch.cat([q for q, _ in matches]).to(device)
+    labels = torch.cat([t["labels"][j.to(t["labels"].device)] for t, (_, j) in zip(targets, matches)]).to(device)
+    boxes = torch.cat([t["boxes"][j.to(t["boxes"].device)] for t, (_, j) in zip(targets, matches)]).to(device)
+    return batch_idx, query_idx, labels, boxes.float()

@@ -1,0 +1,147 @@
+"""RT-DETR's transformer decoder with IoU-aware query selection and iterative box refinement.
+
+1. The encoder maps are flattened into one token sequence (flatten order, fine to coarse).
+2. Query selection: every token proposes a class score and a box (an offset on its anchor); the top-k
+   tokens by best class score become the initial queries (content = the token, reference = its box).
+   The varifocal loss on these proposals (the "encoder" auxiliary loss) makes the score IoU-aware.
+3. Each decoder layer: self-attention between queries, deformable cross-attention to the multi-scale
+   maps around each query's reference box, FFN; then a box head refines the box (offset in logit space)
+   and the refined, detached box becomes the next layer's reference.
+Boxes are cxcywh normalised by the *padded* input size; the model converts back to pixels.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from neoray.models.box_ops import inverse_sigmoid
+from neoray.models.deformable_attention import MSDeformableAttention
+from neoray.models.denoising import DenoisingQueries
+from neoray.models.position import make_anchors
+
+
+class MLP(nn.Module):
+    def __init__(self, cin: int, hidden: int, cout: int, layers: int):
+        super().__init__()
+        dims = [cin] + [hidden] * (layers - 1) + [cout]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.relu(x)
+        return x
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, dim: int, heads: int, ffn_dim: int, levels: int, points: int, dropout: float = 0.0):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.cross_attn = MSDeformableAttention(dim, heads, levels, points)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ffn_dim, dim))
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, query_pos, reference_boxes, memory, shapes, attn_mask=None):
+        q = k = x + query_pos
+        x = self.norm1(x + self.dropout(self.self_attn(q, k, x, attn_mask=attn_mask, need_weights=False)[0]))
+        x = self.norm2(x + self.dropout(self.cross_attn(x + query_pos, reference_boxes, memory, shapes)))
+        return self.norm3(x + self.dropout(self.ffn(x)))
+
+
+class RTDETRDecoder(nn.Module):
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int = 256,
+        levels: int = 3,
+        num_queries: int = 300,
+        num_layers: int = 6,
+        heads: int = 8,
+        ffn_dim: int = 1024,
+        points: int = 4,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.num_queries, self.levels = num_queries, levels
+        self.input_proj = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim)) for _ in range(levels)
+        )
+        # Query selection heads on the encoder tokens.
+        self.enc_output = nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim))
+        self.enc_score_head = nn.Linear(dim, num_classes)
+        self.enc_bbox_head = MLP(dim, dim, 4, 3)
+        # Label embeddings of the denoising queries; the extra row pads images with fewer objects.
+        self.denoising_class_embed = nn.Embedding(num_classes + 1, dim)
+        self.query_pos_head = MLP(4, 2 * dim, dim, 2)
+        self.layers = nn.ModuleList(DecoderLayer(dim, heads, ffn_dim, levels, points, dropout) for _ in range(num_layers))
+        self.score_heads = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(num_layers))
+        self.bbox_heads = nn.ModuleList(MLP(dim, dim, 4, 3) for _ in range(num_layers))
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        # Class logits start at the prior of 1% foreground, as in focal-loss detectors: stable early VFL.
+        prior_bias = -torch.log(torch.tensor((1 - 0.01) / 0.01)).item()
+        for head in [self.enc_score_head, *self.score_heads]:
+            nn.init.constant_(head.bias, prior_bias)
+        # Box heads start as "no change" to the reference box.
+        for head in [self.enc_bbox_head, *self.bbox_heads]:
+            nn.init.zeros_(head.layers[-1].weight)
+            nn.init.zeros_(head.layers[-1].bias)
+
+    def forward(
+        self, features: list[torch.Tensor], valid_fraction: tuple[float, float], denoising: DenoisingQueries | None
+    ) -> dict:
+        """features: encoder maps fine to coarse. valid_fraction: (real W / padded W, real H / padded H).
+
+        Returns "logits" (layers, B, Q, K) and "boxes" (layers, B, Q, 4) for the matching queries,
+        "enc_logits"/"enc_boxes" (B, Q, K|4) of the selected proposals, and when denoising is given
+        "dn_logits"/"dn_boxes" (layers, B, N, K|4).
+        """
+        maps = [proj(f) for proj, f in zip(self.input_proj, features)]
+        shapes = [(m.shape[2], m.shape[3]) for m in maps]
+        memory = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=1)  # (B, S, C)
+        anchors, valid = make_anchors(shapes, valid_fraction, device=memory.device)
+        anchors = anchors.to(memory.dtype)
+
+        # --- query selection ---
+        tokens = self.enc_output(memory * valid.to(memory.dtype))
+        token_logits = self.enc_score_head(tokens)
+        token_boxes = self.enc_bbox_head(tokens) + anchors
+        # Tokens in the padding (or at the very border) are never selected.
+        selection_score = token_logits.max(-1).values.masked_fill(~valid[..., 0], float("-inf"))
+        k = min(self.num_queries, memory.shape[1])
+        top = selection_score.topk(k, dim=1).indices  # (B, k)
+        enc_logits = token_logits.gather(1, top[..., None].expand(-1, -1, token_logits.shape[-1]))
+        enc_box_logits = token_boxes.gather(1, top[..., None].expand(-1, -1, 4))
+        # Queries start from the selected tokens; their gradient goes through the proposal losses only.
+        content = tokens.gather(1, top[..., None].expand(-1, -1, tokens.shape[-1])).detach()
+        reference_logits = enc_box_logits.detach()
+        attn_mask = None
+        if denoising is not None:
+            content = torch.cat([denoising.content.to(content.dtype), content], dim=1)
+            reference_logits = torch.cat([denoising.reference_logits.to(content.dtype), reference_logits], dim=1)
+            attn_mask = denoising.attn_mask
+            # The top-k may be smaller than num_queries on tiny inputs; trim the mask to the real count.
+            size = denoising.count + k
+            attn_mask = attn_mask[:size, :size]
+
+        # --- decoder with iterative refinement ---
+        x = content
+        reference = reference_logits.sigmoid()
+        all_logits, all_boxes = [], []
+        for layer, score_head, bbox_head in zip(self.layers, self.score_heads, self.bbox_heads):
+            x = layer(x, self.query_pos_head(reference), reference, memory, shapes, attn_mask)
+            boxes = (bbox_head(x) + inverse_sigmoid(reference)).sigmoid()
+            all_logits.append(score_head(x))
+            all_boxes.append(boxes)
+            reference = boxes.detach()  # each layer learns its own correction
+
+        logits, boxes = torch.stack(all_logits), torch.stack(all_boxes)
+        n = denoising.count if denoising is not None else 0
+        out = {"logits": logits[:, :, n:], "boxes": boxes[:, :, n:], "enc_logits": enc_logits, "enc_boxes": enc_box_logits.sigmoid()}
+        if denoising is not None:
+            out.update(dn_logits=logits[:, :, :n], dn_boxes=boxes[:, :, :n])
+        return out
