@@ -114,6 +114,7 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     eval_every: int = 1  # evaluate every N epochs (and always after the last)
+    eval_score_threshold: float = 0.5  # score at which precision, recall and F1 are reported
     early_stop_patience: int = 0  # evaluations without mAP improvement before stopping (0 = off)
     max_skipped_fraction: float = 0.25  # of an epoch's updates skipped for non-finite loss/grad
     max_oom_per_epoch: int = 3

@@ -576,7 +576,7 @@ def run_training_loop(cfg: Config, ctx: TrainContext, *, categories: list | None
 
             eval_model = state.ema.module if state.ema is not None else model
             eval_metrics = evaluate(eval_model, _eval_batches(val_data, cfg), categories, device,
-                                    score_threshold=cfg.model.score_threshold, amp_dtype=amp_dtype)
+                                    score_threshold=cfg.train.eval_score_threshold, amp_dtype=amp_dtype)
             metrics.update(eval_metrics)
             current = float(eval_metrics["map"])
             progress["last_map"] = current

@@ -1,0 +1,28 @@
+"""Learning-rate / warmup / batch sweep: Ray Tune + Optuna + ASHA over neoray's training function.
+
+    python experiments/sweep_lr.py                      # synthetic data, ~10 minutes on a laptop CPU
+    python experiments/sweep_lr.py --config my.yaml --num-samples 32 --workers-per-trial 4 --gpus-per-worker 1
+    python experiments/sweep_lr.py --resume             # continue an interrupted sweep
+
+The same as ``neoray sweep`` (same arguments). Results: sweeps/sweep_lr/{trials.md,trials.csv,
+best_config.yaml}; plots: ``neoray report sweeps/sweep_lr``.
+"""
+
+import argparse
+import sys
+
+from neoray.tune import sweep_cmd
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sweep_cmd.add_arguments(parser)
+    try:
+        return sweep_cmd.run(parser.parse_args(argv))
+    except KeyboardInterrupt:
+        print("sweep_lr: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

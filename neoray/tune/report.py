@@ -1,0 +1,251 @@
+"""``neoray report SWEEP_DIR``: a Markdown report with plots for a finished (or interrupted) sweep.
+
+Reads only what the sweep left on disk (sweep.json, trials.csv, each trial's result.json), so it works
+after the fact, on another machine, without Ray running. Writes SWEEP_DIR/report.md and PNGs next to it:
+
+* map_vs_lr.png           best mAP of each trial against its learning rate
+* learning_curves.png     mAP (evaluated epochs) and training loss per epoch of every trial, with the
+                          ASHA rungs (grace_period * reduction_factor^k) marked
+* importances.png         parameter importances (Optuna's fANOVA and PED-ANOVA evaluators) on a study
+                          rebuilt from the trial results
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+from neoray.config import ConfigError
+
+STATUS_COLOURS = {"finished": "tab:green", "stopped early (ASHA)": "tab:orange", "errored": "tab:red"}
+
+
+def _read_sweep(sweep_dir: Path) -> tuple[dict, list[dict]]:
+    meta_path, csv_path = sweep_dir / "sweep.json", sweep_dir / "trials.csv"
+    if not meta_path.exists():
+        raise ConfigError(f"{sweep_dir}: not a sweep directory (no sweep.json)")
+    if not csv_path.exists():
+        raise ConfigError(f"{sweep_dir}: no trials.csv; the sweep has not finished (continue it with --resume)")
+    meta = json.loads(meta_path.read_text())
+    with open(csv_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return meta, rows
+
+
+def _float(value) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def _history(sweep_dir: Path, trial: str) -> list[dict]:
+    from neoray.tune.sweep import load_history
+
+    return load_history(sweep_dir, trial)
+
+
+def _savefig(fig, path: Path) -> None:
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    tmp.replace(path)
+
+
+def plot_map_vs_lr(rows: list[dict], path: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    points = [(_float(r.get("lr")), _float(r.get("best_map")), r["status"], r["trial"]) for r in rows]
+    points = [p for p in points if p[0] is not None and p[1] is not None]
+    if not points:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for status in sorted({p[2] for p in points}):
+        sel = [p for p in points if p[2] == status]
+        ax.scatter([p[0] for p in sel], [p[1] for p in sel], label=status, color=STATUS_COLOURS.get(status, "gray"))
+    for lr, value, _, trial in points:
+        ax.annotate(trial.replace("trial_", ""), (lr, value), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set(xlabel="learning rate", ylabel="best mAP", title="best mAP against learning rate")
+    ax.legend(fontsize=8)
+    _savefig(fig, path)
+    plt.close(fig)
+    return True
+
+
+def plot_learning_curves(sweep_dir: Path, rows: list[dict], rungs: list[float], time_attr: str, path: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    fig, (ax_map, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    drawn = False
+    for row in rows:
+        history = _history(sweep_dir, row["trial"])
+        if not history:
+            continue
+        drawn = True
+        x = [h.get(time_attr, h.get("training_iteration")) for h in history]
+        evals = [(xi, h["map"]) for xi, h in zip(x, history) if h.get("evaluated", 1) and _float(h.get("map")) is not None]
+        losses = [(xi, h["loss"]) for xi, h in zip(x, history) if _float(h.get("loss")) is not None]
+        style = "--" if row["status"] != "finished" else "-"
+        label = f"{row['trial']} ({row['status']})"
+        if evals:
+            ax_map.plot(*zip(*evals), style, marker="o", markersize=3, label=label)
+        if losses:
+            ax_loss.plot(*zip(*losses), style, marker="o", markersize=3, label=label)
+    if not drawn:
+        plt.close(fig)
+        return False
+    for ax in (ax_map, ax_loss):
+        for k, rung in enumerate(rungs):
+            ax.axvline(rung, color="gray", linestyle=":", linewidth=1, label="ASHA rung" if k == 0 else None)
+        ax.set_xlabel(time_attr)
+    ax_map.set(ylabel="mAP", title="validation mAP")
+    ax_loss.set(ylabel="training loss", title="training loss")
+    ax_loss.set_yscale("log")
+    ax_map.legend(fontsize=7)
+    _savefig(fig, path)
+    plt.close(fig)
+    return True
+
+
+def rebuild_study(meta: dict, rows: list[dict]):
+    """An Optuna study holding one completed trial per sweep trial that reported a result (value: best mAP,
+    or best score for trials that never evaluated), so that Optuna's evaluators work without the searcher."""
+    import optuna
+
+    from neoray.tune.space import optuna_distributions, parse_space
+
+    distributions = optuna_distributions(parse_space({"params": _space_params(meta["params"])}))
+    distributions = _widened(distributions, rows)
+    study = optuna.create_study(direction="maximize")
+    for row in rows:
+        value = _float(row.get("best_map"))
+        value = value if value is not None else _float(row.get("best_score"))
+        if value is None:
+            continue
+        params = {}
+        for name, dist in distributions.items():
+            raw = row.get(name)
+            if isinstance(dist, optuna.distributions.CategoricalDistribution):
+                params[name] = raw
+            elif isinstance(dist, optuna.distributions.IntDistribution):
+                params[name] = int(float(raw))
+            else:
+                params[name] = float(raw)
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=value))
+    return study
+
+
+def _widened(distributions: dict, rows: list[dict]) -> dict:
+    """Numeric ranges stretched to the values actually tried (points_to_evaluate may lie outside them)."""
+    import optuna
+
+    out = dict(distributions)
+    for name, dist in distributions.items():
+        if isinstance(dist, optuna.distributions.CategoricalDistribution):
+            continue
+        seen = [v for v in (_float(r.get(name)) for r in rows) if v is not None]
+        if not seen:
+            continue
+        low, high = min([dist.low] + seen), max([dist.high] + seen)
+        if isinstance(dist, optuna.distributions.IntDistribution):
+            out[name] = optuna.distributions.IntDistribution(int(low), int(high), log=dist.log)
+        else:
+            out[name] = optuna.distributions.FloatDistribution(low, high, log=dist.log)
+    return out
+
+
+def _space_params(params: dict) -> dict:
+    """sweep.json stores validated specs; batch is stored as its choice list: give it back as pairs."""
+    out = {}
+    for name, spec in params.items():
+        out[name] = {"pairs": spec["values"]} if name == "batch" else dict(spec)
+    return out
+
+
+def param_importances(study) -> dict[str, dict[str, float]]:
+    """{evaluator name: {param: importance}}; empty when there are too few trials to tell."""
+    import optuna
+    from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator
+
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if len(complete) < 2:
+        return {}
+    out = {}
+    for name, make in (("fANOVA", lambda: FanovaImportanceEvaluator(seed=0)), ("PED-ANOVA", PedAnovaImportanceEvaluator)):
+        try:
+            out[name] = dict(optuna.importance.get_param_importances(study, evaluator=make()))
+        except (RuntimeError, ValueError, ImportError) as exc:  # identical params; fANOVA needs scikit-learn
+            print(f"neoray report: {name} importances unavailable: {exc}", file=sys.stderr)
+    return out
+
+
+def plot_importances(importances: dict, path: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    if not importances:
+        return False
+    fig, axes = plt.subplots(1, len(importances), figsize=(5 * len(importances), 3), squeeze=False)
+    for ax, (name, values) in zip(axes[0], importances.items()):
+        params = list(values)
+        ax.barh(params, [values[p] for p in params])
+        ax.invert_yaxis()
+        ax.set(title=f"{name} importance", xlabel="importance")
+    _savefig(fig, path)
+    plt.close(fig)
+    return True
+
+
+def write_report(sweep_dir) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    sweep_dir = Path(sweep_dir)
+    meta, rows = _read_sweep(sweep_dir)
+    asha = meta["asha"]
+    lines = [f"# Sweep report: {meta['name']}", "",
+             f"- trials: {len(rows)} ({', '.join(sorted({r['status'] for r in rows}))})",
+             f"- ASHA drives on `{meta['metric']}` ({meta['mode']}; {meta['metric_doc']}), time attribute "
+             f"`{asha['time_attr']}`, grace period {asha['grace_period']}, reduction factor "
+             f"{asha['reduction_factor']}, max_t {asha['max_t']}, rungs {meta['rungs']}",
+             f"- search: OptunaSearch (TPE, seed {meta['seed']}), the config's own values evaluated first", ""]
+    best_path = sweep_dir / "best_config.yaml"
+    if best_path.exists():
+        lines += [f"Best configuration (ready for `neoray train --config`): `{best_path.name}`", ""]
+    lines += ["## Trials", "", (sweep_dir / "trials.md").read_text() if (sweep_dir / "trials.md").exists() else "", ""]
+    if plot_map_vs_lr(rows, sweep_dir / "map_vs_lr.png"):
+        lines += ["## mAP against learning rate", "", "![mAP against learning rate](map_vs_lr.png)", ""]
+    if plot_learning_curves(sweep_dir, rows, meta["rungs"], asha["time_attr"], sweep_dir / "learning_curves.png"):
+        lines += ["## Learning curves", "", "Dotted lines: ASHA rungs, where trials below the top "
+                  f"1/{asha['reduction_factor']} are stopped.", "", "![learning curves](learning_curves.png)", ""]
+    importances = param_importances(rebuild_study(meta, rows))
+    if plot_importances(importances, sweep_dir / "importances.png"):
+        lines += ["## Parameter importances", "", "| evaluator | " + " | ".join(next(iter(importances.values()))) + " |",
+                  "|---|" + "---|" * len(next(iter(importances.values())))]
+        for name, values in importances.items():
+            lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values.values()) + " |")
+        lines += ["", "![parameter importances](importances.png)", ""]
+    else:
+        lines += ["## Parameter importances", "", "Not available: too few completed trials, or no evaluator could run (see the command's messages).", ""]
+    out = sweep_dir / "report.md"
+    tmp = out.with_name("report.md.tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(out)
+    return out
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("sweep_dir", metavar="SWEEP_DIR", help="a sweep directory (OUTPUT/NAME of neoray sweep)")
+
+
+def run(args) -> int:
+    try:
+        out = write_report(args.sweep_dir)
+    except ConfigError as exc:
+        print(f"neoray report: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,254 @@
+"""Search-space YAML -> Optuna distributions, the starting point, and the ASHA settings.
+
+A space file names the hyperparameters to search (only those listed in ``PARAMS``), how to sample
+each, and the scheduler settings. Unknown keys are an error naming the key, so that a typo never
+silently searches nothing. Example (experiments/configs/space_default.yaml)::
+
+    params:
+      lr: {distribution: log_uniform, low: 1.0e-5, high: 1.0e-3}
+      warmup_steps: {distribution: int_uniform, low: 0, high: 100, step: 10}
+      batch: {per_worker: [2, 4, 8], effective: 8}     # or: pairs: ["4x1", "2x2"]
+    asha: {time_attr: epoch, grace_period: 1, reduction_factor: 2}
+    search: {seed: 0, num_samples: 8}
+    points_to_evaluate: [{lr: 0.5}]                    # optional, after the config's own values
+
+Batch size and gradient accumulation are searched as one categorical "BxA" parameter (``batch``),
+because they only make sense as pairs: with ``effective`` every pair keeps the same effective batch
+per worker (B * A == effective), so that a sweep compares schedules, not batch sizes by accident.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from neoray.config import Config, ConfigError
+
+# Searchable parameter -> the config key(s) it sets. ``batch`` sets two keys from one "BxA" value.
+PARAMS = {
+    "lr": "train.lr",
+    "warmup_steps": "train.warmup_steps",
+    "weight_decay": "train.weight_decay",
+    "backbone_lr_mult": "train.backbone_lr_mult",
+    "batch": ("train.batch_size", "train.accumulate"),
+}
+DISTRIBUTIONS = ("log_uniform", "uniform", "int_uniform", "choice")
+TIME_ATTRS = ("epoch", "training_iteration")
+TOP_KEYS = ("params", "asha", "search", "points_to_evaluate")
+
+
+@dataclass
+class AshaSettings:
+    # "epoch" is the engine's count of epochs finished; unlike training_iteration it survives a TorchTrainer
+    # trial's restart (Tune holds no checkpoint of its own for those trials).
+    time_attr: str = "epoch"
+    grace_period: int = 1
+    reduction_factor: int = 2
+
+
+@dataclass
+class SearchSpace:
+    params: dict[str, dict] = field(default_factory=dict)  # name -> validated spec
+    asha: AshaSettings = field(default_factory=AshaSettings)
+    seed: int = 0
+    num_samples: int = 8
+    points_to_evaluate: list[dict] = field(default_factory=list)
+
+
+def _unknown(key: str, valid, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"search space: unknown key '{where}{key}'{hint}")
+
+
+def _check_keys(raw: dict, valid, where: str) -> None:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"search space: '{where.rstrip('.') or 'top level'}' must be a mapping, got {raw!r}")
+    for key in raw:
+        if key not in valid:
+            raise _unknown(str(key), valid, where)
+
+
+def format_batch(batch_size: int, accumulate: int) -> str:
+    return f"{int(batch_size)}x{int(accumulate)}"
+
+
+def parse_batch(text: Any, where: str = "batch") -> tuple[int, int]:
+    """``"4x2"`` or ``[4, 2]`` -> (batch_size per worker, accumulation steps)."""
+    try:
+        b, a = (int(v) for v in (str(text).lower().split("x") if isinstance(text, str) else text))
+    except (ValueError, TypeError):
+        raise ConfigError(f"search space: {where}: expected a pair like 4x2 (batch x accumulate), got {text!r}") from None
+    if b < 1 or a < 1:
+        raise ConfigError(f"search space: {where}: batch and accumulate must be >= 1, got {text!r}")
+    return b, a
+
+
+def _number(spec: dict, key: str, where: str, integer: bool = False) -> float:
+    value = spec.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not float(value).is_integer()):
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"search space: {where}.{key}: expected {kind}, got {value!r}")
+    return int(value) if integer else float(value)
+
+
+def _param_spec(name: str, spec: Any) -> dict:
+    where = f"params.{name}"
+    if name == "batch":
+        _check_keys(spec, ("pairs", "per_worker", "effective"), where + ".")
+        if "pairs" in spec:
+            if "per_worker" in spec or "effective" in spec:
+                raise ConfigError(f"search space: {where}: give either pairs or per_worker+effective, not both")
+            pairs = [parse_batch(p, where + ".pairs") for p in (spec["pairs"] or [])]
+        else:
+            if "per_worker" not in spec or "effective" not in spec:
+                raise ConfigError(f"search space: {where}: needs pairs, or per_worker and effective")
+            effective = int(_number(spec, "effective", where, integer=True))
+            sizes = spec["per_worker"]
+            if not isinstance(sizes, list) or not sizes:
+                raise ConfigError(f"search space: {where}.per_worker: expected a list of batch sizes, got {sizes!r}")
+            bad = [b for b in sizes if not isinstance(b, int) or b < 1 or effective % b]
+            if bad:
+                raise ConfigError(f"search space: {where}.per_worker: {bad} do not divide effective={effective}")
+            pairs = [(b, effective // b) for b in sizes]
+        if not pairs:
+            raise ConfigError(f"search space: {where}: no batch pairs given")
+        return {"distribution": "choice", "values": [format_batch(b, a) for b, a in pairs]}
+
+    _check_keys(spec, ("distribution", "low", "high", "step", "values"), where + ".")
+    dist = spec.get("distribution")
+    if dist not in DISTRIBUTIONS:
+        raise ConfigError(f"search space: {where}.distribution must be one of {', '.join(DISTRIBUTIONS)}, got {dist!r}")
+    if dist == "choice":
+        values = spec.get("values")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"search space: {where}.values: expected a non-empty list, got {values!r}")
+        return {"distribution": "choice", "values": values}
+    integer = dist == "int_uniform"
+    low, high = _number(spec, "low", where, integer), _number(spec, "high", where, integer)
+    if not low < high:
+        raise ConfigError(f"search space: {where}: low ({low}) must be below high ({high})")
+    if dist == "log_uniform" and low <= 0:
+        raise ConfigError(f"search space: {where}: log_uniform needs low > 0, got {low}")
+    out = {"distribution": dist, "low": low, "high": high}
+    if "step" in spec:
+        out["step"] = _number(spec, "step", where, integer)
+    return out
+
+
+def parse_space(raw: Any) -> SearchSpace:
+    """Validate a space mapping (as read from YAML) strictly."""
+    raw = raw or {}
+    _check_keys(raw, TOP_KEYS, "")
+    params_raw = raw.get("params") or {}
+    _check_keys(params_raw, tuple(PARAMS), "params.")
+    if not params_raw:
+        raise ConfigError("search space: 'params' is empty; name at least one of " + ", ".join(PARAMS))
+    space = SearchSpace(params={name: _param_spec(name, spec) for name, spec in params_raw.items()})
+
+    asha_raw = raw.get("asha") or {}
+    _check_keys(asha_raw, ("time_attr", "grace_period", "reduction_factor"), "asha.")
+    asha = AshaSettings(**asha_raw)
+    if asha.time_attr not in TIME_ATTRS:
+        raise ConfigError(f"search space: asha.time_attr must be one of {', '.join(TIME_ATTRS)}, got {asha.time_attr!r}")
+    if not isinstance(asha.grace_period, int) or asha.grace_period < 1:
+        raise ConfigError(f"search space: asha.grace_period must be an integer >= 1, got {asha.grace_period!r}")
+    if not isinstance(asha.reduction_factor, (int, float)) or asha.reduction_factor <= 1:
+        raise ConfigError(f"search space: asha.reduction_factor must be > 1, got {asha.reduction_factor!r}")
+    space.asha = asha
+
+    search_raw = raw.get("search") or {}
+    _check_keys(search_raw, ("seed", "num_samples"), "search.")
+    space.seed = int(_number({"seed": search_raw.get("seed", 0)}, "seed", "search", integer=True))
+    space.num_samples = int(_number({"n": search_raw.get("num_samples", 8)}, "n", "search.num_samples", integer=True))
+    if space.num_samples < 1:
+        raise ConfigError("search space: search.num_samples must be >= 1")
+
+    points = raw.get("points_to_evaluate") or []
+    if not isinstance(points, list):
+        raise ConfigError(f"search space: points_to_evaluate must be a list of mappings, got {points!r}")
+    for i, point in enumerate(points):
+        _check_keys(point, tuple(space.params), f"points_to_evaluate[{i}].")
+    space.points_to_evaluate = [dict(p) for p in points]
+    return space
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: search space file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    try:
+        return parse_space(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def optuna_distributions(space: SearchSpace) -> dict:
+    """The space as Optuna distributions (OptunaSearch samples these with its seeded TPE sampler)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    out = {}
+    for name, spec in space.params.items():
+        dist = spec["distribution"]
+        if dist == "choice":
+            out[name] = CategoricalDistribution(spec["values"])
+        elif dist == "int_uniform":
+            out[name] = IntDistribution(spec["low"], spec["high"], step=spec.get("step", 1))
+        elif dist == "log_uniform":
+            out[name] = FloatDistribution(spec["low"], spec["high"], log=True)
+        else:
+            out[name] = FloatDistribution(spec["low"], spec["high"], step=spec.get("step"))
+    return out
+
+
+def config_values(cfg: Config, space: SearchSpace) -> dict:
+    """The config's own values of the searched parameters (evaluated first, as a known baseline)."""
+    values = {}
+    for name in space.params:
+        if name == "batch":
+            values[name] = format_batch(cfg.train.batch_size, cfg.train.accumulate)
+        else:
+            values[name] = getattr(cfg.train, PARAMS[name].split(".", 1)[1])
+    return values
+
+
+def points_to_evaluate(cfg: Config, space: SearchSpace) -> list[dict]:
+    """The config's own values first, then the space file's points (missing keys from the config).
+
+    A config value outside a categorical's choices cannot be enqueued; it is replaced by the first choice
+    (and the caller's log says so through the returned point).
+    """
+    base = config_values(cfg, space)
+    for name, spec in space.params.items():
+        if spec["distribution"] == "choice" and base[name] not in spec["values"]:
+            base[name] = spec["values"][0]
+    points = [base]
+    for point in space.points_to_evaluate:
+        full = {**base, **point}
+        if "batch" in point:
+            full["batch"] = format_batch(*parse_batch(point["batch"], "points_to_evaluate.batch"))
+            if full["batch"] not in space.params["batch"]["values"]:
+                raise ConfigError(f"search space: points_to_evaluate batch {full['batch']} is not one of the pairs")
+        points.append(full)
+    return points
+
+
+def params_to_overrides(params: dict) -> dict:
+    """Sampled parameters -> dotted config overrides (``{"train.lr": 3e-4, ...}``)."""
+    overrides = {}
+    for name, value in params.items():
+        if name not in PARAMS:
+            continue  # private keys of the trial config (e.g. _fail) are not config
+        if name == "batch":
+            overrides["train.batch_size"], overrides["train.accumulate"] = parse_batch(value)
+        else:
+            overrides[PARAMS[name]] = value
+    return overrides

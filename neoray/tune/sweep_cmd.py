@@ -1,0 +1,54 @@
+"""``neoray sweep`` and ``python experiments/sweep_lr.py``: one argument definition for both."""
+
+from __future__ import annotations
+
+import sys
+
+from neoray.config import ConfigError
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", default=None,
+                        help="training config YAML (default experiments/configs/synthetic_cpu.yaml; empty data "
+                             "paths mean the embedded synthetic dataset, made on first use)")
+    parser.add_argument("--space", default=None,
+                        help="search-space YAML (default experiments/configs/space_default.yaml)")
+    parser.add_argument("--num-samples", type=int, default=None, help="trials to run (default: the space file's)")
+    parser.add_argument("--max-concurrent", type=int, default=None,
+                        help="trials at a time (default: as many as the cluster can hold)")
+    parser.add_argument("--workers-per-trial", type=int, default=None,
+                        help="Ray Train workers per trial (default: the config's train.workers); 1 runs the "
+                             "training loop inside the trial, more run a TorchTrainer per trial")
+    parser.add_argument("--gpus-per-worker", type=float, default=None,
+                        help="GPUs per worker (default: 1 if train.use_gpu, else 0)")
+    parser.add_argument("--output", default="sweeps", help="parent directory of sweeps (default ./sweeps)")
+    parser.add_argument("--name", default="sweep_lr", help="sweep name; results go to OUTPUT/NAME")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep OUTPUT/NAME")
+    parser.add_argument("--grace-period", type=int, default=None, help="ASHA grace period (overrides the space file)")
+    parser.add_argument("--reduction-factor", type=float, default=None,
+                        help="ASHA reduction factor (overrides the space file)")
+    parser.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial (default 2)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="training config overrides, e.g. train.epochs=3 data.max_train_images=64")
+
+
+def options_from_args(args):
+    from neoray.tune.sweep import SweepOptions
+
+    return SweepOptions(
+        config=args.config, space=args.space, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
+        workers_per_trial=args.workers_per_trial, gpus_per_worker=args.gpus_per_worker, output=args.output,
+        name=args.name, resume=args.resume, overrides=list(args.overrides), grace_period=args.grace_period,
+        reduction_factor=args.reduction_factor, max_failures=args.max_failures,
+    )
+
+
+def run(args) -> int:
+    from neoray.tune.sweep import run_sweep
+
+    try:
+        result = run_sweep(options_from_args(args))
+    except ConfigError as exc:
+        print(f"neoray sweep: error: {exc}", file=sys.stderr)
+        return 2
+    return 0 if result.best is not None else 1
