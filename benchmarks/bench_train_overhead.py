@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                   "cpus_per_worker": args.cpus_per_worker},
     })
     images_per_epoch = (args.images // args.batch) * args.batch
-    ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(configure_logging=False, log_to_driver=False)  # dashboard on: Train V2's cleaner needs the State API
     try:
         plain_times, plain_start = run_plain(cfg, shards)
         train_times, train_start = run_ray_train(cfg, work / "run")

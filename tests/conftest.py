@@ -18,7 +18,9 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True, configure_logging=False)
+        # With the dashboard, as users run it: Ray Train V2's placement-group cleaner queries the State
+        # API, and without it wrongly decides the controller is dead and removes a live run's workers.
+        ray.init(num_cpus=4, log_to_driver=True, configure_logging=False)
     yield ray
     ray.shutdown()
 

@@ -100,6 +100,20 @@ class Batch:
 # ----------------------------------------------------------------------------------------------------
 
 
+def quiet_ray_data() -> None:
+    """No per-epoch progress bars or "Starting execution" lines from Ray Data in this process.
+
+    Training logs (and a sweep's job log) should show epochs and Tune's trial table, not one bar per
+    epoch per dataset; Ray Data's own log files still have everything.
+    """
+    import logging
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.enable_operator_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
 @contextmanager
 def _parquet_v1_reader():
     """Build a read_parquet plan with the V1 reader (see the module docstring for why).

@@ -483,6 +483,9 @@ def run_training_loop(cfg: Config, ctx: TrainContext, *, categories: list | None
     ``resume_from``: a checkpoint to continue from when ``ctx`` has none (``neoray train --resume``).
     ``model_fn(num_classes)``: build a custom model instead of ``cfg.model.name`` (tests, benchmarks).
     """
+    from neoray.data.stream import quiet_ray_data
+
+    quiet_ray_data()  # this worker iterates the datasets: keep its log to epochs, not data progress
     rank, world_size = ctx.world_rank, ctx.world_size
     device = getattr(ctx, "device", None) or default_device(cfg, ctx.local_rank)
     log = log if rank == 0 else None

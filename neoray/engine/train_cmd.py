@@ -32,7 +32,9 @@ def connect_ray() -> str:
         ray.init(address="auto", configure_logging=False, log_to_driver=True)
         return "connected to the running Ray cluster"
     except ConnectionError:
-        ray.init(configure_logging=False, log_to_driver=True, include_dashboard=False)
+        # With the dashboard (ray[default]) the run shows in it, and Train's placement-group cleaner can
+        # use the State API (without it, it warns every few seconds).
+        ray.init(configure_logging=False, log_to_driver=True)
         return "started a local Ray instance"
 
 

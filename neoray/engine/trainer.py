@@ -257,9 +257,10 @@ def build_trainer(cfg: Config, run_dir: Path, *, categories: list, resume_from: 
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from neoray.data.stream import ExactSplitDataConfig, eval_dataset, train_dataset
+    from neoray.data.stream import ExactSplitDataConfig, eval_dataset, quiet_ray_data, train_dataset
     from neoray.engine.loop import train_loop_per_worker
 
+    quiet_ray_data()
     datasets = {"train": train_dataset(cfg.data.train, seed=cfg.train.seed, max_images=cfg.data.max_train_images)}
     if cfg.data.val:
         datasets["val"] = eval_dataset(cfg.data.val)

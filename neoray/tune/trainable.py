@@ -125,12 +125,10 @@ def _categories(cfg: Config):
 
 
 def _datasets(cfg: Config) -> dict:
-    import ray.data
-
-    from neoray.data.stream import eval_dataset, train_dataset
+    from neoray.data.stream import eval_dataset, quiet_ray_data, train_dataset
 
     # Per-epoch progress bars of every trial would bury Tune's trial table in the job log.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    quiet_ray_data()
 
     datasets = {"train": train_dataset(cfg.data.train, seed=cfg.train.seed, max_images=cfg.data.max_train_images)}
     if cfg.data.val:
