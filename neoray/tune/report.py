@@ -214,7 +214,7 @@ def write_report(sweep_dir) -> Path:
              f"- search: OptunaSearch (TPE, seed {meta['seed']}), the config's own values evaluated first", ""]
     best_path = sweep_dir / "best_config.yaml"
     if best_path.exists():
-        lines += [f"Best configuration (ready for `neoray train --config`): `{best_path.name}`", ""]
+        lines += [f"Best configuration, ready for a full run: `neoray train {best_path} train.epochs=N`", ""]
     lines += ["## Trials", "", (sweep_dir / "trials.md").read_text() if (sweep_dir / "trials.md").exists() else "", ""]
     if plot_map_vs_lr(rows, sweep_dir / "map_vs_lr.png"):
         lines += ["## mAP against learning rate", "", "![mAP against learning rate](map_vs_lr.png)", ""]

@@ -396,7 +396,7 @@ def rows_to_markdown(rows: list[dict]) -> str:
 
 
 def export_best_config(base: Config, row: dict, path: Path, sweep_name: str) -> Config:
-    """The best trial's parameters applied to the base config: ready for `neoray train --config`."""
+    """The best trial's parameters applied to the base config: ready for `neoray train BEST_CONFIG`."""
     overrides = params_to_overrides({k: row[k] for k in PARAMS if k in row and row[k] is not None})
     overrides["name"] = f"{sweep_name}_best"
     cfg = from_dict(apply_overrides(base.to_dict(), overrides))
