@@ -308,10 +308,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config atomically (it is the record of what ran)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(cfg.to_yaml())
-    tmp.replace(path)
+    from neoray.io import write_text_atomic
+
+    write_text_atomic(path, cfg.to_yaml())
 
 
 def replace(cfg: Config, **section_updates: dict) -> Config:

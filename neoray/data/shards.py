@@ -49,6 +49,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from neoray.io import write_json_atomic  # re-exported: prepare and check write through it
+
 MANIFEST_NAME = "_manifest.json"
 REPORT_NAME = "_report.json"
 FORMAT = "neoray-shards"
@@ -93,13 +95,6 @@ def _replace_atomically(tmp: Path, path: Path) -> None:
     with open(tmp, "rb") as handle:  # flush to disk before the rename makes the file visible
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-
-
-def write_json_atomic(path, obj) -> None:
-    path = Path(path)
-    tmp = _temp_path(path)
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
-    _replace_atomically(tmp, path)
 
 
 def write_shard(rows: list[dict], path) -> None:

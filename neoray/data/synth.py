@@ -21,12 +21,13 @@ Only numpy and cv2 are imported: ``neoray synth`` does not pay for torch or Ray.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from neoray.io import write_bytes_atomic
 
 # (id, name): non-contiguous ids on purpose. ``classes=K`` uses the first K.
 SHAPES = [
@@ -143,12 +144,6 @@ def _make_image(rng, w: int, h: int, shapes: list[tuple[int, str]], empty: bool)
     return img, objects
 
 
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _write_split(root: Path, split: str, split_index: int, count: int, size, shapes, seed: int, aspect_mix: bool):
     image_dir = root / split
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -161,7 +156,7 @@ def _write_split(root: Path, split: str, split_index: int, count: int, size, sha
         ok, encoded = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 92])
         if not ok:  # pragma: no cover - cv2 always encodes a uint8 BGR array
             raise RuntimeError(f"cv2 could not encode {file_name}")
-        _write_bytes_atomic(image_dir / file_name, encoded.tobytes())
+        write_bytes_atomic(image_dir / file_name, encoded.tobytes())
         images.append({"id": i + 1, "file_name": file_name, "width": w, "height": h})
         for cat_id, (x1, y1, x2, y2) in objects:
             annotations.append({
@@ -177,7 +172,7 @@ def _write_split(root: Path, split: str, split_index: int, count: int, size, sha
     }
     ann_path = root / "annotations" / f"instances_{split}.json"
     ann_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_bytes_atomic(ann_path, json.dumps(coco, indent=1).encode())
+    write_bytes_atomic(ann_path, json.dumps(coco, indent=1).encode())
     return image_dir, ann_path
 
 

@@ -42,15 +42,14 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
-import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 import torch
+
+from neoray.io import write_json_atomic  # re-exported for eval_cmd
 
 STAT_NAMES = (
     "map", "map50", "map75", "map_small", "map_medium", "map_large",
@@ -111,22 +110,6 @@ def _gc_paused():
 def _is_distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized() \
         and torch.distributed.get_world_size() > 1
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """Write JSON through a temp file in the same folder + rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(obj, handle, allow_nan=False)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def json_safe(value: Any) -> Any:
@@ -241,7 +224,7 @@ class CocoEvaluator:
 
     def write_detections(self, path: str | Path) -> Path:
         """Write ``detections`` as a standard COCO results JSON, atomically."""
-        return write_json_atomic(path, self.detections)
+        return write_json_atomic(path, self.detections, indent=None, allow_nan=False)
 
     # ------------------------------------------------------------------ metrics
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from neoray.config import Config, ConfigError, save_config
+from neoray.io import write_text_atomic
 
 RAY_DIR = "ray"
 POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
@@ -64,12 +65,6 @@ def new_run_dir(cfg: Config, config_path: str | os.PathLike | None, output: str 
     return run_dir
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def _json_value(value: Any) -> Any:
     if isinstance(value, float) and value != value:  # NaN is not JSON
         return None
@@ -83,7 +78,7 @@ def _json_value(value: Any) -> Any:
 def write_metrics(run_dir: Path, history: list[dict]) -> None:
     """metrics.json (a list of rows) and metrics.csv (columns: union of keys, first-seen order)."""
     rows = [{k: _json_value(v) for k, v in row.items() if not isinstance(v, (dict, list))} for row in history]
-    _write_atomic(run_dir / "metrics.json", json.dumps(rows, indent=1) + "\n")
+    write_text_atomic(run_dir / "metrics.json", json.dumps(rows, indent=1) + "\n")
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
@@ -91,7 +86,7 @@ def write_metrics(run_dir: Path, history: list[dict]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
-    _write_atomic(run_dir / "metrics.csv", buffer.getvalue())
+    write_text_atomic(run_dir / "metrics.csv", buffer.getvalue())
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -207,8 +202,8 @@ def write_summary(run_dir: Path, cfg: Config, history: list[dict], seconds: floa
         "best_checkpoint": "checkpoints/best" if (run_dir / "checkpoints" / "best").exists() else None,
         "latest_checkpoint": "checkpoints/latest" if (run_dir / "checkpoints" / "latest").exists() else None,
     }
-    _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
-    _write_atomic(run_dir / "summary.md", summary_markdown(summary, history))
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
+    write_text_atomic(run_dir / "summary.md", summary_markdown(summary, history))
     return summary
 
 
