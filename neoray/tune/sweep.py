@@ -25,6 +25,7 @@ from ray import tune
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
 from neoray.config import Config, ConfigError, apply_overrides, from_dict, load_config, save_config
+from neoray.io import write_text_atomic
 from neoray.tune.space import (
     PARAMS, SearchSpace, load_space, optuna_distributions, params_to_overrides, points_to_evaluate,
 )
@@ -182,12 +183,6 @@ def trial_name(trial) -> str:
     return f"trial_{index:04d}"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 class RecordingASHA(AsyncHyperBandScheduler):
     """ASHA that writes down the trials it stops before max_t: Tune marks both those and the trials
     that ran to the end TERMINATED, and the results table must tell them apart. The record is ASHA's
@@ -204,7 +199,7 @@ class RecordingASHA(AsyncHyperBandScheduler):
             path = Path(self.record)
             stopped = json.loads(path.read_text()) if path.exists() else {}
             stopped[str(trial)] = {self._time_attr: t, SCORE: result.get(SCORE)}
-            _write_atomic(path, json.dumps(stopped, indent=2))
+            write_text_atomic(path, json.dumps(stopped, indent=2))
         return action
 
 
@@ -452,7 +447,7 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
             "base_config": cfg.to_dict(),
             "test_hooks": {"fail": opts.fail, "loop": opts.loop},
         }
-        _write_atomic(meta_path, json.dumps(meta, indent=2, default=str))
+        write_text_atomic(meta_path, json.dumps(meta, indent=2, default=str))
     path = "direct (training loop inside the trial)" if resources.direct else "TorchTrainer per trial"
     print(f"[neoray] sweep {sweep_dir}: {space.num_samples} trials, up to {resources.max_concurrent} at a time, "
           f"{cfg.train.workers} worker(s) per trial, {path}", flush=True)
@@ -468,9 +463,9 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
     result_grid = tuner.fit()
 
     rows = collect_rows(result_grid, sweep_dir, list(meta["params"]))
-    _write_atomic(sweep_dir / "trials.csv", rows_to_csv(rows))
+    write_text_atomic(sweep_dir / "trials.csv", rows_to_csv(rows))
     table = rows_to_markdown(rows)
-    _write_atomic(sweep_dir / "trials.md", table)
+    write_text_atomic(sweep_dir / "trials.md", table)
     print("\n" + table, flush=True)
     best = best_row(rows)
     best_path = None
