@@ -1,6 +1,7 @@
 """Search-space YAML: strict validation, Optuna distributions, the config's values evaluated first."""
 
 import pytest
+import yaml
 
 from neoray.config import ConfigError, load_config
 from neoray.tune.space import (
@@ -12,7 +13,11 @@ from neoray.tune.sweep import DEFAULT_SPACE, asha_rungs, plan_resources
 def test_default_space_file_is_valid():
     space = load_space(DEFAULT_SPACE)
     assert {"lr", "warmup_steps", "batch"} <= set(space.params)
-    assert space.params["batch"]["values"] == ["8x1", "4x2", "2x4"]  # constant effective batch of 8
+    raw = yaml.safe_load(DEFAULT_SPACE.read_text())["params"]["batch"]
+    # Every per-worker batch becomes one "BxA" pair keeping the file's effective batch.
+    pairs = space.params["batch"]["values"]
+    assert [int(p.split("x")[0]) for p in pairs] == raw["per_worker"]
+    assert all(int(b) * int(a) == raw["effective"] for b, a in (p.split("x") for p in pairs))
 
 
 @pytest.mark.parametrize("raw, message", [

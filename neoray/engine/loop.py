@@ -102,6 +102,12 @@ class RayTrainContext:
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         checkpoint = self._train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         self._train.report(metrics, checkpoint=checkpoint)
+        # ray.train.report only queues this worker's result; the controller registers the epoch's
+        # checkpoint once every rank's result is queued. Without this barrier a rank that reports
+        # quickly (no checkpoint to write) could fail in the next epoch before rank 0 has queued its
+        # checkpoint, and the restart would redo a finished epoch.
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
 
     def latest_checkpoint_dir(self) -> str | None:
         checkpoint = self._train.get_checkpoint()
