@@ -266,6 +266,11 @@ def _build_tuner(cfg: Config, space: SearchSpace, opts: SweepOptions, resources:
             scheduler=_make_scheduler(space, _max_t(cfg, space), sweep_dir / "asha_stopped.json"),
             num_samples=space.num_samples, max_concurrent_trials=resources.max_concurrent,
             trial_name_creator=trial_name, trial_dirname_creator=trial_name,
+            # Direct path: a finished trial's actor (imports done, Ray Data workers warm) runs the next
+            # trial, since the training function keeps no global state; measured 6.4 -> 2.5 s of
+            # overhead per trial. Not for TorchTrainer trials: a reused driver actor broke the next
+            # trial's worker group (ActorDiedError), and their cost is the worker group anyway.
+            reuse_actors=resources.direct,
         ),
         run_config=tune.RunConfig(
             name=opts.name, storage_path=str(sweep_dir.parent),
