@@ -28,6 +28,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from process_tools import pids_naming
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 EXCLUDES = [".venv", ".neoray_cache", ".git", "sweeps", "runs"]
@@ -45,24 +47,10 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def _pids_naming(text: str) -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline:
-            pids.append(int(proc.name))
-    return pids
-
-
 def _kill_head(temp_dir: str) -> None:
     """Stop the throwaway head: SIGKILL every process that names its temp dir, and only those."""
     for _ in range(3):  # a process forked while the first pass ran is caught by the next
-        for pid in _pids_naming(temp_dir):
+        for pid in pids_naming(temp_dir):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -148,7 +136,7 @@ def test_job_submit_runs_a_sweep_on_a_local_head(ray_session, synthetic_shards, 
         assert len(rows) == 3 and rows[0].startswith("trial,status")  # header + 2 trials
     finally:
         _kill_head(temp_dir)
-        leftovers = _pids_naming(temp_dir)
+        leftovers = pids_naming(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
     assert leftovers == [], f"processes of the throwaway head outlived its teardown: {leftovers}"
     # The session's own Ray was not touched by the teardown.

@@ -251,3 +251,20 @@ def test_fcos_baseline_interface():
         model(random_images(1, width, height), [{"boxes": torch.tensor([[1.0, 1.0, 9.0, 9.0]]), "labels": torch.tensor([3])}])
     model.eval()
     assert_valid_predictions(model(random_images(2, width, height)), 2, width, height, 10)
+
+
+def test_bf16_autocast_trains_and_predicts_in_float32():
+    """The AMP path (bf16 on GPUs; checkable on CPU): finite losses, gradients, float32 outputs."""
+    torch.manual_seed(0)
+    model = build_model("rtdetr_cpu", num_classes=3).train()
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(random_images(2, 320, 180), [targets_for(320, 180)[0], empty])
+    assert all(torch.isfinite(v) and v.dtype == torch.float32 for v in losses.values())
+    sum(losses.values()).backward()
+    assert first_conv_weight(model).grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = model(random_images(2, 320, 180))
+    assert outputs[0]["boxes"].dtype == torch.float32 and outputs[0]["scores"].dtype == torch.float32
+    assert_valid_predictions(outputs, 2, 320, 180, 100)

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from process_tools import pids_naming
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SWEEP_TIMEOUT_S = 600  # a hang guard, not a speed assertion
 
@@ -58,22 +60,6 @@ def _trial_status(sweep_dir: Path) -> dict:
     return out
 
 
-def _ray_pids(temp_dir: str) -> list[int]:
-    """Processes of the sweep's own local Ray: every one carries its session path (under temp_dir) in
-    its command line. Only these are ever killed here."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if temp_dir in cmdline:
-            pids.append(int(proc.name))
-    return pids
-
-
 def _kill_group_and_ray(proc: subprocess.Popen, temp_dir: str) -> None:
     """SIGKILL the driver's process group and the processes of its local Ray (found by its temp dir),
     as a crash of the machine running the sweep would. Ray's processes would notice their dead driver
@@ -83,13 +69,13 @@ def _kill_group_and_ray(proc: subprocess.Popen, temp_dir: str) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
-    for pid in _ray_pids(temp_dir):
+    for pid in pids_naming(temp_dir):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + 30  # SIGKILL cannot be ignored; this only waits for the kernel
-    while _ray_pids(temp_dir) and time.monotonic() < deadline:
+    while pids_naming(temp_dir) and time.monotonic() < deadline:
         time.sleep(0.2)
 
 
@@ -122,7 +108,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trial(synthetic_shards,
             killed_at = time.time()
             _kill_group_and_ray(proc, ray_tmp)
         assert not (sweep_dir / "trials.csv").exists(), "the sweep finished before the kill; nothing to resume"
-        assert _ray_pids(ray_tmp) == [], "the killed sweep's Ray processes are still running"
+        assert pids_naming(ray_tmp) == [], "the killed sweep's Ray processes are still running"
         first_history = _history(sweep_dir / "trial_0001")
         assert [h["epoch"] for h in first_history] == [1, 2]
 
