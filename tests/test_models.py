@@ -97,6 +97,32 @@ def test_rtdetr_r18_full_hd_eval():
     print(f"rtdetr_r18 1920x1080 eval: {time.perf_counter() - start:.1f} s")
 
 
+def test_predicted_boxes_are_scaled_by_the_padded_size_at_full_hd():
+    """1920x1080 is padded to 1920x1088; normalised boxes refer to the padded input, so the centre of the
+    padded frame is y = 544, not 540. Scaling by the unpadded height would shift every box."""
+    model = build_model("rtdetr_cpu", num_classes=3, max_detections=5).eval()
+    queries = 4
+    boxes = torch.tensor([0.5, 0.5, 0.1, 0.1]).expand(1, 1, queries, 4)  # (layers, B, Q, cxcywh)
+    logits = torch.zeros(1, 1, queries, 3)
+    model._run = lambda x, size, denoising=None: {"logits": logits, "boxes": boxes}
+    with torch.no_grad():
+        prediction = model(random_images(1, 1920, 1080))[0]
+    centres = (prediction["boxes"][:, :2] + prediction["boxes"][:, 2:]) / 2
+    assert torch.allclose(centres, torch.tensor([960.0, 544.0]).expand_as(centres))
+    assert torch.allclose(prediction["boxes"][0, 2:] - prediction["boxes"][0, :2], torch.tensor([192.0, 108.8]))
+
+
+def test_bad_labels_are_rejected_before_the_images_reach_the_device():
+    model = build_model("rtdetr_cpu", num_classes=3).train()
+
+    def device_work(images):
+        raise AssertionError("normalize ran before the targets were checked")
+
+    model.normalize = device_work
+    with pytest.raises(ValueError, match=r"label 7 is outside \[0, 3\)"):
+        model(random_images(1, 160, 90), [{"boxes": torch.tensor([[1.0, 1.0, 9.0, 9.0]]), "labels": torch.tensor([7])}])
+
+
 def test_score_threshold_and_max_detections_options():
     torch.manual_seed(0)
     model = build_model("rtdetr_cpu", num_classes=3, max_detections=7, score_threshold=0.0).eval()
@@ -251,6 +277,10 @@ def test_fcos_baseline_interface():
         model(random_images(1, width, height), [{"boxes": torch.tensor([[1.0, 1.0, 9.0, 9.0]]), "labels": torch.tensor([3])}])
     model.eval()
     assert_valid_predictions(model(random_images(2, width, height)), 2, width, height, 10)
+    model.max_detections = 3  # limits changed after build apply, as for RT-DETR
+    assert all(len(p["scores"]) <= 3 for p in model(random_images(2, width, height)))
+    model.score_threshold = 1.0
+    assert all(len(p["scores"]) == 0 for p in model(random_images(2, width, height)))
 
 
 def test_bf16_autocast_trains_and_predicts_in_float32():

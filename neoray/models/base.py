@@ -75,9 +75,13 @@ class Detector(nn.Module):
         self.register_buffer("pixel_mean", mean, persistent=False)
         self.register_buffer("pixel_std", std, persistent=False)
 
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def check_images(images: torch.Tensor) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be uint8 (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        self.check_images(images)
         return (images.to(self.pixel_mean.device, torch.float32) - self.pixel_mean) / self.pixel_std
 
     @staticmethod
@@ -90,15 +94,17 @@ class Detector(nn.Module):
 
     def forward(self, images: torch.Tensor, targets: list[dict] | None = None):
         """Train mode: dict of weighted scalar losses. Eval mode: per image {"boxes", "scores", "labels"}."""
-        x = self.normalize(images)
         size = (images.shape[-1], images.shape[-2])  # (width, height)
         if not self.training:
-            return self.predict(x, size)
+            return self.predict(self.normalize(images), size)
         if targets is None:
             raise ValueError("train mode needs targets; call model.eval() to get predictions")
         if len(targets) != len(images):
             raise ValueError(f"got {len(images)} images but {len(targets)} targets")
+        # Targets are checked on CPU copies before the first kernel of this step runs on the device.
+        self.check_images(images)
         check_targets(targets, self.num_classes, size)
+        x = self.normalize(images)
         device = x.device
         clean = [
             {

@@ -75,5 +75,8 @@ class TorchvisionDetector(Detector):
 
     @torch.no_grad()
     def predict(self, x, size):
+        # Read the limits now, not at build time, so changing them on a built model works as for RT-DETR.
+        self.detector.score_thresh = self.score_threshold
+        self.detector.detections_per_img = self.max_detections
         detections = self.detector(list(x))
         return [{"boxes": d["boxes"], "scores": d["scores"], "labels": d["labels"]} for d in detections]
