@@ -133,6 +133,24 @@ def test_missing_shard_wrong_schema_and_missing_manifest(shard_copy, tmp_path, c
     assert "manifest not found" in err
 
 
+def test_parquet_file_not_in_the_manifest_is_caught(shard_copy, capsys):
+    # E.g. a shard of an earlier, larger run that an interrupted `prepare` left behind.
+    shutil.copy(shard_copy / "shard-00000.parquet", shard_copy / "shard-00007.parquet")
+    (shard_copy / "extra").mkdir()
+    shutil.copy(shard_copy / "shard-00001.parquet", shard_copy / "extra" / "part.parquet")
+    shutil.copy(shard_copy / "shard-00001.parquet", shard_copy / ".shard-00001.parquet")  # hidden: no reader sees it
+    assert pq.read_table(shard_copy).num_rows > read_manifest(shard_copy)["num_images"]  # what a reader would get
+    problems = check_shards(shard_copy).problems
+    assert problems == [
+        "extra/part.parquet: Parquet file not listed in the manifest; readers of the directory would include "
+        "its rows (re-run `neoray prepare` or delete it)",
+        "shard-00007.parquet: Parquet file not listed in the manifest; readers of the directory would include "
+        "its rows (re-run `neoray prepare` or delete it)",
+    ]
+    assert main(["check", str(shard_copy)]) == 1
+    assert "shard-00007.parquet: Parquet file not listed" in capsys.readouterr().err
+
+
 def test_schema_constant_matches_architecture():
     assert SCHEMA.names == ["image_id", "file_name", "image", "width", "height", "orig_width", "orig_height",
                             "scale", "pad_x", "pad_y", "boxes", "labels", "iscrowd", "areas", "ann_ids"]

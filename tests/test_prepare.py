@@ -150,6 +150,18 @@ def _duplicate_annotation_id(coco, image_dir, img, ann, tmp_path):
     other["id"] = ann["id"]
 
 
+def _zero_declared_width(coco, image_dir, img, ann, tmp_path):
+    img["width"] = 0
+
+
+def _string_area(coco, image_dir, img, ann, tmp_path):
+    ann["area"] = "big"
+
+
+def _iscrowd_2(coco, image_dir, img, ann, tmp_path):
+    ann["iscrowd"] = 2
+
+
 BAD_INPUT = [
     (_missing, src.IMAGE_MISSING, src.SKIP_IMAGE, True),
     (_not_an_image, src.IMAGE_UNREADABLE, src.SKIP_IMAGE, True),
@@ -169,6 +181,9 @@ BAD_INPUT = [
     (_bad_area, src.AREA_INVALID, src.USE_BOX_AREA, False),
     (_unknown_image_id, src.UNKNOWN_IMAGE_ID, src.DROP_ANNOTATION, False),
     (_duplicate_annotation_id, src.DUPLICATE_ANNOTATION_ID, src.DROP_ANNOTATION, False),
+    (_zero_declared_width, src.IMAGE_SIZE_INVALID, src.USE_REAL_SIZE, False),
+    (_string_area, src.AREA_INVALID, src.USE_BOX_AREA, False),
+    (_iscrowd_2, src.ISCROWD_INVALID, src.DROP_ANNOTATION, False),
 ]
 
 
@@ -233,6 +248,107 @@ def test_size_mismatch_uses_the_real_size(tmp_path):
     row = next(r for r in _rows(result.out_dir) if r["image_id"] == img["id"])
     assert (row["orig_width"], row["orig_height"], row["scale"]) == (160, 90, 2.0)
     assert "declared 320x180, file is 160x90" in _entries(result, src.IMAGE_SIZE_MISMATCH)[0]["detail"]
+
+
+@pytest.mark.parametrize("width, height, detail", [
+    (0, 90, "'width' 0 is not"), (-160, 90, "'width' -160 is not"), (160.0, 90, "'width' 160.0 is not"),
+    ("160", 90, "'width' '160' is not"), (True, 90, "'width' True is not"), (160, [90], "'height' [90] is not"),
+    (160, None, "only one of 'width'/'height'"),  # None: no height key at all
+])
+def test_bad_declared_size_uses_the_real_size_and_is_reported(tmp_path, capsys, width, height, detail):
+    ann_path, image_dir = _synth(tmp_path, n=4)
+    coco = json.loads(ann_path.read_text())
+    img = coco["images"][1]
+    img["width"] = width
+    img.pop("height") if height is None else img.update(height=height)
+    ann_path.write_text(json.dumps(coco))
+    code = main(["prepare", "--coco", str(ann_path), "--images", str(image_dir), "--out", str(tmp_path / "out"),
+                 "--size", "160x90", "--workers", "1"])
+    assert code == 0 and "prepared 4 images (0 skipped)" in capsys.readouterr().out  # the run goes on
+    report = json.loads((tmp_path / "out" / "_report.json").read_text())
+    assert [(e["reason"], e["action"], e["image_id"], e["file_name"]) for e in report] == [
+        (src.IMAGE_SIZE_INVALID, src.USE_REAL_SIZE, img["id"], img["file_name"])]
+    assert report[0]["detail"].startswith("images[1]: ") and detail in report[0]["detail"]
+    row = next(r for r in _rows(tmp_path / "out") if r["image_id"] == img["id"])
+    assert (row["orig_width"], row["orig_height"], row["scale"]) == (160, 90, 1.0)
+    assert row["ann_ids"] == [a["id"] for a in coco["annotations"] if a["image_id"] == img["id"]]
+
+
+def test_bad_area_and_iscrowd_are_handled_per_annotation(tmp_path):
+    ann_path, image_dir = _synth(tmp_path, n=8)
+    coco = json.loads(ann_path.read_text())
+    anns = coco["annotations"][:6]
+    for ann, area, iscrowd in zip(anns, ["12", None, True, float("nan"), 50.0, 30.0],
+                                  [0, None, True, 1.0, "1", 2]):
+        ann["area"], ann["iscrowd"] = area, iscrowd
+    ann_path.write_text(json.dumps(coco))
+    result = prepare_coco(ann_path, image_dir, tmp_path / "out", size=SIZE, workers=1)
+    _assert_consistent(result)
+    rows = {i: (row, k) for row in _rows(result.out_dir) for k, i in enumerate(row["ann_ids"])}
+
+    def written(ann):
+        row, k = rows[ann["id"]]
+        return row["areas"][k], row["iscrowd"][k]
+
+    box_area = lambda ann: pytest.approx(ann["bbox"][2] * ann["bbox"][3], rel=1e-5)  # noqa: E731
+    assert written(anns[0]) == (box_area(anns[0]), False)  # a string area: the box's, reported
+    assert written(anns[1]) == (box_area(anns[1]), False)  # null area and iscrowd: as if absent
+    assert written(anns[2]) == (box_area(anns[2]), True)  # JSON true is iscrowd 1; a bool area is not a number
+    assert written(anns[3]) == (box_area(anns[3]), True)  # NaN area; iscrowd 1.0 == 1
+    assert anns[4]["id"] not in rows and anns[5]["id"] not in rows  # iscrowd "1" and 2: dropped
+    assert {(e["annotation_id"], e["reason"], e["action"]) for e in result.report} == {
+        (anns[0]["id"], src.AREA_INVALID, src.USE_BOX_AREA), (anns[2]["id"], src.AREA_INVALID, src.USE_BOX_AREA),
+        (anns[3]["id"], src.AREA_INVALID, src.USE_BOX_AREA),
+        (anns[4]["id"], src.ISCROWD_INVALID, src.DROP_ANNOTATION),
+        (anns[5]["id"], src.ISCROWD_INVALID, src.DROP_ANNOTATION)}
+    assert result.manifest["skipped"]["annotations"] == {src.ISCROWD_INVALID: 2}
+
+
+def _jpeg_with_trailer(data: bytes) -> bytes:
+    # A motion photo / maker trailer: binary data after FFD9, with an FFDA pair and no FFD9 after it.
+    return data + b"MotionPhoto_Data\xff\xda\x00\x0c" + bytes(range(256)) * 4
+
+
+@pytest.mark.parametrize("edit, truncated", [
+    (_jpeg_with_trailer, False),
+    (lambda data: data + b"\x00" * 16, False),  # zero padding after FFD9
+    (lambda data: data[:-2], True),  # only the end marker missing
+    (lambda data: data[:len(data) * 2 // 3], True),  # cut inside the compressed data
+    (lambda data: data[:600], True),  # cut inside the headers
+], ids=["trailer", "zero-padding", "no-eoi", "cut-in-scan", "cut-in-header"])
+def test_jpeg_truncation_is_found_from_the_markers_not_the_last_bytes(tmp_path, edit, truncated):
+    ann_path, image_dir = _synth(tmp_path, n=4)
+    path = image_dir / "000001.jpg"
+    original = cv2.imread(str(path))
+    path.write_bytes(edit(path.read_bytes()))
+    result = prepare_coco(ann_path, image_dir, tmp_path / "out", size=SIZE, workers=1)
+    _assert_consistent(result)
+    rows = {r["file_name"]: r for r in _rows(result.out_dir)}
+    if truncated:
+        assert [(e["file_name"], e["reason"]) for e in result.report] == [("000001.jpg", src.IMAGE_TRUNCATED)]
+        assert "000001.jpg" not in rows
+    else:
+        assert result.report == []
+        shard_image = cv2.imdecode(np.frombuffer(rows["000001.jpg"]["image"], np.uint8), cv2.IMREAD_COLOR)
+        assert np.abs(shard_image.astype(int) - original).mean() < 3  # the picture itself, re-encoded
+
+
+def test_missing_image_folder_exits_1_with_one_line(tmp_path, capsys):
+    ann_path, image_dir = _synth(tmp_path, n=2)
+    for images in (tmp_path / "no_such_folder", ann_path):  # missing, and a file instead of a folder
+        code = main(["prepare", "--coco", str(ann_path), "--images", str(images), "--out", str(tmp_path / "out"),
+                     "--size", "160x90"])
+        err = capsys.readouterr().err
+        assert code == 1 and str(images) in err and "--images" in err
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert not (tmp_path / "out").exists()  # nothing written, not even an empty shard
+
+    yolo_root = _write_yolo_copy(ann_path, image_dir, tmp_path / "yolo")
+    shutil.rmtree(yolo_root / "images" / "train")
+    code = main(["prepare", "--yolo", str(yolo_root), "--out", str(tmp_path / "out"), "--size", "160x90"])
+    err = capsys.readouterr().err
+    assert code == 1 and "'images/train'" in err and "not found" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("content, expected", [
@@ -498,6 +614,50 @@ def test_rerun_keeps_problems_of_reused_shards_and_removes_stale_shards(tmp_path
     third = prepare_coco(ann_path, image_dir, tmp_path / "out", size=SIZE, workers=1, rows_per_shard=8)
     assert sorted(p.name for p in (tmp_path / "out").glob("shard-*")) == ["shard-00000.parquet"]
     _assert_consistent(third)
+
+
+def test_rerun_after_an_interrupted_run_leaves_only_its_own_shards(tmp_path):
+    ann_path, image_dir = _synth(tmp_path, n=8)
+    out = tmp_path / "out"
+    prepare_coco(ann_path, image_dir, out, size=SIZE, workers=1, rows_per_shard=2)  # 4 shards
+    # A run killed half way: manifest already gone, shards of the old layout and temporary files left.
+    (out / "_manifest.json").unlink()
+    for leftover in (".shard-00005.parquet.tmp4242", "._manifest.json.x1y2z3.tmp", "._report.json.q9.tmp"):
+        (out / leftover).write_bytes(b"partial")
+    (out / "notes.txt").write_text("the user's own file")
+
+    result = prepare_coco(ann_path, image_dir, out, size=SIZE, workers=1, rows_per_shard=8)  # 1 shard
+    assert sorted(p.name for p in out.iterdir()) == ["_manifest.json", "_report.json", "notes.txt",
+                                                      "shard-00000.parquet"]
+    (out / "notes.txt").unlink()
+    assert pq.read_table(out).num_rows == result.counts["images_written"] == 8  # the directory as a whole
+    _assert_consistent(result)
+
+
+def test_small_dataset_is_cut_into_one_shard_per_worker(tmp_path, monkeypatch):
+    """256 images at the default 256 rows per shard would be one task on one core."""
+    ann_path, image_dir = _synth(tmp_path, n=9)
+    planned = []
+    real_run_tasks = prepare_module._run_tasks
+
+    def run_tasks(tasks, workers):
+        planned.append((workers, [len(t.records) for t in tasks]))
+        return real_run_tasks(tasks, 1)  # the cut is under test here; the pool has its own test below
+
+    monkeypatch.setattr(prepare_module, "_run_tasks", run_tasks)
+    first = prepare_coco(ann_path, image_dir, tmp_path / "out", size=SIZE, workers=2)
+    assert planned == [(2, [5, 4])]
+    assert [s["rows"] for s in first.manifest["shards"]] == [5, 4]
+    assert first.manifest["options"]["shard_rows"] == 5 and first.manifest["options"]["rows_per_shard"] == 256
+    _assert_consistent(first)
+
+    again = prepare_coco(ann_path, image_dir, tmp_path / "out", size=SIZE, workers=2)
+    assert (again.shards_written, again.shards_reused) == (0, 2) and planned[-1] == (2, [])
+    one = prepare_coco(ann_path, image_dir, tmp_path / "one", size=SIZE, workers=1)
+    assert [s["rows"] for s in one.manifest["shards"]] == [9]
+    assert _rows(tmp_path / "one") == _rows(tmp_path / "out")  # same rows, cut differently
+    assert prepare_coco(ann_path, image_dir, tmp_path / "big", size=SIZE, workers=2,
+                        rows_per_shard=3).manifest["options"]["shard_rows"] == 3  # never more than asked
 
 
 @pytest.mark.slow

@@ -60,11 +60,11 @@ def _row(image_id: int, image_bytes: bytes | None = None) -> dict:
     }
 
 
-def _write_shard_dir(out_dir, rows: list[dict]) -> None:
+def _write_shard_dir(out_dir, rows: list[dict], rows_per_shard: int = ROWS_PER_SHARD) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     shards = []
-    for index, start in enumerate(range(0, len(rows), ROWS_PER_SHARD)):
-        chunk = rows[start:start + ROWS_PER_SHARD]
+    for index, start in enumerate(range(0, len(rows), rows_per_shard)):
+        chunk = rows[start:start + rows_per_shard]
         write_shard(chunk, out_dir / shard_name(index))
         shards.append({"file": shard_name(index), "rows": len(chunk), "sha256": file_sha256(out_dir / shard_name(index))})
     manifest = {
@@ -227,6 +227,31 @@ def test_train_scale_and_pad_map_unflipped_boxes_back_to_original(ray_session, s
     assert count == NUM_IMAGES
 
 
+def test_train_hflip_mirrors_boxes_and_pixels_at_every_scale(ray_session, shard_dir):
+    sizes = [(128, 72), (320, 180), (480, 270)]
+    cfg = DataConfig(size=(160, 90), multiscale=sizes, hflip=1.0, color_jitter=0.0, shuffle_buffer=0)
+    count, seen_sizes = 0, set()
+    for batch in iter_train_batches(train_dataset(shard_dir, seed=2), 4, cfg, seed=2, epoch=0, drop_last=False):
+        out_h, out_w = batch.images.shape[2:]
+        seen_sizes.add((out_w, out_h))
+        ratio = out_w / W
+        for i, image_id in enumerate(batch.image_ids.tolist()):
+            kept = batch.targets[i]["labels"].numpy()  # label k = source box k
+            assert len(kept) == _num_boxes(image_id)  # boxes of >= 6 px survive even at 0.8x
+            x1, y1, x2, y2 = (_shard_boxes(image_id)[kept] * ratio).T
+            mirrored = np.stack([out_w - x2, y1, out_w - x1, y2], axis=1)
+            np.testing.assert_allclose(batch.targets[i]["boxes"].numpy(), mirrored, atol=1.0)
+            # The pixels are mirrored too: the boxes above only prove something if image and boxes agree.
+            row = _row(image_id)
+            source = cv2.imdecode(np.frombuffer(row["image"], np.uint8), cv2.IMREAD_COLOR_RGB)
+            interpolation = cv2.INTER_AREA if out_w < W else cv2.INTER_LINEAR
+            expected = cv2.resize(source, (out_w, out_h), interpolation=interpolation).astype(np.float32)
+            got = batch.images[i].permute(1, 2, 0).numpy().astype(np.float32)
+            assert np.abs(got - expected[:, ::-1]).mean() < 0.25 * np.abs(got - expected).mean()
+            count += 1
+    assert count == NUM_IMAGES and len(seen_sizes) > 1
+
+
 def _epoch_ids(ds, cfg, seed, epoch) -> list[int]:
     return [i for b in iter_train_batches(ds, 4, cfg, seed=seed, epoch=epoch) for i in b.image_ids.tolist()]
 
@@ -242,6 +267,28 @@ def test_train_order_is_deterministic_per_seed_and_changes_per_epoch(ray_session
     assert a0 != list(range(len(a0)))  # actually shuffled
     other = _epoch_ids(train_dataset(shard_dir, seed=4), cfg, 4, 0)
     assert other != a0
+
+
+def test_file_order_is_a_function_of_seed_and_epoch_not_of_passes_run(ray_session, tmp_path):
+    """A resumed run (a new dataset at epoch N) sees the file order an uninterrupted run sees at epoch N."""
+    order_dir = tmp_path / "order"
+    _write_shard_dir(order_dir, [_row(i) for i in range(NUM_IMAGES)], rows_per_shard=3)  # 10 files
+    cfg = DataConfig(size=(160, 90), hflip=0.0, color_jitter=0.0, shuffle_buffer=0)  # only the file order varies
+
+    def ids(data, epoch):
+        return [i for b in iter_train_batches(data, 5, cfg, seed=5, epoch=epoch, drop_last=False)
+                for i in b.image_ids.tolist()]
+
+    run = train_dataset(order_dir, seed=5)
+    orders = [ids(run, epoch) for epoch in range(3)]  # an uninterrupted run: epochs 0, 1, 2
+    assert all(sorted(order) == list(range(NUM_IMAGES)) for order in orders)
+    assert len({tuple(order) for order in orders}) == 3  # reshuffled every epoch
+    assert ids(train_dataset(order_dir, seed=5), 2) == orders[2]  # resumed at epoch 2, nothing before
+    assert ids(train_dataset(order_dir, seed=5).iterator(), 1) == orders[1]  # the sweep's direct path
+    assert ids(run, 0) == orders[0]  # replaying an epoch replays its order
+    # Ray Train's path: the split is executed by a coordinator actor, one pass per epoch from start_epoch.
+    split = train_dataset(order_dir, seed=5, start_epoch=1).streaming_split(1, equal=False)[0]
+    assert [ids(split, 1), ids(split, 2)] == orders[1:]
 
 
 def test_max_images_keeps_the_same_subset_every_epoch(ray_session, shard_dir):

@@ -5,7 +5,9 @@ Checks, per shard: the file exists, its sha256 and row count match the manifest,
 every box is finite, inside [0, W] x [0, H] with x2 > x1 and y2 > y1, every label is in
 [0, num_classes), the letterbox scale is positive, image ids are unique, and the JPEG decodes to
 width x height (all of them, or every ``decode_every``-th). Totals must match ``num_images`` and
-``num_boxes``. The summary counts boxes per class and COCO size ranges from ``areas``.
+``num_boxes``. A Parquet file in the directory that the manifest does not list is an error too: readers of
+the whole directory (``pq.read_table(dir)``, pandas, DuckDB) would count its rows. The summary counts boxes
+per class and COCO size ranges from ``areas``.
 """
 
 from __future__ import annotations
@@ -121,6 +123,7 @@ def check_shards(shard_dir, decode_every: int = 1) -> CheckResult:
     checker = _ShardChecker(manifest, max(1, decode_every))
     for entry in manifest["shards"]:
         result.problems.extend(_check_one(shard_dir, entry, checker))
+    result.problems.extend(_unlisted_parquet_files(shard_dir, {entry["file"] for entry in manifest["shards"]}))
     if checker.images != manifest["num_images"]:
         result.problems.append(f"manifest num_images {manifest['num_images']}, shards hold {checker.images}")
     if checker.boxes != manifest["num_boxes"]:
@@ -132,6 +135,20 @@ def check_shards(shard_dir, decode_every: int = 1) -> CheckResult:
         "box_sizes": dict(checker.box_sizes), "skipped": manifest.get("skipped", {}),
     }
     return result
+
+
+def _unlisted_parquet_files(shard_dir: Path, listed: set[str]) -> list[str]:
+    """One problem per Parquet file under ``shard_dir`` that the manifest does not list (e.g. a shard left
+    by an interrupted or larger earlier run). Names starting with "." or "_" are skipped, as pyarrow's
+    directory reader skips them (our temporary files start with ".")."""
+    problems = []
+    for path in sorted(shard_dir.rglob("*.parquet")):
+        relative = path.relative_to(shard_dir)
+        if relative.as_posix() in listed or any(part.startswith((".", "_")) for part in relative.parts):
+            continue
+        problems.append(f"{relative.as_posix()}: Parquet file not listed in the manifest; readers of the "
+                        f"directory would include its rows (re-run `neoray prepare` or delete it)")
+    return problems
 
 
 def _check_one(shard_dir: Path, entry: dict, checker: _ShardChecker) -> list[str]:

@@ -1,9 +1,11 @@
 """``neoray prepare``: a COCO or YOLO dataset -> validated, letterboxed 16:9 Parquet shards.
 
 Steps: read and validate the source (``neoray.data.sources``), sort the images by id and cut them into
-shards of ``rows_per_shard``, then in a process pool open every image, check its boxes against its real
-size, letterbox it (``neoray.data.geometry``), JPEG-encode it and write the shard atomically
-(``neoray.data.shards``). Finally ``_report.json`` (one entry per problem) and ``_manifest.json``.
+shards of ``rows_per_shard`` (fewer when that leaves a worker idle), then in a process pool open every
+image, check its boxes against its real size, letterbox it (``neoray.data.geometry``), JPEG-encode it
+and write the shard atomically (``neoray.data.shards``). Then shard and temporary files that are not
+part of this run are deleted, and finally ``_report.json`` (one entry per problem) and ``_manifest.json``
+are written.
 
 A shard whose inputs are unchanged (same fingerprint) and whose file still has the recorded sha256 is
 reused as is on a re-run. Bad records are skipped, counted and reported; ``--strict`` then exits 2.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import sys
@@ -107,6 +110,49 @@ class _Tally:
         self.problems.append(src.Problem(reason, action, record.file_name, record.image_id, ann_id, detail).to_dict())
 
 
+def _jpeg_complete(data: bytes) -> bool | None:
+    """Whether the JPEG in ``data`` reaches its end-of-image marker (FFD9): True, False (the file ends
+    first: truncated), or None (the marker structure is not one we understand; the decoder decides).
+
+    libjpeg decodes a cut-off JPEG with only a warning (grey bottom rows), so the end must be checked
+    here. It is found by walking the marker segments from the start, not by looking at the last bytes:
+    cameras and phones append data after FFD9 (maker trailers, the video of a motion photo, a second
+    preview JPEG), and that data may itself contain FFDA/FFD9 byte pairs.
+    """
+    n, i = len(data), 2  # after SOI (FFD8)
+    while True:
+        if i >= n:
+            return False
+        if data[i] != 0xFF:
+            return None  # a marker must start here
+        while i < n and data[i] == 0xFF:  # any number of FF fill bytes may precede a marker
+            i += 1
+        if i >= n:
+            return False
+        marker = data[i]
+        i += 1
+        if marker == 0xD9:  # EOI
+            return True
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # RSTn and TEM stand alone, no length
+            continue
+        if i + 2 > n:
+            return False
+        length = int.from_bytes(data[i:i + 2], "big")  # includes its own two bytes
+        if length < 2:
+            return None
+        i += length
+        if marker == 0xDA:  # SOS: entropy-coded data up to the next FF that is neither FF00 nor RSTn
+            while True:
+                i = data.find(b"\xff", i)
+                if i < 0 or i + 1 >= n:
+                    return False
+                following = data[i + 1]
+                if following == 0x00 or 0xD0 <= following <= 0xD7:
+                    i += 2
+                    continue
+                break
+
+
 def _decode(path: Path) -> tuple[np.ndarray | None, str | None, str]:
     """(BGR image, None, "") or (None, reason, detail)."""
     try:
@@ -115,9 +161,8 @@ def _decode(path: Path) -> tuple[np.ndarray | None, str | None, str]:
         return None, src.IMAGE_MISSING, ""
     except OSError as exc:
         return None, src.IMAGE_UNREADABLE, str(exc)[:200]
-    # libjpeg decodes a cut-off JPEG with only a warning (grey bottom rows); the end marker tells.
-    if data[:2] == b"\xff\xd8" and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
-        return None, src.IMAGE_TRUNCATED, "JPEG has no end-of-image marker"
+    if data[:2] == b"\xff\xd8" and _jpeg_complete(data) is False:
+        return None, src.IMAGE_TRUNCATED, "JPEG ends before its end-of-image marker"
     # Orientation ignored: annotation tools label the stored pixels; rotating would move every box.
     flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
     try:
@@ -241,6 +286,28 @@ def _reusable(entry: dict | None, fingerprint: str, out_dir: Path) -> bool:
     return path.is_file() and shards.file_sha256(path) == entry["sha256"]
 
 
+def _default_workers() -> int:
+    """The CPUs this process may run on (a container or taskset may allow fewer than the machine has)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _remove_leftovers(out_dir: Path, keep: set[str]) -> None:
+    """Delete shard files that are not in this run's plan and temporary files of interrupted writes.
+
+    Shards of a previous, larger run, or written by a run killed before its manifest, would otherwise
+    sit next to the new ones, and every reader of the whole directory (``pq.read_table(dir)``, a DuckDB
+    glob) would count their rows. Only names our writers produce are touched (``shards.SHARD_GLOB`` and
+    ``shards.TEMP_GLOBS``); other files in the folder are left alone.
+    """
+    for pattern in (shards.SHARD_GLOB, *shards.TEMP_GLOBS):
+        for path in sorted(out_dir.glob(pattern)):
+            if path.name not in keep and path.is_file():
+                path.unlink(missing_ok=True)
+
+
 def _init_worker() -> None:
     # The pool already uses every core; cv2's own threads on top would only oversubscribe them.
     cv2.setNumThreads(1)
@@ -287,6 +354,9 @@ def prepare_source(source: src.Source, out_dir, size, *, strict: bool = False, w
         raise ConfigError(f"--quality must be between 1 and 100, got {quality}")
     if rows_per_shard < 1:
         raise ConfigError(f"--rows-per-shard must be >= 1, got {rows_per_shard}")
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
+    workers = workers or _default_workers()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     previous = _previous_manifest(out_dir)
@@ -298,10 +368,15 @@ def prepare_source(source: src.Source, out_dir, size, *, strict: bool = False, w
     encode_options = {"size": list(size), "quality": quality, "labels": sorted(label_of.items()),
                       "format": [shards.FORMAT, shards.VERSION], "cv2": cv2.__version__,
                       "pyarrow": pyarrow.__version__, "clip_tolerance": CLIP_TOLERANCE_PX}
+    # One pool task per shard, so a dataset of fewer than `workers` full shards gets smaller shards, one
+    # per worker: 256 images at 256 rows per shard would otherwise run on one core. The layout is still a
+    # function of the inputs and options (`workers` included), so a re-run with the same ones reuses
+    # every shard; with a different `workers` a small dataset is re-cut and rewritten.
+    shard_rows = min(rows_per_shard, max(1, math.ceil(len(source.images) / workers)))
     entries: dict[int, dict] = {}
     tasks: list[_ShardTask] = []
-    for index, start in enumerate(range(0, len(source.images), rows_per_shard)):
-        records = source.images[start:start + rows_per_shard]
+    for index, start in enumerate(range(0, len(source.images), shard_rows)):
+        records = source.images[start:start + shard_rows]
         fingerprint = _fingerprint(records, source.image_root, encode_options)
         old = old_entries.get(shards.shard_name(index))
         if _reusable(old, fingerprint, out_dir):
@@ -310,13 +385,9 @@ def prepare_source(source: src.Source, out_dir, size, *, strict: bool = False, w
             tasks.append(_ShardTask(index, records, str(source.image_root), str(out_dir), size, quality,
                                     label_of, fingerprint))
     reused = len(entries)
-    entries.update(_run_tasks(tasks, workers or os.cpu_count() or 1))
+    entries.update(_run_tasks(tasks, workers))
     ordered = [entries[i] for i in sorted(entries)]
-
-    # Shards of a previous, larger run would otherwise linger next to the new ones.
-    current = {entry["file"] for entry in ordered}
-    for stale in set(old_entries) - current:
-        (out_dir / stale).unlink(missing_ok=True)
+    _remove_leftovers(out_dir, {entry["file"] for entry in ordered})
 
     report = [p.to_dict() for p in source.problems] + [p for e in ordered for p in e["problems"]]
     skipped_images = _sum_counters([source.skipped_images] + [e["skipped"]["images"] for e in ordered])
@@ -335,7 +406,7 @@ def prepare_source(source: src.Source, out_dir, size, *, strict: bool = False, w
     assert counts["annotations_in"] == counts["annotations_written"] + counts["annotations_skipped"], counts
 
     options = {"source": source.kind, **source.description, "size": format_size(size), "quality": quality,
-               "rows_per_shard": rows_per_shard, "strict": strict}
+               "rows_per_shard": rows_per_shard, "shard_rows": shard_rows, "workers": workers, "strict": strict}
     manifest = {
         "format": shards.FORMAT, "version": shards.VERSION, "size": list(size),
         "categories": source.categories, "num_images": written_images, "num_boxes": written_annotations,
@@ -383,7 +454,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--strict", action="store_true", help="exit 2 if any problem was found (report still written)")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: all CPUs)")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality 1..100 (default 90)")
-    parser.add_argument("--rows-per-shard", type=int, default=256, help="images per shard file (default 256)")
+    parser.add_argument("--rows-per-shard", type=int, default=256, help="images per shard file, at most (default 256; fewer when there are "
+                        "fewer images than workers x this, so that every worker gets a shard)")
 
 
 def run(args) -> int:

@@ -83,6 +83,13 @@ class ManifestError(ValueError):
     """A shard directory whose manifest is missing or unusable; one line naming the file and key."""
 
 
+# Every shard file name matches SHARD_GLOB; files in progress match TEMP_GLOBS (write_shard's temporary
+# name below, and neoray.io's for the manifest and report). `prepare` deletes what matches and is not its
+# own, so these must stay in step with shard_name and _temp_path.
+SHARD_GLOB = "shard-*.parquet"
+TEMP_GLOBS = (".shard-*.parquet.tmp*", f".{MANIFEST_NAME}.*.tmp", f".{REPORT_NAME}.*.tmp")
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.parquet"
 
@@ -152,6 +159,7 @@ def num_classes(manifest: dict) -> int:
 
 
 __all__ = [
-    "FORMAT", "LIST_COLUMNS", "MANIFEST_NAME", "ManifestError", "REPORT_NAME", "SCHEMA", "VERSION",
+    "FORMAT", "LIST_COLUMNS", "MANIFEST_NAME", "ManifestError", "REPORT_NAME", "SCHEMA", "SHARD_GLOB", "TEMP_GLOBS",
+    "VERSION",
     "file_sha256", "num_classes", "read_manifest", "shard_files", "shard_name", "write_json_atomic", "write_shard",
 ]

@@ -10,7 +10,11 @@ Two kinds of bad input:
 * a broken annotation file (not JSON/YAML, a required key missing, a wrong type) raises ``SourceError``
   with one line naming the file, the record and the key: nothing sensible can be written from it;
 * a bad record (duplicate id, unknown category, degenerate bbox, unsafe file name, bad YOLO label line)
-  is skipped and becomes a ``Problem``, counted by reason. Nothing is dropped without a count.
+  is skipped and becomes a ``Problem``, counted by reason. Nothing is dropped without a count. A bad
+  value that the real data can replace is replaced and reported instead: a declared image width/height
+  that is not a positive integer (the decoded size is used, as for a mismatch), an ``area`` that is not a
+  positive number (the box area is used). An ``iscrowd`` other than 0/1 (or false/true) drops its
+  annotation: guessing would either turn an ignore region into a target or hide a real object.
 
 Images whose file name is absolute or climbs out of the image root (``..``) are refused here, before
 anything is opened. Symlinks inside the image root are followed on purpose (DVC and many dataset
@@ -35,6 +39,7 @@ IMAGE_MISSING = "image file missing"
 IMAGE_UNREADABLE = "image unreadable"
 IMAGE_TRUNCATED = "image truncated"
 IMAGE_SIZE_MISMATCH = "image size differs from annotation"
+IMAGE_SIZE_INVALID = "declared image size invalid"
 UNSUPPORTED_FILE = "unsupported file type"
 LABEL_FILE_UNREADABLE = "label file unreadable"
 LABEL_WITHOUT_IMAGE = "label file without image"
@@ -48,6 +53,7 @@ BBOX_NON_POSITIVE = "bbox non-positive size"
 BBOX_OUTSIDE = "bbox outside image"
 BBOX_CLIPPED = "bbox partly outside image"
 AREA_INVALID = "area not a positive number"
+ISCROWD_INVALID = "iscrowd not 0 or 1"
 LABEL_FIELD_COUNT = "label line wrong field count"
 LABEL_NON_NUMERIC = "label line non-numeric"
 CLASS_OUT_OF_RANGE = "class index out of range"
@@ -175,6 +181,29 @@ def _require(path: Path, where: str, record, key: str, check, expected: str, opt
     return value
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _require_image_root(image_root: Path, what: str) -> None:
+    """A missing image folder is a wrong argument, not N missing images: one line, exit 1."""
+    if not image_root.is_dir():
+        state = "is not a directory" if image_root.exists() else "not found"
+        raise SourceError(f"{image_root}: {what} {state}")
+
+
+def _declared_size(img: dict, where: str) -> tuple[int | None, int | None, str]:
+    """(width, height, "") as declared, or (None, None, why) when either is present but not a positive
+    integer: the image is then read with its real size, like one whose annotation declares none."""
+    width, height = img.get("width"), img.get("height")
+    for key, value in (("width", width), ("height", height)):
+        if value is not None and not (_is_int(value) and value > 0):
+            return None, None, f"{where}: '{key}' {value!r} is not a positive integer"[:200]
+    if (width is None) != (height is None):  # one side alone cannot be compared with the file
+        return None, None, f"{where}: only one of 'width'/'height' is declared"
+    return width, height, ""
+
+
 def _load_coco_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_bytes())
@@ -197,6 +226,7 @@ def _load_coco_json(path: Path) -> dict:
 def read_coco(ann_json, image_dir) -> Source:
     """Read and validate a COCO detection annotation file whose ``file_name``s are relative to ``image_dir``."""
     path = Path(ann_json)
+    _require_image_root(Path(image_dir), "image folder (--images)")
     data = _load_coco_json(path)
 
     id_to_name: dict[int, str] = {}
@@ -215,15 +245,15 @@ def read_coco(ann_json, image_dir) -> Source:
         where = f"images[{i}]"
         image_id = _require(path, where, img, "id", _is_int, "an integer")
         file_name = _require(path, where, img, "file_name", lambda v: isinstance(v, str), "a string")
-        positive = (lambda v: _is_int(v) and v > 0)
-        width = _require(path, where, img, "width", positive, "a positive integer", optional=True)
-        height = _require(path, where, img, "height", positive, "a positive integer", optional=True)
         if image_id in by_id or image_id in refused_ids:
             source.skip_image(DUPLICATE_IMAGE_ID, file_name, image_id, f"{where} repeats id {image_id}")
         elif is_unsafe_file_name(file_name):
             source.skip_image(UNSAFE_FILE_NAME, file_name, image_id, "absolute or outside the image root; not read")
             refused_ids.add(image_id)
         else:
+            width, height, bad_size = _declared_size(img, where)
+            if bad_size:
+                source.problems.append(Problem(IMAGE_SIZE_INVALID, USE_REAL_SIZE, file_name, image_id, None, bad_size))
             by_id[image_id] = ImageRecord(image_id, file_name, width, height)
 
     seen_ann_ids: set[int] = set()
@@ -234,9 +264,8 @@ def read_coco(ann_json, image_dir) -> Source:
         category_id = _require(path, where, ann, "category_id", _is_int, "an integer")
         if "bbox" not in ann:
             raise SourceError(f"{path}: {where}: missing required key 'bbox'")
-        area = _require(path, where, ann, "area", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-                        "a number", optional=True)
-        iscrowd = _require(path, where, ann, "iscrowd", lambda v: v in (0, 1), "0 or 1", optional=True)
+        area = ann.get("area")
+        iscrowd = 0 if ann.get("iscrowd") is None else ann["iscrowd"]  # absent or null: not a crowd
         record = by_id.get(image_id)
         file_name = record.file_name if record else None
         if ann_id in seen_ann_ids:
@@ -256,9 +285,14 @@ def read_coco(ann_json, image_dir) -> Source:
         if reason:
             source.drop_annotation(reason, ann_id, file_name, image_id, f"bbox {ann['bbox']!r}"[:200])
             continue
-        area_value = float(area) if area is not None and math.isfinite(area) and area > 0 else None
+        # 0/1 or false/true (== 0/1 in Python); anything else has no agreed meaning (see the docstring).
+        if iscrowd not in (0, 1):
+            source.drop_annotation(ISCROWD_INVALID, ann_id, file_name, image_id, f"iscrowd {iscrowd!r}"[:200])
+            continue
+        area_value = float(area) if _is_number(area) and math.isfinite(area) and area > 0 else None
         if area is not None and area_value is None:
-            source.problems.append(Problem(AREA_INVALID, USE_BOX_AREA, file_name, image_id, ann_id, f"area {area!r}"))
+            source.problems.append(Problem(AREA_INVALID, USE_BOX_AREA, file_name, image_id, ann_id,
+                                           f"area {area!r}"[:200]))
         record.annotations.append(Annotation(ann_id, category_id, [float(v) for v in ann["bbox"]], False,
                                              area_value, bool(iscrowd)))
     source.images = sorted(by_id.values(), key=lambda r: r.image_id)

@@ -23,13 +23,25 @@ when the dataset is built, and honours ``override_num_blocks`` by splitting each
 several blocks; the decode step then runs as separate tasks, one per block of ~``ROWS_PER_DECODE_TASK``
 images, in parallel on all CPUs.
 
-Determinism: the file order is shuffled per epoch with ``FileShuffleConfig(seed)``, which Ray reseeds
-from the dataset's execution index (epoch 0, 1, ... when each epoch is one full pass), and rows come out
-in file order (``preserve_order``); the local shuffle buffer and the augmentation draw from seeds made of
-(seed, epoch, rank[, batch index]). One process iterating a dataset therefore sees the same order for the
-same (seed, epoch) and a different one for another epoch. Across several Ray Train workers, which rows
-reach which worker is decided at run time by ``streaming_split``, so only the single-worker order is
-exactly reproducible.
+Determinism: the file order is shuffled per epoch with ``FileShuffleConfig(seed)``, whose seed Ray mixes
+with the dataset's execution index (``DataContext._execution_idx``: 0 for a new dataset, +1 after every
+completed pass), and rows come out in file order (``preserve_order``); the local shuffle buffer and the
+augmentation draw from seeds made of (seed, epoch, rank[, batch index]). Ray counts passes, not epochs,
+so a run resumed at epoch N with a new dataset would replay epoch 0's file order. Hence:
+
+* ``iter_train_batches`` sets the execution index to ``epoch`` when it iterates a dataset in its own
+  process (a ``Dataset``, or ``Dataset.iterator()`` as the sweep's direct path uses): the order is then
+  a function of (seed, epoch) alone, whether or not earlier epochs ran in this process;
+* a ``ray.train.get_dataset_shard`` iterator is executed by Ray Train's split coordinator actor, out of
+  the worker's reach, one pass per epoch from the index the driver's dataset had. A driver that resumes
+  should pass the run's first epoch as ``train_dataset(..., start_epoch=N)``; the order is then exact for
+  a run started at N (without it, from epoch 0's order on), but Ray Train's own restart of a worker group after a failure (``max_failures``) re-splits
+  the driver's dataset, and its first epoch gets epoch N's file order again. Ray 2.60 offers no hook to
+  fix that, and the local shuffle and augmentation still follow the true epoch.
+
+Ray's reseeding is ``hash((seed, index))``, stable across processes for integers. Across several Ray
+Train workers, which rows reach which worker is decided at run time by ``streaming_split``, so only the
+single-worker order is exactly reproducible.
 """
 
 from __future__ import annotations
@@ -178,6 +190,20 @@ def decode_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+def _pin_file_order(data, epoch: int) -> None:
+    """Make the next pass over ``data`` use epoch ``epoch``'s file order, when this process executes it.
+
+    The file shuffle is seeded with (seed, execution index), see the module docstring; setting the index
+    to the epoch makes the order independent of how many passes ran before. A streaming-split iterator
+    (Ray Train) is executed elsewhere and is left as it is.
+    """
+    base = data if isinstance(data, ray.data.Dataset) else getattr(data, "_base_dataset", None)
+    if isinstance(base, ray.data.Dataset):
+        # Private in Ray 2.60 (read by the Parquet reader, incremented after each pass); pyproject pins Ray
+        # to 2.60.x and test_stream's resume test fails if it stops steering the order.
+        base.context._execution_idx = int(epoch)
+
+
 def _shard_dataset(shard_dir, *, seed: int | None, max_images: int) -> ray.data.Dataset:
     manifest = read_manifest(shard_dir)
     files = [str(path) for path in shard_files(shard_dir)]
@@ -204,10 +230,16 @@ def _shard_dataset(shard_dir, *, seed: int | None, max_images: int) -> ray.data.
     return ds
 
 
-def train_dataset(shard_dir, *, seed: int = 0, max_images: int = 0) -> ray.data.Dataset:
+def train_dataset(shard_dir, *, seed: int = 0, max_images: int = 0, start_epoch: int = 0) -> ray.data.Dataset:
     """The training images of ``shard_dir``, decoded, file order shuffled per epoch (deterministic for
-    ``seed``). ``max_images`` > 0 keeps a fixed subset of that many images (smoke runs)."""
-    return _shard_dataset(shard_dir, seed=seed, max_images=max_images)
+    ``seed``). ``max_images`` > 0 keeps a fixed subset of that many images (smoke runs).
+
+    ``start_epoch``: the first epoch this dataset will serve (a resumed run's epochs done), so that the
+    passes of a Ray Train split get the file order of epochs start_epoch, start_epoch + 1, ...; iterated
+    in-process by ``iter_train_batches`` the order follows its ``epoch`` anyway (module docstring)."""
+    ds = _shard_dataset(shard_dir, seed=seed, max_images=max_images)
+    _pin_file_order(ds, start_epoch)
+    return ds
 
 
 def eval_dataset(shard_dir) -> ray.data.Dataset:
@@ -312,6 +344,7 @@ def iter_train_batches(data, batch_size: int, data_cfg: DataConfig, *, seed: int
     from neoray.data.augment import TrainAugment
 
     augment = TrainAugment(data_cfg)
+    _pin_file_order(data, epoch)
     shuffle = {}
     if data_cfg.shuffle_buffer > 0:
         shuffle = {"local_shuffle_buffer_size": data_cfg.shuffle_buffer,
