@@ -216,15 +216,43 @@ def _build_section(cls: type, raw: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def _milestones(values: list) -> list:
+    """train.milestones as numbers: a value in (0, 1) is a fraction of the run's optimizer steps, a
+    value >= 1 an optimizer step number (an integer). Command-line lists arrive as strings."""
+    out = []
+    for value in values:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = float("nan")
+        if isinstance(value, bool) or not number > 0 or (number >= 1 and not number.is_integer()):
+            raise ConfigError(f"train.milestones: {value!r} is neither a fraction of the run in (0, 1) nor an "
+                              f"optimizer step number >= 1 (e.g. train.milestones=0.5,0.75 or [3000, 4000])")
+        out.append(number if number < 1 else int(number))
+    return out
+
+
 def _validate(cfg: Config) -> None:
     d, t, m = cfg.data, cfg.train, cfg.model
     d.size = parse_size(d.size, "data.size")
     d.multiscale = [parse_size(s, "data.multiscale") for s in d.multiscale]
+    t.milestones = _milestones(t.milestones)
     checks = [
         (t.epochs >= 1, "train.epochs must be >= 1"),
         (t.batch_size >= 1, "train.batch_size must be >= 1"),
         (t.accumulate >= 1, "train.accumulate must be >= 1"),
         (t.lr > 0, "train.lr must be > 0"),
+        (t.backbone_lr_mult >= 0, "train.backbone_lr_mult must be >= 0"),
+        (t.weight_decay >= 0, "train.weight_decay must be >= 0"),
+        (t.gamma > 0, "train.gamma must be > 0"),
+        (0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio must be in [0, 1]"),
+        (t.clip_grad_norm >= 0, "train.clip_grad_norm must be >= 0 (0 turns clipping off)"),
+        (t.ema_warmup_steps >= 0, "train.ema_warmup_steps must be >= 0"),
+        (t.freeze_backbone_until_epoch >= 0, "train.freeze_backbone_until_epoch must be >= 0"),
+        (t.cpus_per_worker > 0, "train.cpus_per_worker must be > 0"),
+        (t.early_stop_patience >= 0, "train.early_stop_patience must be >= 0 (0 turns it off)"),
+        (t.max_oom_per_epoch >= 0, "train.max_oom_per_epoch must be >= 0"),
+        (t.log_every >= 0, "train.log_every must be >= 0"),
         (t.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
         (t.workers >= 1, "train.workers must be >= 1"),
         (t.optimizer in ("adamw", "sgd"), f"train.optimizer must be adamw or sgd, got {t.optimizer!r}"),

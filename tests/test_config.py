@@ -43,10 +43,27 @@ def test_overrides_are_typed():
     ("train.optimizer=lamb", "train.optimizer must be adamw or sgd"),
     ("data.multiscale=[640x480]", "data.multiscale: 640x480 is not 16:9"),
     ("train.accumulate=0", "train.accumulate must be >= 1"),
+    ("train.milestones=0.5,abc", "train.milestones: 'abc' is neither a fraction"),
+    ("train.milestones=[0.5, 1.5]", "train.milestones: 1.5 is neither"),
+    ("train.milestones=[-0.25]", "train.milestones: -0.25 is neither"),
+    ("train.backbone_lr_mult=-0.1", "train.backbone_lr_mult must be >= 0"),
+    ("train.cpus_per_worker=0", "train.cpus_per_worker must be > 0"),
+    ("train.early_stop_patience=-1", "train.early_stop_patience must be >= 0"),
+    ("train.max_oom_per_epoch=-1", "train.max_oom_per_epoch must be >= 0"),
 ])
 def test_bad_values_are_refused(override, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("[", r"\[")):
         load_config(None, [override])
+
+
+def test_milestones_from_the_command_line_are_numbers():
+    # `train.milestones=0.5,0.75` reaches the config as the string "0.5,0.75": the schedule needs numbers.
+    cfg = load_config(None, ["train.schedule=multistep", "train.milestones=0.5,0.75"])
+    assert cfg.train.milestones == [0.5, 0.75]
+    assert load_config(None, ["train.milestones=3000,4000.0"]).train.milestones == [3000, 4000]
+    from neoray.engine.optim import lr_at
+
+    assert lr_at(cfg.train, 100, 60) == pytest.approx(cfg.train.lr * cfg.train.gamma)
 
 
 def test_non_16_9_size_names_nearest_sizes():

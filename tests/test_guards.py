@@ -56,6 +56,14 @@ def test_epoch_stop_reasons():
     assert "train.batch_size=4" in reason and "train.accumulate=4" in reason
 
 
+def test_fp16_overflows_do_not_count_toward_the_skip_limit():
+    # 60 GradScaler overflows while the fp16 scale settles, no non-finite loss: no reason to stop.
+    assert guards.epoch_stop_reason(guards.EpochCounters(updates=100, amp_overflow=60), 0.25, 3, 8, 1) is None
+    # Non-finite updates are judged against the updates that were not overflows: 11 of 40 > 25%.
+    counters = guards.EpochCounters(updates=100, skipped=11, amp_overflow=60)
+    assert "11 of 40 updates" in guards.epoch_stop_reason(counters, 0.25, 3, 8, 1)
+
+
 def test_any_rank_without_distributed_is_the_local_flag():
     assert guards.any_rank(True, 1, torch.device("cpu")) is True
     assert guards.any_rank(False, 1, torch.device("cpu")) is False

@@ -40,6 +40,22 @@ def test_no_decay_on_norms_biases_embeddings_and_backbone_lr():
     assert groups["backbone_decay"][0]["weight_decay"] == 0.05 and groups["head_no_decay"][0]["weight_decay"] == 0.0
 
 
+def test_linear_layers_named_like_queries_or_positions_decay():
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.query_pos_head = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+            self.denoising_class_embed = nn.Embedding(3, 4)
+            self.pos_embed = nn.Parameter(torch.zeros(10, 4))  # a raw learned position table
+
+    model = nn.Module()
+    model.decoder = Decoder()
+    groups = _groups_by_name(model, lr=1e-3, weight_decay=0.05, backbone_lr_mult=0.1)
+    assert groups["head_decay"][1] == ["decoder.query_pos_head.0.weight", "decoder.query_pos_head.2.weight"]
+    assert groups["head_no_decay"][1] == ["decoder.denoising_class_embed.weight", "decoder.pos_embed",
+                                          "decoder.query_pos_head.0.bias", "decoder.query_pos_head.2.bias"]
+
+
 def test_optimizer_kinds():
     assert isinstance(build_optimizer(Net(), TrainConfig()), torch.optim.AdamW)
     sgd = build_optimizer(Net(), TrainConfig(optimizer="sgd", momentum=0.8))

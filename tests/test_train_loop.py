@@ -7,7 +7,9 @@ batches of 2 give the same gradient, and so do two DDP workers with 2 images eac
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +18,10 @@ from torch import nn
 
 from neoray.config import from_dict
 from neoray.engine.checkpoint import load_checkpoint
-from neoray.engine.loop import FaultInjection, LocalContext, run_training_loop
+from neoray.engine.loop import (
+    EpochStats, FaultInjection, LocalContext, TrainState, _finish_update, run_training_loop, train_one_epoch,
+)
+from neoray.engine.optim import build_optimizer, build_scheduler, lr_at
 
 CATEGORIES = [{"id": 1, "name": "a", "label": 0}, {"id": 2, "name": "b", "label": 1}]
 
@@ -131,6 +136,61 @@ def test_partial_accumulation_group_steps_at_epoch_end():
     assert [r["step"] for r in ctx.reports] == [3, 6]
 
 
+def test_partial_accumulation_group_is_a_full_size_update():
+    # 3 batches with accumulate 2: groups (2, 1). The last group's update must be the plain update of
+    # its one batch (mean loss), not half of it.
+    batches = make_batches(6, 2)
+    accumulated, _ = run_local(tiny_config(batch_size=2, accumulate=2), batches)
+    plain, _ = run_local(tiny_config(batch_size=4, accumulate=1), rebatch(batches[:2], 4) + batches[2:])
+    for (name, a), b in zip(accumulated.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_warmup_counts_optimizer_steps_with_accumulation(monkeypatch):
+    # 8 micro-batches x 2 epochs with accumulate 2 = 8 optimizer steps: the k-th update uses lr_at(k).
+    used = []
+    original = torch.optim.SGD.step
+
+    def step(self, *args, **kwargs):
+        used.append(next(g["lr"] for g in self.param_groups if g["name"] == "head_decay"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    cfg = tiny_config(batch_size=2, accumulate=2, epochs=2, warmup_steps=5, schedule="cosine")
+    _, ctx = run_local(cfg, make_batches(16, 2))
+    assert used == pytest.approx([lr_at(cfg.train, 8, k) for k in range(8)])
+    assert used[:5] == pytest.approx([0.05 * (k + 1) / 5 for k in range(5)])  # warmup over 5 updates
+    assert [r["lr"] for r in ctx.reports] == pytest.approx([lr_at(cfg.train, 8, 4), lr_at(cfg.train, 8, 8)])
+
+
+class RandomDrawDetector(TinyDetector):
+    """Draws from the global RNGs in every train forward, like RT-DETR's denoising noise."""
+
+    def __init__(self, num_classes):
+        super().__init__(num_classes)
+        self.draws = []
+
+    def forward(self, images, targets=None):
+        if self.training:
+            self.draws.append((float(torch.rand(())), random.random()))
+        return super().forward(images, targets)
+
+
+def test_preflight_does_not_consume_the_rng_stream():
+    # The preflight's forward (first draw) must leave the RNGs as they were, so the first training
+    # step draws the same numbers as a run without a preflight (and a resumed run continues its stream).
+    models = []
+
+    def model_fn(num_classes):
+        models.append(RandomDrawDetector(num_classes))
+        return models[-1]
+
+    run_training_loop(tiny_config(), LocalContext({"train": make_batches(8, 4)}), categories=CATEGORIES,
+                      model_fn=model_fn, log=None)
+    preflight, first_step, second_step = models[0].draws
+    assert preflight == first_step and second_step != first_step
+
+
 def test_frozen_backbone_has_no_gradient_until_its_epoch():
     cfg = tiny_config(epochs=3, freeze_backbone_until_epoch=2)
     batches = make_batches(8, 4)
@@ -198,6 +258,105 @@ def test_oom_skips_the_batch_then_stops_past_the_limit():
     assert "train.accumulate=2" in ctx.reports[0]["stop_reason"]
 
 
+def test_oom_in_backward_or_optimizer_step_skips_the_batch():
+    # One worker: an OOM in the backward (after gradients were accumulated) or in the optimizer step
+    # drops that batch's gradients; the run equals one without the batch.
+    batches = make_batches(16, 4)
+    without, _ = run_local(tiny_config(), batches[:1] + batches[2:])
+    for fault in (FaultInjection(oom_backward_at=(1,)), FaultInjection(oom_step_at=(1,))):
+        model, ctx = run_local(tiny_config(), batches, fault_injection=fault)
+        assert ctx.reports[0]["oom_skipped"] == 1 and ctx.reports[0]["step"] == 3, fault
+        for a, b in zip(model.parameters(), without.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_oom_in_backward_drops_the_whole_accumulation_group():
+    # accumulate 2, OOM in the backward of micro-batch 0: the group is dropped, micro-batch 1 starts the
+    # next group -> groups (1, 2), (3): the same as training on batches 1..3.
+    batches = make_batches(8, 2)
+    model, ctx = run_local(tiny_config(batch_size=2, accumulate=2), batches,
+                           fault_injection=FaultInjection(oom_backward_at=(0,)))
+    without, _ = run_local(tiny_config(batch_size=2, accumulate=2), batches[1:])
+    assert ctx.reports[0]["oom_skipped"] == 1 and ctx.reports[0]["step"] == 2
+    for a, b in zip(model.parameters(), without.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _state(cfg, model, world_size=1, scaler=None):
+    optimizer = build_optimizer(model, cfg.train)
+    return TrainState(cfg=cfg, model=model, optimizer=optimizer,
+                      scheduler=build_scheduler(optimizer, cfg.train, 100),
+                      scaler=scaler or torch.amp.GradScaler("cpu", enabled=False), device=torch.device("cpu"),
+                      world_size=world_size)
+
+
+def test_oom_under_ddp_is_skipped_only_where_no_all_reduce_ran(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        cfg = tiny_config(batch_size=2, accumulate=2)
+        batches = make_batches(8, 2)
+        # A no_sync micro-step's backward is local: the group is dropped on every rank.
+        state = _state(cfg, TinyDetector(2))
+        state.wrapped = DistributedDataParallel(state.model)
+        stats = train_one_epoch(state, batches, FaultInjection(oom_backward_at=(0,)))
+        assert stats.counters.oom == 1 and state.step == 2
+        # The syncing micro-step's backward started the gradient all-reduce: fail with advice.
+        state = _state(cfg, TinyDetector(2))
+        state.wrapped = DistributedDataParallel(state.model)
+        with pytest.raises(RuntimeError, match="all-reduce under DDP.*train.batch_size=1 with train.accumulate=4"):
+            train_one_epoch(state, batches, FaultInjection(oom_backward_at=(1,)))
+        # Under DDP (as the loop sees it: several ranks) an optimizer step cannot be skipped either.
+        state = _state(cfg, TinyDetector(2), world_size=2)
+        state.wrapped = DistributedDataParallel(state.model)
+        with pytest.raises(RuntimeError, match="optimizer step under DDP"):
+            train_one_epoch(state, batches, FaultInjection(oom_step_at=(1,)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fp16_scaler_overflow_is_counted_apart_from_non_finite_updates():
+    # GradScaler on CPU stands in for CUDA fp16: an inf gradient after unscaling is an overflow.
+    cfg = tiny_config()
+    model = TinyDetector(2)
+    state = _state(cfg, model, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**16))
+    before = [p.detach().clone() for p in model.parameters()]
+    stats = EpochStats()
+    batch = make_batches(4, 4)[0]
+    state.scaler.scale(sum(model(batch.images, batch.targets).values())).backward()
+    for param in model.parameters():
+        param.grad.fill_(float("inf"))  # what an fp16 overflow leaves
+    _finish_update(state, stats, group_bad=False, group_len=1)
+    assert stats.counters.amp_overflow == 1 and stats.counters.skipped == 0 and state.step == 0
+    assert state.scaler.get_scale() == 2.0**15  # the scaler lowered its scale
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    _finish_update(state, stats, group_bad=True, group_len=1)  # a non-finite loss is still a skip
+    assert stats.counters.skipped == 1 and stats.counters.amp_overflow == 1 and stats.counters.updates == 2
+
+
+def test_ckpt_score_is_reported_without_validation_data():
+    _, ctx = run_local(tiny_config(epochs=2), make_batches(8, 4))
+    for report in ctx.reports:
+        assert report["ckpt_score"] == -report["loss"] and report["evaluated"] == 0
+
+
+def test_best_checkpoint_link_follows_ckpt_score(tmp_path):
+    from neoray.engine.trainer import RunRecorder
+
+    recorder = RunRecorder(tmp_path / "run", verbose=False)
+    (tmp_path / "run").mkdir()
+    for epoch, score in ((1, -2.0), (2, -1.0), (3, -1.5)):  # no validation set: -loss
+        checkpoint = tmp_path / "ray" / f"checkpoint_{epoch}"
+        checkpoint.mkdir(parents=True)
+        recorder.after_report(None, [{"epoch": epoch, "loss": -score, "ckpt_score": score, "evaluated": 0}],
+                              SimpleNamespace(path=str(checkpoint)))
+    best = (tmp_path / "run" / "checkpoints" / "best").resolve()
+    latest = (tmp_path / "run" / "checkpoints" / "latest").resolve()
+    assert best.name == "checkpoint_2" and latest.name == "checkpoint_3"
+
+
 def test_bad_label_fails_preflight_with_label_and_num_classes():
     batches = make_batches(8, 4)
     batches[0].targets[1]["labels"] = torch.tensor([0, 7])
@@ -220,10 +379,35 @@ def test_images_without_boxes_train():
 # ----------------------------------------------------------------------------------------------------
 
 
-def _ddp_worker(rank, world_size, port, config_dict, shards, out_dir):
+def _ddp_worker(rank, world_size, port, config_dict, shards, out_dir, fault_injection=None):
     import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    from neoray.engine import loop
+    from neoray.engine.ema import ModelEMA
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    seen = {"allreduce_calls": 0}
+
+    # Count DDP's gradient all-reduces (one per bucket; the tiny model has one bucket) with a comm
+    # hook on every DDP the loop builds. This process is the test's own (spawned), so patching is local.
+    def counting_hook(_, bucket):
+        seen["allreduce_calls"] += 1
+        return default_hooks.allreduce_hook(None, bucket)
+
+    class CountingDDP(loop.DistributedDataParallel):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.register_comm_hook(None, counting_hook)
+
+    loop.DistributedDataParallel = CountingDDP
+    original_update = ModelEMA.update
+
+    def ema_update(self, model):  # record the EMA's starting point
+        seen.setdefault("ema_start", {k: v.clone() for k, v in self.module.state_dict().items()})
+        original_update(self, model)
+
+    ModelEMA.update = ema_update
     try:
         class Ctx(LocalContext):
             world_rank = rank
@@ -235,10 +419,15 @@ def _ddp_worker(rank, world_size, port, config_dict, shards, out_dir):
 
         def model_fn(num_classes):
             holder.append(TinyDetector(num_classes))
+            if rank > 0:  # ranks are seeded differently: DDP must start every rank from rank 0's weights
+                with torch.no_grad():
+                    for param in holder[0].parameters():
+                        param.add_(1.0)
             return holder[0]
 
-        run_training_loop(from_dict(config_dict), ctx, categories=CATEGORIES, model_fn=model_fn, log=None)
-        torch.save({"params": [p.detach() for p in holder[0].parameters()], "reports": ctx.reports},
+        run_training_loop(from_dict(config_dict), ctx, categories=CATEGORIES, model_fn=model_fn, log=None,
+                          fault_injection=fault_injection)
+        torch.save({"params": [p.detach() for p in holder[0].parameters()], "reports": ctx.reports, **seen},
                    f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -252,8 +441,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ddp(cfg, shards, tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), cfg.to_dict(), shards, str(tmp_path)), nprocs=2, join=True)
+def run_ddp(cfg, shards, tmp_path, fault_injection=None):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), cfg.to_dict(), shards, str(tmp_path), fault_injection),
+             nprocs=2, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
@@ -265,12 +455,39 @@ def test_ddp_accumulation_matches_single_process_big_batch(tmp_path):
     # Worker r takes images 2r, 2r+1 of every batch of 4.
     ones = rebatch(batches, 1)
     shards = [[ones[i] for i in range(len(ones)) if (i % 4) // 2 == r] for r in range(2)]
-    results = run_ddp(tiny_config(batch_size=1, accumulate=2), shards, tmp_path)
+    # Rank 1 starts from other weights (see _ddp_worker); EMA with no warmup shows where it started.
+    results = run_ddp(tiny_config(batch_size=1, accumulate=2, ema=True, ema_warmup_steps=0), shards, tmp_path)
+    initial = TinyDetector(2).state_dict()  # rank 0's weights
     for rank_result in results:
         assert rank_result["reports"][0]["step"] == 4
         for a, b in zip(single.parameters(), rank_result["params"]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        # One gradient all-reduce per optimizer update, none on the no_sync micro-steps (averaging
+        # every backward would give the same parameters, so only the count shows a missing no_sync).
+        assert rank_result["allreduce_calls"] == 4
+        # The EMA starts from the weights every rank trains (rank 0's, broadcast by DDP).
+        for key, value in initial.items():
+            assert torch.equal(rank_result["ema_start"][key], value), key
     assert results[0]["reports"][0]["loss"] == pytest.approx(results[1]["reports"][0]["loss"])
+
+
+@pytest.mark.slow
+def test_ddp_oom_in_a_no_sync_backward_on_one_rank_drops_the_group_on_both(tmp_path):
+    batches = make_batches(16, 4)
+    ones = rebatch(batches, 1)
+    shards = [[ones[i] for i in range(len(ones)) if (i % 4) // 2 == r] for r in range(2)]
+    # Rank 1 runs out of memory in the backward of micro-batch 0 (no_sync): both ranks drop that group
+    # and micro-batch 1 starts the next one -> groups (1, 2), (3, 4), (5, 6), (7) on both ranks. The
+    # reference: one process, accumulate 2, micro-batch i = both ranks' micro-batch i, without the first.
+    results = run_ddp(tiny_config(batch_size=1, accumulate=2), shards, tmp_path,
+                      FaultInjection(oom_backward_at=(0,), oom_rank=1))
+    pairs = [rebatch([a, b], 2)[0] for a, b in zip(*shards)]
+    without, _ = run_local(tiny_config(batch_size=2, accumulate=2), pairs[1:])
+    for rank_result in results:
+        report = rank_result["reports"][0]
+        assert report["oom_skipped"] == 1 and report["step"] == 4
+        for a, b in zip(without.parameters(), rank_result["params"]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow

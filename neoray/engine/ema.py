@@ -23,6 +23,13 @@ class ModelEMA:
         self.warmup_steps = warmup_steps
         self.updates = 0
 
+    @torch.no_grad()
+    def reset(self, model: nn.Module) -> None:
+        """Start the average again from ``model``'s current weights (after they were loaded or
+        broadcast; the copy made in ``__init__`` may predate that)."""
+        self.module.load_state_dict(model.state_dict())
+        self.updates = 0
+
     def current_decay(self) -> float:
         if self.warmup_steps <= 0:
             return self.decay

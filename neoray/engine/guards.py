@@ -3,8 +3,11 @@
 - ``preflight``: one batch through forward and backward before the first step, targets checked on the
   CPU first, so a label outside ``[0, num_classes)`` is a one-line error and not a CUDA assert.
 - non-finite loss / gradient norm: the update is skipped and counted (``skipped_steps``).
-- CUDA out-of-memory in a step: memory is freed, the batch skipped and counted (``oom_skipped``).
-- ``epoch_stop_reason``: too many of either in one epoch stops the run with advice.
+- fp16 GradScaler overflow (an inf/NaN gradient after unscaling while the loss scale settles): the
+  update is skipped, the scale lowered and counted apart (``amp_overflow_steps``); not a reason to stop.
+- CUDA out-of-memory in a step (forward; backward or optimizer step where skipping is safe, see
+  loop.py): memory is freed, the batch skipped and counted (``oom_skipped``).
+- ``epoch_stop_reason``: too many non-finite updates or OOMs in one epoch stops the run with advice.
 
 Every skip decision is taken on all DDP ranks together (``any_rank``): if one rank skipped an update
 that the others made, the replicas would silently diverge (or deadlock in the next all-reduce).
@@ -100,20 +103,28 @@ def preflight(model: torch.nn.Module, batch, num_classes: int, device: torch.dev
 class EpochCounters:
     """What the guards counted in one epoch (per rank; decisions are already rank-consistent)."""
 
-    updates: int = 0  # optimizer steps attempted (made + skipped)
+    updates: int = 0  # optimizer steps attempted (made + skipped + amp overflows)
     skipped: int = 0  # updates skipped for a non-finite loss or gradient norm
-    oom: int = 0  # micro-batches skipped for out-of-memory
+    oom: int = 0  # micro-batches (or updates) skipped for out-of-memory
+    amp_overflow: int = 0  # updates the fp16 GradScaler skipped (inf/NaN gradient after unscaling)
+
+
+def oom_advice(batch_size: int, accumulate: int) -> str:
+    return (f"try train.batch_size={max(1, batch_size // 2)} with train.accumulate={accumulate * 2}, "
+            f"or a smaller data.size")
 
 
 def epoch_stop_reason(counters: EpochCounters, max_skipped_fraction: float, max_oom: int,
                       batch_size: int, accumulate: int) -> str | None:
-    """Why the run must stop after this epoch, or None."""
+    """Why the run must stop after this epoch, or None. fp16 overflows are the GradScaler finding its
+    scale (it halves the scale and skips the step): they are neither skipped updates nor counted in
+    the fraction's denominator."""
     if counters.oom > max_oom:
         return (f"out of memory {counters.oom} times in one epoch (train.max_oom_per_epoch={max_oom}); "
-                f"try train.batch_size={max(1, batch_size // 2)} with train.accumulate={accumulate * 2}, "
-                f"or a smaller data.size")
-    if counters.updates and counters.skipped / counters.updates > max_skipped_fraction:
-        return (f"{counters.skipped} of {counters.updates} updates had a non-finite loss or gradient "
+                f"{oom_advice(batch_size, accumulate)}")
+    judged = counters.updates - counters.amp_overflow
+    if judged > 0 and counters.skipped / judged > max_skipped_fraction:
+        return (f"{counters.skipped} of {judged} updates had a non-finite loss or gradient "
                 f"(> train.max_skipped_fraction={max_skipped_fraction}); lower train.lr, raise "
                 f"train.warmup_steps or enable train.clip_grad_norm")
     return None
@@ -126,5 +137,5 @@ def finite(value: float | torch.Tensor) -> bool:
 
 __all__ = [
     "EpochCounters", "PreflightError", "any_rank", "check_batch", "distributed", "epoch_stop_reason",
-    "finite", "free_memory", "is_oom", "preflight",
+    "finite", "free_memory", "is_oom", "oom_advice", "preflight",
 ]

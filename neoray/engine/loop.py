@@ -12,8 +12,17 @@ directory, the others None.
 Gradient accumulation under DDP: the loss is divided by ``train.accumulate`` and the micro-steps that
 do not step the optimizer run under ``model.no_sync()``, so gradients are all-reduced once per update.
 The ranks agree (a MAX all-reduce of small flags) on whether each rank still has a batch, so they stop
-an epoch together even if their shards differ in length; a partial accumulation group at the end of an
-epoch is all-reduced and STEPS on every rank (its gradient is the sum of its micro-batches / accumulate).
+an epoch together even if their shards differ in length; every rank therefore sees the same group
+lengths. A partial accumulation group at the end of an epoch is all-reduced and STEPS on every rank;
+its gradient is rescaled by accumulate / (micro-batches in it), so it is the mean over its micro-batches
+like a full group's.
+
+Out of memory: in the forward, the whole accumulation group is dropped on every rank (the flags after
+the forward say so). In a backward that does not all-reduce (one worker, or a ``no_sync`` micro-step)
+the rank drops its gradients and the next flag all-reduce tells the others, which drop the group too.
+In a backward that all-reduces under DDP, or in the optimizer step under DDP, skipping could leave the
+replicas different (bucket all-reduces half done, some parameters updated), so the worker fails with
+advice instead; with one worker an OOM in the optimizer step skips that update.
 
 Frozen backbone under DDP: ``requires_grad`` is set before DDP wraps the model, so frozen parameters are
 not registered with DDP at all (``find_unused_parameters`` stays False); at the unfreeze epoch the model
@@ -163,10 +172,16 @@ class FaultInjection:
 
     nan_loss_at: tuple = ()  # micro-steps whose loss is replaced by NaN
     oom_at: tuple = ()  # micro-steps whose forward raises torch.OutOfMemoryError
+    oom_backward_at: tuple = ()  # micro-steps whose backward raises it (after accumulating gradients)
+    oom_step_at: tuple = ()  # micro-steps whose update (they must end a group) raises it in optimizer.step
+    oom_rank: int = -1  # the rank the three OOM faults apply to (-1: every rank)
     raise_in_epoch: int = 0  # the worker of rank ``raise_rank`` raises in this epoch ...
     raise_rank: int = 0
     raise_marker: str = ""  # ... once: the file is created before raising and checked first
     record_dir: str = ""  # every rank appends {"epoch", "rank", "image_ids"} to rank<r>.jsonl
+
+    def oom(self, at: tuple, micro_step: int, rank: int) -> bool:
+        return micro_step in at and self.oom_rank in (-1, rank)
 
     def maybe_raise(self, epoch: int, rank: int) -> None:
         if self.raise_in_epoch != epoch or self.raise_rank != rank:
@@ -295,29 +310,72 @@ def _trainable_params(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _finish_update(state: TrainState, stats: EpochStats, group_bad: bool) -> None:
-    """End of an accumulation group: clip, check, step (or skip) — the same decision on every rank."""
+def _drop_group(state: TrainState, stats: EpochStats, where: str, log: Callable[[str], None] | None) -> None:
+    """Out of memory: forget the accumulation group's gradients, free memory, count the skip (called on
+    every rank together; the caller has dropped its references to the step's tensors)."""
+    state.optimizer.zero_grad(set_to_none=True)
+    guards.free_memory()
+    stats.counters.oom += 1
+    if log:
+        log(f"out of memory in the {where}: skipped the batch ({stats.counters.oom} this epoch)")
+
+
+def _finish_update(state: TrainState, stats: EpochStats, group_bad: bool, group_len: int,
+                   step_oom: bool = False, log: Callable[[str], None] | None = None) -> None:
+    """End of an accumulation group of ``group_len`` micro-batches (the same on every rank): clip,
+    check, step (or skip) — the same decision on every rank. ``step_oom``: fault injection."""
     cfg = state.cfg.train
     stats.counters.updates += 1
     norm_ok = True
     if not group_bad:
+        params = _trainable_params(state.model)
+        if group_len < cfg.accumulate:
+            # The epoch's last, partial group: each loss was divided by `accumulate`, so make the
+            # gradient the mean over the micro-batches the group holds (before clipping sees it).
+            for param in params:
+                if param.grad is not None:
+                    param.grad.mul_(cfg.accumulate / group_len)
         if state.scaler.is_enabled():
             state.scaler.unscale_(state.optimizer)
         max_norm = cfg.clip_grad_norm if cfg.clip_grad_norm > 0 else float("inf")
         # Gradients are already all-reduced, so the norm is the global one (and equal on all ranks).
-        norm = torch.nn.utils.clip_grad_norm_(_trainable_params(state.model), max_norm)
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         norm_ok = guards.finite(norm)
-    bad = _any_flags([group_bad or not norm_ok], state.world_size, state.device)[0]
-    if bad:
-        stats.counters.skipped += 1
+    any_group_bad, any_norm_bad = _any_flags([group_bad, not norm_ok], state.world_size, state.device)
+    if any_group_bad or any_norm_bad:
+        if any_norm_bad and not any_group_bad and state.scaler.is_enabled():
+            # An inf/NaN gradient after unscaling is how the fp16 GradScaler finds its scale: normal
+            # while the scale settles, so it is counted apart and does not count toward stopping.
+            stats.counters.amp_overflow += 1
+        else:
+            stats.counters.skipped += 1
         if state.scaler.is_enabled() and not group_bad:
             state.scaler.update()  # lowers the fp16 loss scale after an overflow
     else:
-        if state.scaler.is_enabled():
-            state.scaler.step(state.optimizer)
-            state.scaler.update()
-        else:
-            state.optimizer.step()
+        stepped = False
+        try:
+            if step_oom:
+                raise torch.OutOfMemoryError("injected out of memory in the optimizer step")
+            if state.scaler.is_enabled():
+                state.scaler.step(state.optimizer)
+                state.scaler.update()
+            else:
+                state.optimizer.step()
+            stepped = True
+        except torch.OutOfMemoryError as exc:
+            if guards.distributed(state.world_size):
+                # The other ranks may have stepped, and this one may have updated some parameter
+                # groups already: skipping would leave the replicas different.
+                raise RuntimeError(f"out of memory in the optimizer step under DDP (it cannot be skipped "
+                                   f"without the workers' weights diverging); "
+                                   f"{guards.oom_advice(cfg.batch_size, cfg.accumulate)}") from exc
+        if not stepped:  # outside the except block, so that the traceback no longer holds tensors
+            # One worker: nothing to keep in sync. (Parameter groups stepped before the OOM keep their
+            # update; the optimizer allocates a group's state before updating it, where OOM is likely.)
+            if state.scaler.is_enabled():
+                state.scaler.update()  # unscale_ ran: reset the scaler's per-step state
+            _drop_group(state, stats, "optimizer step", log)
+            return
         state.scheduler.step()
         state.step += 1
         stats.updates_made += 1
@@ -339,18 +397,28 @@ def train_one_epoch(state: TrainState, batches: Iterable, fault: FaultInjection 
     current = next(iterator, None)
     micro_in_group = 0
     group_bad = False  # a micro-batch of this group had a non-finite loss on some rank
+    backward_oom = False  # this rank ran out of memory in the previous micro-step's backward
     start = time.perf_counter()
     while True:
         upcoming = next(iterator, None) if current is not None else None
-        # The ranks stop together when one runs out, and know whether this is the epoch's last batch.
-        none_left, last_of_epoch = _any_flags([current is None, upcoming is None], state.world_size,
-                                              state.device)
+        # The ranks stop together when one runs out, know whether this is the epoch's last batch, and
+        # learn whether a rank's (local) backward ran out of memory in the previous micro-step.
+        none_left, last_of_epoch, group_oom = _any_flags(
+            [current is None, upcoming is None, backward_oom], state.world_size, state.device)
+        if group_oom:
+            # Every rank drops the group, as for an OOM in the forward. That backward did not
+            # all-reduce, so the group had not stepped yet on any rank.
+            _drop_group(state, stats, "backward", log)
+            micro_in_group, group_bad, backward_oom = 0, False, False
         if none_left:
             break
         sync = micro_in_group == cfg.accumulate - 1 or last_of_epoch
         batch = current.to(state.device)
-        injected_nan = fault is not None and state.micro_step in fault.nan_loss_at
-        injected_oom = fault is not None and state.micro_step in fault.oom_at
+        micro, rank = state.micro_step, state.rank
+        injected_nan = fault is not None and micro in fault.nan_loss_at
+        injected_oom = fault is not None and fault.oom(fault.oom_at, micro, rank)
+        injected_backward_oom = fault is not None and fault.oom(fault.oom_backward_at, micro, rank)
+        injected_step_oom = fault is not None and fault.oom(fault.oom_step_at, micro, rank)
         state.micro_step += 1
         no_sync = module.no_sync() if (is_ddp and not sync) else contextlib.nullcontext()
         with no_sync:
@@ -373,25 +441,38 @@ def train_one_epoch(state: TrainState, batches: Iterable, fault: FaultInjection 
             if any_oom:
                 # Drop the whole accumulation group on every rank: its all-reduce may never happen.
                 del loss, losses, batch
-                state.optimizer.zero_grad(set_to_none=True)
-                guards.free_memory()
-                stats.counters.oom += 1
+                _drop_group(state, stats, "forward", log)
                 micro_in_group, group_bad = 0, False
-                if log:
-                    log(f"out of memory in a step: skipped the batch ({stats.counters.oom} this epoch)")
                 current = upcoming
                 continue
             if any_nonfinite:
                 group_bad = True  # no backward: this group's update is skipped on every rank
             else:
-                state.scaler.scale(loss / cfg.accumulate).backward()
+                try:
+                    state.scaler.scale(loss / cfg.accumulate).backward()
+                    if injected_backward_oom:  # after the backward, so that there are gradients to drop
+                        raise torch.OutOfMemoryError("injected out of memory in backward")
+                except torch.OutOfMemoryError as exc:
+                    if is_ddp and sync:
+                        # This backward launched DDP's bucket all-reduces, which the other ranks are
+                        # now waiting to match: it cannot be skipped consistently. Fail (Ray Train
+                        # restarts the workers from the last checkpoint, up to train.max_failures).
+                        raise RuntimeError(f"out of memory in the backward pass of a gradient all-reduce "
+                                           f"under DDP (it cannot be skipped without desynchronising the "
+                                           f"workers); {guards.oom_advice(cfg.batch_size, cfg.accumulate)}"
+                                           ) from exc
+                    backward_oom = True  # a local backward: the next flag all-reduce tells every rank
+                if backward_oom:
+                    loss = losses = batch = None  # the group is dropped at the top of the loop
+                    current = upcoming
+                    continue
                 for name, value in losses.items():
                     stats.loss_sums[name] = stats.loss_sums.get(name, 0.0) + float(value.detach())
                 stats.loss_count += 1
         stats.images += int(batch.images.shape[0])
         stats.image_ids.extend(int(i) for i in batch.image_ids)
         if sync:
-            _finish_update(state, stats, group_bad)
+            _finish_update(state, stats, group_bad, micro_in_group + 1, injected_step_oom, log)
             micro_in_group, group_bad = 0, False
             if log and cfg.log_every and state.step % cfg.log_every == 0 and state.rank == 0:
                 log(f"step {state.step}: loss {float(loss) if loss is not None else float('nan'):.4f}")
@@ -443,14 +524,19 @@ def _eval_batches(data: Any, cfg: Config) -> Iterable:
 
 def _run_preflight(state: TrainState, first_batch, num_classes: int) -> str | None:
     """Preflight on every rank; returns the failure message (the same on all ranks) or None.
-    BatchNorm statistics touched by the trial forward are put back afterwards."""
+    BatchNorm statistics and the RNG streams (the trial forward draws e.g. denoising noise) are put
+    back afterwards, so a resumed run continues its checkpoint's RNG stream and a fresh run draws the
+    same numbers as without the preflight."""
     message = None
     if first_batch is not None:
         buffers = {name: b.detach().clone() for name, b in state.model.named_buffers()}
+        rng = capture_rng_state()
         try:
             guards.preflight(state.model, first_batch, num_classes, state.device, state.amp_dtype)
         except guards.PreflightError as exc:
             message = str(exc)
+        finally:
+            restore_rng_state(rng)
         with torch.no_grad():
             for name, b in state.model.named_buffers():
                 b.copy_(buffers[name])
@@ -522,6 +608,7 @@ def run_training_loop(cfg: Config, ctx: TrainContext, *, categories: list | None
     progress = {"best_map": -1.0, "best_epoch": 0, "evals_since_best": 0, "last_map": None}
     start_epoch = 0
 
+    ema_restored = False
     checkpoint_dir = ctx.latest_checkpoint_dir() or resume_from
     if checkpoint_dir:
         payload = load_checkpoint(checkpoint_dir, map_location=device)
@@ -529,6 +616,7 @@ def run_training_loop(cfg: Config, ctx: TrainContext, *, categories: list | None
         if state.ema is not None and payload.get("ema") is not None:
             state.ema.module.load_state_dict(payload["ema"])
             state.ema.updates = int(payload.get("ema_updates", 0))
+            ema_restored = True
         optimizer.load_state_dict(payload["optimizer"])
         state.scheduler.load_state_dict(payload["scheduler"])
         if payload.get("scaler"):
@@ -546,7 +634,21 @@ def run_training_loop(cfg: Config, ctx: TrainContext, *, categories: list | None
         source = load_checkpoint(cfg.model.init_from, map_location=device)
         loaded, skipped = load_matching_state_dict(model, source.get("ema") or source["model"])
         if log:
-            log(f"init_from {cfg.model.init_from}: {len(loaded)} tensors loaded, {len(skipped)} skipped")
+            log(f"init_from {cfg.model.init_from}: {len(loaded)} tensors loaded, {len(skipped)} not loaded")
+            for key, reason in skipped:  # e.g. the class heads of another class count
+                if reason.startswith("shape"):
+                    reason += " (checkpoint vs model; keeps its initial value)"
+                elif reason == "missing":
+                    reason = "not in the checkpoint (keeps its initial value)"
+                log(f"init_from: not loaded {key}: {reason}")
+
+    # DDP's constructor broadcasts rank 0's parameters and buffers (the ranks were seeded differently),
+    # so wrap before the EMA copies the weights: the EMA must start from the weights every rank trains,
+    # loaded by init_from where given, not from this rank's random initialisation. A checkpoint's EMA
+    # is kept.
+    set_backbone_frozen(state, start_epoch < cfg.train.freeze_backbone_until_epoch)
+    if state.ema is not None and not ema_restored:
+        state.ema.reset(model)
 
     first_epoch_of_process = True
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -572,7 +674,8 @@ def run_training_loop(cfg: Config, ctx: TrainContext, *, categories: list | None
                    "lr": _main_lr(state.optimizer),
                    **_aggregate(stats, state, peak_memory_mb(device))}
         counters = stats.counters  # equal on every rank: each skip was decided by all ranks together
-        metrics.update(skipped_steps=counters.skipped, oom_skipped=counters.oom, workers=world_size,
+        metrics.update(skipped_steps=counters.skipped, oom_skipped=counters.oom,
+                       amp_overflow_steps=counters.amp_overflow, workers=world_size,
                        device=device_name(device))
         stop_reason = guards.epoch_stop_reason(counters, cfg.train.max_skipped_fraction,
                                                cfg.train.max_oom_per_epoch, cfg.train.batch_size,
@@ -602,6 +705,10 @@ def run_training_loop(cfg: Config, ctx: TrainContext, *, categories: list | None
             # (0 before the first). `ckpt_score` ranks checkpoints: only evaluated epochs compete.
             metrics.setdefault("map", progress["last_map"] if progress["last_map"] is not None else 0.0)
             metrics["ckpt_score"] = float(metrics["map"]) if evaluated else -1.0
+        else:
+            # No validation set: rank checkpoints by the training loss (a NaN loss ranks last in Ray).
+            # Without the key Ray logs an error on every report and ranks checkpoints arbitrarily.
+            metrics["ckpt_score"] = -float(metrics["loss"])
         metrics["evaluated"] = int(evaluated)
         should_stop = getattr(ctx, "should_stop", None)
         if not stop_reason and _any_flags([bool(should_stop and should_stop())], world_size, device)[0]:

@@ -19,7 +19,10 @@ from torch import nn
 
 from neoray.config import TrainConfig
 
-# Parameter names that hold embeddings or learned queries/positions (no weight decay on those).
+# A parameter registered directly on a custom module (nn.Parameter, not inside a layer) whose own name
+# says it is an embedding or a learned query/position gets no weight decay either. Only the parameter's
+# own attribute name is matched, never the module path: ``decoder.query_pos_head.layers.0.weight`` is
+# an ordinary Linear weight and must decay.
 _NO_DECAY_NAME_PARTS = ("embed", "query", "pos")
 
 
@@ -39,17 +42,17 @@ def _is_norm(module: nn.Module) -> bool:
 
 
 def no_decay_names(model: nn.Module) -> set[str]:
-    """Names of parameters that must not get weight decay: norms, biases and embeddings."""
+    """Names of parameters that must not get weight decay: norms, biases and embeddings (by module
+    type; by the parameter's own name only for raw parameters of custom modules)."""
     names: set[str] = set()
     for module_name, module in model.named_modules():
         for param_name, _ in module.named_parameters(recurse=False):
             full = f"{module_name}.{param_name}" if module_name else param_name
-            leaf = full.rsplit(".", 1)[-1]
             if (
                 _is_norm(module)
                 or isinstance(module, nn.Embedding)
-                or leaf == "bias"
-                or any(part in full.lower() for part in _NO_DECAY_NAME_PARTS)
+                or param_name == "bias"
+                or any(part in param_name.lower() for part in _NO_DECAY_NAME_PARTS)
             ):
                 names.add(full)
     return names

@@ -7,7 +7,8 @@ that run already exists; an existing run is only continued with ``resume``):
     metrics.csv/.json  one row per reported epoch, rewritten atomically after each report
     ray/               Ray Train's storage (RunConfig(storage_path=RUN_DIR, name="ray")): its checkpoints
                        and the snapshot that lets a resumed run find them with ray.train.get_checkpoint()
-    checkpoints/latest, checkpoints/best   relative links into ray/ (best: highest evaluated mAP)
+    checkpoints/latest, checkpoints/best   relative links into ray/ (best: highest ckpt_score, the
+                       key CheckpointConfig keeps checkpoints by: evaluated mAP, or -loss without val)
     summary.json/.md   the training report, written when the run ends (also after a failure)
 
 Metrics rows are written from the Train controller (a ``UserCallback`` that sees every report and
@@ -104,6 +105,12 @@ def _link(link: Path, target: Path) -> None:
     os.replace(tmp, link)
 
 
+def _ckpt_score(row: dict) -> float | None:
+    """A row's ckpt_score, None when absent or NaN (Ray ranks NaN below every number)."""
+    value = row.get("ckpt_score")
+    return float(value) if isinstance(value, (int, float)) and value == value else None
+
+
 def epoch_line(row: dict) -> str:
     """The one-line progress summary printed per epoch."""
     parts = [f"epoch {row.get('epoch')}", f"step {row.get('step')}"]
@@ -144,12 +151,10 @@ class RunRecorder(_ray_callback_base()):
         if checkpoint is not None and Path(checkpoint.path).is_dir():
             ckpt_path = Path(checkpoint.path)
             _link(run_dir / "checkpoints" / "latest", ckpt_path)
-            # Best = highest evaluated mAP, later epochs winning ties (as Ray's CheckpointConfig ranks
-            # ckpt_score), so the checkpoint linked here is one Ray keeps.
-            evaluated = [r for r in history if r.get("evaluated")]
-            if row.get("evaluated") and row["map"] >= max(r["map"] for r in evaluated):
-                _link(run_dir / "checkpoints" / "best", ckpt_path)
-            elif not evaluated and not (run_dir / "checkpoints" / "best").exists():
+            # Best = highest ckpt_score, later epochs winning ties, exactly as Ray's CheckpointConfig
+            # ranks them, so the checkpoint linked here is one Ray keeps (it deletes the others).
+            score = _ckpt_score(row)
+            if score is not None and score >= max(s for s in map(_ckpt_score, history) if s is not None):
                 _link(run_dir / "checkpoints" / "best", ckpt_path)
         if self.verbose:
             print(epoch_line(row), flush=True)
@@ -198,6 +203,7 @@ def write_summary(run_dir: Path, cfg: Config, history: list[dict], seconds: floa
         "final_loss": history[-1].get("loss") if history else None,
         "skipped_steps": sum(r.get("skipped_steps") or 0 for r in history),
         "oom_skipped": sum(r.get("oom_skipped") or 0 for r in history),
+        "amp_overflow_steps": sum(r.get("amp_overflow_steps") or 0 for r in history),
         "hardware": hardware_info(cfg, history),
         "best_checkpoint": "checkpoints/best" if (run_dir / "checkpoints" / "best").exists() else None,
         "latest_checkpoint": "checkpoints/latest" if (run_dir / "checkpoints" / "latest").exists() else None,
@@ -246,9 +252,12 @@ def latest_checkpoint_in(run_dir: Path) -> str | None:
 
 
 def build_trainer(cfg: Config, run_dir: Path, *, categories: list, resume_from: str | None = None,
-                  fault_injection=None, callbacks: list | None = None, name: str = RAY_DIR):
+                  start_epoch: int = 0, fault_injection=None, callbacks: list | None = None,
+                  name: str = RAY_DIR):
     """The TorchTrainer for ``cfg``. ``name``/``storage_path`` are deterministic (RUN_DIR/ray), so a
-    restarted driver with the same run_dir finds the checkpoints; the sweep passes its own callbacks."""
+    restarted driver with the same run_dir finds the checkpoints; the sweep passes its own callbacks.
+    ``start_epoch``: epochs already done by a resumed run, so its training stream continues with the
+    file order of the epochs it has not run yet."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -256,7 +265,8 @@ def build_trainer(cfg: Config, run_dir: Path, *, categories: list, resume_from: 
     from neoray.engine.loop import train_loop_per_worker
 
     quiet_ray_data()
-    datasets = {"train": train_dataset(cfg.data.train, seed=cfg.train.seed, max_images=cfg.data.max_train_images)}
+    datasets = {"train": train_dataset(cfg.data.train, seed=cfg.train.seed, max_images=cfg.data.max_train_images,
+                                       start_epoch=start_epoch)}
     if cfg.data.val:
         datasets["val"] = eval_dataset(cfg.data.val)
     resources = {"CPU": cfg.train.cpus_per_worker}
@@ -303,8 +313,10 @@ def train(cfg: Config, *, config_path: str | None = None, output: str | None = N
         print(f"neoray train: run directory {run_dir}", flush=True)
     os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)  # see the module docstring
 
+    done = read_metrics(run_dir) if resume_dir else []
     trainer = build_trainer(cfg, run_dir, categories=categories,
                             resume_from=latest_checkpoint_in(run_dir) if resume_dir else None,
+                            start_epoch=int(done[-1]["epoch"]) if done else 0,
                             fault_injection=fault_injection, callbacks=[RunRecorder(run_dir, verbose)])
     start = time.perf_counter()
     error = None

@@ -116,5 +116,6 @@ def load_matching_state_dict(model: nn.Module, state_dict) -> tuple[list[str], l
     model.load_state_dict(loadable, strict=False)
     if skipped:
         shown = "; ".join(f"{k}: {r}" for k, r in skipped[:10])
-        log.warning("loaded %d tensors, skipped %d: %s%s", len(loadable), len(skipped), shown, " ..." if len(skipped) > 10 else "")
+        # Debug only: the caller gets every skipped key back and reports it once (the training loop on rank 0).
+        log.debug("loaded %d tensors, skipped %d: %s%s", len(loadable), len(skipped), shown, " ..." if len(skipped) > 10 else "")
     return list(loadable), skipped
