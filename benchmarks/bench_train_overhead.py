@@ -41,7 +41,7 @@ def rate_and_startup(start: float, report_times: list[float], images_per_epoch: 
     return steady, startup
 
 
-def run_plain(cfg, shards: Path) -> tuple[list[float], float]:
+def run_plain(cfg, shards: Path) -> tuple[list[float], float, float]:
     from neoray.data.stream import train_dataset
     from neoray.engine.loop import LocalContext, run_training_loop
 
@@ -49,6 +49,7 @@ def run_plain(cfg, shards: Path) -> tuple[list[float], float]:
         def report(self, metrics, checkpoint_dir):
             super().report(metrics, checkpoint_dir)
             times.append(time.time())
+            peaks.append(metrics.get("peak_mem_mb") or 0.0)
 
     import torch
 
@@ -57,16 +58,17 @@ def run_plain(cfg, shards: Path) -> tuple[list[float], float]:
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     times: list[float] = []
+    peaks: list[float] = []
     start = time.time()
     ctx = TimedContext({"train": train_dataset(str(shards), seed=cfg.train.seed)})
     try:
         run_training_loop(cfg, ctx, log=None)
     finally:
         torch.set_num_threads(previous_threads)
-    return times, start
+    return times, start, max(peaks, default=0.0)
 
 
-def run_ray_train(cfg, run_dir: Path) -> tuple[list[float], float]:
+def run_ray_train(cfg, run_dir: Path) -> tuple[list[float], float, float]:
     from neoray.data.shards import read_manifest
     from neoray.engine.trainer import RunRecorder, build_trainer
 
@@ -78,7 +80,7 @@ def run_ray_train(cfg, run_dir: Path) -> tuple[list[float], float]:
     trainer.fit()
     rows = json.loads((run_dir / "metrics.json").read_text())
     # RunRecorder stamps each row when the controller receives it (same machine, same clock).
-    return [row["time"] for row in rows], start
+    return [row["time"] for row in rows], start, max((row.get("peak_mem_mb") or 0.0 for row in rows), default=0.0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,16 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     images_per_epoch = (args.images // args.batch) * args.batch
     ray.init(configure_logging=False, log_to_driver=False)  # dashboard on: Train V2's cleaner needs the State API
     try:
-        plain_times, plain_start = run_plain(cfg, shards)
-        train_times, train_start = run_ray_train(cfg, work / "run")
+        plain_times, plain_start, plain_peak = run_plain(cfg, shards)
+        train_times, train_start, train_peak = run_ray_train(cfg, work / "run")
     finally:
         ray.shutdown()
     plain_rate, plain_startup = rate_and_startup(plain_start, plain_times, images_per_epoch)
     train_rate, train_startup = rate_and_startup(train_start, train_times, images_per_epoch)
     print(f"model {args.model} {args.size} on {args.device}, batch {args.batch}, {images_per_epoch} images/epoch, "
           f"{args.epochs} epochs")
-    print(f"plain process : start-up {plain_startup:6.1f} s, steady {plain_rate:8.2f} images/s")
-    print(f"TorchTrainer  : start-up {train_startup:6.1f} s, steady {train_rate:8.2f} images/s")
+    # Peak memory: the device's peak allocation on CUDA, the process's peak RSS on CPU (see the loop).
+    print(f"plain process : start-up {plain_startup:6.1f} s, steady {plain_rate:8.2f} images/s, peak {plain_peak:8.0f} MiB")
+    print(f"TorchTrainer  : start-up {train_startup:6.1f} s, steady {train_rate:8.2f} images/s, peak {train_peak:8.0f} MiB")
     print(f"ratio (TorchTrainer / plain, steady): {train_rate / plain_rate:.3f}  (goal >= 0.95); "
           f"extra start-up {train_startup - plain_startup:.1f} s")
     return 0

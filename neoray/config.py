@@ -112,6 +112,7 @@ class TrainConfig:
     seed: int = 0
     workers: int = 1
     use_gpu: bool = False
+    gpus_per_worker: float = 1.0  # with use_gpu; a fraction lets several workers or trials share a GPU
     cpus_per_worker: float = 1.0
     eval_every: int = 1  # evaluate every N epochs (and always after the last)
     eval_score_threshold: float = 0.5  # score at which precision, recall and F1 are reported
@@ -250,6 +251,7 @@ def _validate(cfg: Config) -> None:
         (t.ema_warmup_steps >= 0, "train.ema_warmup_steps must be >= 0"),
         (t.freeze_backbone_until_epoch >= 0, "train.freeze_backbone_until_epoch must be >= 0"),
         (t.cpus_per_worker > 0, "train.cpus_per_worker must be > 0"),
+        (t.gpus_per_worker > 0, "train.gpus_per_worker must be > 0 (train.use_gpu=false for none)"),
         (t.early_stop_patience >= 0, "train.early_stop_patience must be >= 0 (0 turns it off)"),
         (t.max_oom_per_epoch >= 0, "train.max_oom_per_epoch must be >= 0"),
         (t.log_every >= 0, "train.log_every must be >= 0"),

@@ -13,17 +13,20 @@ def _config():
 
 
 def test_valid_for_ray_launcher():
-    from ray.autoscaler._private.util import fillout_defaults, merge_setup_commands, validate_config
+    from ray.autoscaler._private.util import prepare_config, validate_config
 
     config = _config()
-    # What `ray up` does, offline: fill the provider's defaults, then validate against ray-schema.json and
-    # Ray's extra checks (AWS's bootstrap_config needs credentials and network: not run here).
-    filled = fillout_defaults(copy.deepcopy(config))
-    validate_config(filled)
-    filled = merge_setup_commands(filled)
-    assert filled["head_setup_commands"][: len(config["setup_commands"])] == config["setup_commands"]
-    assert filled["head_node_type"] in filled["available_node_types"]
-    gpu_types = [n["node_config"]["InstanceType"] for k, n in filled["available_node_types"].items() if k != "head"]
+    # What `ray up` does before talking to the cloud (commands._bootstrap_config): prepare_config (provider
+    # defaults, merged setup commands, Docker checks, per-type min/max workers), then validate_config
+    # (ray-schema.json and Ray's checks of the filled config). AWS's own bootstrap needs credentials.
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    for key in ("head_setup_commands", "worker_setup_commands"):
+        assert prepared[key][: len(config["setup_commands"])] == config["setup_commands"]
+    types = prepared["available_node_types"]
+    assert prepared["head_node_type"] == "head" and types["head"]["max_workers"] == 0
+    assert all(t["min_workers"] <= t["max_workers"] <= prepared["max_workers"] for t in types.values())
+    gpu_types = [n["node_config"]["InstanceType"] for k, n in types.items() if k != "head"]
     assert {"g5.xlarge", "g5.12xlarge", "p4d.24xlarge"} <= set(gpu_types)
 
 

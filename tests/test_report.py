@@ -1,4 +1,8 @@
-"""`neoray report`: Optuna study rebuilt from trial rows (out-of-range points included), clear errors."""
+"""`neoray report`: Optuna study rebuilt from trial rows (out-of-range points and numeric choices included),
+an importances table aligned by parameter name, partial sweeps marked, clear errors."""
+
+import csv
+import json
 
 import pytest
 
@@ -23,3 +27,50 @@ def test_study_rebuilt_from_rows_gives_importances():
 def test_not_a_sweep_dir(tmp_path):
     with pytest.raises(ConfigError, match="not a sweep directory"):
         write_report(tmp_path)
+
+
+def _fake_sweep(tmp_path, rows, params, num_samples=None):
+    """What a sweep leaves for `neoray report`: sweep.json and trials.csv (no trial histories needed)."""
+    meta = {"name": "fake", "metric": "score", "mode": "max", "metric_doc": "score = map",
+            "asha": {"time_attr": "epoch", "grace_period": 1, "reduction_factor": 2, "max_t": 4},
+            "rungs": [1, 2], "params": params, "seed": 0, "num_samples": num_samples or len(rows)}
+    (tmp_path / "sweep.json").write_text(json.dumps(meta))
+    with open(tmp_path / "trials.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_numeric_choice_read_back_from_csv(tmp_path):
+    """trials.csv holds text: a `choice` of numbers must map back to the number Optuna was given."""
+    params = {"weight_decay": {"distribution": "choice", "values": [1e-05, 0.01, 0.1]},
+              "warmup_steps": {"distribution": "choice", "values": [0, 50]}}
+    rows = [{"trial": f"trial_{i:04d}", "status": "finished", "weight_decay": wd, "warmup_steps": w,
+             "best_map": m, "best_score": m}
+            for i, (wd, w, m) in enumerate([(0.01, 0, 0.3), (1e-05, 50, 0.1), (0.1, 0, 0.2)], start=1)]
+    _fake_sweep(tmp_path, rows, params)
+    with open(tmp_path / "trials.csv", newline="") as handle:
+        study = rebuild_study(json.loads((tmp_path / "sweep.json").read_text()), list(csv.DictReader(handle)))
+    assert study.best_trial.params == {"weight_decay": 0.01, "warmup_steps": 0}
+    assert {t.params["weight_decay"] for t in study.trials} == {1e-05, 0.01, 0.1}
+    assert write_report(tmp_path).exists()
+
+
+def test_importances_table_columns_follow_parameter_names(tmp_path, monkeypatch):
+    """Each evaluator sorts its parameters by its own importance; the table must still line up by name."""
+    import neoray.tune.report as report
+
+    params = {"lr": {"distribution": "log_uniform", "low": 1e-4, "high": 1e-2},
+              "batch": {"distribution": "choice", "values": ["4x1", "2x2"]}}
+    rows = [{"trial": "trial_0001", "status": "finished", "lr": "0.001", "batch": "4x1", "best_map": "0.3",
+             "best_score": "0.3"},
+            {"trial": "trial_0002", "status": "stopped early (ASHA)", "lr": "0.003", "batch": "2x2",
+             "best_map": "0.1", "best_score": "0.1"}]
+    _fake_sweep(tmp_path, rows, params, num_samples=3)  # 2 of 3 trials: an interrupted sweep
+    monkeypatch.setattr(report, "param_importances", lambda study: {
+        "fANOVA": {"lr": 0.9, "batch": 0.1}, "PED-ANOVA": {"batch": 0.7, "lr": 0.3}})
+    text = write_report(tmp_path).read_text()
+    assert "| evaluator | lr | batch |" in text
+    assert "| fANOVA | 0.900 | 0.100 |" in text
+    assert "| PED-ANOVA | 0.300 | 0.700 |" in text  # by name, not in PED-ANOVA's own order
+    assert "Partial: the sweep was interrupted (2 of 3 trials started)" in text

@@ -76,3 +76,49 @@ def test_resources_fail_fast_and_cap_concurrency():
     assert single.direct and single.tune_request == {"cpu": 1.0, "gpu": 0.0} and single.max_concurrent == 3
     with pytest.raises(ConfigError, match="GPUs"):
         plan_resources(load_config(None), 1, None, {"CPU": 4})
+
+
+def test_gpus_per_worker_is_planned_and_requested_alike():
+    """--gpus-per-worker reaches train.gpus_per_worker, which the TorchTrainer requests per worker, so a
+    fraction is planned as it is placed (planning 0.5 while placing 1 would admit trials that never fit)."""
+    from neoray.engine.trainer import build_trainer
+    from neoray.tune.sweep import SweepOptions, resolve_config
+
+    gpu = load_config(None, ["train.workers=2", "train.use_gpu=true"])
+    half = plan_resources(gpu, 0.5, None, {"CPU": 16, "GPU": 2})
+    assert half.gpus == 1 and half.max_concurrent == 2
+    whole = plan_resources(gpu, 1, None, {"CPU": 16, "GPU": 4})
+    assert whole.gpus == 2 and whole.max_concurrent == 2
+    resolved = resolve_config(SweepOptions(overrides=["train.workers=2", "data.train=x", "data.val=x"],
+                                           gpus_per_worker=0.5))
+    assert resolved.train.use_gpu and resolved.train.gpus_per_worker == 0.5
+    assert plan_resources(resolved, None, None, {"CPU": 16, "GPU": 2}).gpus == 1
+    # One worker per trial: Tune itself reserves the fraction, so it is planned as asked.
+    single = plan_resources(load_config(None, ["train.use_gpu=true"]), 0.5, None, {"CPU": 16, "GPU": 1})
+    assert single.tune_request["gpu"] == 0.5 and single.max_concurrent == 2
+
+
+def test_worker_that_fits_no_single_node_is_refused():
+    cfg = load_config(None, ["train.workers=2", "train.cpus_per_worker=4"])
+    small_nodes = [{"CPU": 3.0}, {"CPU": 3.0}, {"CPU": 3.0}, {"CPU": 3.0}]  # 12 CPUs, but 3 per node
+    with pytest.raises(ConfigError, match=r"one worker needs 4 CPUs and 0 GPUs on a single node.*largest: 3 CPUs"):
+        plan_resources(cfg, None, None, {"CPU": 12}, nodes=small_nodes)
+    # A GPU worker needs its CPUs and its GPU on the same node.
+    gpu = load_config(None, ["train.workers=2", "train.cpus_per_worker=2", "train.use_gpu=true"])
+    split = [{"CPU": 8.0}, {"CPU": 1.0, "GPU": 4.0}]
+    with pytest.raises(ConfigError, match="on a single node"):
+        plan_resources(gpu, 1, None, {"CPU": 9, "GPU": 4}, nodes=split)
+    assert plan_resources(gpu, 1, None, {"CPU": 9, "GPU": 4}, nodes=[{"CPU": 9.0, "GPU": 4.0}]).gpus == 2
+
+
+def test_autoscale_waits_for_nodes_instead_of_failing_fast(capsys):
+    """README's COCO sweep on cluster.yaml: 8 workers x 1 GPU while only the min_workers GPU node is up."""
+    coco = load_config(None, ["train.workers=8", "train.use_gpu=true"])
+    today, nodes = {"CPU": 4, "GPU": 1}, [{"CPU": 0.0}, {"CPU": 4.0, "GPU": 1.0}]
+    with pytest.raises(ConfigError, match="pass --autoscale"):  # a fixed cluster still fails fast
+        plan_resources(coco, 1, None, today, nodes=nodes)
+    plan = plan_resources(coco, 1, None, today, nodes=nodes, autoscale=True)
+    assert plan.max_concurrent == 1 and plan.gpus == 8 and plan.tune_request == {"cpu": 0.01}
+    assert "wait for the autoscaler" in capsys.readouterr().out
+    # --max-concurrent is taken as given: the autoscaler adds the nodes (not lowered to today's fit).
+    assert plan_resources(coco, 1, 4, today, nodes=nodes, autoscale=True).max_concurrent == 4

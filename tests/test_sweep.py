@@ -1,14 +1,21 @@
-"""End-to-end sweeps on tiny synthetic data: ASHA stops a bad trial, failures are retried or reported,
-the best config loads back, the TorchTrainer path releases its workers for the next trial."""
+"""Sweeps: end to end on tiny synthetic data (ASHA stops a bad trial, failures are retried or reported,
+the best config loads back, the trial after a stopped TorchTrainer trial still gets its workers), and
+the pieces that decide what a sweep reports (score, interrupted or ended, exit code)."""
 
+import argparse
 import csv
 import json
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
 from neoray.config import load_config
-from neoray.tune.sweep import SweepOptions, run_sweep
+from neoray.tune import sweep_cmd
+from neoray.tune.sweep import (
+    SweepOptions, SweepResult, collect_rows, run_sweep, saved_trial_status, sweep_interrupted,
+)
+from neoray.tune.trainable import SCORE_DOC, with_score
 
 SPACE = {
     "params": {"lr": {"distribution": "log_uniform", "low": 3e-4, "high": 3e-3}},
@@ -35,6 +42,66 @@ def _files(tmp_path, shards, epochs=3):
 def _rows(sweep_dir):
     with open(sweep_dir / "trials.csv", newline="") as handle:
         return {row["trial"]: row for row in csv.DictReader(handle)}
+
+
+def test_score_is_what_the_startup_line_says():
+    assert SCORE_DOC == "score = map on evaluation epochs, else -val_loss if present, else -training loss"
+    assert with_score({"map": 0.4, "loss": 2.0, "evaluated": 1})["score"] == 0.4
+    # No evaluation this epoch and no val_loss (the engine computes none): minus the training loss,
+    # never the repeated stale mAP.
+    unevaluated = with_score({"map": 0.4, "loss": 2.0, "evaluated": 0})
+    assert (unevaluated["score"], unevaluated["score_from"]) == (-2.0, "loss")
+    assert with_score({"map": 0.4, "val_loss": 1.5, "loss": 2.0, "evaluated": 0})["score"] == -1.5
+
+
+def _write_state(sweep_dir, statuses, name="experiment_state-2026-01-01_00-00-00.json"):
+    """An experiment-state file as Tune writes it (only the fields that saved_trial_status reads)."""
+    trial_data = [[json.dumps({"custom_dirname": trial, "status": status}), "{}"]
+                  for trial, status in statuses.items()]
+    (sweep_dir / name).write_text(json.dumps({"trial_data": trial_data, "runner_data": {}}))
+
+
+class _FakeTrial:
+    """What collect_rows reads of a Tune Trial after fit(): Tune had marked every trial TERMINATED."""
+
+    def __init__(self, name):
+        self.name, self.status, self.config, self.num_failures, self.local_path = name, "TERMINATED", {"lr": 0.1}, 0, ""
+
+    def __str__(self):
+        return self.name
+
+
+def test_interrupted_sweep_is_told_from_tunes_saved_state(tmp_path):
+    # Ctrl-C during trial_0002: Tune saved it RUNNING, then marked it TERMINATED in memory when it
+    # stopped it, so the ResultGrid alone would report a finished sweep.
+    _write_state(tmp_path, {"trial_0001": "TERMINATED", "trial_0002": "RUNNING", "trial_0003": "PENDING"})
+    saved = saved_trial_status(tmp_path)
+    assert saved == {"trial_0001": "TERMINATED", "trial_0002": "RUNNING", "trial_0003": "PENDING"}
+    assert sweep_interrupted(saved, 3)
+    assert sweep_interrupted({"trial_0001": "TERMINATED"}, 3)  # Ctrl-C before the searcher made trial 2
+    assert not sweep_interrupted({"trial_0001": "TERMINATED", "trial_0002": "ERROR", "trial_0003": "TERMINATED"}, 3)
+
+    (tmp_path / "asha_stopped.json").write_text(json.dumps({"trial_0001": {"epoch": 1}}))
+    trials = [_FakeTrial(name) for name in ("trial_0001", "trial_0002", "trial_0003")]  # all TERMINATED
+    grid = SimpleNamespace(_experiment_analysis=SimpleNamespace(trials=trials))
+    rows = collect_rows(grid, tmp_path, ["lr"], saved_status=saved)
+    assert [r["status"] for r in rows] == ["stopped early (ASHA)", "interrupted", "interrupted"]
+
+
+def test_interrupted_sweep_exits_130_with_the_resume_command(monkeypatch, capsys, tmp_path):
+    parser = argparse.ArgumentParser()
+    sweep_cmd.add_arguments(parser)
+    argv = ["experiments/sweep_lr.py", "--name", "my sweep", "train.epochs=3"]
+    monkeypatch.setattr("sys.argv", argv)
+    outcome = {}
+    monkeypatch.setattr("neoray.tune.sweep.run_sweep", lambda opts: outcome["result"])
+    outcome["result"] = SweepResult(tmp_path, [], {"trial": "trial_0001"}, None, interrupted=True)
+    assert sweep_cmd.run(parser.parse_args(argv[1:])) == 130
+    assert ("sweep interrupted; continue with: python experiments/sweep_lr.py --name 'my sweep' train.epochs=3 "
+            "--resume") in capsys.readouterr().err
+    outcome["result"] = SweepResult(tmp_path, [], {"trial": "trial_0001"}, tmp_path / "best_config.yaml")
+    assert sweep_cmd.run(parser.parse_args(argv[1:])) == 0
+    assert sweep_cmd.resume_command(["/venv/bin/neoray", "sweep", "--resume"]) == "neoray sweep --resume"
 
 
 @pytest.mark.slow
@@ -72,20 +139,32 @@ def test_sweep_asha_retry_errors_best_config_and_report(ray_session, synthetic_s
 
 
 @pytest.mark.slow
-def test_two_worker_trials_release_their_workers(ray_session, synthetic_shards, tmp_path):
-    """TorchTrainer path: the trial after a finished/stopped one still gets its workers (no hang), and no
-    Train placement group is left behind."""
+def test_two_worker_trial_after_an_asha_stopped_one_still_runs(ray_session, synthetic_shards, tmp_path, capfd):
+    """TorchTrainer path: ASHA stops trial_0002 (lr=3 from points_to_evaluate) at the epoch-1 rung, and
+    trial_0003 still gets its two workers and trains to the end (Ray has had a bug where a stopped Train
+    V2 trial kept its placement group and the sweep hung); no Train placement group is left behind."""
     import ray
 
     config, space = _files(tmp_path, synthetic_shards, epochs=2)
     result = run_sweep(SweepOptions(
-        config=config, space=space, output=str(tmp_path / "sweeps"), name="w2", num_samples=2,
+        config=config, space=space, output=str(tmp_path / "sweeps"), name="w2", num_samples=3,
         workers_per_trial=2, max_concurrent=1, overrides=["train.cpus_per_worker=1"],
     ))
     rows = _rows(result.sweep_dir)
-    assert {r["status"] for r in rows.values()} <= {"finished", "stopped early (ASHA)"} and len(rows) == 2
-    assert all(int(r["epochs"]) >= 1 for r in rows.values())
-    assert (result.sweep_dir / "trials" / "trial_0002").is_dir()  # the TorchTrainer run named after the trial
+    assert not result.interrupted and set(rows) == {"trial_0001", "trial_0002", "trial_0003"}
+    assert rows["trial_0002"]["status"] == "stopped early (ASHA)" and rows["trial_0002"]["epochs"] == "1"
+    assert list(json.loads((result.sweep_dir / "asha_stopped.json").read_text())) == ["trial_0002"]
+    assert rows["trial_0003"]["status"] == "finished" and rows["trial_0003"]["epochs"] == "2"
+    assert rows["trial_0003"]["best_map"] != ""  # it reached its evaluation epoch
+    assert (result.sweep_dir / "trials" / "trial_0003").is_dir()  # the TorchTrainer run named after the trial
     alive = [pg for pg in ray.util.placement_group_table().values()
              if pg["state"] != "REMOVED" and len(pg["bundles"]) == 2]
     assert alive == []
+
+    out = capfd.readouterr().out
+    # Tune's live trial table shows the searched parameter and the metrics that matter.
+    header = [line for line in out.splitlines() if line.startswith("| Trial name")][-1]  # the final table
+    assert [c.strip() for c in header.strip("|").split("|")] == [
+        "Trial name", "status", "loc", "lr", "epoch", "loss", "score", "mAP", "mAP50", "lr now"]
+    assert "[neoray] ASHA stopped trial_0002 at epoch 1" in out
+    assert out.index("[neoray] ASHA stopped trial_0002") < out.index("[neoray] trial_0003 started: lr=")

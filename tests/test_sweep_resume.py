@@ -1,8 +1,11 @@
-"""A sweep killed after its first trial completes resumes with ``--resume`` without rerunning that trial.
+"""An interrupted sweep (Ctrl-C) and a killed one both continue with ``--resume`` without rerunning the
+trials that had ended.
 
 The sweep runs as `python experiments/sweep_lr.py` in its own process group with its own local Ray
 (RAY_TMPDIR points at a private temp dir, so neither the lead's Ray nor this session's `ray_session` is
-touched); the test SIGKILLs the whole group once Tune's experiment state marks trial_0001 TERMINATED.
+touched). First run: SIGINT to the driver (what Ctrl-C sends) once Tune's experiment state marks
+trial_0001 TERMINATED. Second run (--resume): SIGKILL of the whole group once trial_0002 is TERMINATED.
+Third run (--resume): the rest.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -83,8 +87,21 @@ def _history(trial_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
 
 
+def _wait_until_ended(sweep_dir: Path, trial: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + SWEEP_TIMEOUT_S
+    while _trial_status(sweep_dir).get(trial) != "TERMINATED":
+        assert proc.poll() is None, f"sweep exited ({proc.returncode}) early:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"{trial} never finished:\n{log.read_text()[-3000:]}"
+        time.sleep(0.2)
+
+
+def _csv_rows(sweep_dir: Path) -> dict:
+    with open(sweep_dir / "trials.csv", newline="") as handle:
+        return {row["trial"]: row for row in csv.DictReader(handle)}
+
+
 @pytest.mark.slow
-def test_killed_sweep_resumes_without_rerunning_finished_trial(synthetic_shards, tmp_path):
+def test_interrupted_then_killed_sweep_resumes_without_rerunning_ended_trials(synthetic_shards, tmp_path):
     config, space = _write_inputs(tmp_path, synthetic_shards)
     output = tmp_path / "sweeps"
     sweep_dir = output / "resume"
@@ -94,24 +111,42 @@ def test_killed_sweep_resumes_without_rerunning_finished_trial(synthetic_shards,
     env.update(RAY_TMPDIR=ray_tmp, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "experiments/sweep_lr.py", "--config", config, "--space", space,
            "--output", str(output), "--name", "resume", "--num-samples", "3", "--max-concurrent", "1"]
-    log1 = tmp_path / "first.log"
+    log1, log2 = tmp_path / "first.log", tmp_path / "second.log"
     proc = None
     try:
+        # 1. Ctrl-C once trial_0001 has ended: Tune stops, the sweep says so and exits 130.
         with open(log1, "w") as log:
             proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
-            deadline = time.monotonic() + SWEEP_TIMEOUT_S
-            while _trial_status(sweep_dir).get("trial_0001") != "TERMINATED":
-                assert proc.poll() is None, f"sweep exited ({proc.returncode}) early:\n{log1.read_text()[-3000:]}"
-                assert time.monotonic() < deadline, f"trial_0001 never finished:\n{log1.read_text()[-3000:]}"
-                time.sleep(0.2)
-            killed_at = time.time()
-            _kill_group_and_ray(proc, ray_tmp)
-        assert not (sweep_dir / "trials.csv").exists(), "the sweep finished before the kill; nothing to resume"
-        assert pids_naming(ray_tmp) == [], "the killed sweep's Ray processes are still running"
+            _wait_until_ended(sweep_dir, "trial_0001", proc, log1)
+            os.kill(proc.pid, signal.SIGINT)
+            returncode = proc.wait(timeout=SWEEP_TIMEOUT_S)
+        first_log = log1.read_text()
+        assert returncode == 130, first_log[-4000:]
+        resume_cmd = shlex.join(["python"] + cmd[1:] + ["--resume"])
+        assert f"sweep interrupted; continue with: {resume_cmd}" in first_log
+        partial = _csv_rows(sweep_dir)  # written, and marked partial, not passed off as the result
+        assert partial["trial_0001"]["status"] == "finished"
+        assert all(r["status"] == "interrupted" for name, r in partial.items() if name != "trial_0001"), partial
+        assert (sweep_dir / "trials.md").read_text().startswith("**Partial results: the sweep was interrupted")
+        assert not (sweep_dir / "best_config.yaml").exists()
+        _kill_group_and_ray(proc, ray_tmp)  # whatever of its local Ray outlived the driver
         first_history = _history(sweep_dir / "trial_0001")
         assert [h["epoch"] for h in first_history] == [1, 2]
 
+        # 2. --resume, then a kill (a crash: nothing more is written) once trial_0002 has ended.
+        with open(log2, "w") as log:
+            proc = subprocess.Popen(cmd + ["--resume"], cwd=REPO_ROOT, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+            _wait_until_ended(sweep_dir, "trial_0002", proc, log2)
+            killed_at = time.time()
+            _kill_group_and_ray(proc, ray_tmp)
+        assert pids_naming(ray_tmp) == [], "the killed sweep's Ray processes are still running"
+        assert "trial_0001" not in _started_trials(log2.read_text())
+        second_history = _history(sweep_dir / "trial_0002")
+        assert _csv_rows(sweep_dir) == partial  # the kill left the first run's partial table as it was
+
+        # 3. --resume runs what is left.
         result = subprocess.run(cmd + ["--resume"], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, timeout=SWEEP_TIMEOUT_S)
         assert result.returncode == 0, result.stdout[-4000:]
@@ -120,20 +155,20 @@ def test_killed_sweep_resumes_without_rerunning_finished_trial(synthetic_shards,
             _kill_group_and_ray(proc, ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
-    with open(sweep_dir / "trials.csv", newline="") as handle:
-        rows = {row["trial"]: row for row in csv.DictReader(handle)}
+    rows = _csv_rows(sweep_dir)
     assert set(rows) == {"trial_0001", "trial_0002", "trial_0003"}
     assert all(r["status"] == "finished" and r["epochs"] == "2" for r in rows.values()), rows
-    # trial_0001 was not run again: its history is the one written before the kill, each epoch once.
-    history = _history(sweep_dir / "trial_0001")
-    assert [h["epoch"] for h in history] == [1, 2]
-    assert history == first_history
-    assert all(h["timestamp"] <= killed_at for h in history)
+    assert not (sweep_dir / "trials.md").read_text().startswith("**Partial")
+    assert (sweep_dir / "best_config.yaml").exists()
+    # Neither ended trial ran again: each history is the one written before the interrupt / the kill.
+    assert _history(sweep_dir / "trial_0001") == first_history
+    assert _history(sweep_dir / "trial_0002") == second_history
+    assert all(h["timestamp"] <= killed_at for h in first_history + second_history)
     started = _started_trials(result.stdout)
-    assert "trial_0003" in started and "trial_0001" not in started, started
+    assert "trial_0003" in started and not {"trial_0001", "trial_0002"} & started, started
 
 
 def _started_trials(log: str) -> set[str]:
-    """Trials that Tune started in this driver ("Trial trial_0003 started with configuration:")."""
+    """Trials started in this driver ("[neoray] trial_0003 started: lr=...", see sweep.AnnounceTrials)."""
     return {line.split()[1] for line in log.splitlines()
-            if line.startswith("Trial trial_") and "started with configuration" in line}
+            if line.startswith("[neoray] trial_") and " started: " in line}

@@ -271,7 +271,7 @@ def build_trainer(cfg: Config, run_dir: Path, *, categories: list, resume_from: 
         datasets["val"] = eval_dataset(cfg.data.val)
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
-        resources["GPU"] = 1
+        resources["GPU"] = cfg.train.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "categories": categories, "resume_from": resume_from,

@@ -13,14 +13,17 @@ after the fact, on another machine, without Ray running. Writes SWEEP_DIR/report
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import sys
 from pathlib import Path
 
 from neoray.config import ConfigError
+from neoray.io import write_bytes_atomic, write_text_atomic
 
-STATUS_COLOURS = {"finished": "tab:green", "stopped early (ASHA)": "tab:orange", "errored": "tab:red"}
+STATUS_COLOURS = {"finished": "tab:green", "stopped early (ASHA)": "tab:orange", "errored": "tab:red",
+                  "interrupted": "tab:gray"}
 
 
 def _read_sweep(sweep_dir: Path) -> tuple[dict, list[dict]]:
@@ -50,9 +53,9 @@ def _history(sweep_dir: Path, trial: str) -> list[dict]:
 
 
 def _savefig(fig, path: Path) -> None:
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def plot_map_vs_lr(rows: list[dict], path: Path) -> bool:
@@ -130,13 +133,25 @@ def rebuild_study(meta: dict, rows: list[dict]):
         for name, dist in distributions.items():
             raw = row.get(name)
             if isinstance(dist, optuna.distributions.CategoricalDistribution):
-                params[name] = raw
+                params[name] = _choice(dist.choices, raw, name, row.get("trial"))
             elif isinstance(dist, optuna.distributions.IntDistribution):
                 params[name] = int(float(raw))
             else:
                 params[name] = float(raw)
         study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=value))
     return study
+
+
+def _choice(choices, raw, name: str, trial) -> object:
+    """The choice that trials.csv wrote as ``raw`` (CSV holds text: 0.01 comes back as '0.01')."""
+    for choice in choices:
+        if str(choice) == raw:
+            return choice
+    number = _float(raw)
+    for choice in choices:
+        if number is not None and not isinstance(choice, (bool, str)) and _float(choice) == number:
+            return choice
+    raise ConfigError(f"trials.csv: {trial} has {name}={raw!r}, which is not one of the choices {list(choices)}")
 
 
 def _widened(distributions: dict, rows: list[dict]) -> dict:
@@ -183,6 +198,17 @@ def param_importances(study) -> dict[str, dict[str, float]]:
     return out
 
 
+def importances_table(importances: dict[str, dict[str, float]]) -> list[str]:
+    """Markdown rows: one column per parameter (in the first evaluator's order), one row per evaluator.
+    Each evaluator returns its own parameters sorted by its own importance, so cells go by name."""
+    params = list(next(iter(importances.values())))
+    lines = ["| evaluator | " + " | ".join(params) + " |", "|---|" + "---|" * len(params)]
+    for name, values in importances.items():
+        cells = [f"{values[p]:.3f}" if p in values else "-" for p in params]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def plot_importances(importances: dict, path: Path) -> bool:
     import matplotlib.pyplot as plt
 
@@ -206,8 +232,11 @@ def write_report(sweep_dir) -> Path:
     sweep_dir = Path(sweep_dir)
     meta, rows = _read_sweep(sweep_dir)
     asha = meta["asha"]
-    lines = [f"# Sweep report: {meta['name']}", "",
-             f"- trials: {len(rows)} ({', '.join(sorted({r['status'] for r in rows}))})",
+    lines = [f"# Sweep report: {meta['name']}", ""]
+    if len(rows) < meta["num_samples"] or any(r["status"] == "interrupted" for r in rows):
+        lines += [f"**Partial: the sweep was interrupted ({len(rows)} of {meta['num_samples']} trials started); "
+                  f"continue it with --resume, then run neoray report again.**", ""]
+    lines += [f"- trials: {len(rows)} ({', '.join(sorted({r['status'] for r in rows}))})",
              f"- ASHA drives on `{meta['metric']}` ({meta['mode']}; {meta['metric_doc']}), time attribute "
              f"`{asha['time_attr']}`, grace period {asha['grace_period']}, reduction factor "
              f"{asha['reduction_factor']}, max_t {asha['max_t']}, rungs {meta['rungs']}",
@@ -223,18 +252,11 @@ def write_report(sweep_dir) -> Path:
                   f"1/{asha['reduction_factor']} are stopped.", "", "![learning curves](learning_curves.png)", ""]
     importances = param_importances(rebuild_study(meta, rows))
     if plot_importances(importances, sweep_dir / "importances.png"):
-        lines += ["## Parameter importances", "", "| evaluator | " + " | ".join(next(iter(importances.values()))) + " |",
-                  "|---|" + "---|" * len(next(iter(importances.values())))]
-        for name, values in importances.items():
-            lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values.values()) + " |")
+        lines += ["## Parameter importances", ""] + importances_table(importances)
         lines += ["", "![parameter importances](importances.png)", ""]
     else:
         lines += ["## Parameter importances", "", "Not available: too few completed trials, or no evaluator could run (see the command's messages).", ""]
-    out = sweep_dir / "report.md"
-    tmp = out.with_name("report.md.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(out)
-    return out
+    return write_text_atomic(sweep_dir / "report.md", "\n".join(lines))
 
 
 def add_arguments(parser) -> None:

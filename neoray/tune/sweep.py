@@ -8,7 +8,8 @@ Layout of a sweep directory (``OUTPUT/NAME``; Tune's experiment directory)::
                           events, checkpoints; the per-epoch history that ``neoray report`` reads
     trials/trial_0001/    the TorchTrainer run of a multi-worker trial (its own checkpoints)
     asha_stopped.json     trials the ASHA scheduler stopped before max_t (its own decisions)
-    trials.csv, trials.md the results table; best_config.yaml the best trial as a training config
+    trials.csv, trials.md the results table; best_config.yaml the best trial as a training config (only
+                          when every trial ended: an interrupted sweep writes a partial table, no best config)
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from neoray.io import write_text_atomic
 from neoray.tune.space import (
     PARAMS, SearchSpace, load_space, optuna_distributions, params_to_overrides, points_to_evaluate,
 )
-from neoray.tune.trainable import PG_RECORD, SCORE, release_worker_pgs, sweep_trainable
+from neoray.tune.trainable import PG_RECORD, SCORE, SCORE_DOC, release_worker_pgs, sweep_trainable
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "experiments" / "configs" / "synthetic_cpu.yaml"
@@ -39,6 +40,10 @@ DATA_HEADROOM_CPUS = 1.0
 # A multi-worker trial's driver only waits on its TorchTrainer; Tune refuses 0, so it asks for a sliver.
 TRAINER_DRIVER_CPUS = 0.01
 MODE = "max"
+# Tune's trial states in which a trial has ended; any other state when fit() returns means an interrupt.
+ENDED = ("TERMINATED", "ERROR")
+# The live trial table's metric columns (result key -> header); Tune's default shows only the first 4 keys.
+TABLE_METRICS = {"epoch": "epoch", "loss": "loss", SCORE: SCORE, "map": "mAP", "map50": "mAP50", "lr": "lr now"}
 
 
 @dataclass
@@ -48,7 +53,8 @@ class SweepOptions:
     num_samples: int | None = None
     max_concurrent: int | None = None  # None: as many trials as the cluster can hold
     workers_per_trial: int | None = None  # None: the config's train.workers
-    gpus_per_worker: float | None = None  # None: 1 if the config says use_gpu, else 0
+    gpus_per_worker: float | None = None  # None: the config's train.gpus_per_worker if use_gpu, else 0
+    autoscale: bool = False  # the cluster adds nodes on demand: do not fail fast on today's resources
     output: str = "sweeps"
     name: str = "sweep_lr"
     resume: bool = False
@@ -70,6 +76,7 @@ class SweepResult:
     rows: list[dict]
     best: dict | None
     best_config_path: Path | None
+    interrupted: bool = False  # fit() returned before every trial ended (Ctrl-C): continue with --resume
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -92,6 +99,8 @@ def resolve_config(opts: SweepOptions) -> Config:
         updates["train.workers"] = opts.workers_per_trial
     if opts.gpus_per_worker is not None:
         updates["train.use_gpu"] = opts.gpus_per_worker > 0
+        if opts.gpus_per_worker > 0:
+            updates["train.gpus_per_worker"] = opts.gpus_per_worker
     if _placeholder(cfg.data.train):
         from neoray.tune.default_data import ensure_default_data
 
@@ -131,35 +140,63 @@ class TrialResources:
     direct: bool  # True: the single-worker path runs the loop inside the trial
 
 
+def worker_gpus(cfg: Config, gpus_per_worker: float | None) -> float:
+    """The GPUs one worker really gets: --gpus-per-worker, which resolve_config also writes into
+    train.gpus_per_worker, the number both the direct path's Tune request and the TorchTrainer's
+    resources_per_worker use, so planning and placement agree (a fraction works on both paths)."""
+    if gpus_per_worker is not None:
+        return float(gpus_per_worker)
+    return float(cfg.train.gpus_per_worker) if cfg.train.use_gpu else 0.0
+
+
 def plan_resources(cfg: Config, gpus_per_worker: float | None, max_concurrent: int | None,
-                   cluster: dict) -> TrialResources:
+                   cluster: dict, nodes: list[dict] | None = None, autoscale: bool = False) -> TrialResources:
     """Size each trial and the concurrency so that every admitted trial can place all its workers.
 
-    Fails fast (ConfigError) when one trial cannot fit the cluster at all: otherwise its Train workers
-    wait for resources forever and the sweep hangs without an error.
+    ``cluster`` is ray.cluster_resources(); ``nodes`` the resources of each alive node. On a fixed cluster
+    this fails fast (ConfigError) when one trial cannot fit, in total or because no single node holds one
+    worker: otherwise its Train workers wait for resources forever and the sweep hangs without an error.
+    With ``autoscale`` today's resources say nothing about tomorrow's, so nothing is refused: a trial that
+    does not fit waits for the autoscaler (Tune keeps it pending; a TorchTrainer retries its worker group).
     """
     workers, cpw = cfg.train.workers, cfg.train.cpus_per_worker
-    gpw = gpus_per_worker if gpus_per_worker is not None else (1.0 if cfg.train.use_gpu else 0.0)
     direct = workers == 1
+    gpw = worker_gpus(cfg, gpus_per_worker)
     trial_cpus = workers * cpw + (0.0 if direct else TRAINER_DRIVER_CPUS)
     trial_gpus = workers * gpw
     have_cpus, have_gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
     usable_cpus = have_cpus - DATA_HEADROOM_CPUS
-    if trial_cpus > usable_cpus + 1e-9:
-        raise ConfigError(
-            f"one trial needs {trial_cpus:g} CPUs ({workers} workers x {cpw:g} train.cpus_per_worker) plus "
-            f"{DATA_HEADROOM_CPUS:g} for Ray Data, but the cluster has {have_cpus:g}; lower --workers-per-trial "
-            f"or train.cpus_per_worker, or add nodes")
-    if trial_gpus > have_gpus + 1e-9:
-        raise ConfigError(
-            f"one trial needs {trial_gpus:g} GPUs ({workers} workers x {gpw:g} --gpus-per-worker), but the "
-            f"cluster has {have_gpus:g}; lower --workers-per-trial or --gpus-per-worker, or add GPU nodes")
-    fit = math.floor(usable_cpus / trial_cpus + 1e-9)
+    opt_in = "; if the cluster autoscales (ray up cluster.yaml), pass --autoscale to let trials wait for new nodes"
+    if max_concurrent is not None and max_concurrent < 1:
+        raise ConfigError("--max-concurrent must be >= 1")
+    if not autoscale:
+        if trial_cpus > usable_cpus + 1e-9:
+            raise ConfigError(
+                f"one trial needs {trial_cpus:g} CPUs ({workers} workers x {cpw:g} train.cpus_per_worker) plus "
+                f"{DATA_HEADROOM_CPUS:g} for Ray Data, but the cluster has {have_cpus:g}; lower --workers-per-trial "
+                f"or train.cpus_per_worker, or add nodes{opt_in}")
+        if trial_gpus > have_gpus + 1e-9:
+            raise ConfigError(
+                f"one trial needs {trial_gpus:g} GPUs ({workers} workers x {gpw:g} --gpus-per-worker), but the "
+                f"cluster has {have_gpus:g}; lower --workers-per-trial or --gpus-per-worker, or add GPU nodes{opt_in}")
+        # One worker is one bundle, placed on one node: cluster totals can hide that no node is big enough.
+        if nodes is not None and not any(n.get("CPU", 0) + 1e-9 >= cpw and n.get("GPU", 0) + 1e-9 >= gpw
+                                         for n in nodes):
+            raise ConfigError(
+                f"one worker needs {cpw:g} CPUs and {gpw:g} GPUs on a single node, but no node has that (largest: "
+                f"{max((n.get('CPU', 0) for n in nodes), default=0):g} CPUs, "
+                f"{max((n.get('GPU', 0) for n in nodes), default=0):g} GPUs); lower train.cpus_per_worker or "
+                f"--gpus-per-worker, or add a bigger node{opt_in}")
+    fit = math.floor(max(usable_cpus, 0.0) / trial_cpus + 1e-9) if trial_cpus > 0 else 1
     if trial_gpus > 0:
         fit = min(fit, math.floor(have_gpus / trial_gpus + 1e-9))
-    if max_concurrent is not None:
-        if max_concurrent < 1:
-            raise ConfigError("--max-concurrent must be >= 1")
+    if autoscale:
+        # The autoscaler adds nodes for pending trials; without --max-concurrent, admit what fits today
+        # (at least one) rather than guess the cluster's maximum.
+        fit = max_concurrent if max_concurrent is not None else max(1, fit)
+        print(f"[neoray] --autoscale: trials that do not fit today's cluster ({have_cpus:g} CPUs, {have_gpus:g} "
+              f"GPUs) wait for the autoscaler; up to {fit} at a time", flush=True)
+    elif max_concurrent is not None:
         if max_concurrent > fit:
             print(f"[neoray] --max-concurrent {max_concurrent} lowered to {fit}: more trials than that cannot "
                   f"place their workers on this cluster", flush=True)
@@ -169,6 +206,12 @@ def plan_resources(cfg: Config, gpus_per_worker: float | None, max_concurrent: i
     else:
         request = {"cpu": TRAINER_DRIVER_CPUS}  # the trial's TorchTrainer places its own workers
     return TrialResources(request, trial_cpus, trial_gpus, max(1, fit), direct)
+
+
+def _alive_nodes() -> list[dict]:
+    import ray
+
+    return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -200,7 +243,18 @@ class RecordingASHA(AsyncHyperBandScheduler):
             stopped = json.loads(path.read_text()) if path.exists() else {}
             stopped[str(trial)] = {self._time_attr: t, SCORE: result.get(SCORE)}
             write_text_atomic(path, json.dumps(stopped, indent=2))
+            print(f"[neoray] ASHA stopped {trial} at {self._time_attr} {t} ({SCORE} {_fmt(result.get(SCORE))})",
+                  flush=True)
         return action
+
+
+class AnnounceTrials(tune.Callback):
+    """One line when a trial starts (or restarts), with its parameters: the live table Tune prints every
+    30 s (see _progress_reporter) says nothing about starts."""
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in trial.config.items())
+        print(f"[neoray] {trial} started: {params}", flush=True)
 
 
 class ReleaseTrainPlacementGroups(tune.Callback):
@@ -219,6 +273,19 @@ class ReleaseTrainPlacementGroups(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._release(trial)
+
+
+def _progress_reporter(space: SearchSpace):
+    """Tune's live trial table with the columns that matter (TABLE_METRICS) and the searched parameters.
+    Tune 2.60's default output infers its columns from the first 4 result keys (epoch, step, lr, loss)
+    and ignores a progress reporter; run_sweep selects the output that honours this one
+    (RAY_AIR_NEW_OUTPUT=0)."""
+    from ray.tune import CLIReporter
+
+    # print_intermediate_tables: its default follows Tune's global verbosity when the reporter is made,
+    # which the previous fit() in this process left at 1 (no table at all).
+    return CLIReporter(metric_columns=dict(TABLE_METRICS), parameter_columns=list(space.params),
+                       max_report_frequency=30, sort_by_metric=False, print_intermediate_tables=True)
 
 
 def _make_scheduler(space: SearchSpace, max_t: int, record_path: Path) -> RecordingASHA:
@@ -276,7 +343,9 @@ def _build_tuner(cfg: Config, space: SearchSpace, opts: SweepOptions, resources:
             name=opts.name, storage_path=str(sweep_dir.parent),
             failure_config=tune.FailureConfig(max_failures=opts.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[ReleaseTrainPlacementGroups()],
+            callbacks=[ReleaseTrainPlacementGroups(), AnnounceTrials()],
+            progress_reporter=_progress_reporter(space),
+            verbose=1,  # the trial table and experiment messages, not every result of every trial
         ),
     )
 
@@ -318,19 +387,43 @@ def _status(tune_status: str, name: str, asha_stopped: dict) -> str:
         return "errored"
     if tune_status == "TERMINATED":
         return "stopped early (ASHA)" if name in asha_stopped else "finished"
-    return tune_status.lower()  # pending / running / paused: the sweep was interrupted
+    return "interrupted"  # pending / running / paused when fit() returned: Ctrl-C
 
 
-def collect_rows(result_grid, sweep_dir: Path, space_params) -> list[dict]:
-    """One row per trial, from Tune's own trial state and each trial's on-disk history."""
+def saved_trial_status(sweep_dir: Path) -> dict[str, str]:
+    """{trial: Tune status} from Tune's newest experiment-state file; {} if there is none.
+
+    After Ctrl-C, Tune saves this state and only then stops the running trials, marking them TERMINATED
+    in memory: the ResultGrid then shows an interrupted trial as ended, the saved state does not.
+    """
+    states = sorted(Path(sweep_dir).glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    if not states:
+        return {}
+    out = {}
+    for trial_json, _runtime in json.loads(states[-1].read_text()).get("trial_data", []):
+        trial = json.loads(trial_json)
+        out[trial.get("custom_dirname") or trial.get("relative_logdir")] = trial.get("status")
+    return out
+
+
+def sweep_interrupted(statuses: dict[str, str], num_samples: int) -> bool:
+    """True when fit() returned before the sweep's end: a trial that has not ended, or trials the searcher
+    never created (Ctrl-C between two trials)."""
+    return len(statuses) < num_samples or any(status not in ENDED for status in statuses.values())
+
+
+def collect_rows(result_grid, sweep_dir: Path, space_params, saved_status: dict | None = None) -> list[dict]:
+    """One row per trial, from Tune's trial state (``saved_status`` where given, see saved_trial_status)
+    and each trial's on-disk history."""
     stopped_path = sweep_dir / "asha_stopped.json"
     asha_stopped = json.loads(stopped_path.read_text()) if stopped_path.exists() else {}
+    saved_status = saved_status or {}
     rows = []
     for trial in result_grid._experiment_analysis.trials:  # Trial objects carry Tune's status
         name = str(trial)
         history = _history(sweep_dir / name)
         last = history[-1] if history else {}
-        row = {"trial": name, "status": _status(trial.status, name, asha_stopped)}
+        row = {"trial": name, "status": _status(saved_status.get(name, trial.status), name, asha_stopped)}
         for param in space_params:
             row[param] = trial.config.get(param)
         row.update({
@@ -421,6 +514,9 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
     from ray import tune
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # Tune's legacy console output: the only one in Ray 2.60 that honours a progress reporter's columns
+    # (see _progress_reporter). Read when fit() starts, in this driver only.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     cfg = resolve_config(opts)
     space = resolve_space(opts)
     sweep_dir = opts.sweep_dir
@@ -432,7 +528,6 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
     _ensure_ray()
     import ray
 
-    resources = plan_resources(cfg, opts.gpus_per_worker, opts.max_concurrent, ray.cluster_resources())
     sweep_dir.mkdir(parents=True, exist_ok=True)
     meta_path = sweep_dir / "sweep.json"
     if opts.resume and meta_path.exists():
@@ -442,9 +537,11 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
         resources = TrialResources(**meta["resources"])
         opts.fail, opts.loop = meta.get("test_hooks", {}).get("fail"), meta.get("test_hooks", {}).get("loop")
     else:
+        resources = plan_resources(cfg, opts.gpus_per_worker, opts.max_concurrent, ray.cluster_resources(),
+                                   nodes=_alive_nodes(), autoscale=opts.autoscale)
         meta = {
             "name": opts.name, "metric": SCORE, "mode": MODE,
-            "metric_doc": "score = map on evaluation epochs, else -val_loss, else -loss",
+            "metric_doc": SCORE_DOC,
             "asha": {**asdict(space.asha), "max_t": _max_t(cfg, space)},
             "rungs": asha_rungs(space.asha.grace_period, space.asha.reduction_factor, _max_t(cfg, space)),
             "params": space.params, "seed": space.seed, "num_samples": space.num_samples,
@@ -453,11 +550,12 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
             "test_hooks": {"fail": opts.fail, "loop": opts.loop},
         }
         write_text_atomic(meta_path, json.dumps(meta, indent=2, default=str))
+    num_samples = meta["num_samples"]
     path = "direct (training loop inside the trial)" if resources.direct else "TorchTrainer per trial"
-    print(f"[neoray] sweep {sweep_dir}: {space.num_samples} trials, up to {resources.max_concurrent} at a time, "
+    print(f"[neoray] sweep {sweep_dir}: {num_samples} trials, up to {resources.max_concurrent} at a time, "
           f"{cfg.train.workers} worker(s) per trial, {path}", flush=True)
-    print(f"[neoray] ASHA stops trials early on '{SCORE}' (max; = map on evaluation epochs, else -val_loss, "
-          f"else -loss) at {meta['asha']['time_attr']} rungs {meta['rungs']}", flush=True)
+    print(f"[neoray] ASHA stops trials early on '{SCORE}' (max; {SCORE_DOC}) at {meta['asha']['time_attr']} "
+          f"rungs {meta['rungs']}", flush=True)
 
     if opts.resume:
         tuner = tune.Tuner.restore(str(sweep_dir), trainable=_trainable(resources, _setup(cfg, opts)),
@@ -465,15 +563,29 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
                                    resume_errored=True)
     else:
         tuner = _build_tuner(cfg, space, opts, resources)
+    # Tune catches Ctrl-C itself and returns from fit() as if the sweep had ended; its saved state tells.
     result_grid = tuner.fit()
+    saved = saved_trial_status(sweep_dir) or {str(t): t.status for t in result_grid._experiment_analysis.trials}
+    interrupted = sweep_interrupted(saved, num_samples)
 
-    rows = collect_rows(result_grid, sweep_dir, list(meta["params"]))
+    rows = collect_rows(result_grid, sweep_dir, list(meta["params"]), saved_status=saved)
     write_text_atomic(sweep_dir / "trials.csv", rows_to_csv(rows))
     table = rows_to_markdown(rows)
+    if interrupted:
+        ended = sum(status in ENDED for status in saved.values())
+        table = (f"**Partial results: the sweep was interrupted with {ended} of {num_samples} trials ended; "
+                 f"continue it with --resume.**\n\n") + table
     write_text_atomic(sweep_dir / "trials.md", table)
     print("\n" + table, flush=True)
     best = best_row(rows)
     best_path = None
+    if interrupted:
+        # Not a result yet: best_config.yaml is written only when every trial has ended.
+        if best is not None:
+            print(f"[neoray] best trial so far {best['trial']}: mAP {_fmt(best['best_map'])}, "
+                  f"mAP50 {_fmt(best['best_map50'])}; no best_config.yaml until the sweep ends", flush=True)
+        print(f"[neoray] sweep interrupted; partial results: {sweep_dir}/trials.md", flush=True)
+        return SweepResult(sweep_dir, rows, best, None, interrupted=True)
     if best is not None:
         best_path = sweep_dir / "best_config.yaml"
         export_best_config(cfg, best, best_path, opts.name)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
+from pathlib import Path
 
 from neoray.config import ConfigError
 
@@ -20,7 +22,12 @@ def add_arguments(parser) -> None:
                         help="Ray Train workers per trial (default: the config's train.workers); 1 runs the "
                              "training loop inside the trial, more run a TorchTrainer per trial")
     parser.add_argument("--gpus-per-worker", type=float, default=None,
-                        help="GPUs per worker (default: 1 if train.use_gpu, else 0)")
+                        help="GPUs per worker (default: 1 if train.use_gpu, else 0); a fraction only with "
+                             "--workers-per-trial 1 (a TorchTrainer worker gets a whole GPU)")
+    parser.add_argument("--autoscale", action="store_true",
+                        help="the cluster adds nodes on demand (ray up cluster.yaml): do not refuse trials that "
+                             "do not fit today's nodes; they wait for the autoscaler. Without it, a trial that "
+                             "cannot fit the cluster is refused at start")
     parser.add_argument("--output", default="sweeps", help="parent directory of sweeps (default ./sweeps)")
     parser.add_argument("--name", default="sweep_lr", help="sweep name; results go to OUTPUT/NAME")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep OUTPUT/NAME")
@@ -39,8 +46,17 @@ def options_from_args(args):
         config=args.config, space=args.space, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
         workers_per_trial=args.workers_per_trial, gpus_per_worker=args.gpus_per_worker, output=args.output,
         name=args.name, resume=args.resume, overrides=list(args.overrides), grace_period=args.grace_period,
-        reduction_factor=args.reduction_factor, max_failures=args.max_failures,
+        reduction_factor=args.reduction_factor, max_failures=args.max_failures, autoscale=args.autoscale,
     )
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues this sweep: the same one with --resume."""
+    program = ["python", argv[0]] if argv[0].endswith(".py") else [Path(argv[0]).name]
+    args = list(argv[1:])
+    if "--resume" not in args:
+        args.append("--resume")
+    return shlex.join(program + args)
 
 
 def run(args) -> int:
@@ -51,4 +67,7 @@ def run(args) -> int:
     except ConfigError as exc:
         print(f"neoray sweep: error: {exc}", file=sys.stderr)
         return 2
+    if result.interrupted:  # Ctrl-C: Tune saved its state and returned; 130 is the shell's code for SIGINT
+        print(f"sweep interrupted; continue with: {resume_command(sys.argv)}", file=sys.stderr, flush=True)
+        return 130
     return 0 if result.best is not None else 1

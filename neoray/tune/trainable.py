@@ -16,8 +16,8 @@ comes through ``tune.with_parameters`` as ``setup``::
      "fail": [{"trial": "trial_0002", "times": 1}],  # test-only fault injection (optional)
      "loop": "module:function"}                      # test-only training function (optional)
 
-ASHA and OptunaSearch read one key, ``score``: ``map`` on evaluation epochs, otherwise ``-val_loss``, otherwise
-``-loss`` (higher is better in all three cases).
+ASHA and OptunaSearch read one key, ``score`` (``SCORE_DOC``; higher is better in every case). The engine
+computes no validation loss today, so on epochs without evaluation the score is minus the training loss.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ from neoray.config import Config, apply_overrides, from_dict
 from neoray.tune.space import params_to_overrides
 
 SCORE = "score"
+# What ``with_score`` computes, in words: printed at the start of a sweep and stored in sweep.json.
+SCORE_DOC = "score = map on evaluation epochs, else -val_loss if present, else -training loss"
 PG_RECORD = "train_placement_groups.txt"  # ids of a trial's Train worker placement groups
 
 
