@@ -13,7 +13,7 @@ import yaml
 from neoray.config import load_config
 from neoray.tune import sweep_cmd
 from neoray.tune.sweep import (
-    SweepOptions, SweepResult, collect_rows, run_sweep, saved_trial_status, sweep_interrupted,
+    SweepOptions, SweepResult, collect_rows, run_sweep, sweep_interrupted,
 )
 from neoray.tune.trainable import SCORE_DOC, with_score
 
@@ -54,38 +54,40 @@ def test_score_is_what_the_startup_line_says():
     assert with_score({"map": 0.4, "val_loss": 1.5, "loss": 2.0, "evaluated": 0})["score"] == -1.5
 
 
-def _write_state(sweep_dir, statuses, name="experiment_state-2026-01-01_00-00-00.json"):
-    """An experiment-state file as Tune writes it (only the fields that saved_trial_status reads)."""
-    trial_data = [[json.dumps({"custom_dirname": trial, "status": status}), "{}"]
-                  for trial, status in statuses.items()]
-    (sweep_dir / name).write_text(json.dumps({"trial_data": trial_data, "runner_data": {}}))
-
-
 class _FakeTrial:
-    """What collect_rows reads of a Tune Trial after fit(): Tune had marked every trial TERMINATED."""
+    """What collect_rows and sweep_interrupted read of a Tune Trial after fit()."""
 
-    def __init__(self, name):
-        self.name, self.status, self.config, self.num_failures, self.local_path = name, "TERMINATED", {"lr": 0.1}, 0, ""
+    def __init__(self, name, status="TERMINATED", done=True):
+        self.name, self.status, self.config, self.num_failures, self.local_path = name, status, {"lr": 0.1}, 0, ""
+        self.last_result = {"done": done}
 
     def __str__(self):
         return self.name
 
 
-def test_interrupted_sweep_is_told_from_tunes_saved_state(tmp_path):
-    # Ctrl-C during trial_0002: Tune saved it RUNNING, then marked it TERMINATED in memory when it
-    # stopped it, so the ResultGrid alone would report a finished sweep.
-    _write_state(tmp_path, {"trial_0001": "TERMINATED", "trial_0002": "RUNNING", "trial_0003": "PENDING"})
-    saved = saved_trial_status(tmp_path)
-    assert saved == {"trial_0001": "TERMINATED", "trial_0002": "RUNNING", "trial_0003": "PENDING"}
-    assert sweep_interrupted(saved, 3)
-    assert sweep_interrupted({"trial_0001": "TERMINATED"}, 3)  # Ctrl-C before the searcher made trial 2
-    assert not sweep_interrupted({"trial_0001": "TERMINATED", "trial_0002": "ERROR", "trial_0003": "TERMINATED"}, 3)
+def test_interrupted_sweep_is_told_from_each_trials_own_end():
+    # After Ctrl-C Tune marks the trials it stops TERMINATED, like finished ones, but their last result is
+    # not done (checked against Ray 2.60: SIGINT to a running Tuner.fit()).
+    finished = _FakeTrial("trial_0001")
+    stopped_by_ctrl_c = _FakeTrial("trial_0002", done=False)
+    pending = _FakeTrial("trial_0003", status="PENDING", done=False)
+    asha = {"trial_0004": {"epoch": 1}}
+    asha_stopped = _FakeTrial("trial_0004", done=False)  # stopped by the scheduler: ended on our terms
+    errored = _FakeTrial("trial_0005", status="ERROR", done=False)
+    assert not sweep_interrupted([finished, asha_stopped, errored], asha, 3)
+    assert sweep_interrupted([finished, stopped_by_ctrl_c, errored], asha, 3)
+    assert sweep_interrupted([finished, asha_stopped, pending], asha, 3)
+    assert sweep_interrupted([finished], asha, 3)  # Ctrl-C before the searcher made trial 2
 
+
+def test_collect_rows_names_how_each_trial_ended(tmp_path):
     (tmp_path / "asha_stopped.json").write_text(json.dumps({"trial_0001": {"epoch": 1}}))
-    trials = [_FakeTrial(name) for name in ("trial_0001", "trial_0002", "trial_0003")]  # all TERMINATED
+    trials = [_FakeTrial("trial_0001", done=False), _FakeTrial("trial_0002", done=False),
+              _FakeTrial("trial_0003", status="PENDING", done=False), _FakeTrial("trial_0004"),
+              _FakeTrial("trial_0005", status="ERROR", done=False)]
     grid = SimpleNamespace(_experiment_analysis=SimpleNamespace(trials=trials))
-    rows = collect_rows(grid, tmp_path, ["lr"], saved_status=saved)
-    assert [r["status"] for r in rows] == ["stopped early (ASHA)", "interrupted", "interrupted"]
+    rows = collect_rows(grid, tmp_path, ["lr"])
+    assert [r["status"] for r in rows] == ["stopped early (ASHA)", "interrupted", "interrupted", "finished", "errored"]
 
 
 def test_interrupted_sweep_exits_130_with_the_resume_command(monkeypatch, capsys, tmp_path):

@@ -41,7 +41,6 @@ DATA_HEADROOM_CPUS = 1.0
 TRAINER_DRIVER_CPUS = 0.01
 MODE = "max"
 # Tune's trial states in which a trial has ended; any other state when fit() returns means an interrupt.
-ENDED = ("TERMINATED", "ERROR")
 # The live trial table's metric columns (result key -> header); Tune's default shows only the first 4 keys.
 TABLE_METRICS = {"epoch": "epoch", "loss": "loss", SCORE: SCORE, "map": "mAP", "map50": "mAP50", "lr": "lr now"}
 
@@ -382,48 +381,41 @@ def _best(values) -> float | None:
     return max(finite) if finite else None
 
 
-def _status(tune_status: str, name: str, asha_stopped: dict) -> str:
-    if tune_status == "ERROR":
+def trial_ended(trial, asha_stopped: dict) -> bool:
+    """Whether a trial ended on its own terms: errored, stopped by ASHA, or its training function returned
+    (Tune then sets ``done`` in its last result, also when a stop criterion ended it). After Ctrl-C, Tune
+    marks the trials it stops TERMINATED as well, but their last result is not ``done``."""
+    return trial.status == "ERROR" or str(trial) in asha_stopped or bool((trial.last_result or {}).get("done"))
+
+
+def _status(trial, asha_stopped: dict) -> str:
+    if trial.status == "ERROR":
         return "errored"
-    if tune_status == "TERMINATED":
-        return "stopped early (ASHA)" if name in asha_stopped else "finished"
-    return "interrupted"  # pending / running / paused when fit() returned: Ctrl-C
+    if not trial_ended(trial, asha_stopped):
+        return "interrupted"  # pending, running or stopped by Ctrl-C when fit() returned
+    return "stopped early (ASHA)" if str(trial) in asha_stopped else "finished"
 
 
-def saved_trial_status(sweep_dir: Path) -> dict[str, str]:
-    """{trial: Tune status} from Tune's newest experiment-state file; {} if there is none.
-
-    After Ctrl-C, Tune saves this state and only then stops the running trials, marking them TERMINATED
-    in memory: the ResultGrid then shows an interrupted trial as ended, the saved state does not.
-    """
-    states = sorted(Path(sweep_dir).glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
-    if not states:
-        return {}
-    out = {}
-    for trial_json, _runtime in json.loads(states[-1].read_text()).get("trial_data", []):
-        trial = json.loads(trial_json)
-        out[trial.get("custom_dirname") or trial.get("relative_logdir")] = trial.get("status")
-    return out
+def read_asha_stopped(sweep_dir: Path) -> dict:
+    path = Path(sweep_dir) / "asha_stopped.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
-def sweep_interrupted(statuses: dict[str, str], num_samples: int) -> bool:
-    """True when fit() returned before the sweep's end: a trial that has not ended, or trials the searcher
-    never created (Ctrl-C between two trials)."""
-    return len(statuses) < num_samples or any(status not in ENDED for status in statuses.values())
+def sweep_interrupted(trials: list, asha_stopped: dict, num_samples: int) -> bool:
+    """True when fit() returned before the sweep's end: a trial that has not ended on its own terms, or
+    trials the searcher never created (Ctrl-C between two trials)."""
+    return len(trials) < num_samples or not all(trial_ended(t, asha_stopped) for t in trials)
 
 
-def collect_rows(result_grid, sweep_dir: Path, space_params, saved_status: dict | None = None) -> list[dict]:
-    """One row per trial, from Tune's trial state (``saved_status`` where given, see saved_trial_status)
-    and each trial's on-disk history."""
-    stopped_path = sweep_dir / "asha_stopped.json"
-    asha_stopped = json.loads(stopped_path.read_text()) if stopped_path.exists() else {}
-    saved_status = saved_status or {}
+def collect_rows(result_grid, sweep_dir: Path, space_params) -> list[dict]:
+    """One row per trial, from Tune's trial state and each trial's on-disk history."""
+    asha_stopped = read_asha_stopped(sweep_dir)
     rows = []
     for trial in result_grid._experiment_analysis.trials:  # Trial objects carry Tune's status
         name = str(trial)
         history = _history(sweep_dir / name)
         last = history[-1] if history else {}
-        row = {"trial": name, "status": _status(saved_status.get(name, trial.status), name, asha_stopped)}
+        row = {"trial": name, "status": _status(trial, asha_stopped)}
         for param in space_params:
             row[param] = trial.config.get(param)
         row.update({
@@ -563,16 +555,17 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
                                    resume_errored=True)
     else:
         tuner = _build_tuner(cfg, space, opts, resources)
-    # Tune catches Ctrl-C itself and returns from fit() as if the sweep had ended; its saved state tells.
+    # Tune catches Ctrl-C itself and returns from fit() as if the sweep had ended (see trial_ended).
     result_grid = tuner.fit()
-    saved = saved_trial_status(sweep_dir) or {str(t): t.status for t in result_grid._experiment_analysis.trials}
-    interrupted = sweep_interrupted(saved, num_samples)
+    trials = result_grid._experiment_analysis.trials  # Trial objects: status and last result
+    asha_stopped = read_asha_stopped(sweep_dir)
+    interrupted = sweep_interrupted(trials, asha_stopped, num_samples)
 
-    rows = collect_rows(result_grid, sweep_dir, list(meta["params"]), saved_status=saved)
+    rows = collect_rows(result_grid, sweep_dir, list(meta["params"]))
     write_text_atomic(sweep_dir / "trials.csv", rows_to_csv(rows))
     table = rows_to_markdown(rows)
     if interrupted:
-        ended = sum(status in ENDED for status in saved.values())
+        ended = sum(trial_ended(t, asha_stopped) for t in trials)
         table = (f"**Partial results: the sweep was interrupted with {ended} of {num_samples} trials ended; "
                  f"continue it with --resume.**\n\n") + table
     write_text_atomic(sweep_dir / "trials.md", table)
