@@ -156,3 +156,42 @@ def test_schema_constant_matches_architecture():
                             "scale", "pad_x", "pad_y", "boxes", "labels", "iscrowd", "areas", "ann_ids"]
     assert SCHEMA.field("boxes").type == pa.list_(pa.list_(pa.float32(), 4))
     assert json.dumps(str(SCHEMA.field("labels").type)) == '"list<item: int32>"'
+
+
+def _drop_label(manifest):
+    del manifest["categories"][1]["label"]
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda m: m.update(size=["160", "90"]), "'size' must be [width, height] as two positive integers"),
+    (lambda m: m.update(size=[160, 90, 3]), "'size' must be [width, height]"),
+    (lambda m: m.update(size=[160, True]), "'size' must be [width, height]"),
+    (_drop_label, "categories[1]: expected {'id': int, 'name': str, 'label': int}"),
+    (lambda m: m["categories"][0].update(label=5), "category labels [1, 2, 5] are not 0..2"),
+    (lambda m: m["categories"][0].update(name=None), "categories[0]: expected"),
+    (lambda m: m["shards"][0].update(rows="4"), "shards[0]: expected"),
+    (lambda m: m["shards"][0].update(file="../shard-00000.parquet"), "'file' must be a plain file name"),
+    (lambda m: m.update(num_boxes=-1), "'num_boxes' missing or not a non-negative int"),
+    (lambda m: m.update(skipped=["images"]), "'skipped' must be an object"),
+], ids=["size-strings", "size-three", "size-bool", "no-label", "labels-gap", "name-null", "rows-string",
+        "file-path", "num-boxes", "skipped-list"])
+def test_hand_edited_manifest_is_a_problem_not_a_traceback(shard_copy, capsys, edit, expected):
+    path = shard_copy / "_manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    problems = check_shards(shard_copy).problems
+    assert len(problems) == 1 and expected in problems[0] and "\n" not in problems[0]
+    assert str(path) in problems[0]
+    assert main(["check", str(shard_copy)]) == 1
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+
+
+def test_manifest_that_is_not_a_regular_file_is_a_problem(shard_copy):
+    import os
+
+    (shard_copy / "_manifest.json").unlink()
+    os.mkfifo(shard_copy / "_manifest.json")  # never opened: it would block
+    problems = check_shards(shard_copy).problems
+    assert len(problems) == 1 and "not a regular file" in problems[0]

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import shutil
+import signal
+import stat
+import struct
+import zlib
 from pathlib import Path
 
 import cv2
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from neoray import storage
 from neoray.cli import main
 from neoray.data import prepare as prepare_module
 from neoray.data import sources as src
@@ -29,8 +38,10 @@ def _synth(tmp_path: Path, n: int = 8, aspect_mix: bool = False) -> tuple[Path, 
     return out["train_annotations"], out["train_images"]
 
 
-def _rows(shard_dir: Path) -> list[dict]:
-    return [row for path in shard_files(shard_dir) for row in pq.read_table(path).to_pylist()]
+def _rows(shard_dir) -> list[dict]:
+    """Every row of a shard directory (local or a URI), in manifest order."""
+    return [row for path in shard_files(shard_dir)
+            for row in pq.read_table(pa.BufferReader(storage.read_bytes(path))).to_pylist()]
 
 
 def _assert_consistent(result) -> None:
@@ -43,9 +54,10 @@ def _assert_consistent(result) -> None:
     rows = _rows(result.out_dir)
     assert len(rows) == counts["images_written"] == manifest["num_images"]
     assert sum(len(r["boxes"]) for r in rows) == counts["annotations_written"] == manifest["num_boxes"]
-    assert json.loads(result.report_path.read_text()) == result.report
+    assert storage.read_json(result.report_path) == result.report
     assert read_manifest(result.out_dir) == json.loads(json.dumps(manifest))
-    assert not [p for p in result.out_dir.iterdir() if ".tmp" in p.name]  # atomic writes leave no temp files
+    assert not [e for e in storage.list_dir(result.out_dir) if ".tmp" in e.name]  # atomic writes leave none
+    assert sum(manifest["warnings"].values()) == len([e for e in result.report if src.is_warning(e)])
 
 
 def _entries(result, reason: str) -> list[dict]:
@@ -196,8 +208,9 @@ def test_bad_input_is_reported_and_counted(tmp_path, monkeypatch, mutate, reason
     ann_path.write_text(json.dumps(coco))  # NaN is written as the (non-standard, accepted) NaN literal
 
     opened = []
-    real_decode = prepare_module._decode
-    monkeypatch.setattr(prepare_module, "_decode", lambda path: opened.append(Path(path)) or real_decode(path))
+    real_read = prepare_module._read_file
+    monkeypatch.setattr(prepare_module, "_read_file",
+                        lambda path, max_bytes: opened.append(Path(path)) or real_read(path, max_bytes))
     result = prepare_coco(ann_path, image_dir, tmp_path / "out", size=SIZE, workers=1)
 
     _assert_consistent(result)
@@ -264,7 +277,7 @@ def test_bad_declared_size_uses_the_real_size_and_is_reported(tmp_path, capsys, 
     ann_path.write_text(json.dumps(coco))
     code = main(["prepare", "--coco", str(ann_path), "--images", str(image_dir), "--out", str(tmp_path / "out"),
                  "--size", "160x90", "--workers", "1"])
-    assert code == 0 and "prepared 4 images (0 skipped)" in capsys.readouterr().out  # the run goes on
+    assert code == 0 and "prepared 4 images (0 skipped," in capsys.readouterr().out  # the run goes on
     report = json.loads((tmp_path / "out" / "_report.json").read_text())
     assert [(e["reason"], e["action"], e["image_id"], e["file_name"]) for e in report] == [
         (src.IMAGE_SIZE_INVALID, src.USE_REAL_SIZE, img["id"], img["file_name"])]
@@ -450,10 +463,13 @@ def test_manifest_contents(tmp_path):
                                       {"id": 3, "name": "outlined_rectangle", "label": 1},
                                       {"id": 7, "name": "ellipse", "label": 2}]
     assert [s["rows"] for s in manifest["shards"]] == [3, 3, 1]
-    assert shard_files(tmp_path / "out") == [tmp_path / "out" / f"shard-0000{i}.parquet" for i in range(3)]
+    assert shard_files(tmp_path / "out") == [str(tmp_path / "out" / f"shard-0000{i}.parquet") for i in range(3)]
     assert manifest["options"]["quality"] == 80 and manifest["options"]["source"] == "coco"
-    assert set(manifest["counts"]) == {"images_in", "images_written", "images_skipped", "annotations_in",
-                                       "annotations_written", "annotations_skipped", "annotations_clipped"}
+    assert set(manifest["counts"]) == {"images_in", "images_written", "images_skipped", "images_without_boxes",
+                                       "images_without_label_file", "annotations_in", "annotations_written",
+                                       "annotations_skipped", "annotations_clipped"}
+    assert manifest["counts"]["images_without_boxes"] == 0 and manifest["warnings"] == {}
+    assert manifest["skipped"] == {"images": {}, "annotations": {}, "categories": {}}
     for path in shard_files(tmp_path / "out"):
         assert pq.read_schema(path).equals(SCHEMA)
     assert result.exit_code() == 0 and result.exit_code(strict=True) == 0
@@ -667,3 +683,304 @@ def test_process_pool_writes_the_same_shards(tmp_path):
     two = prepare_coco(ann_path, image_dir, tmp_path / "two", size=SIZE, workers=2, rows_per_shard=3)
     assert [s["sha256"] for s in two.manifest["shards"]] == [s["sha256"] for s in one.manifest["shards"]]
     _assert_consistent(two)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading the image files: only regular files, with a size cap and a pixel limit
+# ----------------------------------------------------------------------------------------------------
+
+
+class _Hung(BaseException):
+    """Not an OSError (as TimeoutError is): no ``except OSError`` in the code under test may swallow it."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float):
+    """Fail instead of hanging (a FIFO opened for reading blocks until someone writes to it)."""
+    def fail(*_):
+        raise _Hung(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _replace_with_fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+def _replace_with_link_to_device(path: Path) -> None:
+    path.unlink()
+    os.symlink("/dev/zero", path)
+
+
+@pytest.mark.parametrize("replace", [_replace_with_fifo, _replace_with_link_to_device], ids=["fifo", "dev-zero"])
+def test_special_files_are_skipped_not_read(tmp_path, replace):
+    ann_path, image_dir = _synth(tmp_path, n=4)
+    replace(image_dir / "000002.jpg")
+    with _deadline(30):
+        result = prepare_coco(ann_path, image_dir, tmp_path / "out", size=SIZE, workers=1)
+    _assert_consistent(result)
+    assert [(e["file_name"], e["reason"], e["action"]) for e in result.report] == [
+        ("000002.jpg", src.IMAGE_NOT_REGULAR, src.SKIP_IMAGE)]
+    assert result.counts["images_written"] == 3 and result.manifest["skipped"]["images"] == {src.IMAGE_NOT_REGULAR: 1}
+
+
+def test_yolo_counts_special_files_as_skipped_images(tmp_path):
+    ann_path, image_dir = _synth(tmp_path, n=3)
+    root = _write_yolo_copy(ann_path, image_dir, tmp_path / "yolo")
+    os.mkfifo(root / "images" / "train" / "fifo.jpg")
+    os.symlink("/dev/zero", root / "images" / "train" / "zero.jpg")
+    with _deadline(30):
+        result = prepare_yolo(root, tmp_path / "out", size=SIZE, workers=1)
+    _assert_consistent(result)
+    assert result.counts["images_in"] == 5 and result.manifest["skipped"]["images"] == {src.IMAGE_NOT_REGULAR: 2}
+
+
+def _png_bomb(width: int, height: int) -> bytes:
+    """A valid 1-bit greyscale PNG of width x height zeros: kilobytes on disk, 3 bytes a pixel decoded."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte, then the packed bits
+    packer, parts = zlib.compressobj(9), []
+    for start in range(0, height, 1000):
+        parts.append(packer.compress(row * min(1000, height - start)))
+    parts.append(packer.flush())
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_is_refused_before_decoding(tmp_path, monkeypatch):
+    ann_path, image_dir = _synth(tmp_path, n=3)
+    bomb = _png_bomb(30000, 30000)
+    assert len(bomb) < 200_000  # small on disk, 2.7 GB as a decoded BGR image
+    (image_dir / "000002.jpg").write_bytes(bomb)
+    decoded = []
+    real_imdecode = prepare_module.cv2.imdecode
+    monkeypatch.setattr(prepare_module.cv2, "imdecode", lambda buf, flags: decoded.append(len(buf)) or
+                        real_imdecode(buf, flags))
+    result = prepare_coco(ann_path, image_dir, tmp_path / "out", size=SIZE, workers=1)
+    _assert_consistent(result)
+    [entry] = result.report
+    assert (entry["file_name"], entry["reason"]) == ("000002.jpg", src.IMAGE_TOO_MANY_PIXELS)
+    assert entry["detail"] == f"30000x30000 = 900000000 pixels, over --max-image-pixels {8192 * 8192}"
+    assert len(bomb) not in decoded and len(decoded) == 2  # the other two images only
+
+
+def test_pixel_limit_and_file_size_cap_are_options(tmp_path, capsys):
+    ann_path, image_dir = _synth(tmp_path, n=4)
+    assert prepare_module.DEFAULT_MAX_IMAGE_PIXELS >= 7680 * 4320  # a real 8K frame fits
+    big = image_dir / "000003.jpg"
+    cv2.imwrite(str(big), cv2.resize(cv2.imread(str(big)), (320, 180)))  # 57600 pixels, the others 14400
+    base = ["prepare", "--coco", str(ann_path), "--images", str(image_dir), "--size", "160x90", "--workers", "1"]
+    assert main(base + ["--out", str(tmp_path / "a"), "--max-image-pixels", "200x100"]) == 0
+    report = json.loads((tmp_path / "a" / "_report.json").read_text())
+    assert [(e["file_name"], e["reason"]) for e in report if e["action"] == src.SKIP_IMAGE] == [
+        ("000003.jpg", src.IMAGE_TOO_MANY_PIXELS)]
+
+    size = big.stat().st_size
+    assert main(base + ["--out", str(tmp_path / "b"), "--max-image-bytes", str(size - 1)]) == 0
+    report = json.loads((tmp_path / "b" / "_report.json").read_text())
+    skipped = [(e["file_name"], e["reason"], e["detail"]) for e in report if e["action"] == src.SKIP_IMAGE]
+    assert skipped == [("000003.jpg", src.IMAGE_TOO_LARGE,
+                        f"{size} bytes, over the limit of {size - 1} (--max-image-bytes)")]
+    manifest = read_manifest(tmp_path / "b")
+    assert manifest["options"]["max_image_bytes"] == size - 1 and manifest["counts"]["images_written"] == 3
+    capsys.readouterr()
+
+    for flag, value in (("--max-image-bytes", "lots"), ("--max-image-pixels", "0"), ("--max-image-pixels", "8kx8k")):
+        assert main(base + ["--out", str(tmp_path / "c"), flag, value]) == 1
+        err = capsys.readouterr().err
+        assert flag in err and err.count("\n") == 1
+    assert prepare_module.parse_bytes("256M") == 256 << 20 and prepare_module.parse_bytes("1GiB") == 1 << 30
+    assert prepare_module.parse_pixels("8192x8192") == prepare_module.DEFAULT_MAX_IMAGE_PIXELS
+
+
+# ----------------------------------------------------------------------------------------------------
+# The source is wrong, and something says so
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("misplace", ["no labels folder", "labels not where the layout looks"])
+def test_yolo_without_any_label_file_is_a_problem(tmp_path, capsys, misplace):
+    ann_path, image_dir = _synth(tmp_path, n=3)
+    root = _write_yolo_copy(ann_path, image_dir, tmp_path / "yolo")
+    if misplace == "no labels folder":
+        shutil.rmtree(root / "labels")
+    else:  # flat in labels/, while the layout reads labels/train/
+        for label in (root / "labels" / "train").iterdir():
+            label.rename(root / "labels" / label.name)
+    args = ["prepare", "--yolo", str(root), "--size", "160x90", "--workers", "1"]
+    assert main(args + ["--out", str(tmp_path / "lenient")]) == 0
+    out = capsys.readouterr().out
+    assert "3 without a label file" in out and "1 problems (1 warnings)" in out
+    [entry] = json.loads((tmp_path / "lenient" / "_report.json").read_text())
+    assert (entry["reason"], entry["action"]) == (src.NO_LABEL_FILES, src.KEPT)
+    assert str(root / "labels" / "train") in entry["detail"]
+    manifest = read_manifest(tmp_path / "lenient")
+    assert manifest["warnings"] == {src.NO_LABEL_FILES: 1} and manifest["counts"]["images_written"] == 3
+    assert main(args + ["--out", str(tmp_path / "strict"), "--strict"]) == 2
+
+
+def test_yolo_background_images_are_counted_not_reported(tmp_path, capsys):
+    ann_path, image_dir = _synth(tmp_path, n=10)  # image 8 (index 7) is empty: no label file
+    root = _write_yolo_copy(ann_path, image_dir, tmp_path / "yolo")
+    (root / "labels" / "train" / "000001.txt").unlink()
+    code = main(["prepare", "--yolo", str(root), "--out", str(tmp_path / "out"), "--size", "160x90",
+                 "--workers", "1", "--strict"])
+    assert code == 0
+    assert "(0 skipped, 2 without boxes, 2 without a label file)" in capsys.readouterr().out
+    counts = read_manifest(tmp_path / "out")["counts"]
+    assert counts["images_without_label_file"] == 2 and counts["images_without_boxes"] == 2
+
+
+def test_empty_yolo_split_is_an_error(tmp_path, capsys):
+    ann_path, image_dir = _synth(tmp_path, n=2)
+    root = _write_yolo_copy(ann_path, image_dir, tmp_path / "yolo")
+    (root / "images" / "val").mkdir()
+    (root / "images" / "val" / "notes.txt").write_text("nothing here yet")
+    code = main(["prepare", "--yolo", str(root), "--split", "val", "--out", str(tmp_path / "out"),
+                 "--size", "160x90"])
+    err = capsys.readouterr().err
+    assert code == 1 and "'val': no image files" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def _exif_jpeg(displayed: np.ndarray, orientation: int) -> bytes:
+    """A JPEG whose stored pixels show ``displayed`` once its EXIF orientation (6: turn 90 degrees
+    clockwise) is applied, as a phone writes a portrait photo."""
+    from PIL import Image
+
+    assert orientation == 6
+    stored = np.ascontiguousarray(np.rot90(displayed, 1))  # counter-clockwise; the viewer turns it back
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # the EXIF Orientation tag
+    buffer = io.BytesIO()
+    Image.fromarray(stored[..., ::-1]).save(buffer, "JPEG", quality=95, exif=exif)
+    return buffer.getvalue()
+
+
+def test_yolo_boxes_are_in_the_exif_rotated_frame(tmp_path):
+    displayed = np.full((160, 90, 3), 40, np.uint8)  # a portrait photo, 90 wide
+    displayed[100:150, 10:40] = 255  # the object, where a YOLO label (displayed frame) puts it
+    root = tmp_path / "yolo"
+    (root / "images" / "train").mkdir(parents=True)
+    (root / "labels" / "train").mkdir(parents=True)
+    (root / "data.yaml").write_text("train: images/train\nval: images/val\nnames: [thing]\n")
+    (root / "images" / "train" / "photo.jpg").write_bytes(_exif_jpeg(displayed, 6))
+    (root / "labels" / "train" / "photo.txt").write_text(f"0 {25 / 90} {125 / 160} {30 / 90} {50 / 160}\n")
+    result = prepare_yolo(root, tmp_path / "out", size=SIZE, workers=1)
+    assert result.report == []
+    [row] = _rows(tmp_path / "out")
+    assert (row["orig_width"], row["orig_height"]) == (90, 160)
+    image = cv2.imdecode(np.frombuffer(row["image"], np.uint8), cv2.IMREAD_COLOR)
+    x1, y1, x2, y2 = (round(v) for v in row["boxes"][0])
+    inside = image[y1 + 2:y2 - 2, x1 + 2:x2 - 2]
+    assert inside.size and inside.min() > 200  # the box is on the object, not on the background
+
+
+def test_coco_keeps_the_stored_frame_and_says_so(tmp_path):
+    displayed = np.full((160, 90, 3), 40, np.uint8)
+    ann_path, image_dir = _synth(tmp_path, n=2)
+    (image_dir / "000001.jpg").write_bytes(_exif_jpeg(displayed, 6))  # stored 160x90, displayed 90x160
+    coco = json.loads(ann_path.read_text())
+    coco["images"][0]["width"], coco["images"][0]["height"] = 90, 160
+    ann_path.write_text(json.dumps(coco))
+    result = prepare_coco(ann_path, image_dir, tmp_path / "out", size=SIZE, workers=1)
+    [entry] = _entries(result, src.IMAGE_SIZE_MISMATCH)
+    assert "file is 160x90 (90x160 once its EXIF orientation 6 is applied" in entry["detail"]
+    row = next(r for r in _rows(tmp_path / "out") if r["file_name"] == "000001.jpg")
+    assert (row["orig_width"], row["orig_height"]) == (160, 90)
+
+
+def test_ids_beyond_int64_are_skipped_records(tmp_path, capsys):
+    ann_path, image_dir = _synth(tmp_path, n=4)
+    coco = json.loads(ann_path.read_text())
+    img, ann, n_anns = _first_image(coco)
+    old_id, img["id"] = img["id"], 2 ** 63  # one past int64
+    for a in coco["annotations"]:
+        if a["image_id"] == old_id:
+            a["image_id"] = img["id"]
+    other = next(a for a in coco["annotations"] if a["image_id"] != img["id"])
+    other["id"] = -(2 ** 63) - 1
+    coco["categories"].append({"id": 2 ** 70, "name": "huge"})
+    ann_path.write_text(json.dumps(coco))
+    code = main(["prepare", "--coco", str(ann_path), "--images", str(image_dir), "--out", str(tmp_path / "out"),
+                 "--size", "160x90", "--workers", "1"])
+    captured = capsys.readouterr()
+    assert code == 0 and "Traceback" not in captured.err
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest["skipped"]["images"] == {src.ID_OUT_OF_RANGE: 1}
+    assert manifest["skipped"]["annotations"] == {src.IMAGE_SKIPPED: n_anns, src.ID_OUT_OF_RANGE: 1}
+    assert manifest["skipped"]["categories"] == {src.ID_OUT_OF_RANGE: 1}
+    assert [c["name"] for c in manifest["categories"]] == ["rectangle", "outlined_rectangle", "ellipse"]
+    assert manifest["counts"]["images_written"] == 3
+    report = json.loads((tmp_path / "out" / "_report.json").read_text())
+    details = {e["action"]: e["detail"] for e in report}
+    assert details[src.SKIP_IMAGE] == "images[0]: 'id' does not fit in int64"
+    assert details[src.DROP_ANNOTATION].endswith("'id' does not fit in int64")
+    assert details[src.SKIP_CATEGORY] == f"categories[3]: 'id' {2 ** 70} does not fit in int64"
+
+
+def test_duplicate_names_and_files_are_warnings(tmp_path):
+    ann_path, image_dir = _synth(tmp_path, n=4)
+    coco = json.loads(ann_path.read_text())
+    coco["categories"][2]["name"] = coco["categories"][0]["name"]  # ids 1 and 7 both "rectangle"
+    twin = {**coco["images"][1], "id": 99, "file_name": "./" + coco["images"][1]["file_name"]}
+    coco["images"].append(twin)
+    ann_path.write_text(json.dumps(coco))
+    result = prepare_coco(ann_path, image_dir, tmp_path / "out", size=SIZE, workers=1)
+    _assert_consistent(result)
+    assert [(e["reason"], e["action"], e["image_id"]) for e in result.report] == [
+        (src.DUPLICATE_CATEGORY_NAME, src.KEPT, None), (src.DUPLICATE_FILE_NAME, src.KEPT, 99)]
+    assert "categories 1 and 7 are both named 'rectangle'" in result.report[0]["detail"]
+    assert f"the file of image id {coco['images'][1]['id']} too" in result.report[1]["detail"]
+    assert result.manifest["warnings"] == {src.DUPLICATE_CATEGORY_NAME: 1, src.DUPLICATE_FILE_NAME: 1}
+    assert result.counts["images_written"] == 5 and result.counts["images_skipped"] == 0  # nothing skipped
+    assert len(result.manifest["categories"]) == 3
+
+    yolo = tmp_path / "yolo"
+    _write_yolo_copy(ann_path, image_dir, yolo)
+    (yolo / "data.yaml").write_text("train: images/train\nval: images/val\nnames: [car, person, car]\n")
+    result = prepare_yolo(yolo, tmp_path / "yolo_out", size=SIZE, workers=1)
+    assert [(e["reason"], e["detail"]) for e in result.report] == [
+        (src.DUPLICATE_CATEGORY_NAME, "categories 0 and 2 are both named 'car'; kept as two classes")]
+
+
+def test_box_thinner_than_a_pixel_after_letterboxing_is_a_warning(tmp_path):
+    strip = np.full((20, 20000, 3), 90, np.uint8)
+    cv2.imwrite(str(tmp_path / "strip.png"), strip)
+    coco = {"images": [{"id": 1, "file_name": "strip.png", "width": 20000, "height": 20}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [100, 2, 4000, 16]},
+                            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [5000, 0, 15000, 20]}],
+            "categories": [{"id": 1, "name": "rail"}]}
+    (tmp_path / "ann.json").write_text(json.dumps(coco))
+    result = prepare_coco(tmp_path / "ann.json", tmp_path, tmp_path / "out", size=SIZE, workers=1)
+    _assert_consistent(result)
+    assert [(e["reason"], e["action"], e["annotation_id"]) for e in result.report] == [
+        (src.BBOX_SUBPIXEL, src.KEPT, 1), (src.BBOX_SUBPIXEL, src.KEPT, 2)]
+    assert result.report[0]["detail"] == "32x0.128 pixels at 160x90 (image 20000x20)"
+    assert result.counts["annotations_written"] == 2 and result.manifest["warnings"] == {src.BBOX_SUBPIXEL: 2}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Files others read: the umask's permissions
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_every_written_file_has_the_umask_permissions(tmp_path, umask, mode):
+    previous = os.umask(umask)
+    try:
+        ann_path, image_dir = _synth(tmp_path, n=3)
+        prepare_coco(ann_path, image_dir, tmp_path / "out", size=SIZE, workers=1)
+    finally:
+        os.umask(previous)
+    written = sorted((tmp_path / "out").iterdir()) + [ann_path, image_dir / "000001.jpg"]
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in written} == {p.name: mode for p in written}

@@ -116,3 +116,15 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
     assert "classes" in capsys.readouterr().err
     assert main(["synth", str(tmp_path), "--size", "big"]) == 1
     assert "size" in capsys.readouterr().err
+
+
+def test_writes_to_object_storage(tmp_path, s3_bucket):
+    from neoray import storage
+
+    kwargs = dict(train=3, val=1, size=(160, 90), classes=3, seed=2)
+    local = write_synthetic_dataset(tmp_path / "ds", **kwargs)
+    remote = write_synthetic_dataset(f"{s3_bucket}/ds", **kwargs)
+    assert remote["train_annotations"] == f"{s3_bucket}/ds/annotations/instances_train.json"
+    assert isinstance(local["train_images"], Path)  # local callers keep getting paths
+    found = {e.path[len(s3_bucket) + 4:]: storage.read_bytes(e.path) for e in storage.list_files(f"{s3_bucket}/ds")}
+    assert found == _files(tmp_path / "ds")

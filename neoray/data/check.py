@@ -8,19 +8,26 @@ width x height (all of them, or every ``decode_every``-th). Totals must match ``
 ``num_boxes``. A Parquet file in the directory that the manifest does not list is an error too: readers of
 the whole directory (``pq.read_table(dir)``, pandas, DuckDB) would count its rows. The summary counts boxes
 per class and COCO size ranges from ``areas``.
+
+The directory may be local or a URI (``s3://...``): each shard is read once, through ``neoray.storage``,
+and both its checksum and its rows come from those bytes. A missing or broken manifest (not JSON, a
+hand edit that left ``size`` as strings or a category without ``label``) is a problem like a broken shard.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import cv2
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
+from neoray import storage
 from neoray.data import shards
 
 # COCO's area ranges (original pixels): small < 32^2 <= medium < 96^2 <= large.
@@ -32,7 +39,7 @@ BOX_TOLERANCE_PX = 1e-3
 
 @dataclass
 class CheckResult:
-    shard_dir: Path
+    shard_dir: str
     problems: list[str] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
 
@@ -54,6 +61,8 @@ class CheckResult:
         if any(skipped.get(kind) for kind in ("images", "annotations")):
             lines.append(f"  skipped at prepare: images {skipped.get('images', {})}, "
                          f"annotations {skipped.get('annotations', {})}")
+        if s.get("warnings"):
+            lines.append(f"  warnings at prepare (kept): {s['warnings']}")
         return "\n".join(lines)
 
 
@@ -110,16 +119,13 @@ class _ShardChecker:
 
 def check_shards(shard_dir, decode_every: int = 1) -> CheckResult:
     """Verify a shard directory; never raises for bad data (every problem is a line in ``problems``)."""
-    shard_dir = Path(shard_dir)
+    shard_dir = os.fspath(shard_dir)
     result = CheckResult(shard_dir)
     try:
         manifest = shards.read_manifest(shard_dir)
     except shards.ManifestError as exc:
         result.problems.append(str(exc))
         return result
-    labels = sorted(c.get("label") for c in manifest["categories"])
-    if labels != list(range(len(labels))):
-        result.problems.append(f"{shard_dir / shards.MANIFEST_NAME}: category labels {labels} are not 0..K-1")
     checker = _ShardChecker(manifest, max(1, decode_every))
     for entry in manifest["shards"]:
         result.problems.extend(_check_one(shard_dir, entry, checker))
@@ -133,35 +139,53 @@ def check_shards(shard_dir, decode_every: int = 1) -> CheckResult:
         "boxes": checker.boxes, "empty_images": checker.empty,
         "boxes_per_class": {name: checker.per_class[name] for name in checker.names},
         "box_sizes": dict(checker.box_sizes), "skipped": manifest.get("skipped", {}),
+        "warnings": manifest.get("warnings", {}),
     }
     return result
 
 
-def _unlisted_parquet_files(shard_dir: Path, listed: set[str]) -> list[str]:
+def _unlisted_parquet_files(shard_dir: str, listed: set[str]) -> list[str]:
     """One problem per Parquet file under ``shard_dir`` that the manifest does not list (e.g. a shard left
     by an interrupted or larger earlier run). Names starting with "." or "_" are skipped, as pyarrow's
     directory reader skips them (our temporary files start with ".")."""
+    try:
+        found = storage.list_dir(shard_dir, recursive=True)
+    except storage.StorageError as exc:
+        return [str(exc)]
     problems = []
-    for path in sorted(shard_dir.rglob("*.parquet")):
-        relative = path.relative_to(shard_dir)
-        if relative.as_posix() in listed or any(part.startswith((".", "_")) for part in relative.parts):
+    prefix = len(shard_dir.rstrip("/")) + 1
+    for entry in found:
+        relative = entry.path[prefix:].replace("\\", "/")
+        parts = relative.split("/")
+        if entry.kind != "file" or not relative.endswith(".parquet") or relative in listed \
+                or any(part.startswith((".", "_")) for part in parts):
             continue
-        problems.append(f"{relative.as_posix()}: Parquet file not listed in the manifest; readers of the "
+        problems.append(f"{relative}: Parquet file not listed in the manifest; readers of the "
                         f"directory would include its rows (re-run `neoray prepare` or delete it)")
     return problems
 
 
-def _check_one(shard_dir: Path, entry: dict, checker: _ShardChecker) -> list[str]:
+def _read_shard(path: str, name: str) -> bytes | str:
+    """The shard's bytes, or the problem line."""
+    try:
+        return storage.read_bytes(path)
+    except FileNotFoundError:
+        return f"{name}: file missing"
+    except storage.StorageError as exc:
+        return f"{name}: cannot be read ({str(exc).rsplit(': ', 1)[-1][:200]})"
+
+
+def _check_one(shard_dir: str, entry: dict, checker: _ShardChecker) -> list[str]:
     name = entry["file"]
-    path = shard_dir / name
-    if not path.is_file():
-        return [f"{name}: file missing"]
+    data = _read_shard(storage.join(shard_dir, name), name)
+    if isinstance(data, str):
+        return [data]
     problems = []
-    digest = shards.file_sha256(path)
+    digest = hashlib.sha256(data).hexdigest()
     if digest != entry["sha256"]:
         problems.append(f"{name}: sha256 {digest[:12]}... does not match the manifest's {entry['sha256'][:12]}...")
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(pa.BufferReader(data))
     except Exception as exc:  # pyarrow raises several types for a corrupt file; all mean "unreadable"
         return problems + [f"{name}: not a readable Parquet file ({str(exc).splitlines()[0][:200]})"]
     if table.num_rows != entry["rows"]:
@@ -181,7 +205,8 @@ def _check_one(shard_dir: Path, entry: dict, checker: _ShardChecker) -> list[str
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("shard_dir", metavar="SHARD_DIR", help="a directory written by `neoray prepare`")
+    parser.add_argument("shard_dir", metavar="SHARD_DIR",
+                        help="a directory written by `neoray prepare`: a path or a URI (s3://bucket/prefix)")
     parser.add_argument("--decode-every", type=int, default=1, metavar="N",
                         help="decode every N-th image to check its size (default 1: all)")
 

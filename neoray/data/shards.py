@@ -30,26 +30,30 @@ the manifest, are sorted by image id.
     {"format": "neoray-shards", "version": 1, "size": [W, H],
      "categories": [{"id", "name", "label"}], "num_images", "num_boxes",
      "shards": [{"file", "rows", "sha256", "boxes", "fingerprint", "counts", "skipped", "problems"}],
-     "options": {...}, "skipped": {"images": {reason: n}, "annotations": {reason: n}},
-     "counts": {"images_in", "images_written", "images_skipped", "annotations_in",
-                "annotations_written", "annotations_skipped", "annotations_clipped"}}
+     "options": {...},
+     "skipped": {"images": {reason: n}, "annotations": {reason: n}, "categories": {reason: n}},
+     "warnings": {reason: n},
+     "counts": {"images_in", "images_written", "images_skipped", "images_without_boxes",
+                "images_without_label_file", "annotations_in", "annotations_written",
+                "annotations_skipped", "annotations_clipped"}}
 
 A shard's ``fingerprint`` hashes its inputs (records, file sizes and mtimes, options, library versions);
 ``prepare`` reuses a shard whose fingerprint is unchanged and whose file still has the recorded sha256.
-Every file here is written to a temporary name in the same directory and renamed into place.
+
+A shard directory may be local, on a shared mount or a URI (``s3://bucket/prefix``): every file goes
+through ``neoray.storage``. Each file is written whole in one operation (a rename of a temporary file
+locally, one object upload on object storage), so a reader never sees half a shard; the manifest is
+written last and is the commit point: a directory without one is not a finished dataset.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from neoray.io import write_json_atomic  # re-exported: prepare and check write through it
+from neoray import storage
 
 MANIFEST_NAME = "_manifest.json"
 REPORT_NAME = "_report.json"
@@ -77,81 +81,115 @@ LIST_COLUMNS = ("boxes", "labels", "iscrowd", "areas", "ann_ids")
 
 # Small row groups let a reader fetch part of a shard; JPEG bytes do not compress, so they are stored raw.
 ROW_GROUP_SIZE = 64
+_COMPRESSION = {name: ("none" if name == "image" else "snappy") for name in SCHEMA.names}
 
 
 class ManifestError(ValueError):
     """A shard directory whose manifest is missing or unusable; one line naming the file and key."""
 
 
-# Every shard file name matches SHARD_GLOB; files in progress match TEMP_GLOBS (write_shard's temporary
-# name below, and neoray.io's for the manifest and report). `prepare` deletes what matches and is not its
-# own, so these must stay in step with shard_name and _temp_path.
+# Every shard file name matches SHARD_GLOB; files in progress match TEMP_GLOBS (neoray.storage's
+# temporary names, and the ".shard-*.parquet.tmp<pid>" of earlier versions). `prepare` deletes what
+# matches and is not its own, so these must stay in step with shard_name and storage's writer.
 SHARD_GLOB = "shard-*.parquet"
-TEMP_GLOBS = (".shard-*.parquet.tmp*", f".{MANIFEST_NAME}.*.tmp", f".{REPORT_NAME}.*.tmp")
+TEMP_GLOBS = (".shard-*.parquet.*.tmp", ".shard-*.parquet.tmp*", f".{MANIFEST_NAME}.*.tmp", f".{REPORT_NAME}.*.tmp")
 
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.parquet"
 
 
-def _temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
-def _replace_atomically(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb") as handle:  # flush to disk before the rename makes the file visible
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def write_shard(rows: list[dict], path) -> None:
-    """Write rows (dicts with the SCHEMA columns) to ``path`` atomically."""
-    path = Path(path)
+def shard_bytes(rows: list[dict]) -> bytes:
+    """The Parquet file for rows (dicts with the SCHEMA columns), in memory: written as one object."""
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
-    tmp = _temp_path(path)
-    try:
-        pq.write_table(table, tmp, row_group_size=ROW_GROUP_SIZE,
-                       compression={name: ("none" if name == "image" else "snappy") for name in SCHEMA.names})
-        _replace_atomically(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, row_group_size=ROW_GROUP_SIZE, compression=_COMPRESSION)
+    return sink.getvalue().to_pybytes()
+
+
+def write_shard(rows: list[dict], path) -> str:
+    """Write rows to ``path`` (any storage) atomically; returns the file's sha256 (hex)."""
+    data = shard_bytes(rows)
+    storage.write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def file_sha256(path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+    return storage.sha256(path)
 
 
-def read_manifest(shard_dir) -> dict:
-    """The manifest of a shard directory; ``ManifestError`` (one line) when missing or broken."""
-    path = Path(shard_dir) / MANIFEST_NAME
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ManifestError(f"{path}: manifest not found; is {shard_dir} a directory written by `neoray prepare` "
-                            f"(an interrupted run leaves none)?") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{path}: not valid JSON ({exc})") from None
+def write_json_atomic(path, obj, *, indent: int | None = 1, allow_nan: bool = True) -> str:
+    """JSON through ``neoray.storage``: atomic, and readable by everyone the umask allows."""
+    return storage.write_json(path, obj, indent=indent, allow_nan=allow_nan)
+
+
+def _is_int(value, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _check_size(path: str, size) -> None:
+    if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v, 1) for v in size)):
+        raise ManifestError(f"{path}: 'size' must be [width, height] as two positive integers, got {size!r}"[:300])
+
+
+def _check_categories(path: str, categories: list) -> None:
+    for i, cat in enumerate(categories):
+        if not (isinstance(cat, dict) and _is_int(cat.get("id"), -(1 << 63)) and isinstance(cat.get("name"), str)
+                and _is_int(cat.get("label"))):
+            raise ManifestError(f"{path}: categories[{i}]: expected {{'id': int, 'name': str, 'label': int}}, "
+                                f"got {cat!r}"[:300])
+    labels = sorted(cat["label"] for cat in categories)
+    if labels != list(range(len(labels))):
+        raise ManifestError(f"{path}: category labels {labels} are not 0..{len(labels) - 1}"[:300])
+
+
+def _check_shards(path: str, entries: list) -> None:
+    for i, shard in enumerate(entries):
+        if not (isinstance(shard, dict) and isinstance(shard.get("file"), str) and _is_int(shard.get("rows"))
+                and isinstance(shard.get("sha256"), str)):
+            raise ManifestError(f"{path}: shards[{i}]: expected {{'file': str, 'rows': int >= 0, 'sha256': str}}")
+        name = shard["file"]
+        if not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise ManifestError(f"{path}: shards[{i}]: 'file' must be a plain file name, got {name!r}")
+
+
+def _validate(path: str, manifest) -> None:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ManifestError(f"{path}: not a neoray shard manifest ('format' must be {FORMAT!r})")
     if manifest.get("version") != VERSION:
         raise ManifestError(f"{path}: 'version' {manifest.get('version')!r} is not supported (expected {VERSION})")
     expected = {"size": list, "categories": list, "shards": list, "num_images": int, "num_boxes": int}
     for key, kind in expected.items():
-        if not isinstance(manifest.get(key), kind):
-            raise ManifestError(f"{path}: '{key}' missing or not a {kind.__name__}")
-    for i, shard in enumerate(manifest["shards"]):
-        if not (isinstance(shard, dict) and isinstance(shard.get("file"), str) and isinstance(shard.get("rows"), int)
-                and isinstance(shard.get("sha256"), str)):
-            raise ManifestError(f"{path}: shards[{i}]: expected {{'file', 'rows', 'sha256'}}")
-        if Path(shard["file"]).name != shard["file"]:
-            raise ManifestError(f"{path}: shards[{i}]: 'file' must be a plain file name, got {shard['file']!r}")
+        value = manifest.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
+            raise ManifestError(f"{path}: '{key}' missing or not a {'non-negative int' if kind is int else 'list'}")
+    for key in ("options", "skipped", "warnings", "counts"):
+        if not isinstance(manifest.get(key, {}), dict):
+            raise ManifestError(f"{path}: '{key}' must be an object")
+    _check_size(path, manifest["size"])
+    _check_categories(path, manifest["categories"])
+    _check_shards(path, manifest["shards"])
+
+
+def read_manifest(shard_dir) -> dict:
+    """The manifest of a shard directory (any storage); ``ManifestError`` (one line) when missing or broken."""
+    path = storage.join(shard_dir, MANIFEST_NAME)
+    try:
+        manifest = storage.read_json(path)
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: manifest not found; is {shard_dir} a directory written by `neoray prepare` "
+                            f"(an interrupted run leaves none)?") from None
+    except storage.StorageError as exc:
+        raise ManifestError(str(exc)) from None
+    except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
+        raise ManifestError(f"{path}: not valid JSON ({exc})") from None
+    _validate(path, manifest)
     return manifest
 
 
-def shard_files(shard_dir) -> list[Path]:
-    """The shard files listed in the manifest, in order (sorted by image id)."""
-    return [Path(shard_dir) / shard["file"] for shard in read_manifest(shard_dir)["shards"]]
+def shard_files(shard_dir) -> list[str]:
+    """The shard files listed in the manifest, in order (sorted by image id), as paths or URIs."""
+    return [storage.join(shard_dir, shard["file"]) for shard in read_manifest(shard_dir)["shards"]]
 
 
 def num_classes(manifest: dict) -> int:
@@ -160,6 +198,6 @@ def num_classes(manifest: dict) -> int:
 
 __all__ = [
     "FORMAT", "LIST_COLUMNS", "MANIFEST_NAME", "ManifestError", "REPORT_NAME", "SCHEMA", "SHARD_GLOB", "TEMP_GLOBS",
-    "VERSION",
-    "file_sha256", "num_classes", "read_manifest", "shard_files", "shard_name", "write_json_atomic", "write_shard",
+    "VERSION", "file_sha256", "num_classes", "read_manifest", "shard_bytes", "shard_files", "shard_name",
+    "write_json_atomic", "write_shard",
 ]

@@ -2,23 +2,37 @@
 
 Reading happens in two stages, and this module is the first: everything that can be checked without
 opening an image (file structure, ids, categories, bbox numbers, unsafe file names). The second stage,
-in ``neoray.data.prepare``'s workers, opens each image and checks what needs its real size (missing or
-unreadable files, size mismatches, boxes outside the image).
+in ``neoray.data.prepare``'s workers, opens each image and checks what needs its real size (missing,
+unreadable or oversized files, size mismatches, boxes outside the image).
 
-Two kinds of bad input:
+Every path goes through ``neoray.storage``: the annotation file, the image root and the YOLO layout may
+be local, on a shared mount, or URIs (``s3://...``). Roots are made absolute here, on the driver, so
+that workers on other nodes (whose working directory differs) open the same files.
+
+Three kinds of bad input:
 
 * a broken annotation file (not JSON/YAML, a required key missing, a wrong type) raises ``SourceError``
   with one line naming the file, the record and the key: nothing sensible can be written from it;
-* a bad record (duplicate id, unknown category, degenerate bbox, unsafe file name, bad YOLO label line)
-  is skipped and becomes a ``Problem``, counted by reason. Nothing is dropped without a count. A bad
-  value that the real data can replace is replaced and reported instead: a declared image width/height
-  that is not a positive integer (the decoded size is used, as for a mismatch), an ``area`` that is not a
-  positive number (the box area is used). An ``iscrowd`` other than 0/1 (or false/true) drops its
-  annotation: guessing would either turn an ignore region into a target or hide a real object.
+* a bad record (duplicate id, an id that does not fit in int64, unknown category, degenerate bbox,
+  unsafe file name, bad YOLO label line) is skipped and becomes a ``Problem``, counted by reason.
+  Nothing is dropped without a count. A bad value that the real data can replace is replaced and
+  reported instead: a declared image width/height that is not a positive integer (the decoded size is
+  used, as for a mismatch), an ``area`` that is not a positive number (the box area is used). An
+  ``iscrowd`` other than 0/1 (or false/true) drops its annotation: guessing would either turn an ignore
+  region into a target or hide a real object;
+* something legal but suspicious is a warning: a ``Problem`` whose action is ``KEPT`` (two categories
+  with one name, one file under two image ids, a YOLO split without a single label file, a box thinner
+  than a pixel after letterboxing). Warnings never skip anything; the manifest counts them.
 
 Images whose file name is absolute or climbs out of the image root (``..``) are refused here, before
-anything is opened. Symlinks inside the image root are followed on purpose (DVC and many dataset
-mirrors are trees of symlinks), so the check is on the name, not on the resolved path.
+anything is opened. Symlinks inside the image root are followed where they lead to a regular file (DVC
+and many dataset mirrors are trees of symlinks), so the check is on the name, not on the resolved path;
+a link to a device or a FIFO is never read. YOLO's listing does not enter symlinked directories.
+
+Orientation: YOLO labels are in the displayed frame (EXIF orientation applied, as Ultralytics reads
+images), so YOLO images are decoded with their EXIF orientation. COCO boxes are in the frame whose size
+the annotation declares, which annotation tools take from the stored pixels, so COCO images are decoded
+ignoring EXIF; a declared size that only matches the rotated frame is reported as a size mismatch.
 """
 
 from __future__ import annotations
@@ -26,16 +40,24 @@ from __future__ import annotations
 import json
 import math
 import os
+import posixpath
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import PurePosixPath, PureWindowsPath
 
 import yaml
+
+from neoray import storage
 
 # Problem reasons: fixed strings, so that reports can be grouped and tests can look for them.
 UNSAFE_FILE_NAME = "unsafe file name"
 DUPLICATE_IMAGE_ID = "duplicate image id"
+ID_OUT_OF_RANGE = "id does not fit in int64"
 IMAGE_MISSING = "image file missing"
+IMAGE_NOT_REGULAR = "not a regular file"
+IMAGE_TOO_LARGE = "image file too large"
+IMAGE_TOO_MANY_PIXELS = "image has too many pixels"
 IMAGE_UNREADABLE = "image unreadable"
 IMAGE_TRUNCATED = "image truncated"
 IMAGE_SIZE_MISMATCH = "image size differs from annotation"
@@ -43,15 +65,19 @@ IMAGE_SIZE_INVALID = "declared image size invalid"
 UNSUPPORTED_FILE = "unsupported file type"
 LABEL_FILE_UNREADABLE = "label file unreadable"
 LABEL_WITHOUT_IMAGE = "label file without image"
+NO_LABEL_FILES = "no label files"
 IMAGE_SKIPPED = "image skipped"  # an annotation of an image that was skipped for its own reason
 UNKNOWN_IMAGE_ID = "unknown image id"
 UNKNOWN_CATEGORY = "unknown category id"
 DUPLICATE_ANNOTATION_ID = "duplicate annotation id"
+DUPLICATE_CATEGORY_NAME = "duplicate category name"
+DUPLICATE_FILE_NAME = "file under several image ids"
 BBOX_MALFORMED = "bbox malformed"
 BBOX_NOT_FINITE = "bbox not finite"
 BBOX_NON_POSITIVE = "bbox non-positive size"
 BBOX_OUTSIDE = "bbox outside image"
 BBOX_CLIPPED = "bbox partly outside image"
+BBOX_SUBPIXEL = "box thinner than a pixel after letterboxing"
 AREA_INVALID = "area not a positive number"
 ISCROWD_INVALID = "iscrowd not 0 or 1"
 LABEL_FIELD_COUNT = "label line wrong field count"
@@ -61,12 +87,18 @@ CLASS_OUT_OF_RANGE = "class index out of range"
 # Actions taken for a problem.
 SKIP_IMAGE = "image skipped"
 DROP_ANNOTATION = "annotation dropped"
+SKIP_CATEGORY = "category skipped"
 CLIP_BOX = "box clipped"
 USE_REAL_SIZE = "used the real image size"
 USE_BOX_AREA = "used the box area"
 IGNORED = "ignored"
+KEPT = "kept"  # a warning: the record is written as it is
+SKIP_ACTIONS = (SKIP_IMAGE, DROP_ANNOTATION, SKIP_CATEGORY)  # every other action is a warning
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1  # Parquet's image_id and ann_ids columns
+LABEL_MAX_BYTES = 16 << 20  # a YOLO label file is a few lines; more is not a label file
+LABEL_READ_THREADS = 16  # label files are tiny: on object storage the round trips dominate
 
 
 class SourceError(ValueError):
@@ -90,6 +122,11 @@ class Problem:
         return out
 
 
+def is_warning(entry: dict) -> bool:
+    """A report entry that kept its record (see the module docstring); the rest skipped something."""
+    return entry["action"] not in SKIP_ACTIONS
+
+
 @dataclass
 class Annotation:
     ann_id: int
@@ -103,7 +140,7 @@ class Annotation:
 @dataclass
 class ImageRecord:
     image_id: int
-    file_name: str  # relative to the image root
+    file_name: str  # relative to the image root, "/"-separated
     width: int | None  # as declared by the annotation file (None: not declared, as in YOLO)
     height: int | None
     annotations: list[Annotation] = field(default_factory=list)
@@ -114,8 +151,8 @@ class Source:
     """A validated source: records that passed the first stage, sorted by image id, and what did not."""
 
     kind: str  # "coco" | "yolo"
-    description: dict  # where it came from (paths as given), recorded in the manifest's options
-    image_root: Path
+    description: dict  # where it came from, recorded in the manifest's options
+    image_root: str  # absolute path or URI
     categories: list[dict]  # [{"id", "name", "label"}] sorted by id; label = position
     images: list[ImageRecord]
     images_in: int
@@ -123,6 +160,12 @@ class Source:
     problems: list[Problem] = field(default_factory=list)
     skipped_images: Counter = field(default_factory=Counter)
     skipped_annotations: Counter = field(default_factory=Counter)
+    skipped_categories: Counter = field(default_factory=Counter)
+    images_without_label_file: int = 0  # YOLO: background images (no label file, no objects)
+
+    @property
+    def apply_exif_orientation(self) -> bool:
+        return self.kind == "yolo"  # see the module docstring
 
     def skip_image(self, reason: str, file_name=None, image_id=None, detail="") -> None:
         self.problems.append(Problem(reason, SKIP_IMAGE, file_name, image_id, None, detail))
@@ -131,6 +174,13 @@ class Source:
     def drop_annotation(self, reason: str, ann_id, file_name=None, image_id=None, detail="") -> None:
         self.problems.append(Problem(reason, DROP_ANNOTATION, file_name, image_id, ann_id, detail))
         self.skipped_annotations[reason] += 1
+
+    def skip_category(self, reason: str, detail: str) -> None:
+        self.problems.append(Problem(reason, SKIP_CATEGORY, detail=detail))
+        self.skipped_categories[reason] += 1
+
+    def warn(self, reason: str, file_name=None, image_id=None, ann_id=None, detail="") -> None:
+        self.problems.append(Problem(reason, KEPT, file_name, image_id, ann_id, detail))
 
 
 def is_unsafe_file_name(name: str) -> bool:
@@ -159,6 +209,32 @@ def make_categories(id_to_name: dict[int, str]) -> list[dict]:
     return [{"id": cid, "name": id_to_name[cid], "label": label} for label, cid in enumerate(sorted(id_to_name))]
 
 
+def _warn_duplicate_names(source: Source, id_to_name: dict[int, str]) -> None:
+    """Two ids with one name are two classes to the model but one to a reader of the results."""
+    first: dict[str, int] = {}
+    for cid in sorted(id_to_name):
+        name = id_to_name[cid]
+        if name in first:
+            source.warn(DUPLICATE_CATEGORY_NAME, detail=f"categories {first[name]} and {cid} are both named "
+                                                        f"{name!r}; kept as two classes"[:300])
+        else:
+            first[name] = cid
+
+
+def _info(path: str) -> storage.FileInfo:
+    try:
+        return storage.info(path)
+    except storage.StorageError as exc:
+        raise SourceError(str(exc)) from None
+
+
+def _require_image_root(image_root: str, what: str) -> None:
+    """A missing image folder is a wrong argument, not N missing images: one line, exit 1."""
+    kind = _info(image_root).kind
+    if kind != "dir":
+        raise SourceError(f"{image_root}: {what} {'not found' if kind == 'missing' else 'is not a directory'}")
+
+
 # ----------------------------------------------------------------------------------------------------
 # COCO
 # ----------------------------------------------------------------------------------------------------
@@ -168,7 +244,15 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _require(path: Path, where: str, record, key: str, check, expected: str, optional: bool = False):
+def _fits_int64(value: int) -> bool:
+    return INT64_MIN <= value <= INT64_MAX
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _require(path: str, where: str, record, key: str, check, expected: str, optional: bool = False):
     if not isinstance(record, dict):
         raise SourceError(f"{path}: {where}: expected an object, got {type(record).__name__}")
     if key not in record or (optional and record[key] is None):
@@ -179,17 +263,6 @@ def _require(path: Path, where: str, record, key: str, check, expected: str, opt
     if not check(value):
         raise SourceError(f"{path}: {where}: '{key}' must be {expected}, got {value!r}"[:300])
     return value
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _require_image_root(image_root: Path, what: str) -> None:
-    """A missing image folder is a wrong argument, not N missing images: one line, exit 1."""
-    if not image_root.is_dir():
-        state = "is not a directory" if image_root.exists() else "not found"
-        raise SourceError(f"{image_root}: {what} {state}")
 
 
 def _declared_size(img: dict, where: str) -> tuple[int | None, int | None, str]:
@@ -204,13 +277,18 @@ def _declared_size(img: dict, where: str) -> tuple[int | None, int | None, str]:
     return width, height, ""
 
 
-def _load_coco_json(path: Path) -> dict:
+def _load_coco_json(path: str) -> dict:
+    kind = _info(path).kind
+    if kind == "missing":
+        raise SourceError(f"{path}: annotation file not found")
+    if kind == "dir":
+        raise SourceError(f"{path}: is a directory, expected a COCO annotation JSON file")
     try:
-        data = json.loads(path.read_bytes())
+        data = json.loads(storage.read_bytes(path))
     except FileNotFoundError:
         raise SourceError(f"{path}: annotation file not found") from None
-    except IsADirectoryError:
-        raise SourceError(f"{path}: is a directory, expected a COCO annotation JSON file") from None
+    except storage.StorageError as exc:
+        raise SourceError(str(exc)) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SourceError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
@@ -223,79 +301,123 @@ def _load_coco_json(path: Path) -> dict:
     return data
 
 
-def read_coco(ann_json, image_dir) -> Source:
-    """Read and validate a COCO detection annotation file whose ``file_name``s are relative to ``image_dir``."""
-    path = Path(ann_json)
-    _require_image_root(Path(image_dir), "image folder (--images)")
-    data = _load_coco_json(path)
+def _normalized_name(file_name: str) -> str:
+    return posixpath.normpath(file_name.replace("\\", "/"))
 
-    id_to_name: dict[int, str] = {}
-    for i, cat in enumerate(data["categories"]):
-        cid = _require(path, f"categories[{i}]", cat, "id", _is_int, "an integer")
-        name = _require(path, f"categories[{i}]", cat, "name", lambda v: isinstance(v, str), "a string")
-        if cid in id_to_name:
-            raise SourceError(f"{path}: categories[{i}]: duplicate category id {cid}")
-        id_to_name[cid] = name
 
-    source = Source("coco", {"annotations": str(path), "images": str(image_dir)}, Path(image_dir),
-                    make_categories(id_to_name), [], len(data["images"]), len(data["annotations"]))
-    by_id: dict[int, ImageRecord] = {}
-    refused_ids: set[int] = set()  # images skipped here; their annotations count as "image skipped"
-    for i, img in enumerate(data["images"]):
-        where = f"images[{i}]"
-        image_id = _require(path, where, img, "id", _is_int, "an integer")
-        file_name = _require(path, where, img, "file_name", lambda v: isinstance(v, str), "a string")
-        if image_id in by_id or image_id in refused_ids:
-            source.skip_image(DUPLICATE_IMAGE_ID, file_name, image_id, f"{where} repeats id {image_id}")
-        elif is_unsafe_file_name(file_name):
-            source.skip_image(UNSAFE_FILE_NAME, file_name, image_id, "absolute or outside the image root; not read")
-            refused_ids.add(image_id)
-        else:
-            width, height, bad_size = _declared_size(img, where)
-            if bad_size:
-                source.problems.append(Problem(IMAGE_SIZE_INVALID, USE_REAL_SIZE, file_name, image_id, None, bad_size))
-            by_id[image_id] = ImageRecord(image_id, file_name, width, height)
+class _CocoReader:
+    """One pass over categories, images and annotations, filling ``source``."""
 
-    seen_ann_ids: set[int] = set()
-    for i, ann in enumerate(data["annotations"]):
-        where = f"annotations[{i}]"
+    def __init__(self, path: str, data: dict, source: Source):
+        self.path, self.data, self.source = path, data, source
+        self.id_to_name: dict[int, str] = {}
+        self.by_id: dict[int, ImageRecord] = {}
+        self.refused_ids: set[int] = set()  # images skipped here; their annotations count as "image skipped"
+        self.seen_ann_ids: set[int] = set()
+
+    def categories(self) -> None:
+        for i, cat in enumerate(self.data["categories"]):
+            where = f"categories[{i}]"
+            cid = _require(self.path, where, cat, "id", _is_int, "an integer")
+            name = _require(self.path, where, cat, "name", lambda v: isinstance(v, str), "a string")
+            if cid in self.id_to_name:
+                raise SourceError(f"{self.path}: {where}: duplicate category id {cid}")
+            if not _fits_int64(cid):
+                self.source.skip_category(ID_OUT_OF_RANGE, f"{where}: 'id' {cid} does not fit in int64")
+                continue
+            self.id_to_name[cid] = name
+        self.source.categories = make_categories(self.id_to_name)
+        _warn_duplicate_names(self.source, self.id_to_name)
+
+    def images(self) -> None:
+        by_name: dict[str, int] = {}
+        for i, img in enumerate(self.data["images"]):
+            where = f"images[{i}]"
+            image_id = _require(self.path, where, img, "id", _is_int, "an integer")
+            file_name = _require(self.path, where, img, "file_name", lambda v: isinstance(v, str), "a string")
+            if image_id in self.by_id or image_id in self.refused_ids:
+                self.source.skip_image(DUPLICATE_IMAGE_ID, file_name, image_id, f"{where} repeats id {image_id}")
+            elif not _fits_int64(image_id):
+                self.source.skip_image(ID_OUT_OF_RANGE, file_name, image_id, f"{where}: 'id' does not fit in int64")
+                self.refused_ids.add(image_id)
+            elif is_unsafe_file_name(file_name):
+                self.source.skip_image(UNSAFE_FILE_NAME, file_name, image_id,
+                                       "absolute or outside the image root; not read")
+                self.refused_ids.add(image_id)
+            else:
+                self._add_image(img, where, image_id, file_name, by_name)
+
+    def _add_image(self, img: dict, where: str, image_id: int, file_name: str, by_name: dict[str, int]) -> None:
+        width, height, bad_size = _declared_size(img, where)
+        if bad_size:
+            self.source.problems.append(Problem(IMAGE_SIZE_INVALID, USE_REAL_SIZE, file_name, image_id, None,
+                                                bad_size))
+        first = by_name.setdefault(_normalized_name(file_name), image_id)
+        if first != image_id:  # two rows of one picture: a leak between splits or a merge gone wrong
+            self.source.warn(DUPLICATE_FILE_NAME, file_name, image_id,
+                             detail=f"{where}: the file of image id {first} too; both written")
+        self.by_id[image_id] = ImageRecord(image_id, file_name, width, height)
+
+    def annotations(self) -> None:
+        for i, ann in enumerate(self.data["annotations"]):
+            self._annotation(f"annotations[{i}]", ann)
+
+    def _annotation(self, where: str, ann) -> None:
+        source, path = self.source, self.path
         ann_id = _require(path, where, ann, "id", _is_int, "an integer")
         image_id = _require(path, where, ann, "image_id", _is_int, "an integer")
         category_id = _require(path, where, ann, "category_id", _is_int, "an integer")
         if "bbox" not in ann:
             raise SourceError(f"{path}: {where}: missing required key 'bbox'")
-        area = ann.get("area")
-        iscrowd = 0 if ann.get("iscrowd") is None else ann["iscrowd"]  # absent or null: not a crowd
-        record = by_id.get(image_id)
+        record = self.by_id.get(image_id)
         file_name = record.file_name if record else None
-        if ann_id in seen_ann_ids:
-            source.drop_annotation(DUPLICATE_ANNOTATION_ID, ann_id, file_name, image_id)
-            continue
-        seen_ann_ids.add(ann_id)
+        if ann_id in self.seen_ann_ids:
+            return source.drop_annotation(DUPLICATE_ANNOTATION_ID, ann_id, file_name, image_id)
+        self.seen_ann_ids.add(ann_id)
+        if record is None and image_id in self.refused_ids:
+            source.skipped_annotations[IMAGE_SKIPPED] += 1  # reported once, with the image
+            return
+        too_big = next((k for k, v in (("id", ann_id), ("image_id", image_id), ("category_id", category_id))
+                        if not _fits_int64(v)), None)
+        if too_big:
+            return source.drop_annotation(ID_OUT_OF_RANGE, ann_id, file_name, image_id,
+                                          f"{where}: '{too_big}' does not fit in int64")
         if record is None:
-            if image_id in refused_ids:
-                source.skipped_annotations[IMAGE_SKIPPED] += 1  # reported once, with the image
-            else:
-                source.drop_annotation(UNKNOWN_IMAGE_ID, ann_id, None, image_id)
-            continue
-        if category_id not in id_to_name:
-            source.drop_annotation(UNKNOWN_CATEGORY, ann_id, file_name, image_id, f"category_id {category_id}")
-            continue
+            return source.drop_annotation(UNKNOWN_IMAGE_ID, ann_id, None, image_id)
+        if category_id not in self.id_to_name:
+            return source.drop_annotation(UNKNOWN_CATEGORY, ann_id, file_name, image_id, f"category_id {category_id}")
+        self._add_annotation(record, where, ann, ann_id, category_id)
+
+    def _add_annotation(self, record: ImageRecord, where: str, ann: dict, ann_id: int, category_id: int) -> None:
+        source, file_name, image_id = self.source, record.file_name, record.image_id
         reason = bbox_problem(ann["bbox"])
         if reason:
-            source.drop_annotation(reason, ann_id, file_name, image_id, f"bbox {ann['bbox']!r}"[:200])
-            continue
+            return source.drop_annotation(reason, ann_id, file_name, image_id, f"bbox {ann['bbox']!r}"[:200])
+        iscrowd = 0 if ann.get("iscrowd") is None else ann["iscrowd"]  # absent or null: not a crowd
         # 0/1 or false/true (== 0/1 in Python); anything else has no agreed meaning (see the docstring).
         if iscrowd not in (0, 1):
-            source.drop_annotation(ISCROWD_INVALID, ann_id, file_name, image_id, f"iscrowd {iscrowd!r}"[:200])
-            continue
+            return source.drop_annotation(ISCROWD_INVALID, ann_id, file_name, image_id, f"iscrowd {iscrowd!r}"[:200])
+        area = ann.get("area")
         area_value = float(area) if _is_number(area) and math.isfinite(area) and area > 0 else None
         if area is not None and area_value is None:
             source.problems.append(Problem(AREA_INVALID, USE_BOX_AREA, file_name, image_id, ann_id,
                                            f"area {area!r}"[:200]))
         record.annotations.append(Annotation(ann_id, category_id, [float(v) for v in ann["bbox"]], False,
                                              area_value, bool(iscrowd)))
-    source.images = sorted(by_id.values(), key=lambda r: r.image_id)
+
+
+def read_coco(ann_json, image_dir) -> Source:
+    """Read and validate a COCO detection annotation file whose ``file_name``s are relative to ``image_dir``."""
+    path, image_root = storage.absolute(ann_json), storage.absolute(image_dir)
+    _require_image_root(image_root, "image folder (--images)")
+    data = _load_coco_json(path)
+    source = Source("coco", {"annotations": path, "images": image_root}, image_root, [],
+                    [], len(data["images"]), len(data["annotations"]))
+    reader = _CocoReader(path, data, source)
+    reader.categories()
+    reader.images()
+    reader.annotations()
+    source.images = sorted(reader.by_id.values(), key=lambda r: r.image_id)
     return source
 
 
@@ -304,21 +426,38 @@ def read_coco(ann_json, image_dir) -> Source:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _find_data_yaml(data_dir: Path) -> Path:
-    if data_dir.is_file():
+def _find_data_yaml(data_dir: str) -> str:
+    kind = _info(data_dir).kind
+    if kind == "file":
         return data_dir
-    if not data_dir.is_dir():
+    if kind != "dir":
         raise SourceError(f"{data_dir}: YOLO dataset directory not found")
-    if (data_dir / "data.yaml").is_file():
-        return data_dir / "data.yaml"
-    candidates = sorted(p for p in data_dir.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+    default = storage.join(data_dir, "data.yaml")
+    if _info(default).kind == "file":
+        return default
+    candidates = [e for e in storage.list_dir(data_dir) if e.kind == "file" and e.name.endswith((".yaml", ".yml"))]
     if len(candidates) != 1:
-        found = ", ".join(p.name for p in candidates) or "none"
+        found = ", ".join(e.name for e in candidates) or "none"
         raise SourceError(f"{data_dir}: expected data.yaml or exactly one .yaml file, found {found}")
-    return candidates[0]
+    return candidates[0].path
 
 
-def _yolo_names(yaml_path: Path, names) -> dict[int, str]:
+def _load_data_yaml(yaml_path: str, split: str) -> dict:
+    try:
+        spec = yaml.safe_load(storage.read_text(yaml_path))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise SourceError(f"{yaml_path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except OSError as exc:
+        raise SourceError(f"{yaml_path}: cannot read ({exc})") from None
+    if not isinstance(spec, dict):
+        raise SourceError(f"{yaml_path}: expected a mapping with 'names' and '{split}'")
+    for key in ("names", split):
+        if key not in spec:
+            raise SourceError(f"{yaml_path}: missing required key '{key}'")
+    return spec
+
+
+def _yolo_names(yaml_path: str, names) -> dict[int, str]:
     if isinstance(names, list) and all(isinstance(n, str) for n in names):
         return dict(enumerate(names))
     if isinstance(names, dict) and all(_is_int(k) and isinstance(v, str) for k, v in names.items()):
@@ -326,33 +465,70 @@ def _yolo_names(yaml_path: Path, names) -> dict[int, str]:
     raise SourceError(f"{yaml_path}: 'names' must be a list of names or a mapping {{index: name}}, got {names!r}"[:300])
 
 
-def label_path_for(image_path: Path) -> Path:
+def _under(base: str, relative: str) -> str:
+    """``relative`` resolved against ``base`` (local or URI); absolute paths and URIs as they are."""
+    if storage.is_uri(relative) or os.path.isabs(relative):
+        return storage.absolute(relative)
+    if storage.is_uri(base):
+        scheme, rest = base.split("://", 1)
+        return f"{scheme}://{posixpath.normpath(posixpath.join(rest, relative))}"
+    return os.path.normpath(os.path.join(base, relative))
+
+
+def _yolo_image_root(yaml_path: str, spec: dict, split: str) -> str:
+    base = storage.parent(yaml_path)
+    if isinstance(spec.get("path"), str) and _info(_under(base, spec["path"])).kind == "dir":
+        base = _under(base, spec["path"])  # relative `path:` resolved against the yaml's folder
+    if not isinstance(spec[split], str):
+        raise SourceError(f"{yaml_path}: '{split}' must be one image directory, got {spec[split]!r}"[:300])
+    image_root = _under(base, spec[split])
+    if _info(image_root).kind != "dir":
+        raise SourceError(f"{yaml_path}: '{split}': image directory {spec[split]!r} not found under {base}")
+    return image_root
+
+
+def label_path_for(image_path: str) -> str:
     """Ultralytics' rule: the last ``/images/`` in the path becomes ``/labels/``, the suffix ``.txt``."""
-    text = str(image_path)
-    images, labels = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
+    text = os.fspath(image_path)
+    sep, split_ext = ("/", posixpath.splitext) if storage.is_uri(text) else (os.sep, os.path.splitext)
+    images, labels = f"{sep}images{sep}", f"{sep}labels{sep}"
     if images in text:
         text = labels.join(text.rsplit(images, 1))
-    return Path(text).with_suffix(".txt")
+    return split_ext(text)[0] + ".txt"
 
 
-def _parse_label_file(source: Source, record: ImageRecord, label_path: Path, names: dict[int, str],
+def _relative(root: str, path: str) -> str:
+    return path[len(root.rstrip("/" + os.sep)) + 1:].replace(os.sep, "/")
+
+
+def _list_files(root: str) -> list[storage.FileInfo]:
+    try:
+        return storage.list_files(root)
+    except storage.StorageError as exc:
+        raise SourceError(str(exc)) from None
+
+
+def _read_label_texts(paths: list[str]) -> list[str | Exception]:
+    def read(path: str) -> str | Exception:
+        try:
+            return storage.read_bytes(path, max_bytes=LABEL_MAX_BYTES).decode("utf-8-sig")
+        except (OSError, UnicodeDecodeError) as exc:
+            return exc
+
+    with ThreadPoolExecutor(max_workers=LABEL_READ_THREADS) as pool:
+        return list(pool.map(read, paths))
+
+
+def _parse_label_text(source: Source, record: ImageRecord, label_path: str, text: str, names: dict[int, str],
                       next_ann_id: int) -> int:
     """Append the valid lines of one label file to ``record``; returns the next annotation id."""
-    try:
-        lines = label_path.read_text().splitlines()
-    except FileNotFoundError:
-        return next_ann_id  # no label file: an image with no objects (Ultralytics' convention)
-    except (OSError, UnicodeDecodeError) as exc:
-        source.skip_image(LABEL_FILE_UNREADABLE, record.file_name, record.image_id, str(exc)[:200])
-        record.annotations = None  # type: ignore[assignment]  (marks the record as skipped)
-        return next_ann_id
-    for line_no, line in enumerate(lines, 1):
+    for line_no, line in enumerate(text.splitlines(), 1):
         fields = line.split()
         if not fields:
             continue
         ann_id, next_ann_id = next_ann_id, next_ann_id + 1
         source.annotations_in += 1
-        detail = f"{label_path.name}:{line_no}: {line.strip()!r}"[:200]
+        detail = f"{storage.basename(label_path)}:{line_no}: {line.strip()!r}"[:200]
         if len(fields) != 5:
             source.drop_annotation(LABEL_FIELD_COUNT, ann_id, record.file_name, record.image_id, detail)
             continue
@@ -373,60 +549,98 @@ def _parse_label_file(source: Source, record: ImageRecord, label_path: Path, nam
     return next_ann_id
 
 
+@dataclass
+class _YoloLayout:
+    """What is on storage for one split: candidate image files, and the label files that exist."""
+
+    image_root: str
+    label_root: str
+    entries: list[storage.FileInfo]  # under image_root, except label files, sorted as Ultralytics does
+    labels: set[str]  # every .txt path under image_root and label_root
+    orphans: list[str]  # label files under label_root that belong to no image
+
+
+def _is_image(path: str) -> bool:
+    return posixpath.splitext(path)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _scan_yolo(image_root: str) -> _YoloLayout:
+    listed = _list_files(image_root)
+    label_root = storage.parent(label_path_for(storage.join(image_root, "x.jpg")))
+    colocated = label_root == image_root  # no /images/ in the path: labels sit next to the images
+    label_listing = [] if colocated else _list_files(label_root)
+    labels = {e.path for e in listed + label_listing if e.path.endswith(".txt")}
+    used = {label_path_for(e.path) for e in listed if _is_image(e.path)}
+    # A .txt file in the image folder is a label (of an image, or an orphan when labels sit there), not
+    # an image; elsewhere it is an unsupported file, like any other non-image.
+    entries = [e for e in listed if e.path not in used and not (colocated and e.path.endswith(".txt"))]
+    entries.sort(key=lambda e: _relative(image_root, e.path).split("/"))  # pathlib's order: by components
+    label_files = listed if colocated else label_listing
+    orphans = sorted({e.path for e in label_files if e.path.endswith(".txt")} - used)
+    return _YoloLayout(image_root, label_root, entries, labels, orphans)
+
+
+def _yolo_records(source: Source, layout: _YoloLayout) -> list[tuple[ImageRecord, str]]:
+    """One record per image file, with its label path; other files are skipped as unsupported."""
+    pairs = []
+    for entry in layout.entries:
+        file_name = _relative(layout.image_root, entry.path)
+        if not _is_image(entry.path):
+            extension = posixpath.splitext(entry.path)[1]
+            source.skip_image(UNSUPPORTED_FILE, file_name, None, f"extension {extension!r} is not an image")
+            continue
+        pairs.append((ImageRecord(len(pairs), file_name, None, None), label_path_for(entry.path)))
+    return pairs
+
+
+def _read_yolo_labels(source: Source, pairs: list[tuple[ImageRecord, str]], layout: _YoloLayout,
+                      names: dict[int, str]) -> None:
+    with_labels = [(record, label) for record, label in pairs if label in layout.labels]
+    to_read = sorted({label for _, label in with_labels})
+    text_of = dict(zip(to_read, _read_label_texts(to_read)))
+    next_ann_id = 1
+    for record, label in pairs:
+        text = text_of.get(label, "")  # no label file: an image with no objects (Ultralytics' convention)
+        if isinstance(text, Exception):
+            source.skip_image(LABEL_FILE_UNREADABLE, record.file_name, record.image_id, str(text)[:200])
+            continue
+        next_ann_id = _parse_label_text(source, record, label, text, names, next_ann_id)
+        source.images.append(record)
+    source.images_without_label_file = len(pairs) - len(with_labels)
+    if pairs and not with_labels:
+        source.warn(NO_LABEL_FILES, detail=f"none of the {len(pairs)} images has a label file; expected them "
+                                           f"under {layout.label_root} (Ultralytics: the last /images/ in an "
+                                           f"image's path becomes /labels/, the suffix .txt); kept without boxes")
+
+
 def read_yolo(data_dir, split: str = "train") -> Source:
     """Read an Ultralytics dataset: ``data.yaml`` with ``names`` and ``train``/``val`` image directories,
     ``images/<split>/*.jpg`` and ``labels/<split>/*.txt`` (``class cx cy w h`` normalised per line).
 
     Image ids are positions in the sorted list of image paths; annotation ids count label lines from 1
-    in that same order, so both are stable across runs.
+    in that same order, so both are stable across runs. A split without any image file is a
+    ``SourceError``; a split with images but not one label file is a ``NO_LABEL_FILES`` warning.
     """
     if split not in ("train", "val"):
         raise SourceError(f"--split must be train or val, got {split!r}")
-    yaml_path = _find_data_yaml(Path(data_dir))
-    try:
-        spec = yaml.safe_load(yaml_path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise SourceError(f"{yaml_path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(spec, dict):
-        raise SourceError(f"{yaml_path}: expected a mapping with 'names' and '{split}'")
-    for key in ("names", split):
-        if key not in spec:
-            raise SourceError(f"{yaml_path}: missing required key '{key}'")
+    yaml_path = _find_data_yaml(storage.absolute(data_dir))
+    spec = _load_data_yaml(yaml_path, split)
     names = _yolo_names(yaml_path, spec["names"])
-    base = yaml_path.parent
-    if isinstance(spec.get("path"), str) and (base / spec["path"]).is_dir():
-        base = base / spec["path"]  # relative `path:` resolved against the yaml's folder
-    if not isinstance(spec[split], str):
-        raise SourceError(f"{yaml_path}: '{split}' must be one image directory, got {spec[split]!r}"[:300])
-    image_root = base / spec[split]
-    if not image_root.is_dir():
-        raise SourceError(f"{yaml_path}: '{split}': image directory {spec[split]!r} not found under {base}")
-
-    files = sorted(p for p in image_root.rglob("*") if p.is_file())
-    source = Source("yolo", {"data": str(yaml_path), "split": split, "images": str(image_root)}, image_root,
-                    make_categories(names), [], len(files), 0)
-    next_ann_id, image_index, used_labels = 1, 0, set()
-    for path in files:
-        file_name = path.relative_to(image_root).as_posix()
-        if path.suffix.lower() not in IMAGE_EXTENSIONS:
-            source.skip_image(UNSUPPORTED_FILE, file_name, None, f"extension {path.suffix!r} is not an image")
-            continue
-        record = ImageRecord(image_index, file_name, None, None)
-        image_index += 1
-        label_path = label_path_for(path)
-        used_labels.add(label_path)
-        next_ann_id = _parse_label_file(source, record, label_path, names, next_ann_id)
-        if record.annotations is not None:
-            source.images.append(record)
-
-    label_root = label_path_for(image_root / "x.jpg").parent
-    if label_root != image_root and label_root.is_dir():
-        for orphan in sorted(set(label_root.rglob("*.txt")) - used_labels):
-            source.problems.append(Problem(LABEL_WITHOUT_IMAGE, IGNORED, orphan.relative_to(label_root).as_posix()))
+    layout = _scan_yolo(_yolo_image_root(yaml_path, spec, split))
+    if not any(_is_image(e.path) for e in layout.entries):
+        raise SourceError(f"{yaml_path}: '{split}': no image files in {layout.image_root} "
+                          f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    source = Source("yolo", {"data": yaml_path, "split": split, "images": layout.image_root}, layout.image_root,
+                    make_categories(names), [], len(layout.entries), 0)
+    _warn_duplicate_names(source, names)
+    _read_yolo_labels(source, _yolo_records(source, layout), layout, names)
+    for orphan in layout.orphans:
+        root = layout.image_root if layout.label_root == layout.image_root else layout.label_root
+        source.problems.append(Problem(LABEL_WITHOUT_IMAGE, IGNORED, _relative(root, orphan)))
     return source
 
 
 __all__ = [
     "Annotation", "ImageRecord", "Problem", "Source", "SourceError", "bbox_problem", "is_unsafe_file_name",
-    "label_path_for", "make_categories", "read_coco", "read_yolo",
+    "is_warning", "label_path_for", "make_categories", "read_coco", "read_yolo",
 ]

@@ -15,19 +15,23 @@ its own generator seeded by (seed, split, index), so the same arguments give byt
 With ``aspect_mix`` every fifth image (index 3 mod 5) is 4:3 and every fifth (index 4 mod 5) is portrait
 9:16, so that the letterbox path of ``neoray prepare`` has something to do.
 
+Files are written through ``neoray.storage``: ``OUT_DIR`` may be a URI (``s3://bucket/synth``), and local
+files get the umask's permissions, so that teammates can read a shared dataset.
+
 Only numpy and cv2 are imported: ``neoray synth`` does not pay for torch or Ray.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from neoray.io import write_bytes_atomic
+from neoray import storage
 
 # (id, name): non-contiguous ids on purpose. ``classes=K`` uses the first K.
 SHAPES = [
@@ -144,9 +148,9 @@ def _make_image(rng, w: int, h: int, shapes: list[tuple[int, str]], empty: bool)
     return img, objects
 
 
-def _write_split(root: Path, split: str, split_index: int, count: int, size, shapes, seed: int, aspect_mix: bool):
-    image_dir = root / split
-    image_dir.mkdir(parents=True, exist_ok=True)
+def _write_split(root: str, split: str, split_index: int, count: int, size, shapes, seed: int, aspect_mix: bool):
+    image_dir = storage.join(root, split)
+    storage.makedirs(image_dir)
     images, annotations = [], []
     for i in range(count):
         rng = np.random.default_rng([seed, split_index, i])
@@ -156,7 +160,7 @@ def _write_split(root: Path, split: str, split_index: int, count: int, size, sha
         ok, encoded = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 92])
         if not ok:  # pragma: no cover - cv2 always encodes a uint8 BGR array
             raise RuntimeError(f"cv2 could not encode {file_name}")
-        write_bytes_atomic(image_dir / file_name, encoded.tobytes())
+        storage.write_bytes(storage.join(image_dir, file_name), encoded.tobytes())
         images.append({"id": i + 1, "file_name": file_name, "width": w, "height": h})
         for cat_id, (x1, y1, x2, y2) in objects:
             annotations.append({
@@ -170,16 +174,21 @@ def _write_split(root: Path, split: str, split_index: int, count: int, size, sha
         "annotations": annotations,
         "categories": [{"id": cid, "name": name, "supercategory": "shape"} for cid, name in shapes],
     }
-    ann_path = root / "annotations" / f"instances_{split}.json"
-    ann_path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(ann_path, json.dumps(coco, indent=1).encode())
+    ann_path = storage.join(root, "annotations", f"instances_{split}.json")
+    storage.write_bytes(ann_path, json.dumps(coco, indent=1).encode())
     return image_dir, ann_path
+
+
+def _as_given(path: str):
+    """A local path as a ``Path`` (what callers have always got), a URI as a string."""
+    return path if storage.is_uri(path) else Path(path)
 
 
 def write_synthetic_dataset(out_dir, train: int = 256, val: int = 64, size=(320, 180), classes: int = 6,
                             seed: int = 0, aspect_mix: bool = False) -> dict:
     """Write the dataset; returns ``{"root", "train_images", "train_annotations", "val_images",
-    "val_annotations", "categories"}`` (paths and the COCO category list)."""
+    "val_annotations", "categories"}`` (paths: ``Path`` locally, ``str`` for a URI; and the COCO
+    category list)."""
     from neoray.config import parse_size
 
     width, height = parse_size(size, "size", require_16_9=False)
@@ -189,12 +198,12 @@ def write_synthetic_dataset(out_dir, train: int = 256, val: int = 64, size=(320,
         raise ValueError(f"image counts must be >= 0, got train={train} val={val}")
     if min(width, height) < 32:
         raise ValueError(f"size {width}x{height} is too small for shapes (need at least 32 pixels per side)")
-    root = Path(out_dir)
+    root = os.fspath(out_dir)
     shapes = SHAPES[:classes]
-    result: dict = {"root": root, "categories": [{"id": c, "name": n} for c, n in shapes]}
+    result: dict = {"root": _as_given(root), "categories": [{"id": c, "name": n} for c, n in shapes]}
     for split_index, (split, count) in enumerate((("train", train), ("val", val))):
         image_dir, ann_path = _write_split(root, split, split_index, count, (width, height), shapes, seed, aspect_mix)
-        result[f"{split}_images"], result[f"{split}_annotations"] = image_dir, ann_path
+        result[f"{split}_images"], result[f"{split}_annotations"] = _as_given(image_dir), _as_given(ann_path)
     return result
 
 
@@ -220,7 +229,7 @@ def run(args) -> int:
     try:
         out = write_synthetic_dataset(args.out_dir, train=args.train, val=args.val, size=args.size,
                                       classes=args.classes, seed=args.seed, aspect_mix=args.aspect_mix)
-    except (ConfigError, ValueError) as exc:
+    except (ConfigError, ValueError, OSError) as exc:  # OSError: the folder or bucket cannot be written
         print(f"neoray synth: error: {exc}", file=sys.stderr)
         return 1
     names = ", ".join(f"{c['id']}={c['name']}" for c in out["categories"])

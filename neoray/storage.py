@@ -1,0 +1,398 @@
+"""Every path a user gives neoray, behind one small interface: local paths, shared mounts and URIs.
+
+A path is one of:
+
+* a local path or a shared mount (NFS, EFS, Lustre): ``data/coco``, ``/mnt/efs/runs``;
+* a URI that ``pyarrow.fs`` understands: ``s3://bucket/prefix``, ``gs://bucket/prefix``, ``hdfs://...``;
+* any other fsspec URI (``abfs://``, ``memory://``, ...) through pyarrow's ``FSSpecHandler``, when the
+  user has installed that fsspec package.
+
+S3-compatible endpoints (MinIO, Ceph, a test server) are configured the standard way, through
+``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` and ``AWS_DEFAULT_REGION``, which
+pyarrow reads itself; on a cluster an IAM instance profile needs no variables at all.
+
+Writes are atomic where the storage allows it: a local file is written to a temporary name in its folder
+and renamed (a reader or a crash never sees half a file), with the permissions a plain ``open()`` would
+give (the umask's, so that teammates sharing a folder can read it); an object store publishes an object
+only when its upload completes, so one ``write_bytes`` is one whole object or nothing.
+
+Relative local paths are made absolute with ``absolute`` against the working directory of the process
+that calls it: the driver does that before anything reaches a Ray worker, whose working directory differs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import functools
+import hashlib
+import json
+import os
+import posixpath
+import re
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import pyarrow.fs as pafs
+
+_URI = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+_HASH_CHUNK = 8 << 20
+# Schemes whose pyarrow filesystem addresses objects as "bucket/key".
+_BUCKET_SCHEMES = ("s3", "gs", "gcs")
+
+
+class StorageError(OSError):
+    """A storage operation that failed; the message is one line naming the path."""
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    path: str  # the full path or URI
+    kind: str  # "file", "dir", "missing" or "other" (a FIFO, a device, a socket: never read)
+    size: int | None = None
+    mtime_ns: int | None = None
+
+    @property
+    def name(self) -> str:
+        return basename(self.path)
+
+
+def scheme(path: str | os.PathLike) -> str:
+    """The URI scheme (``s3``, ``gs``, ...), or "" for a local path (``file://`` counts as local)."""
+    match = _URI.match(os.fspath(path))
+    if not match or match.group(1).lower() == "file":
+        return ""
+    return match.group(1).lower()
+
+
+def is_uri(path: str | os.PathLike) -> bool:
+    return bool(scheme(path))
+
+
+def _local(path: str | os.PathLike) -> str:
+    text = os.fspath(path)
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    return os.path.expanduser(text)
+
+
+def absolute(path: str | os.PathLike) -> str:
+    """A URI unchanged (trailing slashes dropped), a local path made absolute against this process's
+    working directory. Empty stays empty (an unset optional path)."""
+    text = os.fspath(path)
+    if not text:
+        return ""
+    if is_uri(text):
+        return text.rstrip("/") if text.rstrip("/") != f"{scheme(text)}:/" else text
+    return os.path.abspath(_local(text))
+
+
+def join(base: str | os.PathLike, *parts: str) -> str:
+    base = os.fspath(base)
+    if is_uri(base):
+        return posixpath.join(base.rstrip("/"), *parts)
+    return os.path.join(_local(base), *parts)
+
+
+def basename(path: str | os.PathLike) -> str:
+    text = os.fspath(path).rstrip("/")
+    return posixpath.basename(text) if is_uri(text) else os.path.basename(text)
+
+
+def parent(path: str | os.PathLike) -> str:
+    text = os.fspath(path).rstrip("/")
+    return posixpath.dirname(text) if is_uri(text) else os.path.dirname(_local(text))
+
+
+def local_path(path: str | os.PathLike) -> str | None:
+    """The local path, or None for a URI."""
+    return None if is_uri(path) else _local(path)
+
+
+@functools.lru_cache(maxsize=32)
+def _uri_filesystem(prefix: str) -> pafs.FileSystem:
+    """One filesystem object per scheme and bucket/host: ``from_uri`` may ask the store for its region."""
+    try:
+        return pafs.FileSystem.from_uri(prefix)[0]
+    except Exception as exc:  # pyarrow knows no such scheme: try fsspec, which knows many more
+        try:
+            import fsspec
+        except ImportError:
+            raise StorageError(f"{prefix}: pyarrow cannot open this URI ({exc}) and fsspec is not installed") from None
+        try:
+            handler = pafs.FSSpecHandler(fsspec.filesystem(scheme(prefix)))
+        except (ImportError, ValueError) as fsspec_exc:
+            raise StorageError(f"{prefix}: no filesystem for this URI (pyarrow: {exc}; fsspec: {fsspec_exc}); "
+                               f"install the fsspec package for '{scheme(prefix)}://'") from None
+        return pafs.PyFileSystem(handler)
+
+
+def resolve(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or a URI."""
+    text = os.fspath(path)
+    if not is_uri(text):
+        return pafs.LocalFileSystem(), os.path.abspath(_local(text))
+    uri_scheme = scheme(text)
+    rest = text[len(uri_scheme) + 3:]
+    fs = _uri_filesystem(f"{uri_scheme}://{rest.split('/', 1)[0]}")
+    if uri_scheme in _BUCKET_SCHEMES or isinstance(fs, pafs.PyFileSystem):
+        return fs, rest.rstrip("/")  # object stores and fsspec take "bucket/key"
+    return fs, pafs.FileSystem.from_uri(text)[1]  # e.g. hdfs://host:port/path -> /path
+
+
+def _error(path, action: str, exc: BaseException) -> StorageError:
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return StorageError(f"{os.fspath(path)}: cannot {action} ({message})")
+
+
+_KINDS = {pafs.FileType.File: "file", pafs.FileType.Directory: "dir", pafs.FileType.NotFound: "missing"}
+
+
+def info(path: str | os.PathLike) -> FileInfo:
+    """What is at ``path``. Local symlinks are followed: a link to a regular file is a "file", a link to
+    a device or a FIFO is "other" (never read)."""
+    fs, inner = resolve(path)
+    try:
+        found = fs.get_file_info(inner)
+    except OSError as exc:
+        raise _error(path, "look up", exc) from None
+    mtime = found.mtime_ns if found.type == pafs.FileType.File else None
+    return FileInfo(os.fspath(path), _KINDS.get(found.type, "other"), found.size if found.is_file else None, mtime)
+
+
+def exists(path: str | os.PathLike) -> bool:
+    return info(path).kind != "missing"
+
+
+def is_file(path: str | os.PathLike) -> bool:
+    return info(path).kind == "file"
+
+
+def is_dir(path: str | os.PathLike) -> bool:
+    return info(path).kind == "dir"
+
+
+def list_dir(path: str | os.PathLike, recursive: bool = False) -> list[FileInfo]:
+    """Entries under a directory, sorted by path; [] when it does not exist."""
+    fs, inner = resolve(path)
+    try:
+        found = fs.get_file_info(pafs.FileSelector(inner, recursive=recursive, allow_not_found=True))
+    except OSError as exc:
+        raise _error(path, "list", exc) from None
+    base = os.fspath(path).rstrip("/")
+    out = []
+    prefix = inner.strip("/")
+    for entry in found:
+        # Some filesystems (fsspec's) return paths with a leading "/": compare without it.
+        relative = entry.path.strip("/")[len(prefix):].lstrip("/")
+        mtime = entry.mtime_ns if entry.type == pafs.FileType.File else None
+        out.append(FileInfo(join(base, relative), _KINDS.get(entry.type, "other"),
+                            entry.size if entry.is_file else None, mtime))
+    return sorted(out, key=lambda e: e.path)
+
+
+def list_files(path: str | os.PathLike) -> list[FileInfo]:
+    """Everything under a directory that is not a directory, recursively, sorted by path; [] when it does
+    not exist. Locally, symlinks to directories are not entered (a link to a parent would loop), a link
+    to a file is that file, a broken link is "missing", and a FIFO, device or socket is "other"."""
+    local = local_path(path)
+    if local is None:
+        return [e for e in list_dir(path, recursive=True) if e.kind != "dir"]
+
+    def fail(exc: OSError):
+        raise _error(exc.filename or path, "list", exc)
+
+    if not os.path.isdir(local):
+        return []
+    out = []
+    for folder, dirs, names in os.walk(local, onerror=fail):
+        relative = os.path.relpath(folder, local)
+        out += [info(join(path, os.path.normpath(os.path.join(relative, name)))) for name in names]
+        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(folder, d))]
+    return sorted(out, key=lambda e: e.path)
+
+
+def glob(path: str | os.PathLike, pattern: str) -> list[FileInfo]:
+    """Entries directly in ``path`` whose name matches ``pattern`` (fnmatch)."""
+    return [e for e in list_dir(path) if fnmatch.fnmatchcase(e.name, pattern)]
+
+
+class TooLarge(StorageError):
+    """A file bigger than the caller's limit."""
+
+
+def read_bytes(path: str | os.PathLike, max_bytes: int | None = None) -> bytes:
+    """The whole file. Only regular files are read (a FIFO would block forever, a device never end);
+    with ``max_bytes`` a bigger file raises ``TooLarge`` without being read."""
+    found = info(path)
+    if found.kind == "missing":
+        raise FileNotFoundError(f"{os.fspath(path)}: not found")
+    if found.kind != "file":
+        raise StorageError(f"{os.fspath(path)}: not a regular file ({found.kind}); not read")
+    if max_bytes is not None and found.size is not None and found.size > max_bytes:
+        raise TooLarge(f"{os.fspath(path)}: {found.size} bytes, over the limit of {max_bytes}")
+    fs, inner = resolve(path)
+    try:
+        with fs.open_input_stream(inner) as handle:
+            data = handle.read() if max_bytes is None else handle.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{os.fspath(path)}: not found") from None
+    except OSError as exc:
+        raise _error(path, "read", exc) from None
+    if max_bytes is not None and len(data) > max_bytes:  # it grew after the size check
+        raise TooLarge(f"{os.fspath(path)}: over the limit of {max_bytes} bytes")
+    return data
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """UTF-8 text (a BOM is accepted); UnicodeDecodeError for anything else."""
+    return read_bytes(path).decode("utf-8-sig")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(read_text(path))
+
+
+def umask_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file: 0o666 without the process's umask."""
+    current = os.umask(0)
+    os.umask(current)
+    return 0o666 & ~current
+
+
+def _write_local_atomic(target: str, data: bytes) -> None:
+    folder = os.path.dirname(target) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=folder)
+    try:
+        os.fchmod(fd, umask_mode())  # mkstemp makes 0600; others sharing the folder must read it
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> str:
+    """Write ``data`` as the whole content of ``path``, atomically (see the module docstring)."""
+    try:
+        local = local_path(path)
+        if local is not None:
+            _write_local_atomic(os.path.abspath(local), data)
+        else:
+            fs, inner = resolve(path)
+            with fs.open_output_stream(inner) as handle:
+                handle.write(data)
+    except StorageError:
+        raise
+    except OSError as exc:
+        raise _error(path, "write", exc) from None
+    return os.fspath(path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> str:
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 1, allow_nan: bool = True) -> str:
+    return write_text(path, json.dumps(obj, indent=indent, allow_nan=allow_nan) + "\n")
+
+
+def makedirs(path: str | os.PathLike) -> None:
+    """Create a directory and its parents (object stores have no directories: nothing to do there)."""
+    fs, inner = resolve(path)
+    try:
+        fs.create_dir(inner, recursive=True)
+    except OSError as exc:
+        raise _error(path, "create the directory", exc) from None
+
+
+def remove(path: str | os.PathLike) -> None:
+    """Delete a file; a missing one is not an error."""
+    fs, inner = resolve(path)
+    try:
+        fs.delete_file(inner)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if info(path).kind != "missing":
+            raise _error(path, "delete", exc) from None
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    fs, inner = resolve(path)
+    try:
+        fs.delete_dir(inner)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if info(path).kind != "missing":
+            raise _error(path, "delete", exc) from None
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, streamed (shards are hundreds of MB)."""
+    fs, inner = resolve(path)
+    digest = hashlib.sha256()
+    try:
+        with fs.open_input_stream(inner) as handle:
+            while chunk := handle.read(_HASH_CHUNK):
+                digest.update(chunk)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{os.fspath(path)}: not found") from None
+    except OSError as exc:
+        raise _error(path, "read", exc) from None
+    return digest.hexdigest()
+
+
+def upload_dir(local_dir: str, target: str | os.PathLike) -> None:
+    """Copy a local directory tree to ``target`` (any storage)."""
+    fs, inner = resolve(target)
+    if local_path(target) is not None:
+        os.makedirs(inner, exist_ok=True)  # pyarrow copies into local folders that exist
+    try:
+        pafs.copy_files(local_dir, inner, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    except OSError as exc:
+        raise _error(target, "upload to", exc) from None
+
+
+def download_dir(source: str | os.PathLike, local_dir: str) -> str:
+    """Copy a directory tree from any storage to a local directory; returns ``local_dir``."""
+    fs, inner = resolve(source)
+    os.makedirs(local_dir, exist_ok=True)
+    try:
+        pafs.copy_files(inner, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    except OSError as exc:
+        raise _error(source, "download", exc) from None
+    return local_dir
+
+
+@contextlib.contextmanager
+def local_copy(path: str | os.PathLike) -> Iterator[str]:
+    """A local path for ``path``: itself when local, else a temporary download removed afterwards
+    (a file or a directory tree)."""
+    local = local_path(path)
+    if local is not None:
+        yield local
+        return
+    with tempfile.TemporaryDirectory(prefix="neoray-") as tmp:
+        target = os.path.join(tmp, basename(path) or "data")
+        if is_dir(path):
+            download_dir(path, target)
+        else:
+            with open(target, "wb") as handle:
+                handle.write(read_bytes(path))
+        yield target
+
+
+__all__ = [
+    "FileInfo", "StorageError", "TooLarge", "absolute", "basename", "download_dir", "exists", "glob", "info",
+    "is_dir", "is_file", "is_uri", "join", "list_dir", "list_files", "local_copy", "local_path", "makedirs", "parent",
+    "read_bytes", "read_json", "read_text", "remove", "remove_tree", "resolve", "scheme", "sha256",
+    "umask_mode", "upload_dir", "write_bytes", "write_json", "write_text",
+]
