@@ -298,3 +298,100 @@ def test_bf16_autocast_trains_and_predicts_in_float32():
         outputs = model(random_images(2, 320, 180))
     assert outputs[0]["boxes"].dtype == torch.float32 and outputs[0]["scores"].dtype == torch.float32
     assert_valid_predictions(outputs, 2, 320, 180, 100)
+
+
+# --- faithful training: what the reference RT-DETR (lyuwenyu/RT-DETR rtdetr_pytorch) does -------------
+
+
+def _train_step(look_forward_twice: bool):
+    torch.manual_seed(0)
+    model = build_model("rtdetr_cpu", num_classes=3, look_forward_twice=look_forward_twice).train()
+    torch.manual_seed(1)  # the same denoising noise in both runs
+    losses = model(random_images(2, 320, 180), targets_for(320, 180))
+    sum(losses.values()).backward()
+    return losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_look_forward_twice_changes_the_gradients_not_the_forward():
+    with_lft, grads = _train_step(True)
+    without, plain = _train_step(False)
+    for name in with_lft:  # the same boxes, so the same matches and the same losses, bit for bit
+        assert torch.equal(with_lft[name], without[name]), name
+    # Layer 0's box head now also learns from layer 1's box loss; the last head's own gradient is the same.
+    assert not torch.allclose(grads["decoder.bbox_heads.0.layers.2.weight"], plain["decoder.bbox_heads.0.layers.2.weight"])
+    torch.testing.assert_close(grads["decoder.bbox_heads.1.layers.2.weight"], plain["decoder.bbox_heads.1.layers.2.weight"])
+    torch.testing.assert_close(grads["decoder.score_heads.1.weight"], plain["decoder.score_heads.1.weight"])
+
+
+def test_decoder_initialisation_follows_the_reference():
+    torch.manual_seed(0)
+    decoder = build_model("rtdetr_r18", num_classes=3).decoder
+    for layer in (decoder.query_pos_head.layers[0], decoder.query_pos_head.layers[1], decoder.enc_output[0]):
+        fan_out, fan_in = layer.weight.shape
+        bound = (6.0 / (fan_in + fan_out)) ** 0.5  # xavier-uniform
+        assert layer.weight.abs().max() <= bound
+        assert layer.weight.std().item() == pytest.approx(bound / 3**0.5, rel=0.1)
+    # query_pos_head.layers.0 reads 4 box coordinates: PyTorch's default would be 4.6x wider here.
+    assert decoder.query_pos_head.layers[0].weight.std() < 0.07
+    prior = -torch.log(torch.tensor(99.0))
+    for head in (decoder.enc_score_head, *decoder.score_heads):
+        torch.testing.assert_close(head.bias, prior.expand_as(head.bias))
+    assert all(head.layers[-1].weight.abs().sum() == 0 for head in (decoder.enc_bbox_head, *decoder.bbox_heads))
+
+
+def test_denoising_padding_row_is_zero_and_never_trained():
+    torch.manual_seed(0)
+    model = build_model("rtdetr_cpu", num_classes=3).train()
+    embed = model.decoder.denoising_class_embed
+    assert embed.padding_idx == 3 and embed.weight[3].abs().sum() == 0
+    # Image 1 has fewer objects than image 0, so its denoising slots are padded with row 3.
+    sum(model(random_images(2, 320, 180), targets_for(320, 180)).values()).backward()
+    assert embed.weight.grad[3].abs().sum() == 0 and embed.weight.grad[:3].abs().sum() > 0
+
+
+def test_decoder_layer_clamps_to_the_float16_range_before_its_last_norm():
+    from neoray.models.decoder import DecoderLayer
+
+    layer = DecoderLayer(dim=16, heads=2, ffn_dim=32, levels=1, points=2).eval()
+    with torch.no_grad():
+        layer.ffn[3].bias.fill_(1e6)  # an FFN output far outside float16
+    seen = []
+    layer.norm3.register_forward_pre_hook(lambda module, args: seen.append(args[0].abs().max().item()))
+    memory = torch.randn(1, 16, 16)
+    out = layer(torch.randn(1, 3, 16), torch.zeros(1, 3, 16), torch.full((1, 3, 4), 0.5), memory, [(4, 4)])
+    assert seen == [65504.0] and torch.isfinite(out).all()
+
+
+def test_yx_position_order_is_the_reference_embedding_on_square_grids():
+    # The reference (and Hugging Face) build their grid as (W, H) with "ij" indexing and flatten it: on an
+    # n x n map, token t gets the pair (t // n, t % n), and puts the first of the pair in the first half
+    # of the channels. Since the map flattens row by row, t // n is the row: rows first, columns second.
+    n, dim = 4, 16
+    omega = 1.0 / 10000.0 ** (torch.arange(dim // 4) / (dim // 4))
+    reference = []
+    for token in range(n * n):
+        first, second = token // n, token % n
+        reference.append(torch.cat([(first * omega).sin(), (first * omega).cos(), (second * omega).sin(), (second * omega).cos()]))
+    torch.testing.assert_close(sine_position_embedding(n, n, dim, order="yx"), torch.stack(reference))
+    assert not torch.allclose(sine_position_embedding(n, n, dim, order="xy"), torch.stack(reference))
+    # On a 16:9-like map "yx" is the same convention kept consistent: row halves first, column halves second.
+    wide_xy, wide_yx = sine_position_embedding(3, 5, dim), sine_position_embedding(3, 5, dim, order="yx")
+    torch.testing.assert_close(wide_yx, torch.cat([wide_xy[:, dim // 2:], wide_xy[:, :dim // 2]], dim=1))
+    model = build_model("rtdetr_cpu", 3, position_order="yx")
+    assert model.encoder.position_order == "yx" and model.conventions()["position_order"] == "yx"
+
+
+def test_unit_normalisation_scales_to_0_1_and_pads_with_the_mean_colour():
+    images = random_images(1, 100, 60)  # padded to 128x64
+    unit = build_model("rtdetr_cpu", 3, input_normalization="unit")
+    imagenet = build_model("rtdetr_cpu", 3)
+    x = unit.normalize(images)
+    assert torch.equal(x, images.float() / 255)  # exactly what ToTensor() gives the reference
+    padded = unit.pad(x)
+    assert padded.shape[-2:] == (64, 128) and torch.equal(padded[..., :60, :100], x)
+    torch.testing.assert_close(padded[0, :, 63, 127], torch.tensor([0.485, 0.456, 0.406]))
+    assert imagenet.pad(imagenet.normalize(images))[..., 60:, :].abs().max() == 0  # the mean colour there
+    with pytest.raises(ValueError, match="input_normalization must be one of"):
+        build_model("rtdetr_cpu", 3, input_normalization="zero_one")
+    with torch.no_grad():
+        assert len(unit.eval()(images)[0]["scores"]) > 0

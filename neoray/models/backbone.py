@@ -1,7 +1,9 @@
 """torchvision backbones that return the stride 8, 16 and 32 feature maps.
 
 Output channels are measured with a dummy forward at build time, never written down per architecture,
-so any torchvision ResNet or MobileNetV3 plugs in.
+so any torchvision ResNet or MobileNetV3 plugs in. ``make_backbone`` also builds the reference's ResNet-vd
+(``presnet18vd`` ... ``presnet101vd``, neoray.models.presnet). Both take ``freeze_norm`` (FrozenBatchNorm2d)
+and ``freeze_at`` (-1 none, 0 the stem, k the stem and the first k stages; see neoray.models.norm).
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ from torch import nn
 from torchvision import models
 from torchvision.models._utils import IntermediateLayerGetter
 
+from neoray.models.norm import freeze_batch_norm, freeze_parameters
+from neoray.models.presnet import ARCHITECTURES as PRESNET_ARCHITECTURES
+from neoray.models.presnet import PResNet
 from neoray.models.weights import load_backbone_weights
 
 # name -> (builder, ImageNet weights enum)
@@ -40,13 +45,24 @@ def _last_layer_per_stride(layers: nn.Sequential) -> dict[str, str]:
     return {last[s]: str(i) for i, s in enumerate(STRIDES)}
 
 
+def backbone_names() -> list[str]:
+    return sorted([*ARCHITECTURES, *PRESNET_ARCHITECTURES])
+
+
+def make_backbone(arch: str, weights: str = "none", freeze_norm: bool = False, freeze_at: int = -1) -> nn.Module:
+    """A torchvision ``Backbone`` or a ``PResNet``: both have ``out_channels`` and return 3 maps."""
+    if arch in PRESNET_ARCHITECTURES:
+        return PResNet(arch, weights, freeze_norm=freeze_norm, freeze_at=freeze_at)
+    return Backbone(arch, weights, freeze_norm=freeze_norm, freeze_at=freeze_at)
+
+
 class Backbone(nn.Module):
     """``body`` is the torchvision trunk; forward returns [stride 8, stride 16, stride 32] maps."""
 
-    def __init__(self, arch: str, weights: str = "none"):
+    def __init__(self, arch: str, weights: str = "none", freeze_norm: bool = False, freeze_at: int = -1):
         super().__init__()
         if arch not in ARCHITECTURES:
-            raise ValueError(f"unknown backbone {arch!r}; valid: {sorted(ARCHITECTURES)}")
+            raise ValueError(f"unknown backbone {arch!r}; valid: {backbone_names()}")
         builder, imagenet = ARCHITECTURES[arch]
         net = builder(weights=None)
         if arch.startswith("resnet"):
@@ -65,7 +81,22 @@ class Backbone(nn.Module):
         with torch.no_grad():
             self.out_channels = [f.shape[1] for f in self(torch.zeros(1, 3, 64, 64))]
         self.body.train(was_training)
-        self.loaded_tensors = load_backbone_weights(self.body, weights, imagenet, arch)
+        self._freeze(freeze_norm, freeze_at)
+        self.freeze_norm, self.freeze_at = freeze_norm, freeze_at
+        self.loaded_tensors = load_backbone_weights(self.body, weights, imagenet.url, arch, "backbone.body.")
+
+    def _freeze(self, freeze_norm: bool, freeze_at: int) -> None:
+        if self.arch.startswith("resnet"):
+            stages = [self.body.layer1, self.body.layer2, self.body.layer3, self.body.layer4]
+            stem = [self.body.conv1, self.body.bn1]
+        else:  # MobileNetV3: the stem is the first conv block; its later blocks are not stages
+            stages, stem = [], [self.body["0"]]
+        if not -1 <= freeze_at <= len(stages):
+            raise ValueError(f"freeze_at for {self.arch} must be in [-1, {len(stages)}], got {freeze_at}")
+        if freeze_at >= 0:
+            freeze_parameters(*stem, *stages[:freeze_at])
+        if freeze_norm:
+            freeze_batch_norm(self.body)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(self.body(x).values())

@@ -1,9 +1,15 @@
 """What every detector shares: uint8 input checks, normalisation, padding, target validation.
 
 Input: uint8 (B, 3, H, W) RGB of any size (16:9 in practice, e.g. 1920x1080). Inside the model, on the
-device, pixels become ImageNet-normalised floats, and the batch is zero-padded at the bottom and right
-to a multiple of 32 (1920x1080 -> 1920x1088). Zero after normalisation is the mean colour, so the
-padding looks like flat grey. Boxes, in targets and in predictions, are always in pixels of the
+device, pixels become floats by the model's ``input_normalization``:
+
+* "imagenet" (the default): (pixel / 255 - ImageNet mean) / ImageNet std;
+* "unit": pixel / 255 and nothing else, which is what the reference RT-DETR (lyuwenyu/RT-DETR) and the
+  Hugging Face RT-DETR image processor feed; a model imported from them keeps seeing its inputs so.
+
+The batch is then padded at the bottom and right to a multiple of 32 (1920x1080 -> 1920x1088) with the
+ImageNet mean colour, whatever the normalisation (0 after "imagenet", the mean itself after "unit"), so
+the padding looks like flat grey. Boxes, in targets and in predictions, are always in pixels of the
 un-padded input; predictions are clipped to it.
 """
 
@@ -16,6 +22,7 @@ from torch import nn
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PAD_MULTIPLE = 32
+INPUT_NORMALIZATIONS = ("imagenet", "unit")
 BOX_TOLERANCE_PX = 1.0  # boxes may overhang the image by rounding; they are clipped inside
 
 
@@ -60,7 +67,10 @@ def check_targets(targets: list[dict], num_classes: int, image_size: tuple[int, 
 class Detector(nn.Module):
     """Base class: subclasses implement ``compute_losses(x, size, targets)`` and ``predict(x, size)``."""
 
-    def __init__(self, num_classes: int, max_detections: int = 100, score_threshold: float = 0.0):
+    def __init__(
+        self, num_classes: int, max_detections: int = 100, score_threshold: float = 0.0,
+        input_normalization: str = "imagenet",
+    ):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -69,11 +79,39 @@ class Detector(nn.Module):
         self.num_classes = num_classes
         self.max_detections = max_detections
         self.score_threshold = score_threshold
-        # Non-persistent: they are constants, not learned, and stay out of checkpoints.
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0
-        self.register_buffer("pixel_mean", mean, persistent=False)
-        self.register_buffer("pixel_std", std, persistent=False)
+        # Non-persistent: they are constants, not learned, and stay out of checkpoints (the convention
+        # itself is a build option, recorded in the run's config).
+        self.register_buffer("pixel_mean", torch.zeros(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.ones(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pad_value", torch.zeros(1, 3, 1, 1), persistent=False)
+        self.set_input_normalization(input_normalization)
+
+    def set_input_normalization(self, kind: str) -> None:
+        """"imagenet" or "unit" (see the module docstring); the padding stays the ImageNet mean colour."""
+        if kind not in INPUT_NORMALIZATIONS:
+            raise ValueError(f"input_normalization must be one of {list(INPUT_NORMALIZATIONS)}, got {kind!r}")
+        mean_colour = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        with torch.no_grad():
+            if kind == "imagenet":
+                self.pixel_mean.copy_(mean_colour * 255.0)
+                self.pixel_std.copy_(torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0)
+                self.pad_value.zero_()
+            else:
+                self.pixel_mean.zero_()
+                self.pixel_std.fill_(255.0)
+                self.pad_value.copy_(mean_colour)
+        self.input_normalization = kind
+
+    def conventions(self) -> dict:
+        """The input conventions this model was built with (build options; see neoray.models.pretrained)."""
+        return {"input_normalization": self.input_normalization}
+
+    def set_conventions(self, **conventions) -> None:
+        for key, value in conventions.items():
+            if key == "input_normalization":
+                self.set_input_normalization(value)
+            else:
+                raise ValueError(f"{type(self).__name__}: no convention {key!r}; valid: {sorted(self.conventions())}")
 
     @staticmethod
     def check_images(images: torch.Tensor) -> None:
@@ -84,13 +122,18 @@ class Detector(nn.Module):
         self.check_images(images)
         return (images.to(self.pixel_mean.device, torch.float32) - self.pixel_mean) / self.pixel_std
 
-    @staticmethod
-    def pad(x: torch.Tensor) -> torch.Tensor:
-        """Zero-pad bottom/right to a multiple of PAD_MULTIPLE (zero = mean colour after normalisation)."""
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """Pad bottom/right to a multiple of PAD_MULTIPLE with the mean colour (in normalised units)."""
         height, width = x.shape[-2:]
         pad_h = -height % PAD_MULTIPLE
         pad_w = -width % PAD_MULTIPLE
-        return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
+        if not (pad_h or pad_w):
+            return x
+        if self.input_normalization == "imagenet":  # the mean colour is 0 after normalisation
+            return F.pad(x, (0, pad_w, 0, pad_h))
+        out = self.pad_value.to(x.device, x.dtype).expand(x.shape[0], -1, height + pad_h, width + pad_w).clone()
+        out[..., :height, :width] = x
+        return out
 
     def forward(self, images: torch.Tensor, targets: list[dict] | None = None):
         """Train mode: dict of weighted scalar losses. Eval mode: per image {"boxes", "scores", "labels"}."""

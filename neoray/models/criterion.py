@@ -9,10 +9,10 @@ divides by the same number. Returned losses are already weighted; the engine sum
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from neoray.distributed import mean_over_ranks
 from neoray.models.box_ops import cxcywh_to_xyxy, paired_iou_and_giou
 from neoray.models.matcher import HungarianMatcher
 
@@ -20,12 +20,8 @@ DEFAULT_LOSS_WEIGHTS = {"vfl": 1.0, "bbox": 5.0, "giou": 2.0}
 
 
 def global_num_boxes(targets: list[dict], device: torch.device) -> float:
-    """Mean number of boxes per worker (all-reduced when torch.distributed is running), at least 1."""
-    count = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(count)
-        count = count / dist.get_world_size()
-    return max(count.item(), 1.0)
+    """Mean number of boxes per worker (all-reduced over DDP ranks), at least 1."""
+    return max(mean_over_ranks(float(sum(len(t["labels"]) for t in targets)), device), 1.0)
 
 
 class RTDETRCriterion(nn.Module):

@@ -7,7 +7,18 @@
 3. Each decoder layer: self-attention between queries, deformable cross-attention to the multi-scale
    maps around each query's reference box, FFN; then a box head refines the box (offset in logit space)
    and the refined, detached box becomes the next layer's reference.
+4. "Look forward twice" (DINO; what the reference RT-DETR trains with): in training, the box that layer
+   i > 0 is *scored* on applies its offset to the previous layer's box *before* the detach, so each
+   layer's box loss also trains the layer before it. The value is the same box (the reference input
+   and the undetached box are equal); only the gradient differs. The next layer's reference stays
+   detached either way.
 Boxes are cxcywh normalised by the *padded* input size; the model converts back to pixels.
+
+Initialisation follows the reference (rtdetr_pytorch's RTDETRTransformer._reset_parameters): class
+logits start at a 1% foreground prior, box heads start as "no change", and the first layer of
+``enc_output`` and both layers of ``query_pos_head`` are xavier-uniform (their biases keep PyTorch's
+default). The input projections keep PyTorch's default, as in the reference. The label embedding of the
+denoising queries has a padding row (index num_classes) that is zero and receives no gradient.
 """
 
 from __future__ import annotations
@@ -19,6 +30,8 @@ from neoray.models.box_ops import inverse_sigmoid
 from neoray.models.deformable_attention import MSDeformableAttention
 from neoray.models.denoising import DenoisingQueries
 from neoray.models.position import make_anchors
+
+FP16_MAX = 65504.0
 
 
 class MLP(nn.Module):
@@ -48,7 +61,9 @@ class DecoderLayer(nn.Module):
         q = k = x + query_pos
         x = self.norm1(x + self.dropout(self.self_attn(q, k, x, attn_mask=attn_mask, need_weights=False)[0]))
         x = self.norm2(x + self.dropout(self.cross_attn(x + query_pos, reference_boxes, memory, shapes)))
-        return self.norm3(x + self.dropout(self.ffn(x)))
+        # Clamp to the float16 range before the last norm (as the reference does): under fp16 autocast an
+        # overflow to inf here would turn the whole query into NaN.
+        return self.norm3((x + self.dropout(self.ffn(x))).clamp(min=-FP16_MAX, max=FP16_MAX))
 
 
 class RTDETRDecoder(nn.Module):
@@ -63,18 +78,23 @@ class RTDETRDecoder(nn.Module):
         ffn_dim: int = 1024,
         points: int = 4,
         dropout: float = 0.0,
+        in_dim: int | None = None,
+        look_forward_twice: bool = True,
     ):
         super().__init__()
         self.num_queries, self.levels = num_queries, levels
+        self.look_forward_twice = look_forward_twice
+        in_dim = dim if in_dim is None else in_dim  # the encoder's width (384 for the reference's r101vd)
         self.input_proj = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim)) for _ in range(levels)
+            nn.Sequential(nn.Conv2d(in_dim, dim, 1, bias=False), nn.BatchNorm2d(dim)) for _ in range(levels)
         )
         # Query selection heads on the encoder tokens.
         self.enc_output = nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim))
         self.enc_score_head = nn.Linear(dim, num_classes)
         self.enc_bbox_head = MLP(dim, dim, 4, 3)
-        # Label embeddings of the denoising queries; the extra row pads images with fewer objects.
-        self.denoising_class_embed = nn.Embedding(num_classes + 1, dim)
+        # Label embeddings of the denoising queries; the extra row (zero, never trained) pads images with
+        # fewer objects than the most in the batch.
+        self.denoising_class_embed = nn.Embedding(num_classes + 1, dim, padding_idx=num_classes)
         self.query_pos_head = MLP(4, 2 * dim, dim, 2)
         self.layers = nn.ModuleList(DecoderLayer(dim, heads, ffn_dim, levels, points, dropout) for _ in range(num_layers))
         self.score_heads = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(num_layers))
@@ -90,6 +110,11 @@ class RTDETRDecoder(nn.Module):
         for head in [self.enc_bbox_head, *self.bbox_heads]:
             nn.init.zeros_(head.layers[-1].weight)
             nn.init.zeros_(head.layers[-1].bias)
+        # PyTorch's default for these (kaiming-uniform with a=sqrt(5)) is several times wider: std 4.6x on
+        # query_pos_head.layers.0, whose input is only 4 box coordinates.
+        nn.init.xavier_uniform_(self.enc_output[0].weight)
+        for layer in self.query_pos_head.layers:
+            nn.init.xavier_uniform_(layer.weight)
 
     def forward(
         self, features: list[torch.Tensor], valid_fraction: tuple[float, float], denoising: DenoisingQueries | None
@@ -131,13 +156,20 @@ class RTDETRDecoder(nn.Module):
         # --- decoder with iterative refinement ---
         x = content
         reference = reference_logits.sigmoid()
+        previous = None  # the previous layer's box, not detached (look forward twice)
         all_logits, all_boxes = [], []
         for layer, score_head, bbox_head in zip(self.layers, self.score_heads, self.bbox_heads):
             x = layer(x, self.query_pos_head(reference), reference, memory, shapes, attn_mask)
-            boxes = (bbox_head(x) + inverse_sigmoid(reference)).sigmoid()
+            offset = bbox_head(x)
+            boxes = (offset + inverse_sigmoid(reference)).sigmoid()
+            if self.training and self.look_forward_twice and previous is not None:
+                # Same value as `boxes`; the loss on it also reaches the previous layer.
+                all_boxes.append((offset + inverse_sigmoid(previous)).sigmoid())
+            else:
+                all_boxes.append(boxes)
             all_logits.append(score_head(x))
-            all_boxes.append(boxes)
-            reference = boxes.detach()  # each layer learns its own correction
+            previous = boxes
+            reference = boxes.detach()  # the next layer's input never carries gradient back
 
         logits, boxes = torch.stack(all_logits), torch.stack(all_boxes)
         n = denoising.count if denoising is not None else 0

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neoray.models.position import sine_position_embedding
+from neoray.models.position import POSITION_ORDERS, sine_position_embedding
 
 
 class ConvNormAct(nn.Sequential):
@@ -77,10 +77,14 @@ class HybridEncoder(nn.Module):
         csp_blocks: int = 3,
         expansion: float = 1.0,
         dropout: float = 0.0,
+        position_order: str = "xy",
     ):
         super().__init__()
+        if position_order not in POSITION_ORDERS:
+            raise ValueError(f"position_order must be one of {list(POSITION_ORDERS)}, got {position_order!r}")
         levels = len(in_channels)
         self.dim = dim
+        self.position_order = position_order  # see neoray.models.position
         self.input_proj = nn.ModuleList(
             nn.Sequential(nn.Conv2d(c, dim, 1, bias=False), nn.BatchNorm2d(dim)) for c in in_channels
         )
@@ -97,7 +101,8 @@ class HybridEncoder(nn.Module):
         maps = [proj(f) for proj, f in zip(self.input_proj, features)]
         coarse = maps[-1]
         batch, _, height, width = coarse.shape
-        pos = sine_position_embedding(height, width, self.dim, device=coarse.device).to(coarse.dtype)
+        pos = sine_position_embedding(height, width, self.dim, device=coarse.device, order=self.position_order)
+        pos = pos.to(coarse.dtype)
         tokens = self.aifi(coarse.flatten(2).transpose(1, 2), pos[None])
         maps[-1] = tokens.transpose(1, 2).reshape(batch, self.dim, height, width)
 

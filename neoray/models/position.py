@@ -3,6 +3,17 @@
 Both follow the token order of ``feature.flatten(2)`` on a (B, C, H, W) map: token ``h * W + w`` is row
 ``h``, column ``w``. They are built from the real (H, W) of every map (16:9 maps are never square) and are
 recomputed for each input size, so a model trained at 640x360 also decodes correctly at 1920x1080.
+
+Two orders of the sine embedding exist (``POSITION_ORDERS``):
+
+* "xy" (neoray's): the first half of the channels encodes the column (x), the second half the row (y);
+* "yx": the halves swapped, rows first. This is what the reference RT-DETR and the Hugging Face port
+  compute on the square grids they were trained on: their formula builds the grid as (W, H) with "ij"
+  indexing and flattens it, so token k gets the pair (k // H, k % H) in the "x" then "y" slots, while
+  the feature map flattens token k as row k // W, column k % W. On a square map that puts the row in
+  the first half and the column in the second; on a non-square map it mixes rows and columns. "yx" is
+  the consistent version of that convention on any grid, so their checkpoints see at 16:9 what they
+  learned at 640x640.
 """
 
 from __future__ import annotations
@@ -22,18 +33,25 @@ def grid_coordinates(height: int, width: int, device=None) -> tuple[torch.Tensor
     return rows.flatten(), cols.flatten()
 
 
+POSITION_ORDERS = ("xy", "yx")
+
+
 def sine_position_embedding(
-    height: int, width: int, dim: int, temperature: float = 10000.0, device=None
+    height: int, width: int, dim: int, temperature: float = 10000.0, device=None, order: str = "xy"
 ) -> torch.Tensor:
-    """(H*W, dim) embedding: [sin(x w_k), cos(x w_k), sin(y w_k), cos(y w_k)] with x = column, y = row."""
+    """(H*W, dim) embedding: [sin(x w_k), cos(x w_k), sin(y w_k), cos(y w_k)] with x = column, y = row
+    for order "xy"; [sin(y w_k), cos(y w_k), sin(x w_k), cos(x w_k)] for order "yx"."""
     if dim % 4 != 0:
         raise ValueError(f"position embedding dim must be divisible by 4, got {dim}")
+    if order not in POSITION_ORDERS:
+        raise ValueError(f"position order must be one of {list(POSITION_ORDERS)}, got {order!r}")
     rows, cols = grid_coordinates(height, width, device)
     quarter = dim // 4
     omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float32, device=device) / quarter)
     x = cols[:, None] * omega[None]
     y = rows[:, None] * omega[None]
-    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
+    first, second = (x, y) if order == "xy" else (y, x)
+    return torch.cat([first.sin(), first.cos(), second.sin(), second.cos()], dim=1)
 
 
 def make_anchors(

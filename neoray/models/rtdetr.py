@@ -5,13 +5,19 @@ deformable decoder with iterative refinement -> one box and a score per class pe
 Training adds contrastive denoising queries and auxiliary losses on every decoder layer and on the
 encoder proposals. Internally boxes are cxcywh normalised by the padded input (see base.py for the
 padding); targets and predictions are xyxy pixels of the un-padded input.
+
+Options that record conventions (so that a config or a checkpoint carries them): ``input_normalization``
+("imagenet" | "unit", base.py) and ``position_order`` ("xy" | "yx", position.py). Options of the
+reference's training recipe: ``freeze_norm`` / ``freeze_at`` (backbone, norm.py), ``look_forward_twice``
+(decoder.py), ``encoder_dim`` (the hybrid encoder's width when it differs from the decoder's
+``hidden_dim``: 384 vs 256 in the reference's r101vd).
 """
 
 from __future__ import annotations
 
 import torch
 
-from neoray.models.backbone import Backbone
+from neoray.models.backbone import make_backbone
 from neoray.models.base import Detector
 from neoray.models.box_ops import cxcywh_to_xyxy, xyxy_to_cxcywh
 from neoray.models.criterion import RTDETRCriterion
@@ -19,6 +25,7 @@ from neoray.models.decoder import RTDETRDecoder
 from neoray.models.denoising import make_denoising_queries
 from neoray.models.encoder import HybridEncoder
 from neoray.models.matcher import HungarianMatcher
+from neoray.models.position import POSITION_ORDERS
 
 
 class RTDETR(Detector):
@@ -45,15 +52,24 @@ class RTDETR(Detector):
         matcher_costs: dict | None = None,
         max_detections: int = 100,
         score_threshold: float = 0.0,
+        encoder_dim: int | None = None,
+        freeze_norm: bool = False,
+        freeze_at: int = -1,
+        look_forward_twice: bool = True,
+        input_normalization: str = "imagenet",
+        position_order: str = "xy",
     ):
-        super().__init__(num_classes, max_detections, score_threshold)
-        self.backbone = Backbone(backbone, backbone_weights)
+        super().__init__(num_classes, max_detections, score_threshold, input_normalization)
+        self.backbone = make_backbone(backbone, backbone_weights, freeze_norm=freeze_norm, freeze_at=freeze_at)
         levels = len(self.backbone.out_channels)
+        encoder_dim = hidden_dim if encoder_dim is None else encoder_dim
         self.encoder = HybridEncoder(
-            self.backbone.out_channels, hidden_dim, encoder_heads, encoder_ffn_dim, csp_blocks, csp_expansion, dropout
+            self.backbone.out_channels, encoder_dim, encoder_heads, encoder_ffn_dim, csp_blocks, csp_expansion, dropout,
+            position_order=position_order,
         )
         self.decoder = RTDETRDecoder(
-            num_classes, hidden_dim, levels, num_queries, num_decoder_layers, decoder_heads, decoder_ffn_dim, num_points, dropout
+            num_classes, hidden_dim, levels, num_queries, num_decoder_layers, decoder_heads, decoder_ffn_dim, num_points,
+            dropout, in_dim=encoder_dim, look_forward_twice=look_forward_twice,
         )
         costs = {"cost_class": 2.0, "cost_bbox": 5.0, "cost_giou": 2.0}
         for key, value in (matcher_costs or {}).items():
@@ -62,6 +78,17 @@ class RTDETR(Detector):
             costs[key] = float(value)
         self.criterion = RTDETRCriterion(num_classes, HungarianMatcher(**costs), loss_weights)
         self.num_denoising, self.label_noise_ratio, self.box_noise_scale = num_denoising, label_noise_ratio, box_noise_scale
+
+    def conventions(self) -> dict:
+        return {**super().conventions(), "position_order": self.encoder.position_order}
+
+    def set_conventions(self, **conventions) -> None:
+        order = conventions.pop("position_order", None)
+        if order is not None:
+            if order not in POSITION_ORDERS:
+                raise ValueError(f"position_order must be one of {list(POSITION_ORDERS)}, got {order!r}")
+            self.encoder.position_order = order
+        super().set_conventions(**conventions)
 
     def _run(self, x: torch.Tensor, size: tuple[int, int], denoising=None) -> dict:
         padded = self.pad(x)

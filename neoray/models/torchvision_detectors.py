@@ -61,7 +61,8 @@ class TorchvisionDetector(Detector):
         )
         self.detector.transform = PadOnlyTransform()
         self.loaded_tensors = load_backbone_weights(
-            self.detector.backbone.body, backbone_weights, models.ResNet50_Weights.IMAGENET1K_V1, "resnet50"
+            self.detector.backbone.body, backbone_weights, models.ResNet50_Weights.IMAGENET1K_V1.url, "resnet50",
+            "detector.backbone.body.",
         )
 
     @property

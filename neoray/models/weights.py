@@ -1,32 +1,42 @@
-"""Loading weights: backbone weights (ImageNet or a local file) and shape-matching fine-tuning.
+"""Backbone weights (``backbone_weights``: "none", "imagenet" or a file) and the neoray-format primitive
+``load_matching_state_dict``.
 
-A local backbone file may be a plain state dict of the backbone (e.g. torchvision's resnet18 .pth) or
-any full checkpoint (a dict with a "model" or "state_dict" entry) that contains a backbone with the same
-architecture under some prefix ("backbone.body.", "module.backbone.", ...). The prefix is found by
-matching key suffixes and shapes against our backbone, and the prefix matching the most tensors wins.
+Every file is read weights-only (``neoray.models.pretrained.read_torch_file``): a pickle that would run
+code is refused. Where the backbone's tensors come from in a file, by what the file is:
+
+* a detector checkpoint: a neoray checkpoint (``"format": "neoray-checkpoint"``; its EMA weights when
+  present), a reference RT-DETR checkpoint (``{"model": ...}`` or ``{"ema": {"module": ...}}`` whose keys
+  start with ``backbone.``) or a Hugging Face RT-DETR (``model.safetensors`` + ``config.json``): the
+  backbone's tensors are taken by exact name under the detector's backbone prefix ("backbone.body." for
+  a torchvision backbone, "backbone." for PResNet; Hugging Face names through the explicit mapping of
+  ``neoray.models.pretrained``). Nothing is guessed: a tensor that is not there is reported missing.
+* a plain backbone state dict (e.g. torchvision's ``resnet18-*.pth``, the reference's
+  ``ResNet50_vd_*.pth``; also inside a ``"model"``/``"state_dict"`` entry): the backbone's own names,
+  possibly under one common prefix (``features.`` for torchvision's MobileNetV3); the prefix is found by
+  matching names and shapes, the prefix matching the most tensors wins. This search is only for plain
+  backbone files, never for detector checkpoints.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 from collections import Counter
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
+
+from neoray.models.pretrained import NEORAY_CHECKPOINT_FORMAT, PretrainedError, read_torch_file
 
 log = logging.getLogger(__name__)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a .pt/.pth file: a state dict, or the "model"/"state_dict" entry of a checkpoint."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    # weights_only=False: full training checkpoints also hold optimizer/RNG state; the file is the
-    # user's own, named explicitly in their config.
-    obj = torch.load(path, map_location="cpu", weights_only=False)
-    return unwrap_state_dict(obj, str(path))
+    """Tensors of a .pt/.pth file (weights-only): a state dict, or the "model"/"state_dict" entry."""
+    return unwrap_state_dict(read_torch_file(path), str(path))
 
 
 def unwrap_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -45,7 +55,8 @@ def unwrap_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tensor
 
 
 def extract_by_suffix(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors of `state` that are `reference`'s keys under one common prefix, renamed to them."""
+    """The tensors of a *plain backbone* state dict that are `reference`'s keys under one common prefix,
+    renamed to them (the prefix search of the module docstring; never used for detector checkpoints)."""
     votes: Counter = Counter()
     for key, tensor in state.items():
         starts = [0] + [i + 1 for i, ch in enumerate(key) if ch == "."]
@@ -65,38 +76,106 @@ def extract_by_suffix(state: dict[str, torch.Tensor], reference: dict[str, torch
     }
 
 
-def load_backbone_weights(trunk: nn.Module, source: str, imagenet_weights, arch: str) -> int:
-    """Load "imagenet" (a torchvision weights enum) or a local file into `trunk`; returns tensors loaded."""
+def _detector_state(obj) -> dict[str, torch.Tensor] | None:
+    """The model tensors of a neoray or reference detector checkpoint (EMA first), None for anything else."""
+    if not isinstance(obj, dict):
+        return None
+    if obj.get("format") == NEORAY_CHECKPOINT_FORMAT:
+        state = obj.get("ema") or obj.get("model")
+    elif isinstance(obj.get("ema"), dict) and isinstance(obj["ema"].get("module"), dict):
+        state = obj["ema"]["module"]
+    elif isinstance(obj.get("model"), dict):
+        state = obj["model"]
+    else:
+        return None
+    if not isinstance(state, dict):
+        return None
+    state = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if obj.get("format") != NEORAY_CHECKPOINT_FORMAT and not any(k.startswith("backbone.") for k in state):
+        return None  # e.g. {"model": <a classification state dict>}: a plain backbone file
+    return state
+
+
+def _tensors_for(trunk: nn.Module, source: str, prefix: str, arch: str) -> tuple[dict, str]:
+    """(tensors named as ``trunk``'s state dict, how they were found) from a backbone_weights file."""
+    from neoray.models.pretrained import huggingface_backbone_tensors, is_huggingface
+
+    from neoray import storage
+
+    if not storage.exists(source):
+        raise FileNotFoundError(f"weights file not found: {source}")
+    reference = trunk.state_dict()
+    if is_huggingface(source):
+        tensors = huggingface_backbone_tensors(source, reference)
+        return tensors, "Hugging Face RT-DETR backbone"
+    obj = read_torch_file(source)
+    state = _detector_state(obj)
+    if state is not None:
+        found = {key: state[prefix + key] for key in reference if prefix + key in state}
+        wrong = [k for k, v in found.items() if v.shape != reference[k].shape]
+        if wrong:
+            raise ValueError(f"{source}: {prefix}{wrong[0]} has shape {tuple(found[wrong[0]].shape)}, the {arch} "
+                             f"backbone {tuple(reference[wrong[0]].shape)}: another architecture")
+        return found, f"detector checkpoint, tensors under {prefix!r}"
+    state = unwrap_state_dict(obj, source)
+    exact = {k: v for k, v in state.items() if k in reference and reference[k].shape == v.shape}
+    if len(exact) == len(reference):
+        return exact, "backbone state dict"
+    return extract_by_suffix(state, reference), "backbone state dict (common prefix)"
+
+
+def download_weights(url: str) -> str:
+    """The local copy of ``url`` in torch's hub cache (``$TORCH_HOME/hub/checkpoints``, where torchvision
+    keeps its own downloads), downloaded once; a sha256 prefix in the file name (``resnet18-f37072fd.pth``)
+    is checked as torch.hub checks it."""
+    from torch.hub import download_url_to_file, get_dir
+
+    name = os.path.basename(urlparse(url).path)
+    target = os.path.join(get_dir(), "checkpoints", name)
+    if not os.path.isfile(target):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        digest = re.search(r"-([a-f0-9]+)\.", name)
+        download_url_to_file(url, target, hash_prefix=digest.group(1) if digest else None, progress=False)
+    return target
+
+
+def load_backbone_weights(trunk: nn.Module, source: str, imagenet_url: str, arch: str, prefix: str = "backbone.body.") -> int:
+    """Load "imagenet" (the weights at ``imagenet_url``, e.g. a torchvision weights enum's ``.url``) or a
+    file into ``trunk`` (see the module docstring); ``prefix`` is where the trunk sits in a detector's
+    state dict. Returns the number of tensors loaded. Every file is read weights-only."""
     if source in ("", "none", None):
         return 0
     if source == "imagenet":
         try:
-            state = imagenet_weights.get_state_dict(progress=False)
+            local = download_weights(imagenet_url)
         except Exception as error:  # no network, proxy, broken cache: all end the same way for the user
             reason = f"{type(error).__name__}: {error}".replace("\n", " ")[:200]
             raise RuntimeError(
                 f"could not download ImageNet weights for {arch} ({reason}); "
-                f"download {imagenet_weights.url} elsewhere and pass backbone_weights=/path/to/that/file"
+                f"download {imagenet_url} elsewhere and pass backbone_weights=/path/to/that/file"
             ) from None
+        state = unwrap_state_dict(read_torch_file(local), local)
+        reference = trunk.state_dict()
+        found, how = extract_by_suffix(state, reference), "ImageNet"
         where = f"ImageNet {arch}"
     else:
-        state = read_state_dict(source)
+        found, how = _tensors_for(trunk, str(source), prefix, arch)
         where = str(source)
-    reference = trunk.state_dict()
-    found = extract_by_suffix(state, reference)
+        reference = trunk.state_dict()
     if not found:
-        raise ValueError(f"{where}: no tensor matches the {arch} backbone ({len(state)} tensors checked)")
+        raise ValueError(f"{where}: no tensor matches the {arch} backbone ({how})")
     trunk.load_state_dict(found, strict=False)
-    missing = len(reference) - len(found)
+    missing = [k for k in reference if k not in found and not k.endswith("num_batches_tracked")]
     if missing:
-        log.warning("backbone %s: loaded %d tensors from %s, %d left at their initial values", arch, len(found), where, missing)
+        log.warning("backbone %s: loaded %d tensors from %s (%s), %d left at their initial values (e.g. %s)",
+                    arch, len(found), where, how, len(missing), missing[0])
     else:
-        log.info("backbone %s: loaded all %d tensors from %s", arch, len(found), where)
+        log.info("backbone %s: loaded all %d tensors from %s (%s)", arch, len(found), where, how)
     return len(found)
 
 
 def load_matching_state_dict(model: nn.Module, state_dict) -> tuple[list[str], list[tuple[str, str]]]:
-    """Load every tensor whose name and shape match; report the rest.
+    """Load every tensor whose name and shape match; report the rest (the neoray-format primitive).
 
     Returns (loaded_keys, skipped) with skipped = [(key, reason)], reason one of "missing" (model key
     absent from the checkpoint), "shape (a) vs (b)" (checkpoint vs model), "not in model".
