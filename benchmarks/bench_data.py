@@ -1,11 +1,12 @@
-"""Data pipeline throughput: Ray Data streaming from 16:9 shards vs a torch DataLoader on the JPEG files.
+"""Data pipeline throughput: Ray Data streaming from 16:9 shards vs a torch DataLoader on the JPEG files,
+and the same shards streamed from local disk vs from an S3 server.
 
     python benchmarks/bench_data.py [--images 2000] [--src-size 960x540] [--size 640x360] [--workers 2]
-                                    [--passes 3] [--batch-size 16] [--growth 4]
+                                    [--passes 3] [--batch-size 16] [--growth 4] [--s3]
 
 Both pipelines do the same work per image and produce the same ``Batch`` (uint8, one size per batch):
 
-  (a) shards:   neoray.data.stream.train_dataset + iter_train_batches: read Parquet, decode the JPEG
+  (a) shards:   neoray.data.stream.iter_train_batches: read the Parquet rows of this epoch's plan, decode the JPEG
                 (already letterboxed to --size by `neoray prepare`) in Ray Data tasks, then flip, colour
                 jitter, multi-scale resize and collate on the consumer.
   (b) baseline: torch DataLoader, --workers processes, each reading an ORIGINAL JPEG with cv2, letterboxing
@@ -17,6 +18,10 @@ later ones. ray.init and time-to-first-batch are printed separately. Finally the
 dataset --growth times larger (the same shards repeated) to show that the cost per image does not grow
 with the dataset size (no per-epoch listing, no per-file set-up that scales badly).
 Synthetic data (neoray.data.synth + neoray.data.prepare) is made in a temporary directory first.
+
+``--s3`` adds the storage comparison: a local S3 server (moto's, from the dev extra) on 127.0.0.1, the
+shards copied to a bucket there, and passes alternating between the local directory and the s3:// URI.
+On a real cluster the network is the limit; here the ratio shows what neoray's own reading adds.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from neoray.config import DataConfig, format_size, parse_size  # noqa: E402
 from neoray.data.augment import TrainAugment  # noqa: E402
 from neoray.data.geometry import boxes_to_letterbox, letterbox_image, letterbox_params, xywh_to_xyxy  # noqa: E402
 # Imported here, before the DataLoader forks its workers, so that they do not each import Ray again.
-from neoray.data.stream import collate, iter_train_batches, train_dataset  # noqa: E402
+from neoray.data.stream import ShardSet, collate, iter_train_batches  # noqa: E402
 
 
 def multiscale_sizes(size: tuple[int, int]) -> list[tuple[int, int]]:
@@ -119,9 +124,10 @@ def timed_pass(batches, start: float) -> dict:
 # ----------------------------------------------------------------------------------------------------
 
 
-def shards_pass(ds, data_cfg, batch_size, epoch) -> dict:
+def shards_pass(shard_dir, data_cfg, batch_size, epoch) -> dict:
     start = time.perf_counter()
-    return timed_pass(iter_train_batches(ds, batch_size, data_cfg, seed=0, epoch=epoch), start)
+    return timed_pass(iter_train_batches(ShardSet.open(str(shard_dir)), batch_size, data_cfg, seed=0, epoch=epoch),
+                      start)
 
 
 def repeat_shards(shard_dir: Path, out_dir: Path, times: int) -> Path:
@@ -140,6 +146,54 @@ def repeat_shards(shard_dir: Path, out_dir: Path, times: int) -> Path:
                 "num_boxes": manifest["num_boxes"] * times}
     (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest))
     return out_dir
+
+
+# ----------------------------------------------------------------------------------------------------
+# Local disk vs S3
+# ----------------------------------------------------------------------------------------------------
+
+
+def start_s3_server(tmp: Path) -> dict:
+    """moto's S3 server on a free port of 127.0.0.1, and the AWS variables pointing at it."""
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = Path(sys.executable).with_name("moto_server")
+    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    return {"proc": proc, "port": port}
+
+
+def compare_storage(shard_dir: Path, s3: dict, data_cfg, args) -> None:
+    import boto3
+
+    from neoray import storage
+
+    boto3.client("s3").create_bucket(Bucket="bench")
+    remote = "s3://bench/shards"
+    for entry in storage.list_dir(str(shard_dir)):
+        storage.write_bytes(storage.join(remote, entry.name), storage.read_bytes(entry.path))
+    local, on_s3 = [], []
+    for epoch in range(args.passes):  # alternating, so that both see the same machine load
+        local.append(shards_pass(shard_dir, data_cfg, args.batch_size, epoch))
+        on_s3.append(shards_pass(remote, data_cfg, args.batch_size, epoch))
+    print(f"{'pass':>6} {'local img/s':>12} {'s3 img/s':>9} {'ratio':>7}")
+    for i, (a, b) in enumerate(zip(local, on_s3)):
+        print(f"{i + 1:>6} {rate(a):>12.1f} {rate(b):>9.1f} {rate(b) / rate(a):>7.2f}")
+    print(f"storage: first pass s3/local = {rate(on_s3[0]) / rate(local[0]):.2f}   later passes: s3 "
+          f"{warm_rate(on_s3):.1f} img/s / local {warm_rate(local):.1f} img/s = {warm_rate(on_s3) / warm_rate(local):.2f}")
+    s3["proc"].terminate()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -164,6 +218,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--growth", type=int, default=4, help="size factor of the dataset-size check (0: skip)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary data directory")
+    parser.add_argument("--s3", action="store_true", help="also stream the shards from a local S3 server (moto) and "
+                                                          "compare with local disk")
     args = parser.parse_args(argv)
 
     from neoray.data.prepare import prepare_coco
@@ -185,20 +241,18 @@ def main(argv=None) -> int:
 
         import ray
 
+        s3 = start_s3_server(tmp) if args.s3 else None  # before ray.init: Ray's workers inherit its address
         start = time.perf_counter()
         ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
         init_s = time.perf_counter() - start
         ray.data.DataContext.get_current().enable_progress_bars = False
-        start = time.perf_counter()
-        ds = train_dataset(tmp / "shards", seed=0)
-        build_s = time.perf_counter() - start
         # Passes alternate (baseline, shards, baseline, ...) so that both see the same machine load.
         base, shards = [], []
         for epoch in range(args.passes):
             base.append(baseline_pass(ann_json, image_dir, size, data_cfg, args.batch_size, args.workers, epoch))
-            shards.append(shards_pass(ds, data_cfg, args.batch_size, epoch))
+            shards.append(shards_pass(tmp / "shards", data_cfg, args.batch_size, epoch))
 
-        print(f"ray.init: {init_s:.2f} s   train_dataset(): {build_s:.2f} s   time to first batch: "
+        print(f"ray.init: {init_s:.2f} s   time to first batch: "
               f"shards {shards[0]['first_batch_s']:.2f} s, baseline {base[0]['first_batch_s']:.2f} s")
         print(f"{'pass':>6} {'baseline img/s':>15} {'shards img/s':>13} {'ratio':>7}")
         for i, (b, s) in enumerate(zip(base, shards)):
@@ -209,15 +263,13 @@ def main(argv=None) -> int:
 
         if args.growth > 1:
             big = repeat_shards(tmp / "shards", tmp / "shards-big", args.growth)
-            start = time.perf_counter()
-            big_ds = train_dataset(big, seed=0)
-            big_build_s = time.perf_counter() - start
-            big_runs = [shards_pass(big_ds, data_cfg, args.batch_size, epoch) for epoch in range(2)]
+            big_runs = [shards_pass(big, data_cfg, args.batch_size, epoch) for epoch in range(2)]
             small_ms = 1000 / warm_rate(shards)
             big_ms = 1000 / warm_rate(big_runs)
             print(f"dataset size check (shards, later passes): {args.images} images {small_ms:.2f} ms/img, "
-                  f"{args.images * args.growth} images {big_ms:.2f} ms/img (x{big_ms / small_ms:.2f}); "
-                  f"train_dataset() {build_s:.2f} s vs {big_build_s:.2f} s")
+                  f"{args.images * args.growth} images {big_ms:.2f} ms/img (x{big_ms / small_ms:.2f})")
+        if s3 is not None:
+            compare_storage(tmp / "shards", s3, data_cfg, args)
         ray.shutdown()
     finally:
         if args.keep:

@@ -41,9 +41,9 @@ def rate_and_startup(start: float, report_times: list[float], images_per_epoch: 
     return steady, startup
 
 
-def run_plain(cfg, shards: Path) -> tuple[list[float], float, float]:
-    from neoray.data.stream import train_dataset
-    from neoray.engine.loop import LocalContext, run_training_loop
+def run_plain(cfg) -> tuple[list[float], float, float]:
+    from neoray.engine.context import LocalContext, ShardBatches
+    from neoray.engine.loop import run_training_loop
 
     class TimedContext(LocalContext):
         def report(self, metrics, checkpoint_dir):
@@ -60,7 +60,7 @@ def run_plain(cfg, shards: Path) -> tuple[list[float], float, float]:
     times: list[float] = []
     peaks: list[float] = []
     start = time.time()
-    ctx = TimedContext({"train": train_dataset(str(shards), seed=cfg.train.seed)})
+    ctx = TimedContext(ShardBatches(cfg))
     try:
         run_training_loop(cfg, ctx, log=None)
     finally:
@@ -69,14 +69,11 @@ def run_plain(cfg, shards: Path) -> tuple[list[float], float, float]:
 
 
 def run_ray_train(cfg, run_dir: Path) -> tuple[list[float], float, float]:
-    from neoray.data.shards import read_manifest
     from neoray.engine.trainer import RunRecorder, build_trainer
 
     run_dir.mkdir(parents=True)
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")  # as neoray.engine.trainer.train does
     start = time.time()
-    trainer = build_trainer(cfg, run_dir, categories=read_manifest(cfg.data.train)["categories"],
-                            callbacks=[RunRecorder(run_dir, verbose=False)])
+    trainer = build_trainer(cfg, str(run_dir), callbacks=[RunRecorder(str(run_dir), verbose=False)])
     trainer.fit()
     rows = json.loads((run_dir / "metrics.json").read_text())
     # RunRecorder stamps each row when the controller receives it (same machine, same clock).
@@ -115,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     images_per_epoch = (args.images // args.batch) * args.batch
     ray.init(configure_logging=False, log_to_driver=False)  # dashboard on: Train V2's cleaner needs the State API
     try:
-        plain_times, plain_start, plain_peak = run_plain(cfg, shards)
+        plain_times, plain_start, plain_peak = run_plain(cfg)
         train_times, train_start, train_peak = run_ray_train(cfg, work / "run")
     finally:
         ray.shutdown()

@@ -17,6 +17,7 @@ what cannot be placed, and ``check_visible_on_all_nodes`` refuses local paths th
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import uuid
@@ -38,13 +39,14 @@ class ClusterError(RuntimeError):
 @dataclass
 class ClusterInfo:
     address: str  # what was asked for ("local", "auto", an address)
-    started_here: bool  # True: a private instance this process started (and owns)
+    how: str  # "started" (a private instance of this process), "joined" (the address), "connected already"
     nodes: int
     cpus: float
     gpus: float
 
     def line(self) -> str:
-        where = "started a local Ray instance" if self.started_here else f"connected to the Ray cluster at {self.address}"
+        where = {"started": "started a local Ray instance", "joined": f"joined the Ray cluster at {self.address}",
+                 "connected already": "using the Ray instance this process is connected to"}[self.how]
         return (f"{where}: {self.nodes} node{'s' if self.nodes != 1 else ''}, {self.cpus:g} CPUs, "
                 f"{self.gpus:g} GPUs")
 
@@ -65,12 +67,11 @@ def alive_nodes() -> list[dict]:
     return [{**node["Resources"], "NodeID": node["NodeID"]} for node in ray.nodes() if node.get("Alive")]
 
 
-def describe(address: str, started_here: bool) -> ClusterInfo:
+def describe(address: str, how: str) -> ClusterInfo:
     import ray
 
     total = ray.cluster_resources()
-    return ClusterInfo(address, started_here, len(alive_nodes()), float(total.get("CPU", 0)),
-                       float(total.get("GPU", 0)))
+    return ClusterInfo(address, how, len(alive_nodes()), float(total.get("CPU", 0)), float(total.get("GPU", 0)))
 
 
 def connect(address: str | None = None, *, num_cpus: int | None = None,
@@ -81,7 +82,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
 
     target = requested_address(address)
     if ray.is_initialized():
-        info = describe(target, started_here=False)
+        info = describe(target, "connected already")
     else:
         options = {"configure_logging": False, "log_to_driver": True}
         try:
@@ -95,7 +96,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
             raise ClusterError(_connection_advice(target, exc)) from None
         except (ValueError, RuntimeError) as exc:
             raise ClusterError(f"cannot connect to Ray at {target!r}: {str(exc).strip().splitlines()[0]}") from None
-        info = describe(target, started_here=target == "local")
+        info = describe(target, "started" if target == "local" else "joined")
     if log:
         log(info.line())
     return info
@@ -139,22 +140,23 @@ def worker_gpus(cfg: Config, gpus_per_worker: float | None) -> float:
 
 
 def plan(cfg: Config, gpus_per_worker: float | None, max_concurrent: int | None, cluster: dict,
-         nodes: list[dict] | None = None, autoscale: bool = False, what: str = "one trial") -> TrialResources:
+         nodes: list[dict] | None = None, autoscale: bool = False, sweep: bool = True) -> TrialResources:
     """Size each run and how many run at once so that every admitted one can place all its workers.
 
     ``cluster`` is ray.cluster_resources(); ``nodes`` the resources of each alive node. On a fixed
     cluster this refuses (ConfigError, one line) a run that cannot fit, in total, with the CPUs Ray Data
     needs, or because no single node holds one worker: otherwise its workers wait for resources forever.
     With ``autoscale`` today's resources say nothing about tomorrow's, so nothing is refused.
+    ``sweep``: plan a sweep's trials (a multi-worker trial adds its driver); else one ``neoray train`` run.
     """
     workers, cpw = cfg.train.workers, cfg.train.cpus_per_worker
     direct = workers == 1
     gpw = worker_gpus(cfg, gpus_per_worker)
-    run_cpus = workers * cpw + (0.0 if direct else TRAINER_DRIVER_CPUS)
+    run_cpus = workers * cpw + (TRAINER_DRIVER_CPUS if sweep and not direct else 0.0)
     run_gpus = workers * gpw
     have_cpus, have_gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
     usable_cpus = have_cpus - DATA_HEADROOM_CPUS
-    hint = AUTOSCALE_HINT if what == "one trial" else ""
+    what, hint = ("one trial", AUTOSCALE_HINT) if sweep else ("the run", "")
     if max_concurrent is not None and max_concurrent < 1:
         raise ConfigError("--max-concurrent must be >= 1")
     if not autoscale:
@@ -185,7 +187,7 @@ def plan(cfg: Config, gpus_per_worker: float | None, max_concurrent: int | None,
         print(f"[neoray] --autoscale: trials that do not fit today's cluster ({have_cpus:g} CPUs, {have_gpus:g} "
               f"GPUs) wait for the autoscaler; up to {fit} at a time", flush=True)
     elif max_concurrent is not None:
-        if max_concurrent > fit and what == "one trial":
+        if max_concurrent > fit and sweep:
             print(f"[neoray] --max-concurrent {max_concurrent} lowered to {fit}: more trials than that cannot "
                   f"place their workers on this cluster", flush=True)
         fit = min(fit, max_concurrent)
@@ -194,12 +196,12 @@ def plan(cfg: Config, gpus_per_worker: float | None, max_concurrent: int | None,
 
 
 def plan_trials(cfg: Config, gpus_per_worker: float | None, max_concurrent: int | None, *,
-                autoscale: bool = False, what: str = "one trial") -> TrialResources:
+                autoscale: bool = False, sweep: bool = True) -> TrialResources:
     """``plan`` against the connected cluster."""
     import ray
 
     return plan(cfg, gpus_per_worker, max_concurrent, ray.cluster_resources(), nodes=alive_nodes(),
-                autoscale=autoscale, what=what)
+                autoscale=autoscale, sweep=sweep)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -227,10 +229,12 @@ def check_visible_on_all_nodes(paths: dict[str, str]) -> None:
     local = {key: path for key, path in paths.items() if storage.local_path(path) is not None}
     if not local:
         return
-    checks, markers = [], []
+    checks, markers, created = [], [], []
     for key, path in local.items():
         if key == "--output":
-            storage.makedirs(path)
+            if not os.path.isdir(path):
+                created.append(path)
+                os.makedirs(path)
             marker = os.path.join(path, f".neoray-visible-{uuid.uuid4().hex}")
             storage.write_text(marker, "written by the driver; every node must see it\n")
             markers.append(marker)
@@ -244,6 +248,9 @@ def check_visible_on_all_nodes(paths: dict[str, str]) -> None:
     finally:
         for marker in markers:
             storage.remove(marker)
+        for path in created:  # leave no trace of a check (the run itself makes its directory)
+            with contextlib.suppress(OSError):
+                os.removedirs(path)
     for address, missing in answers:
         if missing:
             key = missing[0]

@@ -2,12 +2,15 @@
 
 Every key is declared in a dataclass below. Unknown or misspelled keys are an error that names the key
 and the closest valid one (seed 000 lost a run to ``lr_warmup_epochs``). Values are coerced to the
-declared type and checked before anything starts, so that a bad config never reaches a GPU worker.
+declared type (every float finite) and checked here; what needs more than the config itself (the model
+name and options, the files it names, the shard manifests) is checked by ``neoray.engine.setup`` before
+Ray starts, so that a bad config never reaches a GPU worker.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -66,9 +69,10 @@ def format_size(size: tuple[int, int]) -> str:
 @dataclass
 class ModelConfig:
     name: str = "rtdetr_cpu"
-    # "none", "imagenet" (torchvision weights, needs internet or a warm torch hub cache) or a file path.
+    # "none", "imagenet" (torchvision weights, needs internet or a warm torch hub cache) or a file path/URI.
     backbone_weights: str = "none"
-    # Fine-tune from a full checkpoint: loads every tensor whose shape matches, reports the rest.
+    # Start from a pretrained detector: a neoray checkpoint or run directory, the reference RT-DETR's .pth,
+    # or a Hugging Face RT-DETR folder (neoray.models.load_pretrained); every tensor not loaded is reported.
     init_from: str = ""
     max_detections: int = 100
     score_threshold: float = 0.0
@@ -114,6 +118,7 @@ class TrainConfig:
     use_gpu: bool = False
     gpus_per_worker: float = 1.0  # with use_gpu; a fraction lets several workers or trials share a GPU
     cpus_per_worker: float = 1.0
+    placement: str = "pack"  # pack: workers on as few nodes as possible | spread: on as many as possible
     eval_every: int = 1  # evaluate every N epochs (and always after the last)
     eval_score_threshold: float = 0.5  # score at which precision, recall and F1 are reported
     early_stop_patience: int = 0  # evaluations without mAP improvement before stopping (0 = off)
@@ -183,9 +188,12 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if annotation in ("str", str):
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -257,6 +265,7 @@ def _validate(cfg: Config) -> None:
         (t.log_every >= 0, "train.log_every must be >= 0"),
         (t.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
         (t.workers >= 1, "train.workers must be >= 1"),
+        (t.placement in ("pack", "spread"), f"train.placement must be pack or spread, got {t.placement!r}"),
         (t.optimizer in ("adamw", "sgd"), f"train.optimizer must be adamw or sgd, got {t.optimizer!r}"),
         (t.schedule in ("cosine", "multistep", "onecycle", "constant"),
          f"train.schedule must be cosine, multistep, onecycle or constant, got {t.schedule!r}"),
@@ -316,19 +325,34 @@ def from_dict(raw: dict) -> Config:
     return cfg
 
 
+def read_yaml_mapping(path: str | Path, what: str) -> dict:
+    """A YAML file (local or on any storage) whose top level is a mapping; ``ConfigError`` (one line) for a
+    missing file, a directory, text that is not UTF-8, or YAML that does not parse."""
+    from neoray import storage
+
+    try:
+        text = storage.read_text(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} file not found") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the {what} as UTF-8") from None
+    except OSError as exc:
+        detail = "is a directory" if storage.is_dir(path) else str(exc)
+        raise ConfigError(f"{path}: cannot read the {what} file ({detail})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return raw
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
     """Read a YAML config (or the defaults when ``path`` is None), apply overrides, validate."""
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw = read_yaml_mapping(path, "config") if path is not None else {}
     raw = apply_overrides(raw, overrides or [])
     try:
         return from_dict(raw)
@@ -337,10 +361,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config atomically (it is the record of what ran)."""
-    from neoray.io import write_text_atomic
+    """Write the resolved config atomically (it is the record of what ran), to any storage."""
+    from neoray import storage
 
-    write_text_atomic(path, cfg.to_yaml())
+    storage.write_text(path, cfg.to_yaml())
 
 
 def replace(cfg: Config, **section_updates: dict) -> Config:
@@ -353,6 +377,6 @@ def replace(cfg: Config, **section_updates: dict) -> Config:
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "apply_overrides", "format_size",
-    "from_dict", "is_16_9", "load_config", "nearest_16_9", "parse_override", "parse_size", "replace",
-    "save_config",
+    "from_dict", "is_16_9", "load_config", "nearest_16_9", "parse_override", "parse_size", "read_yaml_mapping",
+    "replace", "save_config",
 ]

@@ -79,7 +79,7 @@ def test_load_errors_are_one_line(tmp_path):
     with pytest.raises(CheckpointError, match="not a neoray checkpoint"):
         load_checkpoint(tmp_path)
     (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match="checkpoint.pt: cannot read it as a torch file"):
         load_checkpoint(tmp_path)
 
 

@@ -41,3 +41,13 @@ def test_private_by_construction():
     assert [(p["FromPort"], p["ToPort"]) for p in ingress] == [(22, 22)]
     assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
     assert "docker" not in config  # with Docker the token would also need run_options -v/-e
+
+
+def test_storage_through_instance_profiles_never_keys():
+    text = CLUSTER_YAML.read_text()
+    config = _config()
+    for name, node_type in config["available_node_types"].items():
+        if name != config["head_node_type"]:  # the head keeps Ray's default profile (EC2 and S3)
+            assert node_type["node_config"]["IamInstanceProfile"] == {"Name": "neoray-s3"}, name
+    for secret in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "aws_secret_access_key", "AKIA"):
+        assert secret not in text

@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -241,7 +242,7 @@ def test_results_json_is_written_atomically_and_loads_with_pycocotools(source, t
 
     coco, path = source
     evaluator = evaluate_batches(batches_of(coco), lambda b: gt_as_predictions(b, shift=0.1), gt_json=path)
-    out = evaluator.write_detections(tmp_path / "out" / "detections.json")
+    out = Path(evaluator.write_detections(tmp_path / "out" / "detections.json"))
     assert [p.name for p in out.parent.iterdir()] == ["detections.json"]  # no temp file left behind
     loaded = json.loads(out.read_text())
     assert len(loaded) == sum(1 for a in coco["annotations"] if not a["iscrowd"])

@@ -50,6 +50,10 @@ def test_overrides_are_typed():
     ("train.cpus_per_worker=0", "train.cpus_per_worker must be > 0"),
     ("train.early_stop_patience=-1", "train.early_stop_patience must be >= 0"),
     ("train.max_oom_per_epoch=-1", "train.max_oom_per_epoch must be >= 0"),
+    ("train.lr=.inf", "train.lr: expected a finite number"),
+    ("train.weight_decay=.nan", "train.weight_decay: expected a finite number"),
+    ("data.hflip=-.inf", "data.hflip: expected a finite number"),
+    ("train.placement=scatter", "train.placement must be pack or spread"),
 ])
 def test_bad_values_are_refused(override, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("[", r"\[")):
@@ -96,3 +100,26 @@ def test_broken_yaml_is_one_line(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "latin-1"])
+def test_config_not_in_utf8_is_one_line(tmp_path, encoding):
+    path = tmp_path / "config.yaml"
+    path.write_bytes("name: caf\u00e9\ntrain: {epochs: 2}\n".encode(encoding))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value) and "UTF-8" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_config_that_is_a_directory_or_missing_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read the config file \\(is a directory\\)"):
+        load_config(tmp_path)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_config_is_read_from_object_storage(s3_bucket):
+    from neoray import storage
+
+    storage.write_text(f"{s3_bucket}/best_config.yaml", "train: {epochs: 7}\n")
+    assert load_config(f"{s3_bucket}/best_config.yaml").train.epochs == 7

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from neoray.cli import main
-from neoray.engine.inference import CheckpointError, load_model, model_options
+from neoray.engine.inference import CheckpointError, load_model
+from neoray.engine.model_config import model_options
 
 SIZE = "160x90"  # the size of the conftest shards
 
@@ -26,7 +27,7 @@ def save_checkpoint(directory: Path, categories: list[dict], *, ema: bool = True
 
     cfg = load_config(overrides={"data.size": size, "model.name": "rtdetr_cpu"})
     torch.manual_seed(0)
-    model = build_model("rtdetr_cpu", len(categories), **model_options(cfg.to_dict()))
+    model = build_model("rtdetr_cpu", len(categories), **model_options(cfg.model, with_weights=False))
     state = model.state_dict()
     ema_state = {k: v + 0.01 if v.is_floating_point() else v.clone() for k, v in state.items()} if ema else None
     if ddp_prefix:
@@ -81,11 +82,11 @@ def test_load_model_without_ema_uses_model_weights_also_from_ddp(categories, tmp
 
 
 def test_load_model_errors_name_the_file(tmp_path):
-    with pytest.raises(CheckpointError, match="nowhere: no checkpoint.pt found"):
+    with pytest.raises(CheckpointError, match="nowhere: no checkpoint found"):
         load_model(tmp_path / "nowhere")
     text = tmp_path / "notes.pt"
     text.write_text("hello")
-    with pytest.raises(CheckpointError, match="notes.pt: cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match="notes.pt: cannot read it as a torch file"):
         load_model(text)
     other = tmp_path / "other.pt"
     torch.save({"state_dict": {}}, other)
@@ -173,7 +174,7 @@ def test_eval_cli_default_output_next_to_checkpoint_and_errors(ray_session, cate
                json.loads((synthetic_shards["root"] / "annotations" / "instances_val.json").read_text())["images"]}
     assert detections and {d["image_id"] for d in detections} <= val_ids
     code, _, stderr = run_cli(["eval", str(tmp_path / "missing"), "--data", str(synthetic_shards["val"])])
-    assert code == 2 and "no checkpoint.pt found" in stderr and len(stderr.strip().splitlines()) == 1
+    assert code == 2 and "missing: no checkpoint found" in stderr and len(stderr.strip().splitlines()) == 1
     code, _, stderr = run_cli(["eval", str(directory), "--data", str(tmp_path)])
     assert code == 2 and "manifest not found" in stderr
 
@@ -183,7 +184,7 @@ def test_stream_targets_fed_back_score_ap_one_on_letterboxed_shards(ray_session,
     """Real shards of 16:9, 4:3 and portrait sources: GT from the stream, fed back, is perfect on the source file."""
     from neoray.data.prepare import prepare_coco
     from neoray.data.shards import read_manifest
-    from neoray.data.stream import eval_dataset, iter_eval_batches
+    from neoray.data.stream import ShardSet, iter_eval_batches
     from neoray.data.synth import write_synthetic_dataset
     from neoray.engine.coco_eval import CocoEvaluator
 
@@ -194,7 +195,7 @@ def test_stream_targets_fed_back_score_ap_one_on_letterboxed_shards(ray_session,
     from_file = CocoEvaluator(manifest["categories"], gt_json=data["val_annotations"])
     from_stream = CocoEvaluator(manifest["categories"])
     letterboxed = 0
-    for batch in iter_eval_batches(eval_dataset(tmp_path / "shards"), 4):
+    for batch in iter_eval_batches(ShardSet.open(str(tmp_path / "shards")), 4):
         letterboxed += int((batch.pad.abs().sum(1) > 0).sum())
         outputs = [{"boxes": t["boxes"][~t["iscrowd"]], "scores": torch.ones(int((~t["iscrowd"]).sum())),
                     "labels": t["labels"][~t["iscrowd"]]} for t in batch.targets]

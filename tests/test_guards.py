@@ -64,7 +64,10 @@ def test_fp16_overflows_do_not_count_toward_the_skip_limit():
     assert "11 of 40 updates" in guards.epoch_stop_reason(counters, 0.25, 3, 8, 1)
 
 
-def test_any_rank_without_distributed_is_the_local_flag():
-    assert guards.any_rank(True, 1, torch.device("cpu")) is True
-    assert guards.any_rank(False, 1, torch.device("cpu")) is False
+def test_collectives_without_a_process_group_are_the_local_values():
+    from neoray import distributed
+
+    assert distributed.any_flags([True, False]) == [True, False]
+    assert distributed.gather({"a": 1}) == [{"a": 1}] and distributed.from_rank0("x") == "x"
+    assert distributed.mean_over_ranks(3.0) == 3.0 and not distributed.is_distributed()
     assert guards.is_oom(torch.OutOfMemoryError("x")) and not guards.is_oom(RuntimeError("x"))

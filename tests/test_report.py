@@ -3,6 +3,7 @@ an importances table aligned by parameter name, partial sweeps marked, clear err
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -53,7 +54,7 @@ def test_numeric_choice_read_back_from_csv(tmp_path):
         study = rebuild_study(json.loads((tmp_path / "sweep.json").read_text()), list(csv.DictReader(handle)))
     assert study.best_trial.params == {"weight_decay": 0.01, "warmup_steps": 0}
     assert {t.params["weight_decay"] for t in study.trials} == {1e-05, 0.01, 0.1}
-    assert write_report(tmp_path).exists()
+    assert Path(write_report(tmp_path)).exists()
 
 
 def test_importances_table_columns_follow_parameter_names(tmp_path, monkeypatch):
@@ -69,7 +70,7 @@ def test_importances_table_columns_follow_parameter_names(tmp_path, monkeypatch)
     _fake_sweep(tmp_path, rows, params, num_samples=3)  # 2 of 3 trials: an interrupted sweep
     monkeypatch.setattr(report, "param_importances", lambda study: {
         "fANOVA": {"lr": 0.9, "batch": 0.1}, "PED-ANOVA": {"batch": 0.7, "lr": 0.3}})
-    text = write_report(tmp_path).read_text()
+    text = Path(write_report(tmp_path)).read_text()
     assert "| evaluator | lr | batch |" in text
     assert "| fANOVA | 0.900 | 0.100 |" in text
     assert "| PED-ANOVA | 0.300 | 0.700 |" in text  # by name, not in PED-ANOVA's own order

@@ -7,7 +7,8 @@ from neoray.config import ConfigError, load_config
 from neoray.tune.space import (
     load_space, optuna_distributions, params_to_overrides, parse_space, points_to_evaluate,
 )
-from neoray.tune.sweep import DEFAULT_SPACE, asha_rungs, plan_resources
+from neoray.cluster import plan as plan_resources
+from neoray.tune.sweep import DEFAULT_SPACE, asha_rungs
 
 
 def test_default_space_file_is_valid():
@@ -78,19 +79,20 @@ def test_resources_fail_fast_and_cap_concurrency():
         plan_resources(load_config(None), 1, None, {"CPU": 4})
 
 
-def test_gpus_per_worker_is_planned_and_requested_alike():
+def test_gpus_per_worker_is_planned_and_requested_alike(synthetic_shards):
     """--gpus-per-worker reaches train.gpus_per_worker, which the TorchTrainer requests per worker, so a
     fraction is planned as it is placed (planning 0.5 while placing 1 would admit trials that never fit)."""
-    from neoray.engine.trainer import build_trainer
     from neoray.tune.sweep import SweepOptions, resolve_config
+
+    shards = synthetic_shards
 
     gpu = load_config(None, ["train.workers=2", "train.use_gpu=true"])
     half = plan_resources(gpu, 0.5, None, {"CPU": 16, "GPU": 2})
     assert half.gpus == 1 and half.max_concurrent == 2
     whole = plan_resources(gpu, 1, None, {"CPU": 16, "GPU": 4})
     assert whole.gpus == 2 and whole.max_concurrent == 2
-    resolved = resolve_config(SweepOptions(overrides=["train.workers=2", "data.train=x", "data.val=x"],
-                                           gpus_per_worker=0.5))
+    resolved = resolve_config(SweepOptions(overrides=["train.workers=2", f"data.train={shards['train']}",
+                                                      f"data.val={shards['val']}"], gpus_per_worker=0.5))
     assert resolved.train.use_gpu and resolved.train.gpus_per_worker == 0.5
     assert plan_resources(resolved, None, None, {"CPU": 16, "GPU": 2}).gpus == 1
     # One worker per trial: Tune itself reserves the fraction, so it is planned as asked.

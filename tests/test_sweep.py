@@ -5,7 +5,7 @@ the pieces that decide what a sweep reports (score, interrupted or ended, exit c
 import argparse
 import csv
 import json
-from types import SimpleNamespace
+from pathlib import Path
 
 import pytest
 import yaml
@@ -15,7 +15,7 @@ from neoray.tune import sweep_cmd
 from neoray.tune.sweep import (
     SweepOptions, SweepResult, collect_rows, run_sweep, sweep_interrupted,
 )
-from neoray.tune.trainable import SCORE_DOC, with_score
+from fault_hooks import TrialFailures
 
 SPACE = {
     "params": {"lr": {"distribution": "log_uniform", "low": 3e-4, "high": 3e-3}},
@@ -42,16 +42,6 @@ def _files(tmp_path, shards, epochs=3):
 def _rows(sweep_dir):
     with open(sweep_dir / "trials.csv", newline="") as handle:
         return {row["trial"]: row for row in csv.DictReader(handle)}
-
-
-def test_score_is_what_the_startup_line_says():
-    assert SCORE_DOC == "score = map on evaluation epochs, else -val_loss if present, else -training loss"
-    assert with_score({"map": 0.4, "loss": 2.0, "evaluated": 1})["score"] == 0.4
-    # No evaluation this epoch and no val_loss (the engine computes none): minus the training loss,
-    # never the repeated stale mAP.
-    unevaluated = with_score({"map": 0.4, "loss": 2.0, "evaluated": 0})
-    assert (unevaluated["score"], unevaluated["score_from"]) == (-2.0, "loss")
-    assert with_score({"map": 0.4, "val_loss": 1.5, "loss": 2.0, "evaluated": 0})["score"] == -1.5
 
 
 class _FakeTrial:
@@ -85,8 +75,7 @@ def test_collect_rows_names_how_each_trial_ended(tmp_path):
     trials = [_FakeTrial("trial_0001", done=False), _FakeTrial("trial_0002", done=False),
               _FakeTrial("trial_0003", status="PENDING", done=False), _FakeTrial("trial_0004"),
               _FakeTrial("trial_0005", status="ERROR", done=False)]
-    grid = SimpleNamespace(_experiment_analysis=SimpleNamespace(trials=trials))
-    rows = collect_rows(grid, tmp_path, ["lr"])
+    rows = collect_rows(trials, str(tmp_path), ["lr"])
     assert [r["status"] for r in rows] == ["stopped early (ASHA)", "interrupted", "interrupted", "finished", "errored"]
 
 
@@ -112,32 +101,32 @@ def test_sweep_asha_retry_errors_best_config_and_report(ray_session, synthetic_s
     result = run_sweep(SweepOptions(
         config=config, space=space, output=str(tmp_path / "sweeps"), name="s", max_concurrent=1, max_failures=1,
         # trial_0001 fails once and is retried; trial_0003 always fails and ends errored.
-        fail=[{"trial": "trial_0001", "times": 1}, {"trial": "trial_0003", "times": -1}],
+        hooks=TrialFailures({"trial_0001": 1, "trial_0003": -1}, str(tmp_path)),
     ))
-    rows = _rows(result.sweep_dir)
+    sweep_dir = Path(result.sweep_dir)
+    rows = _rows(sweep_dir)
     assert set(rows) == {"trial_0001", "trial_0002", "trial_0003"}
     assert rows["trial_0001"]["status"] == "finished" and rows["trial_0001"]["failures"] == "1"
     assert rows["trial_0001"]["epochs"] == "3" and float(rows["trial_0001"]["lr"]) == pytest.approx(1e-3)
     assert rows["trial_0002"]["status"] == "stopped early (ASHA)" and rows["trial_0002"]["epochs"] == "1"
     assert float(rows["trial_0002"]["lr"]) == 3.0
     assert rows["trial_0003"]["status"] == "errored" and "injected failure" in rows["trial_0003"]["error"]
-    stopped = json.loads((result.sweep_dir / "asha_stopped.json").read_text())  # ASHA's own decision
+    stopped = json.loads((sweep_dir / "asha_stopped.json").read_text())  # ASHA's own decision
     assert list(stopped) == ["trial_0002"]
-    assert "stopped early (ASHA)" in (result.sweep_dir / "trials.md").read_text()
+    assert "stopped early (ASHA)" in (sweep_dir / "trials.md").read_text()
 
     assert result.best["trial"] == "trial_0001"
     best = load_config(result.best_config_path)
     assert best.train.lr == pytest.approx(1e-3) and best.data.train == str(synthetic_shards["train"])
     # Per-epoch history and TensorBoard events stay on disk for `neoray report` / tensorboard.
-    assert len((result.sweep_dir / "trial_0001" / "result.json").read_text().splitlines()) == 3
-    assert list((result.sweep_dir / "trial_0001").glob("events.out.tfevents.*"))
+    assert len((sweep_dir / "trial_0001" / "result.json").read_text().splitlines()) == 3
+    assert list((sweep_dir / "trial_0001").glob("events.out.tfevents.*"))
 
     from neoray.tune.report import write_report
 
-    report = write_report(result.sweep_dir)
-    text = report.read_text()
+    text = Path(write_report(result.sweep_dir)).read_text()
     assert "learning_curves.png" in text and "map_vs_lr.png" in text
-    assert (result.sweep_dir / "learning_curves.png").stat().st_size > 1000
+    assert (sweep_dir / "learning_curves.png").stat().st_size > 1000
 
 
 @pytest.mark.slow
@@ -152,13 +141,14 @@ def test_two_worker_trial_after_an_asha_stopped_one_still_runs(ray_session, synt
         config=config, space=space, output=str(tmp_path / "sweeps"), name="w2", num_samples=3,
         workers_per_trial=2, max_concurrent=1, overrides=["train.cpus_per_worker=1"],
     ))
-    rows = _rows(result.sweep_dir)
+    sweep_dir = Path(result.sweep_dir)
+    rows = _rows(sweep_dir)
     assert not result.interrupted and set(rows) == {"trial_0001", "trial_0002", "trial_0003"}
     assert rows["trial_0002"]["status"] == "stopped early (ASHA)" and rows["trial_0002"]["epochs"] == "1"
-    assert list(json.loads((result.sweep_dir / "asha_stopped.json").read_text())) == ["trial_0002"]
+    assert list(json.loads((sweep_dir / "asha_stopped.json").read_text())) == ["trial_0002"]
     assert rows["trial_0003"]["status"] == "finished" and rows["trial_0003"]["epochs"] == "2"
     assert rows["trial_0003"]["best_map"] != ""  # it reached its evaluation epoch
-    assert (result.sweep_dir / "trials" / "trial_0003").is_dir()  # the TorchTrainer run named after the trial
+    assert (sweep_dir / "trials" / "trial_0003").is_dir()  # the TorchTrainer run named after the trial
     alive = [pg for pg in ray.util.placement_group_table().values()
              if pg["state"] != "REMOVED" and len(pg["bundles"]) == 2]
     assert alive == []

@@ -16,18 +16,23 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+from fault_hooks import Faults
 from neoray.config import from_dict
-from neoray.engine.checkpoint import load_checkpoint
-from neoray.engine.loop import (
-    EpochStats, FaultInjection, LocalContext, TrainState, _finish_update, run_training_loop, train_one_epoch,
-)
+from neoray.engine import step as step_module
+from neoray.engine.checkpoint import load_checkpoint, read_pointers
+from neoray.engine.context import LocalContext, ReadyBatches
+from neoray.engine.loop import run_training_loop
 from neoray.engine.optim import build_optimizer, build_scheduler, lr_at
+from neoray.engine.state import TrainState
+from neoray.engine.step import EpochStats, finish_update, train_one_epoch
 
 CATEGORIES = [{"id": 1, "name": "a", "label": 0}, {"id": 2, "name": "b", "label": 1}]
 
 
 @dataclass
 class TinyBatch:
+    """A Batch of 32x18 images that are their own source images (scale 1, no padding)."""
+
     images: torch.Tensor
     targets: list
     image_ids: torch.Tensor
@@ -35,6 +40,18 @@ class TinyBatch:
     def to(self, device):
         return TinyBatch(self.images.to(device), [{k: v.to(device) for k, v in t.items()} for t in self.targets],
                          self.image_ids)
+
+    @property
+    def scale(self):
+        return torch.ones(len(self.images))
+
+    @property
+    def pad(self):
+        return torch.zeros(len(self.images), 2)
+
+    @property
+    def orig_sizes(self):
+        return torch.tensor([[self.images.shape[3], self.images.shape[2]]] * len(self.images))
 
 
 class TinyDetector(nn.Module):
@@ -94,15 +111,19 @@ def tiny_config(**train):
     return from_dict({"model": {"name": "tiny"}, "train": base})
 
 
-def run_local(cfg, batches, tmp_path=None, **kwargs):
-    ctx = LocalContext({"train": batches}, checkpoint_root=tmp_path)
+def ready(batches, val=None):
+    return ReadyBatches(batches, val, categories=CATEGORIES)
+
+
+def run_local(cfg, batches, tmp_path=None, val=None, **kwargs):
+    ctx = LocalContext(ready(batches, val), checkpoint_root=tmp_path)
     models = []
 
     def model_fn(num_classes):
         models.append(TinyDetector(num_classes))
         return models[-1]
 
-    run_training_loop(cfg, ctx, categories=CATEGORIES, model_fn=model_fn, log=None, **kwargs)
+    run_training_loop(cfg, ctx, model_fn=model_fn, log=None, **kwargs)
     return models[0], ctx
 
 
@@ -185,8 +206,7 @@ def test_preflight_does_not_consume_the_rng_stream():
         models.append(RandomDrawDetector(num_classes))
         return models[-1]
 
-    run_training_loop(tiny_config(), LocalContext({"train": make_batches(8, 4)}), categories=CATEGORIES,
-                      model_fn=model_fn, log=None)
+    run_training_loop(tiny_config(), LocalContext(ready(make_batches(8, 4))), model_fn=model_fn, log=None)
     preflight, first_step, second_step = models[0].draws
     assert preflight == first_step and second_step != first_step
 
@@ -210,7 +230,7 @@ def test_frozen_backbone_has_no_gradient_until_its_epoch():
         return model_holder[0]
 
     initial = [p.detach().clone() for p in TinyDetector(2).backbone.parameters()]
-    run_training_loop(cfg, Ctx({"train": batches}), categories=CATEGORIES, model_fn=model_fn, log=None)
+    run_training_loop(cfg, Ctx(ready(batches)), model_fn=model_fn, log=None)
     epoch1, epoch2, epoch3 = backbone_after_epoch
     assert all(torch.equal(a, b) for a, b in zip(initial, epoch1))  # frozen in epoch 1 (index 0)
     assert all(torch.equal(a, b) for a, b in zip(initial, epoch2))  # and epoch 2 (index 1)
@@ -224,8 +244,8 @@ def test_resume_continues_step_and_lr(tmp_path):
     batches = make_batches(16, 4)
     _, full = run_local(cfg, batches, tmp_path)
     # Continue from the epoch-2 checkpoint in a fresh loop: epochs 3 and 4 must match the full run.
-    ctx = LocalContext({"train": batches}, resume_dir=str(tmp_path / "epoch_0002"))
-    run_training_loop(cfg, ctx, categories=CATEGORIES, model_fn=TinyDetector, log=None)
+    ctx = LocalContext(ready(batches), resume_dir=str(tmp_path / "epoch_0002"))
+    run_training_loop(cfg, ctx, model_fn=TinyDetector, log=None)
     assert [r["epoch"] for r in ctx.reports] == [3, 4]
     for resumed, reference in zip(ctx.reports, full.reports[2:]):
         assert resumed["step"] == reference["step"]
@@ -236,7 +256,7 @@ def test_resume_continues_step_and_lr(tmp_path):
 def test_nan_loss_is_skipped_and_counted():
     cfg = tiny_config(epochs=1)
     batches = make_batches(24, 4)
-    model, ctx = run_local(cfg, batches, fault_injection=FaultInjection(nan_loss_at=(2,)))
+    model, ctx = run_local(cfg, batches, hooks=Faults(nan_loss_at=(2,)))
     report = ctx.reports[0]
     assert report["skipped_steps"] == 1 and report["step"] == 5 and report["stop_reason"] == ""
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -244,16 +264,16 @@ def test_nan_loss_is_skipped_and_counted():
 
 def test_too_many_nan_updates_stop_the_run_with_the_reason():
     cfg = tiny_config(epochs=3, max_skipped_fraction=0.25)
-    _, ctx = run_local(cfg, make_batches(16, 4), fault_injection=FaultInjection(nan_loss_at=(0, 1)))
+    _, ctx = run_local(cfg, make_batches(16, 4), hooks=Faults(nan_loss_at=(0, 1)))
     assert len(ctx.reports) == 1
     assert "non-finite" in ctx.reports[0]["stop_reason"] and ctx.reports[0]["skipped_steps"] == 2
 
 
 def test_oom_skips_the_batch_then_stops_past_the_limit():
-    _, ctx = run_local(tiny_config(epochs=1), make_batches(16, 4), fault_injection=FaultInjection(oom_at=(1,)))
+    _, ctx = run_local(tiny_config(epochs=1), make_batches(16, 4), hooks=Faults(oom_at=(1,)))
     assert ctx.reports[0]["oom_skipped"] == 1 and ctx.reports[0]["step"] == 3
     _, ctx = run_local(tiny_config(epochs=2, max_oom_per_epoch=1), make_batches(16, 4),
-                       fault_injection=FaultInjection(oom_at=(0, 2)))
+                       hooks=Faults(oom_at=(0, 2)))
     assert len(ctx.reports) == 1 and "out of memory" in ctx.reports[0]["stop_reason"]
     assert "train.accumulate=2" in ctx.reports[0]["stop_reason"]
 
@@ -263,8 +283,8 @@ def test_oom_in_backward_or_optimizer_step_skips_the_batch():
     # drops that batch's gradients; the run equals one without the batch.
     batches = make_batches(16, 4)
     without, _ = run_local(tiny_config(), batches[:1] + batches[2:])
-    for fault in (FaultInjection(oom_backward_at=(1,)), FaultInjection(oom_step_at=(1,))):
-        model, ctx = run_local(tiny_config(), batches, fault_injection=fault)
+    for fault in (Faults(oom_backward_at=(1,)), Faults(oom_step_at=(1,))):
+        model, ctx = run_local(tiny_config(), batches, hooks=fault)
         assert ctx.reports[0]["oom_skipped"] == 1 and ctx.reports[0]["step"] == 3, fault
         for a, b in zip(model.parameters(), without.parameters()):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -275,22 +295,21 @@ def test_oom_in_backward_drops_the_whole_accumulation_group():
     # next group -> groups (1, 2), (3): the same as training on batches 1..3.
     batches = make_batches(8, 2)
     model, ctx = run_local(tiny_config(batch_size=2, accumulate=2), batches,
-                           fault_injection=FaultInjection(oom_backward_at=(0,)))
+                           hooks=Faults(oom_backward_at=(0,)))
     without, _ = run_local(tiny_config(batch_size=2, accumulate=2), batches[1:])
     assert ctx.reports[0]["oom_skipped"] == 1 and ctx.reports[0]["step"] == 2
     for a, b in zip(model.parameters(), without.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def _state(cfg, model, world_size=1, scaler=None):
+def _state(cfg, model, scaler=None):
     optimizer = build_optimizer(model, cfg.train)
     return TrainState(cfg=cfg, model=model, optimizer=optimizer,
                       scheduler=build_scheduler(optimizer, cfg.train, 100),
-                      scaler=scaler or torch.amp.GradScaler("cpu", enabled=False), device=torch.device("cpu"),
-                      world_size=world_size)
+                      scaler=scaler or torch.amp.GradScaler("cpu", enabled=False), device=torch.device("cpu"))
 
 
-def test_oom_under_ddp_is_skipped_only_where_no_all_reduce_ran(tmp_path):
+def test_oom_under_ddp_is_skipped_only_where_no_all_reduce_ran(tmp_path, monkeypatch):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -301,18 +320,20 @@ def test_oom_under_ddp_is_skipped_only_where_no_all_reduce_ran(tmp_path):
         # A no_sync micro-step's backward is local: the group is dropped on every rank.
         state = _state(cfg, TinyDetector(2))
         state.wrapped = DistributedDataParallel(state.model)
-        stats = train_one_epoch(state, batches, FaultInjection(oom_backward_at=(0,)))
+        stats = train_one_epoch(state, batches, Faults(oom_backward_at=(0,)))
         assert stats.counters.oom == 1 and state.step == 2
-        # The syncing micro-step's backward started the gradient all-reduce: fail with advice.
+        # Several ranks (as the step sees them; a one-process group stands in for them here): the syncing
+        # micro-step's backward started the gradient all-reduce, so it fails with advice ...
+        monkeypatch.setattr(step_module, "is_distributed", lambda: True)
         state = _state(cfg, TinyDetector(2))
         state.wrapped = DistributedDataParallel(state.model)
         with pytest.raises(RuntimeError, match="all-reduce under DDP.*train.batch_size=1 with train.accumulate=4"):
-            train_one_epoch(state, batches, FaultInjection(oom_backward_at=(1,)))
-        # Under DDP (as the loop sees it: several ranks) an optimizer step cannot be skipped either.
-        state = _state(cfg, TinyDetector(2), world_size=2)
+            train_one_epoch(state, batches, Faults(oom_backward_at=(1,)))
+        # ... and an optimizer step cannot be skipped either.
+        state = _state(cfg, TinyDetector(2))
         state.wrapped = DistributedDataParallel(state.model)
         with pytest.raises(RuntimeError, match="optimizer step under DDP"):
-            train_one_epoch(state, batches, FaultInjection(oom_step_at=(1,)))
+            train_one_epoch(state, batches, Faults(oom_step_at=(1,)))
     finally:
         dist.destroy_process_group()
 
@@ -328,33 +349,43 @@ def test_fp16_scaler_overflow_is_counted_apart_from_non_finite_updates():
     state.scaler.scale(sum(model(batch.images, batch.targets).values())).backward()
     for param in model.parameters():
         param.grad.fill_(float("inf"))  # what an fp16 overflow leaves
-    _finish_update(state, stats, group_bad=False, group_len=1)
+    finish_update(state, stats, group_bad=False, group_len=1)
     assert stats.counters.amp_overflow == 1 and stats.counters.skipped == 0 and state.step == 0
     assert state.scaler.get_scale() == 2.0**15  # the scaler lowered its scale
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    _finish_update(state, stats, group_bad=True, group_len=1)  # a non-finite loss is still a skip
+    finish_update(state, stats, group_bad=True, group_len=1)  # a non-finite loss is still a skip
     assert stats.counters.skipped == 1 and stats.counters.amp_overflow == 1 and stats.counters.updates == 2
 
 
-def test_ckpt_score_is_reported_without_validation_data():
-    _, ctx = run_local(tiny_config(epochs=2), make_batches(8, 4))
-    for report in ctx.reports:
-        assert report["ckpt_score"] == -report["loss"] and report["evaluated"] == 0
+def test_score_is_minus_the_loss_without_evaluation_and_map_only_when_evaluated():
+    batches = make_batches(8, 4)
+    _, ctx = run_local(tiny_config(epochs=3, eval_every=2), batches)
+    for report in ctx.reports:  # no validation data
+        assert report["score"] == -report["loss"] and report["evaluated"] == 0 and "map" not in report
+    _, ctx = run_local(tiny_config(epochs=3, eval_every=2), batches, val=batches)
+    assert [r["evaluated"] for r in ctx.reports] == [0, 1, 1]  # every second epoch and the last
+    assert "map" not in ctx.reports[0] and ctx.reports[0]["score"] == -ctx.reports[0]["loss"]
+    for report in ctx.reports[1:]:
+        assert report["score"] == report["map"] >= 0
 
 
-def test_best_checkpoint_link_follows_ckpt_score(tmp_path):
+def test_checkpoint_record_follows_the_score(tmp_path):
     from neoray.engine.trainer import RunRecorder
 
-    recorder = RunRecorder(tmp_path / "run", verbose=False)
-    (tmp_path / "run").mkdir()
-    for epoch, score in ((1, -2.0), (2, -1.0), (3, -1.5)):  # no validation set: -loss
-        checkpoint = tmp_path / "ray" / f"checkpoint_{epoch}"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    recorder = RunRecorder(str(run_dir), verbose=False)
+    # Epoch 1 unevaluated (-loss), epochs 2 and 3 evaluated: an evaluated epoch always outranks it.
+    for epoch, row in ((1, {"loss": 0.5, "score": -0.5, "evaluated": 0}),
+                       (2, {"loss": 2.0, "map": 0.2, "score": 0.2, "evaluated": 1}),
+                       (3, {"loss": 1.0, "map": 0.1, "score": 0.1, "evaluated": 1})):
+        checkpoint = tmp_path / "run" / "ray" / f"checkpoint_{epoch}"
         checkpoint.mkdir(parents=True)
-        recorder.after_report(None, [{"epoch": epoch, "loss": -score, "ckpt_score": score, "evaluated": 0}],
-                              SimpleNamespace(path=str(checkpoint)))
-    best = (tmp_path / "run" / "checkpoints" / "best").resolve()
-    latest = (tmp_path / "run" / "checkpoints" / "latest").resolve()
-    assert best.name == "checkpoint_2" and latest.name == "checkpoint_3"
+        recorder.after_report(None, [{"epoch": epoch, **row}], SimpleNamespace(path=str(checkpoint)))
+    pointers = read_pointers(str(run_dir))
+    assert pointers["best"]["path"] == "ray/checkpoint_2" and pointers["best"]["epoch"] == 2
+    assert pointers["latest"]["path"] == "ray/checkpoint_3"
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_bad_label_fails_preflight_with_label_and_num_classes():
@@ -379,11 +410,11 @@ def test_images_without_boxes_train():
 # ----------------------------------------------------------------------------------------------------
 
 
-def _ddp_worker(rank, world_size, port, config_dict, shards, out_dir, fault_injection=None):
+def _ddp_worker(rank, world_size, port, config_dict, shards, out_dir, hooks=None):
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-    from neoray.engine import loop
+    from neoray.engine import state as state_module
     from neoray.engine.ema import ModelEMA
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
@@ -395,12 +426,12 @@ def _ddp_worker(rank, world_size, port, config_dict, shards, out_dir, fault_inje
         seen["allreduce_calls"] += 1
         return default_hooks.allreduce_hook(None, bucket)
 
-    class CountingDDP(loop.DistributedDataParallel):
+    class CountingDDP(state_module.DistributedDataParallel):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.register_comm_hook(None, counting_hook)
 
-    loop.DistributedDataParallel = CountingDDP
+    state_module.DistributedDataParallel = CountingDDP
     original_update = ModelEMA.update
 
     def ema_update(self, model):  # record the EMA's starting point
@@ -413,7 +444,7 @@ def _ddp_worker(rank, world_size, port, config_dict, shards, out_dir, fault_inje
             world_rank = rank
             local_rank = rank
 
-        ctx = Ctx({"train": shards[rank]})
+        ctx = Ctx(ready(shards[rank]))
         ctx.world_size = world_size
         holder = []
 
@@ -425,8 +456,7 @@ def _ddp_worker(rank, world_size, port, config_dict, shards, out_dir, fault_inje
                         param.add_(1.0)
             return holder[0]
 
-        run_training_loop(from_dict(config_dict), ctx, categories=CATEGORIES, model_fn=model_fn, log=None,
-                          fault_injection=fault_injection)
+        run_training_loop(from_dict(config_dict), ctx, model_fn=model_fn, log=None, hooks=hooks)
         torch.save({"params": [p.detach() for p in holder[0].parameters()], "reports": ctx.reports, **seen},
                    f"{out_dir}/rank{rank}.pt")
     finally:
@@ -441,8 +471,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ddp(cfg, shards, tmp_path, fault_injection=None):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), cfg.to_dict(), shards, str(tmp_path), fault_injection),
+def run_ddp(cfg, shards, tmp_path, hooks=None):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), cfg.to_dict(), shards, str(tmp_path), hooks),
              nprocs=2, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
@@ -480,7 +510,7 @@ def test_ddp_oom_in_a_no_sync_backward_on_one_rank_drops_the_group_on_both(tmp_p
     # and micro-batch 1 starts the next one -> groups (1, 2), (3, 4), (5, 6), (7) on both ranks. The
     # reference: one process, accumulate 2, micro-batch i = both ranks' micro-batch i, without the first.
     results = run_ddp(tiny_config(batch_size=1, accumulate=2), shards, tmp_path,
-                      FaultInjection(oom_backward_at=(0,), oom_rank=1))
+                      Faults(oom_backward_at=(0,), oom_rank=1))
     pairs = [rebatch([a, b], 2)[0] for a, b in zip(*shards)]
     without, _ = run_local(tiny_config(batch_size=2, accumulate=2), pairs[1:])
     for rank_result in results:

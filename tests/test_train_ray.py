@@ -12,7 +12,8 @@ import yaml
 from neoray.cli import main as neoray_main
 from neoray.config import from_dict
 from neoray.engine.checkpoint import load_checkpoint
-from neoray.engine.loop import FaultInjection
+from fault_hooks import Faults
+from neoray.engine.checkpoint import read_pointers
 from neoray.engine.optim import lr_at
 
 TINY_MODEL = {"hidden_dim": 32, "num_queries": 20, "num_denoising": 10}
@@ -32,15 +33,15 @@ def tiny_run_config(shards, output, **train) -> dict:
 @pytest.fixture(scope="module")
 def recovered_run(ray_session, synthetic_shards, tmp_path_factory):
     """3 epochs on 2 workers; rank 1 raises once at the start of epoch 2 and Ray Train recovers it."""
+    from neoray.engine.setup import prepare_config
     from neoray.engine.trainer import train
 
     root = tmp_path_factory.mktemp("train_ray")
     records = root / "records"
     records.mkdir()
     cfg = from_dict(tiny_run_config(synthetic_shards, root / "runs"))
-    fault = FaultInjection(raise_in_epoch=2, raise_rank=1, raise_marker=str(root / "raised.marker"),
-                           record_dir=str(records))
-    summary = train(cfg, fault_injection=fault, verbose=False)
+    fault = Faults(raise_in_epoch=2, raise_rank=1, raise_marker=str(root / "raised.marker"), record_dir=str(records))
+    summary = train(prepare_config(cfg), hooks=fault, verbose=False)
     return {"cfg": cfg, "summary": summary, "run_dir": Path(summary["run_dir"]), "records": records,
             "marker": root / "raised.marker"}
 
@@ -76,10 +77,13 @@ def test_two_workers_recover_from_a_failure_and_write_the_run(recovered_run):
     assert {"epoch", "loss", "map"} <= set(header)
     # Run directory: resolved config, checkpoints, summary.
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["workers"] == 2
-    latest = load_checkpoint(run_dir / "checkpoints" / "latest")
+    latest = load_checkpoint(run_dir / "checkpoints" / "latest")  # the name checkpoints.json records
     assert latest["epoch"] == 3 and latest["step"] == 18 and latest["ema"] is not None
     assert latest["model_name"] == "rtdetr_cpu" and latest["num_classes"] == 4
-    assert (run_dir / "checkpoints" / "best" / "checkpoint.pt").exists()
+    pointers = read_pointers(str(run_dir))
+    assert (run_dir / pointers["best"]["path"] / "checkpoint.pt").exists()
+    assert pointers["best"]["epoch"] == max(history, key=lambda r: (r["score"], r["epoch"]))["epoch"]
+    assert load_checkpoint(run_dir)["epoch"] == pointers["best"]["epoch"]  # a run directory means its best
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["epochs_run"] == 3 and summary["stop_reason"] == "completed"
     assert summary["hardware"]["workers"] == 2 and summary["best_epoch"] in (1, 2, 3)

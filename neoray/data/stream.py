@@ -1,78 +1,223 @@
 """Stream 16:9 Parquet shards into training and evaluation batches with Ray Data.
 
-Two halves, because Ray Train splits them across processes:
+Each training worker builds its own stream, every epoch, from a plan that is a function of
+(seed, epoch, rank, world size) and of the manifest alone, never of the cluster it runs on:
 
-* Driver side, ``train_dataset`` / ``eval_dataset``: a ``ray.data.Dataset`` that reads the manifest's shard
-  files and decodes the JPEGs with cv2 in ``map_batches`` (uint8 HWC RGB, in Ray Data's CPU tasks, so the
-  training process does not decode). Pass them to ``TorchTrainer(datasets=...)``; split the eval dataset
-  with ``ExactSplitDataConfig`` so that every image is evaluated exactly once.
-* Worker side, ``iter_train_batches`` / ``iter_eval_batches``: take the iterator from
-  ``ray.train.get_dataset_shard(name)`` (or a ``Dataset``, for the single-process path), pull numpy batches
-  with ``iter_batches``, augment (train only, ``neoray.data.augment``) and collate into a ``Batch``.
+1. ``epoch_plan``: the manifest's shard files cut into chunks of ``ROWS_PER_TASK`` rows, shuffled by
+   (seed, epoch); their rows, concatenated in that order, are cut into one equal, contiguous range per
+   rank (training drops the last ``rows % world_size`` rows, so every rank runs the same number of
+   steps; evaluation gives every row to exactly one rank).
+2. ``chunk_dataset``: a Ray Data dataset with one row per chunk; ``map_batches`` reads the chunk's rows
+   from its Parquet file (local, a shared mount or object storage, through ``neoray.storage``) and
+   decodes the JPEGs with cv2, one Ray task per chunk, in parallel on the cluster's CPUs. Rows leave in
+   plan order (``preserve_order``).
+3. ``iter_train_batches`` / ``iter_eval_batches``, on the worker: pull the decoded chunks, mix the
+   images in a shuffle buffer seeded by (seed, epoch, rank), augment (``neoray.data.augment``, draws
+   seeded by (seed, epoch, rank, batch index)) and collate into a ``Batch``.
 
-Why plain ``iter_batches`` + our own collate rather than ``iter_torch_batches``: targets are ragged
-(0..n boxes per image) and the train augmentation needs the whole batch at once to give it one size, so
-the collate step is ours anyway; a plain function as ``collate_fn`` is deprecated in Ray 2.60 and a
-collate class would only wrap the same code.
+Why a plan of our own rather than Ray Train's dataset split: which rows reach which worker under
+``streaming_split`` is decided at run time, and Ray Data's file shuffle is reseeded by how many passes a
+dataset has made, so the sample order changed with the cluster's CPU count and repeated an epoch's
+order after a restart. Here a resumed or restarted run trains epoch N on exactly the samples of epoch N.
 
-Reading: the shards are read with Ray Data's V1 Parquet reader, from the explicit file list of the
-manifest. The V2 reader (Ray 2.60's default) re-lists and re-reads every file footer at the start of
-EVERY epoch (1-3 s here) and bin-packs small row groups into 128 MiB read tasks, i.e. one task, one
-decoding CPU for a few thousand images, whatever ``override_num_blocks`` says. V1 resolves the files once,
-when the dataset is built, and honours ``override_num_blocks`` by splitting each file's output into
-several blocks; the decode step then runs as separate tasks, one per block of ~``ROWS_PER_DECODE_TASK``
-images, in parallel on all CPUs.
-
-Determinism: the file order is shuffled per epoch with ``FileShuffleConfig(seed)``, whose seed Ray mixes
-with the dataset's execution index (``DataContext._execution_idx``: 0 for a new dataset, +1 after every
-completed pass), and rows come out in file order (``preserve_order``); the local shuffle buffer and the
-augmentation draw from seeds made of (seed, epoch, rank[, batch index]). Ray counts passes, not epochs,
-so a run resumed at epoch N with a new dataset would replay epoch 0's file order. Hence:
-
-* ``iter_train_batches`` sets the execution index to ``epoch`` when it iterates a dataset in its own
-  process (a ``Dataset``, or ``Dataset.iterator()`` as the sweep's direct path uses): the order is then
-  a function of (seed, epoch) alone, whether or not earlier epochs ran in this process;
-* a ``ray.train.get_dataset_shard`` iterator is executed by Ray Train's split coordinator actor, out of
-  the worker's reach, one pass per epoch from the index the driver's dataset had. A driver that resumes
-  should pass the run's first epoch as ``train_dataset(..., start_epoch=N)``; the order is then exact for
-  a run started at N (without it, from epoch 0's order on), but Ray Train's own restart of a worker group after a failure (``max_failures``) re-splits
-  the driver's dataset, and its first epoch gets epoch N's file order again. Ray 2.60 offers no hook to
-  fix that, and the local shuffle and augmentation still follow the true epoch.
-
-Ray's reseeding is ``hash((seed, index))``, stable across processes for integers. Across several Ray
-Train workers, which rows reach which worker is decided at run time by ``streaming_split``, so only the
-single-worker order is exactly reproducible.
+Why ``iter_batches`` + our own collate rather than ``iter_torch_batches``: targets are ragged (0..n
+boxes per image) and the train augmentation needs the whole batch at once to give it one size.
 """
 
 from __future__ import annotations
 
-import math
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator
 
 import cv2
 import numpy as np
+import pyarrow.parquet as pq
 import ray
-import ray.train
 
+from neoray import storage
 from neoray.config import DataConfig, parse_size
-from neoray.data.shards import read_manifest, shard_files
+from neoray.data.shards import read_manifest
 
 if TYPE_CHECKING:
     import torch
 
-# Ray's decode tasks import this module to find `decode_images`; torch and albumentations (3+ s of
+# Ray's decode tasks import this module to find `read_chunk`; torch and albumentations (3+ s of
 # imports per fresh worker, paid in the time to the first batch) are therefore imported only inside the
 # worker-side functions that use them.
 
-# Columns the stream needs from a shard (file_name and ann_ids stay on disk); "path" is added by the reader
-# so that a bad record can be reported with its shard file.
+# Columns the stream needs from a shard (file_name and ann_ids stay in storage).
 READ_COLUMNS = ["image_id", "image", "width", "height", "orig_width", "orig_height", "scale", "pad_x", "pad_y",
                 "boxes", "labels", "iscrowd", "areas"]
-# Images per decode task: big enough that task overhead stays small, small enough to use every CPU
-# (2000 images -> 63 tasks) and to start the first batch quickly.
-ROWS_PER_DECODE_TASK = 32
+# Rows per read-and-decode task: big enough that task overhead stays small, small enough to use every
+# CPU and to start the first batch quickly.
+ROWS_PER_TASK = 32
+
+
+# ----------------------------------------------------------------------------------------------------
+# The plan: which rows, in which order, on which rank
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """A shard directory as the stream reads it: its files (full paths) with their row counts."""
+
+    directory: str
+    files: tuple[tuple[str, int], ...]
+    categories: list
+    size: tuple[int, int]
+
+    @classmethod
+    def open(cls, shard_dir: str) -> "ShardSet":
+        manifest = read_manifest(shard_dir)
+        files = tuple((storage.join(shard_dir, entry["file"]), int(entry["rows"])) for entry in manifest["shards"])
+        return cls(str(shard_dir), files, manifest["categories"], tuple(manifest["size"]))
+
+    @property
+    def num_rows(self) -> int:
+        return sum(rows for _, rows in self.files)
+
+
+def _subset(files: tuple[tuple[str, int], ...], max_rows: int) -> list[tuple[str, int, int]]:
+    """(path, first row, end row) pieces of the first ``max_rows`` rows in manifest order (all when 0):
+    a fixed subset, the same every epoch."""
+    pieces, left = [], max_rows if max_rows > 0 else None
+    for path, rows in files:
+        take = rows if left is None else min(rows, left)
+        if take > 0:
+            pieces.append((path, 0, take))
+        if left is not None:
+            left -= take
+            if left <= 0:
+                break
+    return pieces
+
+
+def epoch_plan(shard_set: ShardSet, *, epoch: int, rank: int, world_size: int, seed: int | None,
+               equal: bool, max_rows: int = 0, rows_per_task: int = ROWS_PER_TASK) -> list[dict]:
+    """This rank's chunks for this epoch: ``[{"path", "start", "stop"}]`` in reading order.
+
+    Every file is cut into chunks of ``rows_per_task`` rows; ``seed`` shuffles the chunks by
+    (seed, epoch) (None keeps the manifest order: evaluation). ``equal``: every rank gets
+    ``rows // world_size`` rows (training); otherwise rank r gets rows ``[r * rows // W, (r + 1) * rows // W)``
+    of the order (evaluation: each row exactly once over all ranks). Shuffling chunks rather than files
+    gives every rank a different mix of files every epoch, even when there are fewer files than ranks."""
+    chunks = [(path, first, min(stop, first + rows_per_task))
+              for path, start, stop in _subset(shard_set.files, max_rows)
+              for first in range(start, stop, rows_per_task)]
+    if seed is not None:
+        order = np.random.default_rng([int(seed), int(epoch)]).permutation(len(chunks))
+        chunks = [chunks[i] for i in order]
+    total = sum(stop - start for _, start, stop in chunks)
+    if equal:
+        per_rank = total // world_size
+        begin, end = rank * per_rank, (rank + 1) * per_rank
+    else:
+        begin, end = rank * total // world_size, (rank + 1) * total // world_size
+    mine, offset = [], 0
+    for path, start, stop in chunks:
+        lo, hi = max(begin, offset), min(end, offset + stop - start)
+        if lo < hi:
+            mine.append({"path": path, "start": start + lo - offset, "stop": start + hi - offset})
+        offset += stop - start
+    return mine
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading and decoding chunks (Ray Data tasks)
+# ----------------------------------------------------------------------------------------------------
+
+
+def read_rows(path: str, start: int, stop: int, columns: list[str] = READ_COLUMNS):
+    """Rows ``[start, stop)`` of one Parquet file as a pyarrow Table, reading only the row groups that
+    hold them (prepare writes groups of 64 rows)."""
+    fs, inner = storage.resolve(path)
+    with fs.open_input_file(inner) as handle:
+        parquet = pq.ParquetFile(handle)
+        groups, first_row, offset = [], None, 0
+        for index in range(parquet.num_row_groups):
+            rows = parquet.metadata.row_group(index).num_rows
+            if offset < stop and offset + rows > start:
+                groups.append(index)
+                first_row = offset if first_row is None else first_row
+            offset += rows
+        if stop > offset:
+            raise ValueError(f"{path}: rows {start}..{stop} requested but the file holds {offset}; its manifest "
+                             "entry is stale (re-run `neoray prepare`, or `neoray check` the directory)")
+        table = parquet.read_row_groups(groups, columns=columns)
+    return table.slice(start - first_row, stop - start)
+
+
+def _object_array(items: list) -> np.ndarray:
+    """A 1-D object array of per-row arrays (np.array would try to stack equal-length rows into 3-D)."""
+    out = np.empty(len(items), dtype=object)
+    out[:] = items
+    return out
+
+
+def decode_rows(table, path: str) -> dict[str, np.ndarray]:
+    """JPEG bytes -> uint8 HWC RGB "pixels"; ragged columns -> per-row numpy arrays.
+
+    Boxes become (N, 4) float32 arrays, which Ray stores as Arrow tensors, so 0, 1 or many boxes per image
+    all survive. Bad records raise one line naming the shard file, the image id and the field.
+    """
+    columns = table.to_pydict()
+    pixels, boxes, labels, iscrowd, areas = [], [], [], [], []
+    for i, data in enumerate(columns["image"]):
+        where = f"{path}: image_id {columns['image_id'][i]}"
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
+        if image is None:
+            raise ValueError(f"{where}: field 'image': not a decodable JPEG ({len(data)} bytes)")
+        width, height = columns["width"][i], columns["height"][i]
+        if image.shape[:2] != (height, width):
+            raise ValueError(f"{where}: field 'image': decoded {image.shape[1]}x{image.shape[0]} but the row says "
+                             f"width x height = {width}x{height}")
+        if pixels and image.shape != pixels[0].shape:
+            raise ValueError(f"{where}: field 'image': {width}x{height} differs from "
+                             f"{pixels[0].shape[1]}x{pixels[0].shape[0]} in the same shard; a shard directory "
+                             "holds one size")
+        row_boxes = np.asarray(columns["boxes"][i], dtype=np.float32).reshape(-1, 4)
+        for name in ("labels", "iscrowd", "areas"):
+            if len(columns[name][i]) != len(row_boxes):
+                raise ValueError(f"{where}: field '{name}': {len(columns[name][i])} entries for {len(row_boxes)} boxes")
+        pixels.append(image)
+        boxes.append(row_boxes)
+        labels.append(np.asarray(columns["labels"][i], dtype=np.int64))
+        iscrowd.append(np.asarray(columns["iscrowd"][i], dtype=bool))
+        areas.append(np.asarray(columns["areas"][i], dtype=np.float32))
+    out = {key: np.asarray(columns[key]) for key in ("image_id", "orig_width", "orig_height", "scale", "pad_x", "pad_y")}
+    out["pixels"] = np.stack(pixels) if pixels else np.zeros((0, 0, 0, 3), np.uint8)
+    out["boxes"], out["labels"] = _object_array(boxes), _object_array(labels)
+    out["iscrowd"], out["areas"] = _object_array(iscrowd), _object_array(areas)
+    return out
+
+
+def read_chunk(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``map_batches`` step over plan rows (one per call): read the chunk's rows and decode them."""
+    path, start, stop = str(batch["path"][0]), int(batch["start"][0]), int(batch["stop"][0])
+    return decode_rows(read_rows(path, start, stop), path)
+
+
+def quiet_ray_data() -> None:
+    """No per-epoch progress bars or "Starting execution" lines from Ray Data in this process.
+
+    Training logs (and a sweep's job log) should show epochs and Tune's trial table, not one bar per
+    epoch per dataset; Ray Data's own log files still have everything.
+    """
+    import logging
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.enable_operator_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def chunk_dataset(chunks: list[dict]) -> ray.data.Dataset:
+    """The decoded rows of ``chunks``, in plan order, one Ray task per chunk."""
+    ds = ray.data.from_items(chunks, override_num_blocks=max(1, len(chunks)))
+    ds = ds.map_batches(read_chunk, batch_format="numpy", batch_size=1)
+    ds.context.execution_options.preserve_order = True  # rows leave in plan order
+    return ds
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -105,175 +250,6 @@ class Batch:
             pad=move(self.pad),
             orig_sizes=move(self.orig_sizes),
         )
-
-
-# ----------------------------------------------------------------------------------------------------
-# Driver side: datasets
-# ----------------------------------------------------------------------------------------------------
-
-
-def quiet_ray_data() -> None:
-    """No per-epoch progress bars or "Starting execution" lines from Ray Data in this process.
-
-    Training logs (and a sweep's job log) should show epochs and Tune's trial table, not one bar per
-    epoch per dataset; Ray Data's own log files still have everything.
-    """
-    import logging
-
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.enable_operator_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-
-
-@contextmanager
-def _parquet_v1_reader():
-    """Build a read_parquet plan with the V1 reader (see the module docstring for why).
-
-    ``use_datasource_v2`` is read only when ``read_parquet`` builds its plan, so flipping it for the
-    duration of that call affects no other dataset.
-    """
-    context = ray.data.DataContext.get_current()
-    previous = context.use_datasource_v2
-    context.use_datasource_v2 = False
-    try:
-        yield
-    finally:
-        context.use_datasource_v2 = previous
-
-
-def _object_array(items: list) -> np.ndarray:
-    """A 1-D object array of per-row arrays (np.array would try to stack equal-length rows into 3-D)."""
-    out = np.empty(len(items), dtype=object)
-    out[:] = items
-    return out
-
-
-def decode_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``map_batches`` step: JPEG bytes -> uint8 HWC RGB "pixels"; ragged columns -> per-row numpy arrays.
-
-    Boxes arrive as lists of 4-float lists, which Ray cannot turn back into Arrow; as (N, 4) float32 arrays
-    they become Arrow tensors, so 0, 1 or many boxes per image all survive. Bad records raise one line
-    naming the shard file, the image id and the field.
-    """
-    pixels, boxes, labels, iscrowd, areas = [], [], [], [], []
-    for i, data in enumerate(batch["image"]):
-        where = f"{batch['path'][i]}: image_id {int(batch['image_id'][i])}"
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
-        if image is None:
-            raise ValueError(f"{where}: field 'image': not a decodable JPEG ({len(data)} bytes)")
-        width, height = int(batch["width"][i]), int(batch["height"][i])
-        if image.shape[:2] != (height, width):
-            raise ValueError(f"{where}: field 'image': decoded {image.shape[1]}x{image.shape[0]} but the row says "
-                             f"width x height = {width}x{height}")
-        if pixels and image.shape != pixels[0].shape:
-            raise ValueError(f"{where}: field 'image': {width}x{height} differs from "
-                             f"{pixels[0].shape[1]}x{pixels[0].shape[0]} in the same shard; a shard directory "
-                             "holds one size")
-        row_boxes = [np.asarray(box, dtype=np.float32) for box in batch["boxes"][i]]
-        row_boxes = np.stack(row_boxes) if row_boxes else np.zeros((0, 4), np.float32)
-        if row_boxes.ndim != 2 or row_boxes.shape[1] != 4:
-            raise ValueError(f"{where}: field 'boxes': expected [x1, y1, x2, y2] per box, got shape {row_boxes.shape}")
-        for name in ("labels", "iscrowd", "areas"):
-            if len(batch[name][i]) != len(row_boxes):
-                raise ValueError(f"{where}: field '{name}': {len(batch[name][i])} entries for {len(row_boxes)} boxes")
-        pixels.append(image)
-        boxes.append(row_boxes)
-        labels.append(np.asarray(batch["labels"][i], dtype=np.int64))
-        iscrowd.append(np.asarray(batch["iscrowd"][i], dtype=bool))
-        areas.append(np.asarray(batch["areas"][i], dtype=np.float32))
-    out = {key: batch[key] for key in ("image_id", "orig_width", "orig_height", "scale", "pad_x", "pad_y")}
-    # The JPEG bytes, path and width/height are dropped here: the pixels carry the size.
-    out["pixels"] = np.stack(pixels) if pixels else np.zeros((0, 0, 0, 3), np.uint8)
-    out["boxes"], out["labels"] = _object_array(boxes), _object_array(labels)
-    out["iscrowd"], out["areas"] = _object_array(iscrowd), _object_array(areas)
-    return out
-
-
-def _pin_file_order(data, epoch: int) -> None:
-    """Make the next pass over ``data`` use epoch ``epoch``'s file order, when this process executes it.
-
-    The file shuffle is seeded with (seed, execution index), see the module docstring; setting the index
-    to the epoch makes the order independent of how many passes ran before. A streaming-split iterator
-    (Ray Train) is executed elsewhere and is left as it is.
-    """
-    base = data if isinstance(data, ray.data.Dataset) else getattr(data, "_base_dataset", None)
-    if isinstance(base, ray.data.Dataset):
-        # Private in Ray 2.60 (read by the Parquet reader, incremented after each pass); pyproject pins Ray
-        # to 2.60.x and test_stream's resume test fails if it stops steering the order.
-        base.context._execution_idx = int(epoch)
-
-
-def _shard_dataset(shard_dir, *, seed: int | None, max_images: int) -> ray.data.Dataset:
-    manifest = read_manifest(shard_dir)
-    files = [str(path) for path in shard_files(shard_dir)]
-    rows = [int(entry["rows"]) for entry in manifest["shards"]]
-    if not files:
-        raise ValueError(f"{shard_dir}: the manifest lists no shard files (0 images)")
-    if max_images > 0:
-        # A fixed subset (the first files, in manifest order) so that every epoch trains on the same images;
-        # shuffling files first would make limit() pick a different subset each epoch.
-        keep = next((k + 1 for k in range(len(rows)) if sum(rows[:k + 1]) >= max_images), len(rows))
-        files, rows, seed = files[:keep], rows[:keep], None
-    num_rows = sum(rows) if max_images <= 0 else min(sum(rows), max_images)
-    num_blocks = max(len(files), math.ceil(num_rows / ROWS_PER_DECODE_TASK))
-    shuffle = ray.data.FileShuffleConfig(seed=seed) if seed is not None else None  # reseeded every epoch
-    with _parquet_v1_reader():
-        ds = ray.data.read_parquet(files, shuffle=shuffle, include_paths=True, override_num_blocks=num_blocks)
-    ds = ds.select_columns(READ_COLUMNS + ["path"])
-    if max_images > 0:
-        ds = ds.limit(max_images)
-    # batch_size=None: one call per block as read (a batch size would merge small blocks into one task).
-    ds = ds.map_batches(decode_images, batch_format="numpy", batch_size=None)
-    # Rows leave in file order, so the order is reproducible (see the module docstring).
-    ds.context.execution_options.preserve_order = True
-    return ds
-
-
-def train_dataset(shard_dir, *, seed: int = 0, max_images: int = 0, start_epoch: int = 0) -> ray.data.Dataset:
-    """The training images of ``shard_dir``, decoded, file order shuffled per epoch (deterministic for
-    ``seed``). ``max_images`` > 0 keeps a fixed subset of that many images (smoke runs).
-
-    ``start_epoch``: the first epoch this dataset will serve (a resumed run's epochs done), so that the
-    passes of a Ray Train split get the file order of epochs start_epoch, start_epoch + 1, ...; iterated
-    in-process by ``iter_train_batches`` the order follows its ``epoch`` anyway (module docstring)."""
-    ds = _shard_dataset(shard_dir, seed=seed, max_images=max_images)
-    _pin_file_order(ds, start_epoch)
-    return ds
-
-
-def eval_dataset(shard_dir) -> ray.data.Dataset:
-    """The evaluation images of ``shard_dir``, decoded, in manifest order, no shuffling, each exactly once."""
-    return _shard_dataset(shard_dir, seed=None, max_images=0)
-
-
-class ExactSplitDataConfig(ray.train.DataConfig):
-    """``ray.train.DataConfig`` that splits the datasets named in ``exact`` with ``equal=False``.
-
-    Ray Train's own DataConfig splits every dataset with ``streaming_split(n, equal=True)``, which DROPS up
-    to n-1 rows so that all workers get the same count: right for training, wrong for evaluation, where
-    every image must be scored exactly once. Datasets in ``exact`` go to the workers without loss or
-    duplication (workers may then get different numbers of eval batches); the others are handled by the
-    parent class as usual. Use: ``TorchTrainer(..., dataset_config=ExactSplitDataConfig(exact=["val"]))``.
-    """
-
-    def __init__(self, exact: Sequence[str] = ("val",), **kwargs):
-        super().__init__(**kwargs)
-        self._exact = list(exact)
-
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        exact = {name: ds for name, ds in datasets.items() if name in self._exact}
-        others = {name: ds for name, ds in datasets.items() if name not in self._exact}
-        output = super().configure(others, world_size, worker_handles, worker_node_ids, **kwargs)
-        hints = worker_node_ids if self._enable_shard_locality else None
-        for name, ds in exact.items():
-            ds = ds.copy(ds)
-            if ds.name is None:
-                ds.set_name(name)
-            ds.context.execution_options = self._resolve_execution_options(name)
-            for rank, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
-                output[rank][name] = split
-        return output
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -331,38 +307,75 @@ def collate(samples: list[dict]) -> Batch:
     )
 
 
-def iter_train_batches(data, batch_size: int, data_cfg: DataConfig, *, seed: int, epoch: int, rank: int = 0,
-                       drop_last: bool = True, prefetch_batches: int = 2,
-                       stats: dict | None = None) -> Iterator[Batch]:
-    """Augmented training batches from ``data`` (a ``DataIterator`` from ``get_dataset_shard`` or a Dataset).
+def _iter_numpy(chunks: list[dict], batch_size: int | None, **options) -> Iterator[dict]:
+    if not chunks:
+        return iter(())
+    return chunk_dataset(chunks).iter_batches(batch_size=batch_size, batch_format="numpy", **options)
 
-    Rows are mixed by a local shuffle buffer of ``data_cfg.shuffle_buffer`` rows seeded by (seed, epoch,
-    rank); each batch is resized to one size drawn from ``data_cfg.multiscale`` and flipped/jittered per
-    image with draws seeded by (seed, epoch, rank, batch index). ``stats``, when given, accumulates
-    "images", "boxes" (kept) and "boxes_dropped" (degenerate after augmentation), for the epoch report.
-    """
+
+def _shuffle_buffer(samples: Iterator[dict], size: int, rng: np.random.Generator) -> Iterator[dict]:
+    """Samples mixed by a buffer of ``size``: each incoming sample takes the place of a randomly drawn
+    one, which leaves; the rest leave in random order at the end. Every sample leaves exactly once.
+
+    Ray Data's own local shuffle buffer (``iter_batches(local_shuffle_buffer_size=...)``) is not used:
+    in Ray 2.60 it lost rows and returned a short last batch despite ``drop_last`` (15 rows, batches of
+    5, a buffer of 5 gave batches of 5, 5 and 3; tests/test_stream.py checks the counts)."""
+    if size <= 0:
+        yield from samples
+        return
+    buffer: list[dict] = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        index = int(rng.integers(size))
+        yield buffer[index]
+        buffer[index] = sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def _full_batches(samples: Iterator[dict], batch_size: int) -> Iterator[list[dict]]:
+    batch: list[dict] = []
+    for sample in samples:
+        batch.append(sample)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+
+
+def iter_train_batches(shard_set: ShardSet, batch_size: int, data_cfg: DataConfig, *, seed: int, epoch: int,
+                       rank: int = 0, world_size: int = 1, prefetch_batches: int = 2) -> Iterator[Batch]:
+    """Augmented training batches of this rank for this epoch (see the module docstring).
+
+    Every rank yields ``(rows // world_size) // batch_size`` full batches (the rest is dropped). Rows
+    are mixed by a shuffle buffer of ``data_cfg.shuffle_buffer`` rows seeded by (seed, epoch, rank); each
+    batch is resized to one size drawn from ``data_cfg.multiscale`` and flipped/jittered per image with
+    draws seeded by (seed, epoch, rank, batch index)."""
     from neoray.data.augment import TrainAugment
 
     augment = TrainAugment(data_cfg)
-    _pin_file_order(data, epoch)
-    shuffle = {}
-    if data_cfg.shuffle_buffer > 0:
-        shuffle = {"local_shuffle_buffer_size": data_cfg.shuffle_buffer,
-                   "local_shuffle_seed": _seed(seed, epoch, rank)}
-    batches = data.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last,
-                                prefetch_batches=prefetch_batches, **shuffle)
-    for index, columns in enumerate(batches):
+    chunks = epoch_plan(shard_set, epoch=epoch, rank=rank, world_size=world_size, seed=seed, equal=True,
+                        max_rows=data_cfg.max_train_images)
+    blocks = _iter_numpy(chunks, None, prefetch_batches=prefetch_batches)  # whole decoded chunks, in plan order
+    samples = (sample for columns in blocks for sample in _samples(columns))
+    mixed = _shuffle_buffer(samples, data_cfg.shuffle_buffer, np.random.default_rng(_seed(seed, epoch, rank)))
+    for index, batch in enumerate(_full_batches(mixed, batch_size)):
         rng = np.random.default_rng([seed, epoch, rank, index])
-        samples, _size, dropped = augment(_samples(columns), rng)
-        if stats is not None:
-            stats["images"] = stats.get("images", 0) + len(samples)
-            stats["boxes"] = stats.get("boxes", 0) + sum(len(s["boxes"]) for s in samples)
-            stats["boxes_dropped"] = stats.get("boxes_dropped", 0) + dropped
-        yield collate(samples)
+        augmented, _size, _dropped = augment(batch, rng)
+        yield collate(augmented)
 
 
-def iter_eval_batches(data, batch_size: int, *, size=None, prefetch_batches: int = 2) -> Iterator[Batch]:
-    """Evaluation batches: no augmentation, every row once, in stream order, the last batch possibly short.
+def train_batches_per_epoch(shard_set: ShardSet, batch_size: int, world_size: int, max_rows: int = 0) -> int:
+    """What ``iter_train_batches`` yields per rank and epoch."""
+    rows = shard_set.num_rows if max_rows <= 0 else min(shard_set.num_rows, max_rows)
+    return (rows // world_size) // batch_size
+
+
+def iter_eval_batches(shard_set: ShardSet, batch_size: int, *, rank: int = 0, world_size: int = 1, size=None,
+                      prefetch_batches: int = 2) -> Iterator[Batch]:
+    """Evaluation batches of this rank: no augmentation, in manifest order, the last batch possibly short;
+    over all ranks every image exactly once.
 
     Images keep the shard size unless ``size`` (W, H) is given: then the whole image is resized to it
     (16:9 to 16:9, a pure scale) and boxes, scale and pad follow, so ``(pixel - pad) / scale`` still maps
@@ -371,9 +384,8 @@ def iter_eval_batches(data, batch_size: int, *, size=None, prefetch_batches: int
     from neoray.data.augment import resize_factor, resize_image
 
     target = parse_size(size, "size") if size is not None else None
-    batches = data.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=False,
-                                prefetch_batches=prefetch_batches)
-    for columns in batches:
+    chunks = epoch_plan(shard_set, epoch=0, rank=rank, world_size=world_size, seed=None, equal=False)
+    for columns in _iter_numpy(chunks, batch_size, drop_last=False, prefetch_batches=prefetch_batches):
         samples = _samples(columns)
         if target is not None:
             for sample in samples:
@@ -385,6 +397,7 @@ def iter_eval_batches(data, batch_size: int, *, size=None, prefetch_batches: int
 
 
 __all__ = [
-    "Batch", "ExactSplitDataConfig", "READ_COLUMNS", "ROWS_PER_DECODE_TASK", "collate", "decode_images",
-    "eval_dataset", "iter_eval_batches", "iter_train_batches", "train_dataset",
+    "Batch", "READ_COLUMNS", "ROWS_PER_TASK", "ShardSet", "chunk_dataset", "collate", "decode_rows", "epoch_plan",
+    "iter_eval_batches", "iter_train_batches", "quiet_ray_data", "read_chunk", "read_rows",
+    "train_batches_per_epoch",
 ]

@@ -1,9 +1,10 @@
 """Checkpoints in the documented format (docs/ARCHITECTURE.md), written atomically, plus RNG state.
 
-A checkpoint is a directory holding ``checkpoint.pt``. Besides the documented keys this module adds
-``ema_updates`` (so the EMA warmup continues after a restore) and ``progress`` (early-stopping state:
-best mAP so far and evaluations since). Files are loaded with ``weights_only=True``: RNG states are
-stored as tensors and lists, so nothing needs unpickling of arbitrary objects.
+A checkpoint is a directory holding ``checkpoint.pt`` (its keys: docs/ARCHITECTURE.md, "Checkpoints";
+the training part comes from ``TrainState.state_dict``). It is written to a local temporary directory
+and uploaded by Ray to the run's storage; it is read from any storage. Files are loaded with
+``weights_only=True``: RNG states are stored as tensors and lists, so nothing needs unpickling of
+arbitrary objects, and a file that would run code is refused.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from neoray import storage
+
 FORMAT = "neoray-checkpoint"
 VERSION = 1
 FILE_NAME = "checkpoint.pt"
+POINTERS_NAME = "checkpoints.json"  # a run's best and latest checkpoints
 
 
 class CheckpointError(ValueError):
@@ -71,22 +75,72 @@ def save_checkpoint(directory: str | os.PathLike, payload: dict[str, Any]) -> Pa
     return directory / FILE_NAME
 
 
-def checkpoint_file(path: str | os.PathLike) -> Path:
-    """Accept a checkpoint directory or the ``checkpoint.pt`` file itself."""
-    path = Path(path)
-    file = path / FILE_NAME if path.is_dir() else path
-    if not file.is_file():
-        raise CheckpointError(f"{path}: no {FILE_NAME} found (expected a checkpoint directory or file)")
+def _is_checkpoint_dir(path: str) -> bool:
+    return storage.is_file(storage.join(path, FILE_NAME))
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> str:
+    """The checkpoint a user names, as a directory or file that ``load_checkpoint`` (or
+    ``neoray.models.load_pretrained``) reads: a checkpoint directory or its ``checkpoint.pt`` as given; a
+    run directory: its best checkpoint, else its latest; ``RUN_DIR/checkpoints/best`` or ``.../latest``:
+    the one ``RUN_DIR/checkpoints.json`` records (object storage has no symlinks, so runs record them
+    there). Anything else (a reference ``.pth``, a Hugging Face folder) is returned as it is."""
+    path = storage.absolute(path)
+    if storage.is_file(path) or _is_checkpoint_dir(path):
+        return path
+    name, parent = storage.basename(path), storage.parent(path)
+    if name in ("best", "latest") and storage.basename(parent) == "checkpoints":
+        return _pointed(storage.parent(parent), name, path)
+    if storage.is_file(storage.join(path, POINTERS_NAME)):
+        pointers = read_pointers(path)
+        return _pointed(path, "best" if pointers.get("best") else "latest", path)
+    return path
+
+
+def _pointed(run_dir: str, which: str, asked: str) -> str:
+    entry = read_pointers(run_dir).get(which)
+    if not entry:
+        raise CheckpointError(f"{asked}: the run {run_dir} has no {which} checkpoint yet")
+    return storage.join(run_dir, entry["path"])
+
+
+def read_pointers(run_dir: str) -> dict:
+    """``RUN_DIR/checkpoints.json``: {"latest": {"path", "epoch"}, "best": {"path", "epoch", "score"}}
+    with paths relative to the run directory; {} when the run has no checkpoint yet."""
+    file = storage.join(run_dir, POINTERS_NAME)
+    try:
+        pointers = storage.read_json(file)
+    except FileNotFoundError:
+        return {}
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{file}: not valid JSON ({exc})") from None
+    return pointers if isinstance(pointers, dict) else {}
+
+
+def write_pointers(run_dir: str, pointers: dict) -> None:
+    storage.write_json(storage.join(run_dir, POINTERS_NAME), pointers)
+
+
+def checkpoint_file(path: str | os.PathLike) -> str:
+    """``checkpoint.pt`` of a checkpoint directory, or the file itself."""
+    path = resolve_checkpoint(path)
+    file = path if storage.is_file(path) else storage.join(path, FILE_NAME)
+    if not storage.is_file(file):
+        raise CheckpointError(f"{path}: no {FILE_NAME} found (expected a checkpoint directory or file, or a "
+                              f"run directory)")
     return file
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Read and check a checkpoint written by ``save_checkpoint``."""
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read and check a checkpoint written by ``save_checkpoint`` (local or on any storage), on the CPU;
+    nothing in it can run code (``weights_only``)."""
+    from neoray.models import PretrainedError, read_torch_file
+
     file = checkpoint_file(path)
     try:
-        payload = torch.load(file, map_location=map_location, weights_only=True)
-    except Exception as exc:  # corrupt file, truncated copy, foreign pickle ...
-        raise CheckpointError(f"{file}: cannot read checkpoint ({type(exc).__name__}: {exc})") from None
+        payload = read_torch_file(file)
+    except PretrainedError as exc:
+        raise CheckpointError(str(exc)) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{file}: not a neoray checkpoint (format={payload.get('format')!r})"
                               if isinstance(payload, dict) else f"{file}: not a neoray checkpoint")
@@ -97,6 +151,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 __all__ = [
-    "CheckpointError", "FILE_NAME", "capture_rng_state", "checkpoint_file", "load_checkpoint",
-    "restore_rng_state", "save_checkpoint", "seed_everything",
+    "CheckpointError", "FILE_NAME", "POINTERS_NAME", "capture_rng_state", "checkpoint_file", "load_checkpoint",
+    "read_pointers", "resolve_checkpoint", "restore_rng_state", "save_checkpoint", "seed_everything",
+    "write_pointers",
 ]

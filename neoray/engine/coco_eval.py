@@ -49,7 +49,8 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from neoray.io import write_json_atomic  # re-exported for eval_cmd
+from neoray import storage
+from neoray.distributed import is_distributed
 
 STAT_NAMES = (
     "map", "map50", "map75", "map_small", "map_medium", "map_large",
@@ -107,11 +108,6 @@ def _gc_paused():
             gc.enable()
 
 
-def _is_distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() \
-        and torch.distributed.get_world_size() > 1
-
-
 def json_safe(value: Any) -> Any:
     """NaN/inf -> None (JSON has no NaN; null reads as "no value" everywhere), numpy scalars -> Python."""
     if isinstance(value, dict):
@@ -134,8 +130,8 @@ class CocoEvaluator:
     def __init__(self, categories: list[dict], *, score_threshold: float = 0.5, gt_json: str | Path | None = None):
         self.categories = _check_categories(categories)
         self.score_threshold = float(score_threshold)
-        self.gt_json = Path(gt_json) if gt_json else None
-        if self.gt_json is not None and not self.gt_json.is_file():
+        self.gt_json = storage.absolute(gt_json) if gt_json else None
+        if self.gt_json is not None and not storage.is_file(self.gt_json):
             raise FileNotFoundError(f"{self.gt_json}: ground-truth annotation file not found")
         labels = [c["label"] for c in self.categories]
         self._label_to_id = np.zeros(len(labels), dtype=np.int64)
@@ -209,7 +205,7 @@ class CocoEvaluator:
     def gather(self) -> None:
         """Collect every rank's part (collective when distributed) and drop repeated images."""
         part = self._local_part()
-        if _is_distributed():
+        if is_distributed():
             parts: list = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(parts, part)
         else:
@@ -222,9 +218,9 @@ class CocoEvaluator:
         merged = self._merged if self._merged is not None else merge_parts([self._local_part()])[0]
         return _results_list(merged)
 
-    def write_detections(self, path: str | Path) -> Path:
-        """Write ``detections`` as a standard COCO results JSON, atomically."""
-        return write_json_atomic(path, self.detections, indent=None, allow_nan=False)
+    def write_detections(self, path: str) -> str:
+        """Write ``detections`` as a standard COCO results JSON, atomically, to any storage."""
+        return storage.write_json(path, self.detections, indent=None, allow_nan=False)
 
     # ------------------------------------------------------------------ metrics
 
@@ -232,7 +228,7 @@ class CocoEvaluator:
         """Metrics dict (see module docstring); collective when distributed, same dict on every rank."""
         if self._merged is None:
             self.gather()
-        if not _is_distributed():
+        if not is_distributed():
             return self._compute()
         # Rank 0 computes; an error there is broadcast too, so that the other ranks fail instead of hanging.
         payload: list = [None]
@@ -276,8 +272,8 @@ class CocoEvaluator:
         if self.gt_json is None:
             return COCO(build_gt_dataset(merged, self.categories))
         try:
-            coco_gt = COCO(str(self.gt_json))
-        except (ValueError, KeyError, TypeError) as exc:
+            coco_gt = COCO(storage.read_json(self.gt_json))
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
             raise ValueError(f"{self.gt_json}: not a COCO annotation file ({exc})") from None
         missing = sorted(set(merged["images"][:, 0].tolist()) - set(coco_gt.getImgIds()))
         if missing:
@@ -519,5 +515,5 @@ def evaluate(model: torch.nn.Module, batches: Iterable, categories: list[dict], 
 
 __all__ = [
     "STAT_NAMES", "CocoEvaluator", "build_gt_dataset", "evaluate", "format_metrics_table", "json_safe",
-    "merge_parts", "precision_recall_f1", "run_cocoeval", "run_evaluator", "write_json_atomic",
+    "merge_parts", "precision_recall_f1", "run_cocoeval", "run_evaluator",
 ]

@@ -6,11 +6,12 @@
 - fp16 GradScaler overflow (an inf/NaN gradient after unscaling while the loss scale settles): the
   update is skipped, the scale lowered and counted apart (``amp_overflow_steps``); not a reason to stop.
 - CUDA out-of-memory in a step (forward; backward or optimizer step where skipping is safe, see
-  loop.py): memory is freed, the batch skipped and counted (``oom_skipped``).
+  step.py): memory is freed, the batch skipped and counted (``oom_skipped``).
 - ``epoch_stop_reason``: too many non-finite updates or OOMs in one epoch stops the run with advice.
 
-Every skip decision is taken on all DDP ranks together (``any_rank``): if one rank skipped an update
-that the others made, the replicas would silently diverge (or deadlock in the next all-reduce).
+Every skip decision is taken on all DDP ranks together (``neoray.distributed.any_flags``): if one rank
+skipped an update that the others made, the replicas would silently diverge (or deadlock in the next
+all-reduce).
 """
 
 from __future__ import annotations
@@ -20,24 +21,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 
 class PreflightError(ValueError):
     """The first batch cannot be trained on; the message says why in one line."""
-
-
-def distributed(world_size: int) -> bool:
-    return world_size > 1 and dist.is_available() and dist.is_initialized()
-
-
-def any_rank(flag: bool, world_size: int, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is true on at least one rank (a MAX all-reduce)."""
-    if not distributed(world_size):
-        return bool(flag)
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -136,6 +123,6 @@ def finite(value: float | torch.Tensor) -> bool:
 
 
 __all__ = [
-    "EpochCounters", "PreflightError", "any_rank", "check_batch", "distributed", "epoch_stop_reason",
+    "EpochCounters", "PreflightError", "check_batch", "epoch_stop_reason",
     "finite", "free_memory", "is_oom", "oom_advice", "preflight",
 ]

@@ -1,90 +1,93 @@
-"""Load a trained detector from a neoray checkpoint for evaluation or prediction.
+"""Load a trained detector for evaluation or prediction: a neoray checkpoint, or a pretrained detector
+in another format (the reference RT-DETR's ``.pth``, a Hugging Face RT-DETR folder).
 
-A checkpoint is a directory holding ``checkpoint.pt`` (see docs/ARCHITECTURE.md, "Checkpoints"); either
-the directory or the file is accepted. The model is rebuilt from the recorded model name, class count
-and ``config.model`` options, and gets the EMA weights when the checkpoint has them (they are what
-evaluation during training scored), the raw weights otherwise.
+A neoray checkpoint may be named by its directory, its ``checkpoint.pt``, its run directory (the best
+checkpoint) or ``RUN_DIR/checkpoints/best|latest`` (neoray.engine.checkpoint.resolve_checkpoint), local or
+on any storage. The model is rebuilt from the recorded model name, class count and ``config.model``
+options, and gets the EMA weights when the checkpoint has them (they are what evaluation during
+training scored), the raw weights otherwise.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from neoray.engine.checkpoint import CheckpointError, checkpoint_file, load_checkpoint
+from neoray import storage
+from neoray.engine.checkpoint import FILE_NAME, CheckpointError, load_checkpoint, resolve_checkpoint
+from neoray.engine.model_config import build_model
+from neoray.models.weights import unwrap_state_dict
 
 # Keys load_model needs beyond what load_checkpoint checks (format and version).
 REQUIRED_KEYS = ("model", "model_name", "num_classes", "categories", "config")
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict, Path]:
-    """Load (on the CPU, weights_only) and validate the checkpoint dict. Returns (checkpoint, file)."""
-    file = checkpoint_file(path)
-    ckpt = load_checkpoint(file, map_location="cpu")
+def _is_neoray_checkpoint(path: str) -> bool:
+    if storage.is_file(storage.join(path, FILE_NAME)):
+        return True
+    return storage.is_file(path) and storage.basename(path).endswith(".pt") and not storage.basename(path).endswith(".pth")
+
+
+def load_model(path: str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """``(model in eval mode on device, meta)``.
+
+    meta: model_name, num_classes, categories ([{id, name, label}]), config (Config.to_dict() or {}),
+    size ((W, H) the model trained at, None when unknown), epoch, step, metrics, weights ("ema",
+    "model" or the pretrained format), file.
+    """
+    resolved = resolve_checkpoint(path)
+    if not storage.exists(resolved):
+        raise CheckpointError(f"{resolved}: no checkpoint found (expected a checkpoint directory or checkpoint.pt, a "
+                              f"run directory, a reference RT-DETR .pth or a Hugging Face RT-DETR folder)")
+    if not _is_neoray_checkpoint(resolved):
+        return _load_pretrained_detector(resolved, device)
+    ckpt = load_checkpoint(resolved)
+    file = resolved if storage.is_file(resolved) else storage.join(resolved, FILE_NAME)
     missing = [key for key in REQUIRED_KEYS if key not in ckpt]
     if missing:
         raise CheckpointError(f"{file}: neoray checkpoint is missing {', '.join(missing)}")
-    return ckpt, file
-
-
-def _strip_module_prefix(state: dict) -> dict:
-    # A state dict saved from a DDP-wrapped model has every key prefixed with "module.".
-    if state and all(key.startswith("module.") for key in state):
-        return {key[len("module."):]: value for key, value in state.items()}
-    return state
-
-
-def model_options(config: dict) -> dict:
-    """The build_model keyword options recorded in a checkpoint's config."""
-    model_cfg = config.get("model", {}) or {}
-    options = dict(model_cfg.get("options", {}) or {})
-    for key in ("max_detections", "score_threshold"):
-        if key in model_cfg:
-            options.setdefault(key, model_cfg[key])
-    # Every weight comes from the checkpoint: never fetch or read pretrained backbone weights again.
-    options.pop("backbone_weights", None)
-    return options
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """``(model in eval mode on device, meta)`` from a checkpoint directory or ``checkpoint.pt``.
-
-    meta: model_name, num_classes, categories (manifest categories), config (Config.to_dict()), size
-    ((W, H) the model trained at), epoch, step, metrics, weights ("ema" or "model"), file.
-    """
-    from neoray.config import parse_size
-    from neoray.models import build_model
-
-    ckpt, file = read_checkpoint(path)
     config = ckpt["config"] or {}
     try:
-        model = build_model(ckpt["model_name"], int(ckpt["num_classes"]), **model_options(config))
+        model = build_model({**config.get("model", {}), "name": ckpt["model_name"]}, int(ckpt["num_classes"]),
+                            with_weights=False)
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{file}: cannot rebuild model {ckpt['model_name']!r}: {exc}") from None
     weights = "ema" if ckpt.get("ema") else "model"
-    state = _strip_module_prefix(dict(ckpt[weights]))
-    result = model.load_state_dict(state, strict=False)
+    result = model.load_state_dict(unwrap_state_dict(ckpt[weights], file), strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
             f"{file}: {weights} weights do not fit {ckpt['model_name']!r} ({len(result.missing_keys)} missing, "
             f"{len(result.unexpected_keys)} unexpected keys, e.g. "
             f"{(result.missing_keys + result.unexpected_keys)[0]})")
     model.to(device).eval()
-    size = config.get("data", {}).get("size")
-    meta = {
-        "model_name": ckpt["model_name"],
-        "num_classes": int(ckpt["num_classes"]),
-        "categories": list(ckpt["categories"]),
-        "config": config,
-        "size": parse_size(size, "config.data.size") if size else None,
-        "epoch": ckpt.get("epoch"),
-        "step": ckpt.get("step"),
-        "metrics": ckpt.get("metrics"),
-        "weights": weights,
-        "file": str(file),
+    return model, {
+        "model_name": ckpt["model_name"], "num_classes": int(ckpt["num_classes"]),
+        "categories": list(ckpt["categories"]), "config": config, "size": _trained_size(config),
+        "epoch": ckpt.get("epoch"), "step": ckpt.get("step"), "metrics": ckpt.get("metrics"),
+        "weights": weights, "file": file,
     }
-    return model, meta
 
 
-__all__ = ["CheckpointError", "checkpoint_file", "load_model", "model_options", "read_checkpoint"]
+def _trained_size(config: dict):
+    from neoray.config import parse_size
+
+    size = config.get("data", {}).get("size")
+    return parse_size(size, "config.data.size") if size else None
+
+
+def _load_pretrained_detector(path: str, device) -> tuple[torch.nn.Module, dict]:
+    from neoray.models import PretrainedError, build_pretrained
+
+    try:
+        model, info = build_pretrained(path, device=device)
+    except (PretrainedError, ValueError) as exc:
+        raise CheckpointError(str(exc)) from None
+    categories = info.categories or [{"id": label, "name": name, "label": label}
+                                     for label, name in enumerate(info.class_names)]
+    return model, {
+        "model_name": info.model_name, "num_classes": len(categories), "categories": categories,
+        "config": {"model": {"name": info.model_name, "options": info.options}}, "size": None,
+        "epoch": None, "step": None, "metrics": None, "weights": info.format, "file": path,
+    }
+
+
+__all__ = ["CheckpointError", "load_model"]

@@ -9,17 +9,21 @@ still processed, and the exit status is 1 if any image failed.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 
+from neoray import storage
+
+MAX_IMAGE_BYTES = 512 << 20  # a larger file is not an image this command should decode
+
 
 def add_arguments(parser) -> None:
-    parser.add_argument("checkpoint", help="checkpoint directory or checkpoint.pt")
-    parser.add_argument("images", nargs="+", help="image files (anything OpenCV reads)")
-    parser.add_argument("--out", required=True, help="output directory for the drawn PNGs")
+    parser.add_argument("checkpoint", help="checkpoint directory or checkpoint.pt, a run directory, a reference "
+                                           "RT-DETR .pth or a Hugging Face RT-DETR folder; local or a URI")
+    parser.add_argument("images", nargs="+", help="image files (anything OpenCV reads), local or URIs")
+    parser.add_argument("--out", required=True, help="output directory for the drawn PNGs (local or a URI)")
     parser.add_argument("--score-threshold", type=float, default=0.3, help="draw detections scoring at least this")
     parser.add_argument("--size", default=None, help="16:9 input size WxH (default: the checkpoint's data.size)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -44,22 +48,22 @@ def predict_image(model: torch.nn.Module, image_bgr: np.ndarray, size: tuple[int
     return boxes, scores[keep], output["labels"].cpu().numpy()[keep]
 
 
-def _read_image(path: Path) -> np.ndarray | None:
-    # imdecode on the bytes instead of imread: also works for paths OpenCV cannot open (non-ASCII names).
+def _read_image(path: str) -> np.ndarray | None:
+    # imdecode on the bytes instead of imread: works for any storage and for names OpenCV cannot open.
     try:
-        data = np.fromfile(path, dtype=np.uint8)
+        data = storage.read_bytes(path, max_bytes=MAX_IMAGE_BYTES)
     except OSError:
         return None
-    return cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
 
 
-def _output_path(out_dir: Path, source: Path, used: set[str]) -> Path:
+def _output_path(out_dir: str, source: str, used: set[str]) -> str:
     """DIR/<stem>.png, with _1, _2 ... when two inputs share a stem."""
-    stem, n = source.stem, 0
+    stem, n = storage.basename(source).rsplit(".", 1)[0], 0
     while (name := f"{stem}.png" if n == 0 else f"{stem}_{n}.png") in used:
         n += 1
     used.add(name)
-    return out_dir / name
+    return storage.join(out_dir, name)
 
 
 def run(args) -> int:
@@ -72,16 +76,15 @@ def run(args) -> int:
         size = parse_size(args.size, "--size") if args.size else meta["size"]
         if size is None:
             raise ConfigError(f"{args.checkpoint}: checkpoint config has no data.size; pass --size WxH")
-    except (CheckpointError, ConfigError) as exc:
+    except (CheckpointError, ConfigError, OSError) as exc:
         print(f"neoray predict: error: {exc}", file=sys.stderr)
         return 2
     names = [c["name"] for c in sorted(meta["categories"], key=lambda c: c["label"])]
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = storage.absolute(args.out)
     used: set[str] = set()
     failed = 0
     for image_arg in args.images:
-        source = Path(image_arg)
+        source = storage.absolute(image_arg)
         image = _read_image(source)
         if image is None:
             failed += 1

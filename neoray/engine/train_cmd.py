@@ -1,8 +1,9 @@
-"""``neoray train CONFIG [key=value ...] [--output DIR] [--resume RUN_DIR]``.
+"""``neoray train CONFIG [key=value ...] [--output DIR] [--resume RUN_DIR] [--address ADDRESS]``.
 
-Connects to a running Ray cluster when there is one (RAY_ADDRESS set, or ``ray start`` on this machine)
-and starts a local one otherwise. Prints the run directory and one line per epoch; the run directory
-gets config.yaml, metrics.csv/json, checkpoints/ and summary.json/md (see neoray/engine/trainer.py).
+Checks the config and the files it names, connects to Ray (neoray.cluster's policy: a private local
+instance unless told otherwise), checks that the run fits the cluster and that every node reaches its
+paths, then trains. Prints the run directory and one line per epoch; the run directory gets
+config.yaml, metrics.csv/json, checkpoints.json, the checkpoints and summary.json/md (neoray.engine.rundir).
 Exit status: 0 when the run completed or stopped early on mAP, 1 on a config error, a run stopped by a
 guard (non-finite updates, out of memory, failed preflight) or a failed run.
 """
@@ -12,45 +13,35 @@ from __future__ import annotations
 import argparse
 import sys
 
+from neoray.cluster import ClusterError, add_address_argument, connect
 from neoray.config import ConfigError, load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML config (see experiments/configs/)")
+    parser.add_argument("config", help="YAML config (see experiments/configs/); a local path or a URI")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=3e-4")
-    parser.add_argument("--output", default=None, help="parent folder of the run directory (default: config's output)")
-    parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this stopped run")
-
-
-def connect_ray() -> str:
-    """Join the running cluster when there is one, else start a local instance. Returns which."""
-    import ray
-
-    if ray.is_initialized():
-        return "already connected"
-    try:
-        ray.init(address="auto", configure_logging=False, log_to_driver=True)
-        return "connected to the running Ray cluster"
-    except ConnectionError:
-        # With the dashboard (ray[default]) the run shows in it, and Train's placement-group cleaner can
-        # use the State API (without it, it warns every few seconds).
-        ray.init(configure_logging=False, log_to_driver=True)
-        return "started a local Ray instance"
+    parser.add_argument("--output", default=None,
+                        help="parent folder of the run directory, local, a shared mount or a URI such as "
+                             "s3://bucket/runs (default: the config's output)")
+    parser.add_argument("--resume", default=None, metavar="RUN_DIR",
+                        help="continue this stopped run from its latest checkpoint (a local path or a URI)")
+    add_address_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"neoray train: {exc}", file=sys.stderr)
-        return 1
     from neoray.data.shards import ManifestError
-    from neoray.engine.trainer import RunDirError, train
+    from neoray.engine.rundir import RunDirError
+    from neoray.engine.setup import check_cluster, prepare_config
+    from neoray.engine.trainer import train
+    from neoray import storage
+    from neoray.storage import StorageError
 
-    print(f"neoray train: {connect_ray()}", flush=True)
     try:
-        summary = train(cfg, config_path=args.config, output=args.output, resume_dir=args.resume)
-    except (ConfigError, RunDirError, ManifestError) as exc:
+        cfg = prepare_config(load_config(args.config, args.overrides), output=args.output)
+        info = connect(args.address, log=lambda line: print(f"neoray train: {line}", flush=True))
+        check_cluster(cfg, info, storage.absolute(args.resume) if args.resume else cfg.output, sweep=False)
+        summary = train(cfg, config_path=args.config, resume_dir=args.resume)
+    except (ConfigError, ClusterError, RunDirError, ManifestError, StorageError) as exc:
         print(f"neoray train: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # a failed run: the summary was written; keep the message to one line
@@ -58,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"neoray train: run failed: {type(exc).__name__}: {text[-1] if text else ''}", file=sys.stderr)
         return 1
     reason = summary["stop_reason"]
-    print(f"neoray train: {reason}; {summary['epochs_run']} epochs; best mAP "
-          f"{summary['best_metrics'].get('map', float('nan')):.4f} at epoch {summary['best_epoch']}; "
-          f"report {summary['run_dir']}/summary.md", flush=True)
+    best = summary["best_metrics"].get("map")
+    best_text = f"best mAP {best:.4f} at epoch {summary['best_epoch']}" if best is not None else "no evaluation"
+    print(f"neoray train: {reason}; {summary['epochs_run']} epochs; {best_text}; report "
+          f"{summary['run_dir']}/summary.md", flush=True)
     return 0 if reason == "completed" or reason.startswith(("early stop", "stopped by")) else 1

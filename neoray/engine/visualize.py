@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import cv2
 import numpy as np
+
+from neoray import storage
 
 # Distinct BGR colours (tab10); class k gets PALETTE[k % len(PALETTE)].
 PALETTE = [
@@ -38,15 +38,13 @@ def draw_detections(image_bgr: np.ndarray, boxes_xyxy, labels, scores, class_nam
     return canvas
 
 
-def write_image_atomic(path, image_bgr: np.ndarray) -> None:
-    """Encode by the file's extension and write through a temp file + rename."""
-    path = Path(path)
-    ok, encoded = cv2.imencode(path.suffix or ".png", image_bgr)
+def write_image_atomic(path: str, image_bgr: np.ndarray) -> None:
+    """Encode by the file's extension and write it atomically, to any storage."""
+    suffix = "." + storage.basename(path).rsplit(".", 1)[-1] if "." in storage.basename(path) else ".png"
+    ok, encoded = cv2.imencode(suffix, image_bgr)
     if not ok:
-        raise ValueError(f"{path}: OpenCV could not encode the image as {path.suffix or '.png'}")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(encoded.tobytes())
-    tmp.replace(path)
+        raise ValueError(f"{path}: OpenCV could not encode the image as {suffix}")
+    storage.write_bytes(path, encoded.tobytes())
 
 
 __all__ = ["PALETTE", "draw_detections", "write_image_atomic"]

@@ -17,24 +17,21 @@ import io
 import json
 import math
 import sys
-from pathlib import Path
-
+from neoray import storage
 from neoray.config import ConfigError
-from neoray.io import write_bytes_atomic, write_text_atomic
 
 STATUS_COLOURS = {"finished": "tab:green", "stopped early (ASHA)": "tab:orange", "errored": "tab:red",
                   "interrupted": "tab:gray"}
 
 
-def _read_sweep(sweep_dir: Path) -> tuple[dict, list[dict]]:
-    meta_path, csv_path = sweep_dir / "sweep.json", sweep_dir / "trials.csv"
-    if not meta_path.exists():
+def _read_sweep(sweep_dir: str) -> tuple[dict, list[dict]]:
+    meta_path, csv_path = storage.join(sweep_dir, "sweep.json"), storage.join(sweep_dir, "trials.csv")
+    if not storage.is_file(meta_path):
         raise ConfigError(f"{sweep_dir}: not a sweep directory (no sweep.json)")
-    if not csv_path.exists():
+    if not storage.is_file(csv_path):
         raise ConfigError(f"{sweep_dir}: no trials.csv; the sweep has not finished (continue it with --resume)")
-    meta = json.loads(meta_path.read_text())
-    with open(csv_path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    meta = storage.read_json(meta_path)
+    rows = list(csv.DictReader(io.StringIO(storage.read_text(csv_path))))
     return meta, rows
 
 
@@ -46,19 +43,19 @@ def _float(value) -> float | None:
     return out if math.isfinite(out) else None
 
 
-def _history(sweep_dir: Path, trial: str) -> list[dict]:
+def _history(sweep_dir: str, trial: str) -> list[dict]:
     from neoray.tune.sweep import load_history
 
     return load_history(sweep_dir, trial)
 
 
-def _savefig(fig, path: Path) -> None:
+def _savefig(fig, path: str) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    write_bytes_atomic(path, buffer.getvalue())
+    storage.write_bytes(path, buffer.getvalue())
 
 
-def plot_map_vs_lr(rows: list[dict], path: Path) -> bool:
+def plot_map_vs_lr(rows: list[dict], path: str) -> bool:
     import matplotlib.pyplot as plt
 
     points = [(_float(r.get("lr")), _float(r.get("best_map")), r["status"], r["trial"]) for r in rows]
@@ -79,7 +76,7 @@ def plot_map_vs_lr(rows: list[dict], path: Path) -> bool:
     return True
 
 
-def plot_learning_curves(sweep_dir: Path, rows: list[dict], rungs: list[float], time_attr: str, path: Path) -> bool:
+def plot_learning_curves(sweep_dir: str, rows: list[dict], rungs: list[float], time_attr: str, path: str) -> bool:
     import matplotlib.pyplot as plt
 
     fig, (ax_map, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
@@ -90,7 +87,7 @@ def plot_learning_curves(sweep_dir: Path, rows: list[dict], rungs: list[float], 
             continue
         drawn = True
         x = [h.get(time_attr, h.get("training_iteration")) for h in history]
-        evals = [(xi, h["map"]) for xi, h in zip(x, history) if h.get("evaluated", 1) and _float(h.get("map")) is not None]
+        evals = [(xi, h["map"]) for xi, h in zip(x, history) if h.get("evaluated") and _float(h.get("map")) is not None]
         losses = [(xi, h["loss"]) for xi, h in zip(x, history) if _float(h.get("loss")) is not None]
         style = "--" if row["status"] != "finished" else "-"
         label = f"{row['trial']} ({row['status']})"
@@ -125,8 +122,7 @@ def rebuild_study(meta: dict, rows: list[dict]):
     distributions = _widened(distributions, rows)
     study = optuna.create_study(direction="maximize")
     for row in rows:
-        value = _float(row.get("best_map"))
-        value = value if value is not None else _float(row.get("best_score"))
+        value = _float(row.get("best_score"))  # the sweep's own ranking (neoray.engine.ranking)
         if value is None:
             continue
         params = {}
@@ -209,7 +205,7 @@ def importances_table(importances: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
-def plot_importances(importances: dict, path: Path) -> bool:
+def plot_importances(importances: dict, path: str) -> bool:
     import matplotlib.pyplot as plt
 
     if not importances:
@@ -225,11 +221,30 @@ def plot_importances(importances: dict, path: Path) -> bool:
     return True
 
 
-def write_report(sweep_dir) -> Path:
+# Below this many finished trials, importances are noise: with 4 trials fANOVA and PED-ANOVA were seen to
+# rank the same parameters in opposite orders.
+MIN_TRIALS_FOR_IMPORTANCES = 10
+
+
+def _importances_section(meta: dict, rows: list[dict], sweep_dir: str) -> list[str]:
+    study = rebuild_study(meta, rows)
+    importances = param_importances(study)
+    if not plot_importances(importances, storage.join(sweep_dir, "importances.png")):
+        return ["## Parameter importances", "", "Not available: too few completed trials, or no evaluator could run "
+                "(see the command's messages).", ""]
+    lines = ["## Parameter importances", ""]
+    if len(study.trials) < MIN_TRIALS_FOR_IMPORTANCES:
+        lines += [f"**From {len(study.trials)} trials only: too few to mean much** (fewer than "
+                  f"{MIN_TRIALS_FOR_IMPORTANCES}; the two evaluators below may well disagree). Run more trials "
+                  "before trusting them.", ""]
+    return lines + importances_table(importances) + ["", "![parameter importances](importances.png)", ""]
+
+
+def write_report(sweep_dir) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
-    sweep_dir = Path(sweep_dir)
+    sweep_dir = storage.absolute(sweep_dir)
     meta, rows = _read_sweep(sweep_dir)
     asha = meta["asha"]
     lines = [f"# Sweep report: {meta['name']}", ""]
@@ -237,36 +252,33 @@ def write_report(sweep_dir) -> Path:
         lines += [f"**Partial: the sweep was interrupted ({len(rows)} of {meta['num_samples']} trials started); "
                   f"continue it with --resume, then run neoray report again.**", ""]
     lines += [f"- trials: {len(rows)} ({', '.join(sorted({r['status'] for r in rows}))})",
-             f"- ASHA drives on `{meta['metric']}` ({meta['mode']}; {meta['metric_doc']}), time attribute "
-             f"`{asha['time_attr']}`, grace period {asha['grace_period']}, reduction factor "
-             f"{asha['reduction_factor']}, max_t {asha['max_t']}, rungs {meta['rungs']}",
-             f"- search: OptunaSearch (TPE, seed {meta['seed']}), the config's own values evaluated first", ""]
-    best_path = sweep_dir / "best_config.yaml"
-    if best_path.exists():
+              f"- ASHA drives on `{meta['metric']}` ({meta['mode']}; {meta['metric_doc']}), time attribute "
+              f"`{asha['time_attr']}`, grace period {asha['grace_period']}, reduction factor "
+              f"{asha['reduction_factor']}, max_t {asha['max_t']}, rungs {meta['rungs']}",
+              f"- search: OptunaSearch (TPE, seed {meta['seed']}), the config's own values evaluated first", ""]
+    best_path = storage.join(sweep_dir, "best_config.yaml")
+    if storage.exists(best_path):
         lines += [f"Best configuration, ready for a full run: `neoray train {best_path} train.epochs=N`", ""]
-    lines += ["## Trials", "", (sweep_dir / "trials.md").read_text() if (sweep_dir / "trials.md").exists() else "", ""]
-    if plot_map_vs_lr(rows, sweep_dir / "map_vs_lr.png"):
+    trials_md = storage.join(sweep_dir, "trials.md")
+    lines += ["## Trials", "", storage.read_text(trials_md) if storage.exists(trials_md) else "", ""]
+    if plot_map_vs_lr(rows, storage.join(sweep_dir, "map_vs_lr.png")):
         lines += ["## mAP against learning rate", "", "![mAP against learning rate](map_vs_lr.png)", ""]
-    if plot_learning_curves(sweep_dir, rows, meta["rungs"], asha["time_attr"], sweep_dir / "learning_curves.png"):
+    if plot_learning_curves(sweep_dir, rows, meta["rungs"], asha["time_attr"], storage.join(sweep_dir, "learning_curves.png")):
         lines += ["## Learning curves", "", "Dotted lines: ASHA rungs, where trials below the top "
                   f"1/{asha['reduction_factor']} are stopped.", "", "![learning curves](learning_curves.png)", ""]
-    importances = param_importances(rebuild_study(meta, rows))
-    if plot_importances(importances, sweep_dir / "importances.png"):
-        lines += ["## Parameter importances", ""] + importances_table(importances)
-        lines += ["", "![parameter importances](importances.png)", ""]
-    else:
-        lines += ["## Parameter importances", "", "Not available: too few completed trials, or no evaluator could run (see the command's messages).", ""]
-    return write_text_atomic(sweep_dir / "report.md", "\n".join(lines))
+    lines += _importances_section(meta, rows, sweep_dir)
+    return storage.write_text(storage.join(sweep_dir, "report.md"), "\n".join(lines))
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("sweep_dir", metavar="SWEEP_DIR", help="a sweep directory (OUTPUT/NAME of neoray sweep)")
+    parser.add_argument("sweep_dir", metavar="SWEEP_DIR",
+                        help="a sweep directory (OUTPUT/NAME of neoray sweep), local or a URI")
 
 
 def run(args) -> int:
     try:
         out = write_report(args.sweep_dir)
-    except ConfigError as exc:
+    except (ConfigError, OSError, ValueError) as exc:  # StorageError, a broken sweep.json ...
         print(f"neoray report: error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -6,7 +6,9 @@ import shlex
 import sys
 from pathlib import Path
 
+from neoray.cluster import ClusterError, add_address_argument
 from neoray.config import ConfigError
+from neoray.storage import StorageError
 
 
 def add_arguments(parser) -> None:
@@ -22,19 +24,24 @@ def add_arguments(parser) -> None:
                         help="Ray Train workers per trial (default: the config's train.workers); 1 runs the "
                              "training loop inside the trial, more run a TorchTrainer per trial")
     parser.add_argument("--gpus-per-worker", type=float, default=None,
-                        help="GPUs per worker (default: 1 if train.use_gpu, else 0); a fraction only with "
-                             "--workers-per-trial 1 (a TorchTrainer worker gets a whole GPU)")
+                        help="GPUs per worker (default: train.gpus_per_worker if train.use_gpu, else 0); a "
+                             "fraction such as 0.5 lets two workers or trials share a GPU, on both trial paths")
     parser.add_argument("--autoscale", action="store_true",
                         help="the cluster adds nodes on demand (ray up cluster.yaml): do not refuse trials that "
                              "do not fit today's nodes; they wait for the autoscaler. Without it, a trial that "
                              "cannot fit the cluster is refused at start")
-    parser.add_argument("--output", default="sweeps", help="parent directory of sweeps (default ./sweeps)")
+    parser.add_argument("--output", default="sweeps",
+                        help="parent directory of sweeps: local, a shared mount or a URI such as s3://bucket/sweeps "
+                             "(default ./sweeps)")
     parser.add_argument("--name", default="sweep_lr", help="sweep name; results go to OUTPUT/NAME")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep OUTPUT/NAME")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted sweep OUTPUT/NAME. Resuming unpickles Ray Tune's saved "
+                             "state, which can run code: resume only sweeps you or your team wrote")
     parser.add_argument("--grace-period", type=int, default=None, help="ASHA grace period (overrides the space file)")
     parser.add_argument("--reduction-factor", type=float, default=None,
                         help="ASHA reduction factor (overrides the space file)")
     parser.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial (default 2)")
+    add_address_argument(parser)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="training config overrides, e.g. train.epochs=3 data.max_train_images=64")
 
@@ -47,6 +54,7 @@ def options_from_args(args):
         workers_per_trial=args.workers_per_trial, gpus_per_worker=args.gpus_per_worker, output=args.output,
         name=args.name, resume=args.resume, overrides=list(args.overrides), grace_period=args.grace_period,
         reduction_factor=args.reduction_factor, max_failures=args.max_failures, autoscale=args.autoscale,
+        address=args.address,
     )
 
 
@@ -64,7 +72,7 @@ def run(args) -> int:
 
     try:
         result = run_sweep(options_from_args(args))
-    except ConfigError as exc:
+    except (ConfigError, ClusterError, StorageError) as exc:
         print(f"neoray sweep: error: {exc}", file=sys.stderr)
         return 2
     if result.interrupted:  # Ctrl-C: Tune saved its state and returned; 130 is the shell's code for SIGINT

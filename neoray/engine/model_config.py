@@ -1,0 +1,35 @@
+"""The one way the engine turns a config's ``model`` section into a model, for training and inference."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from torch import nn
+
+from neoray.config import ModelConfig
+
+
+def model_options(model_cfg: ModelConfig | dict, *, with_weights: bool = True) -> dict:
+    """``build_model`` keyword options of a ``model`` section (a ModelConfig, or the dict a checkpoint
+    recorded). ``with_weights=False`` leaves out ``backbone_weights``: a checkpoint brings every weight,
+    so inference never downloads or reads backbone weights again."""
+    section = asdict(model_cfg) if isinstance(model_cfg, ModelConfig) else dict(model_cfg or {})
+    options = dict(section.get("options") or {})
+    for key in ("max_detections", "score_threshold"):
+        if key in section:
+            options.setdefault(key, section[key])
+    if with_weights:
+        options.setdefault("backbone_weights", section.get("backbone_weights", "none"))
+    else:
+        options.pop("backbone_weights", None)
+    return options
+
+
+def build_model(model_cfg: ModelConfig | dict, num_classes: int, *, with_weights: bool = True) -> nn.Module:
+    from neoray.models import build_model as build
+
+    section = asdict(model_cfg) if isinstance(model_cfg, ModelConfig) else dict(model_cfg or {})
+    return build(section["name"], num_classes, **model_options(section, with_weights=with_weights))
+
+
+__all__ = ["build_model", "model_options"]

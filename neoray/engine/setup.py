@@ -1,0 +1,133 @@
+"""What the driver settles before anything runs on a worker or in a trial (``neoray train`` and the sweep).
+
+``prepare_config``: every path a config names is made absolute against the caller's working directory
+(Ray workers and trials run elsewhere), and everything that can be checked without Ray is checked, each
+failure one line: the model name and options, the weight files, the shard manifests (training and
+validation from the same category list, a validation set with boxes to score). Pretrained weights bring
+their conventions (input normalisation, position embedding) into ``model.options``, so the resolved
+config, and every checkpoint made from it, rebuilds the model exactly.
+
+``check_cluster``: the run fits the connected cluster (neoray.cluster.plan_trials), and on a cluster of
+several nodes every path the workers need is one they can all reach.
+"""
+
+from __future__ import annotations
+
+from neoray import storage
+from neoray.cluster import ClusterInfo, check_visible_on_all_nodes, plan_trials
+from neoray.config import Config, ConfigError, apply_overrides, from_dict
+
+
+def prepare_config(cfg: Config, output: str | None = None) -> Config:
+    """A copy of ``cfg`` with absolute paths and pretrained conventions, checked (ConfigError, one line).
+    ``output``: the command line's ``--output``, which replaces ``cfg.output``."""
+    from neoray.engine.checkpoint import CheckpointError, resolve_checkpoint
+
+    updates = {"output": storage.absolute(output or cfg.output),
+               "data.train": storage.absolute(cfg.data.train), "data.val": storage.absolute(cfg.data.val)}
+    weights = cfg.model.backbone_weights
+    if weights not in ("", "none", "imagenet"):
+        updates["model.backbone_weights"] = _existing(weights, "model.backbone_weights")
+    if cfg.model.init_from:
+        try:
+            updates["model.init_from"] = resolve_checkpoint(_existing(cfg.model.init_from, "model.init_from"))
+        except CheckpointError as exc:
+            raise ConfigError(f"model.init_from: {exc}") from None
+    cfg = from_dict(apply_overrides(cfg.to_dict(), updates))
+    _check_data(cfg)
+    cfg = _with_pretrained_options(cfg)
+    _check_model(cfg)
+    return cfg
+
+
+def _existing(path: str, key: str) -> str:
+    path = storage.absolute(path)
+    if not storage.exists(path):
+        raise ConfigError(f"{key}: {path} not found")
+    return path
+
+
+def _check_data(cfg: Config) -> None:
+    from neoray.data.shards import ManifestError, read_manifest
+
+    if not cfg.data.train:
+        raise ConfigError("data.train: no training shard directory given (set data.train=DIR)")
+    try:
+        train = read_manifest(cfg.data.train)
+        val = read_manifest(cfg.data.val) if cfg.data.val else None
+    except ManifestError as exc:
+        raise ConfigError(str(exc)) from None
+    if val is None:
+        return
+    if _label_ids(val["categories"]) != _label_ids(train["categories"]):
+        raise ConfigError(f"data.val: {cfg.data.val} has other categories (label -> id) than data.train "
+                          f"{cfg.data.train}; prepare both from the same category list")
+    if not val["num_boxes"]:
+        raise ConfigError(f"data.val: {cfg.data.val} holds no boxes, and COCO mAP is undefined without ground "
+                          "truth; give a validation set with boxes, or data.val= to train without evaluation")
+
+
+def _label_ids(categories: list) -> list:
+    return sorted((int(c["label"]), int(c["id"])) for c in categories)
+
+
+def _check_model(cfg: Config) -> None:
+    from neoray.models import check_model
+    from neoray.engine.model_config import model_options
+
+    try:
+        check_model(cfg.model.name, model_options(cfg.model))
+    except ValueError as exc:
+        raise ConfigError(f"model: {exc}") from None
+
+
+def _with_pretrained_options(cfg: Config) -> Config:
+    """``model.options`` plus what ``init_from``'s format needs (the config's own options win)."""
+    if not cfg.model.init_from:
+        return cfg
+    needed = _describe(cfg.model.init_from).options
+    options = {**needed, **cfg.model.options}
+    if options == cfg.model.options:
+        return cfg
+    return from_dict(apply_overrides(cfg.to_dict(), {"model.options": options}))
+
+
+def _describe(path: str):
+    from neoray.models import PretrainedError, describe_pretrained
+
+    try:
+        return describe_pretrained(path)
+    except (PretrainedError, ValueError, OSError) as exc:
+        raise ConfigError(f"model.init_from: {exc}") from None
+
+
+def pretrained_class_rows(cfg: Config) -> list[str]:
+    """The run's classes that start from rows of ``init_from`` (what the run's log says)."""
+    from neoray.data.shards import read_manifest
+    from neoray.models.pretrained import kept_class_names
+
+    ours = [c["name"] for c in sorted(read_manifest(cfg.data.train)["categories"], key=lambda c: c["label"])]
+    return kept_class_names(_describe(cfg.model.init_from), ours)
+
+
+def needed_everywhere(cfg: Config, output_dir: str) -> dict[str, str]:
+    """The paths every node must reach, by the key a user would change: what the workers read, and the
+    directory Ray Train stores checkpoints in."""
+    paths = {"data.train": cfg.data.train, "data.val": cfg.data.val, "--output": output_dir,
+             "model.init_from": cfg.model.init_from}
+    if cfg.model.backbone_weights not in ("", "none", "imagenet"):
+        paths["model.backbone_weights"] = cfg.model.backbone_weights
+    return {key: path for key, path in paths.items() if path}
+
+
+def check_cluster(cfg: Config, info: ClusterInfo, output_dir: str, *, gpus_per_worker: float | None = None,
+                  max_concurrent: int | None = 1, autoscale: bool = False, sweep: bool = True):
+    """Refuse (ConfigError, one line) what cannot run on the connected cluster; returns the resource plan
+    (of each sweep trial, or of the one run of ``neoray train`` with ``sweep=False``)."""
+    plan = plan_trials(cfg, gpus_per_worker, max_concurrent, autoscale=autoscale, sweep=sweep)
+    if info.nodes > 1:
+        check_visible_on_all_nodes(needed_everywhere(cfg, output_dir))
+    return plan
+
+
+__all__ = ["check_cluster", "needed_everywhere", "prepare_config", "pretrained_class_rows"]

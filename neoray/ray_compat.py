@@ -1,0 +1,65 @@
+"""Every private Ray API and Ray-specific default neoray relies on, in one place.
+
+Checked on Ray 2.60.0 (pyproject pins ``ray>=2.60,<2.61``); tests/test_ray_compat.py fails loudly when a
+Ray upgrade breaks one of them. Each entry says why neoray needs it.
+"""
+
+from __future__ import annotations
+
+import os
+
+CHECKED_RAY_VERSION = "2.60"
+
+# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default), and
+# a worker's ray.train.report waits until the previous report was polled: with short epochs every report
+# blocked 1-2 s. 0.25 s makes that wait negligible; a user's own setting wins.
+TRAIN_ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_V2_ENABLED": "1"}
+# Tune's default console output in 2.60 infers its columns from the first four result keys and ignores a
+# progress reporter; the legacy output (RAY_AIR_NEW_OUTPUT=0) honours the sweep's CLIReporter columns.
+TUNE_ENV_DEFAULTS = {"RAY_AIR_NEW_OUTPUT": "0", **TRAIN_ENV_DEFAULTS}
+
+
+def set_train_defaults() -> None:
+    """Ray Train environment defaults, read when a TorchTrainer starts (the driver's environment is
+    propagated to the Train controller)."""
+    for key, value in TRAIN_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def set_tune_defaults() -> None:
+    for key, value in TUNE_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def worker_group_callback_base():
+    """Base class of callbacks that see Ray Train's worker group (``WorkerGroupCallback``, internal in
+    2.60). The sweep records each trial's worker placement group with it: after a trial's TorchTrainer
+    finished inside Tune, that group stayed CREATED and starved every later trial (the sweep hung), so
+    the sweep removes it itself."""
+    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+
+    return WorkerGroupCallback
+
+
+def worker_group_placement_group_id(worker_group) -> str:
+    """The hex id of a Train worker group's placement group (``WorkerGroupState`` is internal)."""
+    return worker_group.get_worker_group_state().placement_group_handle.placement_group.id.hex()
+
+
+def tune_trials(result_grid) -> list:
+    """The ``Trial`` objects behind a ``ResultGrid``: their status (ERROR, TERMINATED...), last result
+    and failure count tell finished, ASHA-stopped, errored and interrupted trials apart, which the public
+    ``Result`` objects do not."""
+    return list(result_grid._experiment_analysis.trials)
+
+
+def trial_index(trial) -> int:
+    """The search generator's counter of a trial (1, 2, ...), the first field of its experiment tag; it
+    is kept across ``Tuner.restore``, so trial names built from it are stable."""
+    return int(str(trial.experiment_tag).split("_", 1)[0])
+
+
+__all__ = [
+    "CHECKED_RAY_VERSION", "set_train_defaults", "set_tune_defaults", "trial_index", "tune_trials",
+    "worker_group_callback_base", "worker_group_placement_group_id",
+]

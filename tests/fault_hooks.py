@@ -1,0 +1,86 @@
+"""Training hooks that inject faults and record what ran (neoray.engine.hooks.TrainHooks subclasses).
+
+conftest.py registers this module to be pickled by value, so these classes reach Ray workers and Tune
+trials, whose processes cannot import the tests folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from neoray.engine.hooks import TrainHooks
+
+
+@dataclass
+class Faults(TrainHooks):
+    """Micro-step indices count this process's micro-batches from 0; epochs are 1-based."""
+
+    nan_loss_at: tuple = ()  # micro-steps whose loss becomes NaN
+    oom_at: tuple = ()  # micro-steps whose forward runs out of memory
+    oom_backward_at: tuple = ()  # micro-steps whose backward runs out of memory (after accumulating)
+    oom_step_at: tuple = ()  # micro-steps whose update (they must end a group) runs out of memory
+    oom_rank: int = -1  # the rank the three OOM faults apply to (-1: every rank)
+    raise_in_epoch: int = 0  # the worker of rank ``raise_rank`` raises in this epoch ...
+    raise_rank: int = 0
+    raise_marker: str = ""  # ... once: the file is created before raising and checked first
+    record_dir: str = ""  # every rank appends {"epoch", "rank", "image_ids", "node"} to rank<r>.jsonl
+
+    def _oom(self, at: tuple, micro_step: int, rank: int) -> bool:
+        return micro_step in at and self.oom_rank in (-1, rank)
+
+    def epoch_start(self, epoch: int, rank: int) -> None:
+        if self.raise_in_epoch != epoch or self.raise_rank != rank:
+            return
+        if self.raise_marker:
+            if os.path.exists(self.raise_marker):
+                return
+            with open(self.raise_marker, "w") as handle:
+                handle.write("raised\n")
+        raise RuntimeError(f"injected worker failure in epoch {epoch} on rank {rank}")
+
+    def after_forward(self, micro_step: int, rank: int, loss: torch.Tensor) -> torch.Tensor:
+        if self._oom(self.oom_at, micro_step, rank):
+            raise torch.OutOfMemoryError("injected out of memory in the forward")
+        return loss * float("nan") if micro_step in self.nan_loss_at else loss
+
+    def after_backward(self, micro_step: int, rank: int) -> None:
+        if self._oom(self.oom_backward_at, micro_step, rank):
+            raise torch.OutOfMemoryError("injected out of memory in the backward")
+
+    def before_optimizer_step(self, micro_step: int, rank: int) -> None:
+        if self._oom(self.oom_step_at, micro_step, rank):
+            raise torch.OutOfMemoryError("injected out of memory in the optimizer step")
+
+    def epoch_end(self, epoch: int, rank: int, image_ids: list[int]) -> None:
+        if self.record_dir:
+            from neoray.engine.device import node_id
+
+            with open(os.path.join(self.record_dir, f"rank{rank}.jsonl"), "a") as handle:
+                handle.write(json.dumps({"epoch": epoch, "rank": rank, "image_ids": image_ids, "node": node_id()}) + "\n")
+
+
+@dataclass
+class TrialFailures(TrainHooks):
+    """Fails the first ``times`` attempts of the named sweep trials (-1: every attempt); the attempts are
+    counted in files under ``counter_dir``, which outlive Tune's retries."""
+
+    trials: dict  # trial name -> times
+    counter_dir: str
+
+    def epoch_start(self, epoch: int, rank: int) -> None:
+        from ray import tune
+
+        name = tune.get_context().get_trial_name()
+        if name not in self.trials or epoch != 1:
+            return
+        counter = os.path.join(self.counter_dir, name)
+        done = int(open(counter).read()) if os.path.exists(counter) else 0
+        times = self.trials[name]
+        if times < 0 or done < times:
+            with open(counter, "w") as handle:
+                handle.write(str(done + 1))
+            raise RuntimeError(f"injected failure {done + 1} of {name}")
