@@ -1,4 +1,4 @@
-"""The ``neoray`` command.
+"""neoray: train and sweep 16:9 object detectors on a Ray cluster.
 
 Each subcommand lives in the module that owns its step; that module defines ``add_arguments(parser)``
 and ``run(args) -> int``. Modules are imported only when their subcommand runs, so that
@@ -24,7 +24,8 @@ COMMANDS = {
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="neoray", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="neoray", description=__doc__.splitlines()[0],
+                                     epilog="`neoray COMMAND --help` describes each command.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)

@@ -312,27 +312,25 @@ def makedirs(path: str | os.PathLike) -> None:
         raise _error(path, "create the directory", exc) from None
 
 
-def remove(path: str | os.PathLike) -> None:
-    """Delete a file; a missing one is not an error."""
+def _delete(path: str | os.PathLike, tree: bool) -> None:
     fs, inner = resolve(path)
     try:
-        fs.delete_file(inner)
+        fs.delete_dir(inner) if tree else fs.delete_file(inner)
     except FileNotFoundError:
         pass
     except OSError as exc:
-        if info(path).kind != "missing":
+        if info(path).kind != "missing":  # some stores report a missing path as another error
             raise _error(path, "delete", exc) from None
+
+
+def remove(path: str | os.PathLike) -> None:
+    """Delete a file; a missing one is not an error."""
+    _delete(path, tree=False)
 
 
 def remove_tree(path: str | os.PathLike) -> None:
-    fs, inner = resolve(path)
-    try:
-        fs.delete_dir(inner)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        if info(path).kind != "missing":
-            raise _error(path, "delete", exc) from None
+    """Delete a directory and everything under it; a missing one is not an error."""
+    _delete(path, tree=True)
 
 
 def sha256(path: str | os.PathLike) -> str:

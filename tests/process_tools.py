@@ -5,7 +5,10 @@ session's own included."""
 from __future__ import annotations
 
 import os
+import signal
+import time
 from pathlib import Path
+from typing import Callable
 
 
 def pids_naming(text: str) -> list[int]:
@@ -21,3 +24,15 @@ def pids_naming(text: str) -> list[int]:
         if text in cmdline:
             pids.append(int(proc.name))
     return pids
+
+
+def kill_all(find_pids: Callable[[], list[int]], rounds: int = 3, pause_s: float = 0.5) -> None:
+    """SIGKILL every process ``find_pids`` lists, a few rounds (a process forked while one round ran is
+    caught by the next)."""
+    for _ in range(rounds):
+        for pid in find_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(pause_s)

@@ -122,16 +122,20 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
 
 
 @pytest.mark.slow
-def test_eval_cli_writes_metrics_and_detections(ray_session, checkpoint, synthetic_shards, categories, tmp_path):
+def test_eval_cli_writes_metrics_and_detections(ray_session, checkpoint, synthetic_shards, categories, tmp_path,
+                                               capfd):
     from pycocotools.coco import COCO
 
     from neoray.data.shards import read_manifest
 
     source = synthetic_shards["root"] / "annotations" / "instances_val.json"
     out = tmp_path / "metrics.json"
+    capfd.readouterr()
     code, stdout, stderr = run_cli(["eval", str(checkpoint), "--data", str(synthetic_shards["val"]),
                                     "--batch-size", "3", "--out", str(out)])
     assert code == 0, stderr
+    logged = "".join(capfd.readouterr()) + stdout + stderr
+    assert "streaming_executor" not in logged and "Execution plan" not in logged  # no Ray Data INFO lines
     metrics = json.loads(out.read_text())
     for key in ("map", "map50", "map75", "map_small", "map_medium", "map_large", "mar1", "mar10", "mar100",
                 "precision", "recall", "f1"):

@@ -17,18 +17,16 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from process_tools import pids_naming
+from process_tools import kill_all, pids_naming
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -49,13 +47,7 @@ def _free_ports(n: int) -> list[int]:
 
 def _kill_head(temp_dir: str) -> None:
     """Stop the throwaway head: SIGKILL every process that names its temp dir, and only those."""
-    for _ in range(3):  # a process forked while the first pass ran is caught by the next
-        for pid in pids_naming(temp_dir):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.5)
+    kill_all(lambda: pids_naming(temp_dir))
 
 
 def _ray(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:

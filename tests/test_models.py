@@ -339,6 +339,17 @@ def test_decoder_initialisation_follows_the_reference():
     assert all(head.layers[-1].weight.abs().sum() == 0 for head in (decoder.enc_bbox_head, *decoder.bbox_heads))
 
 
+def test_cpu_preset_keeps_pytorch_initialisation_of_the_query_heads():
+    # Measured on the synthetic data (see registry.py): the small CPU model trains faster without the
+    # reference's xavier init; reference_init=True gives it back.
+    torch.manual_seed(0)
+    cpu = build_model("rtdetr_cpu", num_classes=3).decoder.query_pos_head.layers[0]
+    fan_out, fan_in = cpu.weight.shape
+    assert cpu.weight.abs().max() > (6.0 / (fan_in + fan_out)) ** 0.5  # beyond xavier's bound: PyTorch's default
+    faithful = build_model("rtdetr_cpu", num_classes=3, reference_init=True).decoder.query_pos_head.layers[0]
+    assert faithful.weight.abs().max() <= (6.0 / (fan_in + fan_out)) ** 0.5
+
+
 def test_denoising_padding_row_is_zero_and_never_trained():
     torch.manual_seed(0)
     model = build_model("rtdetr_cpu", num_classes=3).train()

@@ -17,7 +17,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ import yaml
 
 from conftest import free_port
 from neoray import storage
-from process_tools import pids_naming
+from process_tools import kill_all, pids_naming
 
 BIN = Path(sys.executable).parent
 RUN_TIMEOUT_S = 900  # a hang guard, not a speed assertion
@@ -108,25 +107,13 @@ class Cluster:
     def kill_node(self, index: int) -> None:
         """SIGKILL every process of a worker node (its raylet, its Ray workers): the node is lost."""
         proc, namespace = self.nodes[index]
-        for _ in range(3):
-            for pid in _pids_in_namespace(namespace):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.3)
+        kill_all(lambda: _pids_in_namespace(namespace), pause_s=0.3)
         proc.wait(timeout=30)
 
     def stop(self) -> None:
         for index in range(len(self.nodes)):
             self.kill_node(index)
-        for _ in range(3):
-            for pid in pids_naming(self.temp_dir):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.5)
+        kill_all(lambda: pids_naming(self.temp_dir))
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         shutil.rmtree(self.home, ignore_errors=True)
 

@@ -25,6 +25,7 @@ from neoray.cli import main
 from neoray.data import prepare as prepare_module
 from neoray.data import sources as src
 from neoray.data.geometry import boxes_from_letterbox, xywh_to_xyxy
+from neoray.data import image_files
 from neoray.data.prepare import prepare_coco, prepare_yolo
 from neoray.data.shards import SCHEMA, ManifestError, read_manifest, shard_files
 from neoray.data.synth import write_synthetic_dataset
@@ -208,8 +209,8 @@ def test_bad_input_is_reported_and_counted(tmp_path, monkeypatch, mutate, reason
     ann_path.write_text(json.dumps(coco))  # NaN is written as the (non-standard, accepted) NaN literal
 
     opened = []
-    real_read = prepare_module._read_file
-    monkeypatch.setattr(prepare_module, "_read_file",
+    real_read = image_files._read_file
+    monkeypatch.setattr(image_files, "_read_file",
                         lambda path, max_bytes: opened.append(Path(path)) or real_read(path, max_bytes))
     result = prepare_coco(ann_path, image_dir, tmp_path / "out", size=SIZE, workers=1)
 

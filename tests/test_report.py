@@ -75,3 +75,33 @@ def test_importances_table_columns_follow_parameter_names(tmp_path, monkeypatch)
     assert "| fANOVA | 0.900 | 0.100 |" in text
     assert "| PED-ANOVA | 0.300 | 0.700 |" in text  # by name, not in PED-ANOVA's own order
     assert "Partial: the sweep was interrupted (2 of 3 trials started)" in text
+
+
+def test_importances_from_few_trials_are_flagged(tmp_path, monkeypatch):
+    import neoray.tune.report as report
+
+    params = {"lr": {"distribution": "log_uniform", "low": 1e-4, "high": 1e-2}}
+    rows = [{"trial": f"trial_{i:04d}", "status": "finished", "lr": str(lr), "best_map": str(m), "best_score": str(m)}
+            for i, (lr, m) in enumerate([(1e-3, 0.3), (2e-4, 0.1), (5e-3, 0.2), (1e-4, 0.05)], start=1)]
+    _fake_sweep(tmp_path, rows, params)
+    monkeypatch.setattr(report, "param_importances", lambda study: {"fANOVA": {"lr": 1.0}, "PED-ANOVA": {"lr": 1.0}})
+    text = Path(write_report(tmp_path)).read_text()
+    assert "From 4 trials only: too few to mean much" in text
+
+
+def test_log_axes_label_only_1_2_and_5_of_each_decade():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from neoray.tune.report import _plain_log_axis
+
+    fig, ax = plt.subplots()
+    ax.plot([3e-4, 5e-3], [0, 1])
+    _plain_log_axis(ax.xaxis, ax.set_xscale)
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_xticklabels(minor=True) + ax.get_xticklabels() if t.get_text()]
+    assert "0.002" in labels and "0.0005" in labels
+    assert all(label.lstrip("0.")[0] in "125" for label in labels)  # never 3x10^-3 beside 4x10^-3
+    plt.close(fig)

@@ -12,9 +12,8 @@ Sources and output go through ``neoray.storage`` (local, shared mount, ``s3://``
 run in a local process pool, or as Ray tasks on every node of a cluster (``--ray``, ``--address`` or
 ``RAY_ADDRESS``); both write the same bytes for the same input and options.
 
-Reading an image is bounded: only regular files (a FIFO would block forever, a link to ``/dev/zero``
-never end), at most ``max_image_bytes``, and the pixel count declared in the header (read by Pillow
-without decoding) at most ``max_image_pixels``, so a decompression bomb is refused before it is decoded.
+Reading an image is bounded (``neoray.data.image_files``): regular files only, a size cap, and a pixel
+limit checked in the header before decoding.
 
 A shard whose inputs are unchanged (same fingerprint) and whose file still has the recorded sha256 is
 reused as is on a re-run. Bad records are skipped, counted and reported; ``--strict`` then exits 2.
@@ -22,10 +21,8 @@ reused as is on a re-run. Bad records are skipped, counted and reported; ``--str
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import hashlib
-import io
 import json
 import math
 import multiprocessing
@@ -44,17 +41,13 @@ from neoray import cluster, storage
 from neoray.config import ConfigError, format_size, parse_size
 from neoray.data import geometry, shards
 from neoray.data import sources as src
+from neoray.data.image_files import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, Refused, read_image
 
 # Boxes overshooting the image by at most this many pixels are float noise (YOLO's normalised text,
 # tools that write x + w = width + 1e-6): clipped without a report entry.
 CLIP_TOLERANCE_PX = 0.01
 # A box narrower or lower than this at the target size is kept but reported: a model cannot see it.
 MIN_BOX_SIDE_PX = 1.0
-# Decoding costs about 3 bytes per pixel, and there is one worker per CPU. 8192x8192 fits 8K frames
-# (7680x4320) and 50-megapixel photos.
-DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
-DEFAULT_MAX_IMAGE_BYTES = 256 << 20
-EXIF_ORIENTATION_TAG = 0x0112
 
 
 @dataclass
@@ -141,125 +134,6 @@ class _Tally:
         self.problems.append(src.Problem(reason, action, record.file_name, record.image_id, ann_id, detail).to_dict())
 
 
-@dataclass
-class _Refused:
-    """Why an image was not decoded."""
-
-    reason: str
-    detail: str = ""
-
-
-def _jpeg_complete(data: bytes) -> bool | None:
-    """Whether the JPEG in ``data`` reaches its end-of-image marker (FFD9): True, False (the file ends
-    first: truncated), or None (the marker structure is not one we understand; the decoder decides).
-
-    libjpeg decodes a cut-off JPEG with only a warning (grey bottom rows), so the end must be checked
-    here. It is found by walking the marker segments from the start, not by looking at the last bytes:
-    cameras and phones append data after FFD9 (maker trailers, the video of a motion photo, a second
-    preview JPEG), and that data may itself contain FFDA/FFD9 byte pairs.
-    """
-    n, i = len(data), 2  # after SOI (FFD8)
-    while True:
-        if i >= n:
-            return False
-        if data[i] != 0xFF:
-            return None  # a marker must start here
-        while i < n and data[i] == 0xFF:  # any number of FF fill bytes may precede a marker
-            i += 1
-        if i >= n:
-            return False
-        marker = data[i]
-        i += 1
-        if marker == 0xD9:  # EOI
-            return True
-        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # RSTn and TEM stand alone, no length
-            continue
-        if i + 2 > n:
-            return False
-        length = int.from_bytes(data[i:i + 2], "big")  # includes its own two bytes
-        if length < 2:
-            return None
-        i += length
-        if marker == 0xDA:  # SOS: entropy-coded data up to the next FF that is neither FF00 nor RSTn
-            while True:
-                i = data.find(b"\xff", i)
-                if i < 0 or i + 1 >= n:
-                    return False
-                following = data[i + 1]
-                if following == 0x00 or 0xD0 <= following <= 0xD7:
-                    i += 2
-                    continue
-                break
-
-
-def _read_file(path: str, max_bytes: int) -> bytes | _Refused:
-    """The bytes of a regular file of at most ``max_bytes``, or why not."""
-    try:
-        return storage.read_bytes(path, max_bytes=max_bytes)
-    except FileNotFoundError:
-        return _Refused(src.IMAGE_MISSING)
-    except storage.TooLarge as exc:
-        return _Refused(src.IMAGE_TOO_LARGE, f"{str(exc).rsplit(': ', 1)[-1]} (--max-image-bytes)")
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            kind = storage.info(path).kind
-            if kind in ("other", "dir"):
-                what = "a directory" if kind == "dir" else "a FIFO, device or socket (or a link to one)"
-                return _Refused(src.IMAGE_NOT_REGULAR, f"{what}; not read")
-        return _Refused(src.IMAGE_UNREADABLE, str(exc)[:200])
-
-
-@contextlib.contextmanager
-def _pillow_bomb_check_off():
-    # Pillow refuses images above its own fixed pixel limit when opening them; here it only reads the
-    # header, and neoray's configurable limit (which may be higher) decides.
-    from PIL import Image
-
-    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-    try:
-        yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
-
-
-def _header(data: bytes) -> tuple[int, int, int] | None:
-    """(width, height, EXIF orientation) as the file declares them, without decoding; None when Pillow
-    cannot identify the file."""
-    from PIL import Image
-
-    try:
-        with _pillow_bomb_check_off(), Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            orientation = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
-    except Exception:  # Pillow raises many types (OSError, SyntaxError, ValueError, ...) for a bad header
-        return None
-    return width, height, orientation if isinstance(orientation, int) else 1
-
-
-def _load_image(path: str, task: _ShardTask) -> tuple[np.ndarray, int] | _Refused:
-    """(BGR image, EXIF orientation) or why the image is skipped."""
-    data = _read_file(path, task.max_image_bytes)
-    if isinstance(data, _Refused):
-        return data
-    if data[:2] == b"\xff\xd8" and _jpeg_complete(data) is False:
-        return _Refused(src.IMAGE_TRUNCATED, "JPEG ends before its end-of-image marker")
-    header = _header(data) if data else None
-    if header is None:
-        return _Refused(src.IMAGE_UNREADABLE, f"not a decodable image ({len(data)} bytes)")
-    width, height, orientation = header
-    if width * height > task.max_image_pixels:
-        return _Refused(src.IMAGE_TOO_MANY_PIXELS, f"{width}x{height} = {width * height} pixels, over "
-                                                   f"--max-image-pixels {task.max_image_pixels}")
-    flags = cv2.IMREAD_COLOR if task.exif_orientation else cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
-    try:
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
-    except cv2.error as exc:
-        return _Refused(src.IMAGE_UNREADABLE, str(exc).strip().splitlines()[-1][:200])
-    if img is None:
-        return _Refused(src.IMAGE_UNREADABLE, f"not a decodable image ({len(data)} bytes)")
-    return img, orientation
-
-
 def _source_boxes_xyxy(ann: src.Annotation, width: int, height: int) -> np.ndarray:
     if ann.normalized:
         return geometry.cxcywh_to_xyxy(np.array(ann.bbox) * [width, height, width, height])[0]
@@ -332,8 +206,9 @@ def _boxes(record: src.ImageRecord, orig_w: int, orig_h: int, letterbox, task: _
 def _image_row(record: src.ImageRecord, task: _ShardTask, tally: _Tally) -> dict | None:
     tally.images_in += 1
     tally.annotations_in += len(record.annotations)
-    loaded = _load_image(storage.join(task.image_root, record.file_name), task)
-    if isinstance(loaded, _Refused):
+    loaded = read_image(storage.join(task.image_root, record.file_name), max_bytes=task.max_image_bytes,
+                        max_pixels=task.max_image_pixels, exif_orientation=task.exif_orientation)
+    if isinstance(loaded, Refused):
         tally.problem(loaded.reason, src.SKIP_IMAGE, record, detail=loaded.detail)
         tally.skipped_images[loaded.reason] += 1
         tally.skipped_annotations[src.IMAGE_SKIPPED] += len(record.annotations)

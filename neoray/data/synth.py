@@ -217,8 +217,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--train", type=int, default=256, help="number of training images (default 256)")
     parser.add_argument("--val", type=int, default=64, help="number of validation images (default 64)")
     parser.add_argument("--size", default="320x180", help="image size WxH (default 320x180)")
-    parser.add_argument("--classes", type=int, default=6, help=f"number of shape classes, 1..{len(SHAPES)}")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--classes", type=int, default=6, help=f"number of shape classes, 1..{len(SHAPES)} (default 6)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same dataset")
     parser.add_argument("--aspect-mix", action="store_true",
                         help="make some images 4:3 and some portrait, to exercise letterboxing")
 

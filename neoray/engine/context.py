@@ -101,9 +101,14 @@ class RayTrainContext:
     """``TrainContext`` on a Ray Train worker (``ray.train``)."""
 
     def __init__(self, cfg: Config):
+        import logging
+
         import ray.train
         import ray.train.torch
 
+        # Ray Train logs two INFO lines per report from each worker (checkpoint created, result reported);
+        # the run's log is one line per epoch (the controller's RunRecorder), warnings still pass.
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
         context = ray.train.get_context()
         self.world_rank = context.get_world_rank()
         self.world_size = context.get_world_size()

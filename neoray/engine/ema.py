@@ -48,12 +48,5 @@ class ModelEMA:
             else:
                 ema_value.copy_(value)  # integer buffers such as BatchNorm's num_batches_tracked
 
-    def state_dict(self) -> dict:
-        return {"module": self.module.state_dict(), "updates": self.updates}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state["module"])
-        self.updates = int(state.get("updates", 0))
-
 
 __all__ = ["ModelEMA"]

@@ -660,6 +660,60 @@ def kept_class_names(info: PretrainedInfo, class_names: list[str]) -> list[str]:
     return [class_names[u] for u in _class_rows(class_names, info.class_names)]
 
 
+def _apply_conventions(model, info: PretrainedInfo) -> dict:
+    """Set the checkpoint's conventions on ``model`` (they are part of what the weights mean); returns
+    {key: (before, after)} for the ones that changed."""
+    if not hasattr(model, "conventions"):
+        return {}
+    current = model.conventions()
+    wanted = {k: v for k, v in info.conventions.items() if k in current and current[k] != v}
+    if wanted:
+        model.set_conventions(**wanted)
+    return {k: (current[k], v) for k, v in wanted.items()}
+
+
+def _row_plan(info: PretrainedInfo, class_names: list[str] | None) -> dict[int, int] | None:
+    """user class index -> checkpoint class index for the class tensors, or None to copy them whole (no
+    user classes given, the same classes, or a checkpoint that does not name its classes)."""
+    if class_names is None or not _names_known(info) or _same_names(class_names, info.class_names):
+        return None
+    return _class_rows(class_names, info.class_names)
+
+
+def _match(key: str, target: torch.Tensor, alternatives, tensors: dict, rows, layout: str | None):
+    """(the tensor to load into ``key``, None) or (None, why it is not loaded)."""
+    if not alternatives:
+        return None, f"no counterpart in {layout}'s layout{_KEEPS}"
+    chosen = next((parts for parts in alternatives if all(p in tensors for p in parts)), None)
+    if chosen is None:
+        expected = " + ".join(alternatives[0])
+        return None, f"not in the checkpoint{f': expected {expected}' if expected != key else ''}{_KEEPS}"
+    value = torch.cat([tensors[p] for p in chosen]) if len(chosen) > 1 else tensors[chosen[0]]
+    if rows is not None and _CLASS_TENSOR.fullmatch(key):
+        if value.shape[1:] != target.shape[1:]:
+            return None, _shape_reason(value, target)
+        if not rows:
+            return None, f"no class of the model has a name among the checkpoint's classes{_KEEPS}"
+        merged = target.clone()  # the classes without a match keep their fresh rows
+        merged[list(rows)] = value[list(rows.values())].to(merged.dtype)
+        return merged, None
+    if value.shape != target.shape:
+        return None, _shape_reason(value, target)
+    return value, None
+
+
+def _zero_padding_row(model, loadable: dict) -> list[str]:
+    """An older neoray checkpoint trained the denoising padding row; it must stay zero."""
+    if _PADDED not in loadable or not hasattr(model, "num_classes"):
+        return []
+    embed = model.get_submodule("decoder.denoising_class_embed").weight
+    with torch.no_grad():
+        if embed[model.num_classes].abs().sum() == 0:
+            return []
+        embed[model.num_classes].zero_()
+    return ["denoising padding row set to zero"]
+
+
 def load_pretrained(model, path, class_names: list[str] | None = None) -> PretrainedLoad:
     """Load a neoray, reference or Hugging Face checkpoint into ``model`` (see the module docstring).
 
@@ -671,79 +725,33 @@ def load_pretrained(model, path, class_names: list[str] | None = None) -> Pretra
     if info.format != "neoray" and not hasattr(getattr(model, "decoder", None), "score_heads"):
         raise PretrainedError(f"{path}: a {info.format} RT-DETR checkpoint loads into an RT-DETR model, "
                               f"not {type(model).__name__}")
-
-    # Conventions first: they are part of what the weights mean.
-    changed = {}
-    if hasattr(model, "conventions"):
-        current = model.conventions()
-        wanted = {k: v for k, v in info.conventions.items() if k in current and current[k] != v}
-        if wanted:
-            model.set_conventions(**wanted)
-            changed = {k: (current[k], v) for k, v in wanted.items()}
-    conventions = model.conventions() if hasattr(model, "conventions") else {}
-
-    rows: dict[int, int] | None = None  # None: copy class tensors whole
-    names_known = _names_known(info)
-    same_classes = class_names is not None and names_known and _same_names(class_names, info.class_names)
-    if class_names is not None and names_known and not same_classes:
-        rows = _class_rows(class_names, info.class_names)
-
-    own = model.state_dict()
+    changed = _apply_conventions(model, info)
+    rows = _row_plan(info, class_names)
     plan = _plan(model, checkpoint)
-    loadable, loaded, skipped, used = {}, [], [], set()
     layout = {"reference": "the reference RT-DETR", "huggingface": "the Hugging Face RT-DETR"}.get(info.format)
-    for key, target in own.items():
-        alternatives = plan.get(key)
-        if not alternatives:
-            skipped.append((key, f"no counterpart in {layout}'s layout{_KEEPS}"))
-            continue
-        for parts in alternatives:
-            used.update(p for p in parts if p in tensors)
-        chosen = next((parts for parts in alternatives if all(p in tensors for p in parts)), None)
-        if chosen is None:
-            expected = " + ".join(alternatives[0])
-            where = f": expected {expected}" if expected != key else ""
-            skipped.append((key, f"not in the checkpoint{where}{_KEEPS}"))
-            continue
-        value = torch.cat([tensors[p] for p in chosen]) if len(chosen) > 1 else tensors[chosen[0]]
-        if rows is not None and _CLASS_TENSOR.fullmatch(key):
-            if value.shape[1:] != target.shape[1:]:
-                skipped.append((key, _shape_reason(value, target)))
-                continue
-            if not rows:
-                skipped.append((key, f"no class of the model has a name among the checkpoint's classes{_KEEPS}"))
-                continue
-            merged = target.clone()
-            users, sources = list(rows), list(rows.values())
-            merged[users] = value[sources].to(merged.dtype)
-            loadable[key] = merged
-            loaded.append(key)
-            continue
-        if value.shape != target.shape:
-            skipped.append((key, _shape_reason(value, target)))
-            continue
-        loadable[key] = value
-        loaded.append(key)
+    loadable, skipped = {}, []
+    for key, target in model.state_dict().items():
+        value, reason = _match(key, target, plan.get(key), tensors, rows, layout)
+        if value is None:
+            skipped.append((key, reason))
+        else:
+            loadable[key] = value
+    used = {p for alternatives in plan.values() if alternatives for parts in alternatives for p in parts}
     skipped += [(key, "not in the model") for key in tensors if key not in used]
     model.load_state_dict(loadable, strict=False)
-
-    notes = list(checkpoint.notes)
-    if _PADDED in loadable and hasattr(model, "num_classes"):
-        embed = model.get_submodule("decoder.denoising_class_embed").weight
-        with torch.no_grad():
-            if embed[model.num_classes].abs().sum() > 0:
-                embed[model.num_classes].zero_()  # an older neoray checkpoint trained its padding row
-                notes.append("denoising padding row set to zero")
+    notes = list(checkpoint.notes) + _zero_padding_row(model, loadable)
 
     class_rows, new_classes = {}, []
+    loaded_classes = any(_CLASS_TENSOR.fullmatch(k) for k in loadable)
     if rows is not None:
         class_rows = {class_names[u]: info.class_names[c] for u, c in rows.items()}
         new_classes = [name for u, name in enumerate(class_names) if u not in rows]
-    elif same_classes and any(_CLASS_TENSOR.fullmatch(k) for k in loaded):
+    elif class_names is not None and _names_known(info) and loaded_classes:
         class_rows = dict(zip(class_names, info.class_names))  # the checkpoint's own classes, every row
-    elif class_names is not None and not names_known and any(_CLASS_TENSOR.fullmatch(k) for k in loaded):
+    elif class_names is not None and loaded_classes:
         notes.append("the checkpoint does not name its classes: class rows copied by index")
-    return PretrainedLoad(info, loaded, skipped, class_rows, conventions, changed, notes, new_classes)
+    conventions = model.conventions() if hasattr(model, "conventions") else {}
+    return PretrainedLoad(info, list(loadable), skipped, class_rows, conventions, changed, notes, new_classes)
 
 
 def build_pretrained(path, device="cpu"):

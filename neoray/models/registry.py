@@ -21,13 +21,15 @@ from neoray.models.rtdetr import RTDETR
 from neoray.models.torchvision_detectors import TorchvisionDetector
 
 # RT-DETR sizes follow the paper's ResNet variants (r18: 3 decoder layers, r34: 4, r50: 6).
-# rtdetr_cpu is sized to learn on a 2-core CPU in minutes: MobileNetV3-small, width 64, 50 queries.
+# rtdetr_cpu is sized to learn on a 2-core CPU in minutes: MobileNetV3-small, width 64, 50 queries. It keeps
+# PyTorch's initialisation of enc_output and query_pos_head (reference_init=False): on the default synthetic
+# data, 10 epochs, seeds 0-2, it reached mAP 0.23-0.31 so, 0.12-0.26 with the reference's xavier init.
 PRESETS = MappingProxyType(
     {
         "rtdetr_cpu": (RTDETR, dict(
             backbone="mobilenet_v3_small", hidden_dim=64, encoder_heads=4, encoder_ffn_dim=256, csp_blocks=1,
             csp_expansion=1.0, num_queries=50, num_decoder_layers=2, decoder_heads=4, decoder_ffn_dim=256,
-            num_points=4, num_denoising=50,
+            num_points=4, num_denoising=50, reference_init=False,
         )),
         "rtdetr_r18": (RTDETR, dict(backbone="resnet18", num_decoder_layers=3, csp_expansion=0.5)),
         "rtdetr_r34": (RTDETR, dict(backbone="resnet34", num_decoder_layers=4, csp_expansion=0.5)),

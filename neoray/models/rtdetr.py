@@ -9,7 +9,7 @@ padding); targets and predictions are xyxy pixels of the un-padded input.
 Options that record conventions (so that a config or a checkpoint carries them): ``input_normalization``
 ("imagenet" | "unit", base.py) and ``position_order`` ("xy" | "yx", position.py). Options of the
 reference's training recipe: ``freeze_norm`` / ``freeze_at`` (backbone, norm.py), ``look_forward_twice``
-(decoder.py), ``encoder_dim`` (the hybrid encoder's width when it differs from the decoder's
+and ``reference_init`` (decoder.py), ``encoder_dim`` (the hybrid encoder's width when it differs from the decoder's
 ``hidden_dim``: 384 vs 256 in the reference's r101vd).
 """
 
@@ -56,6 +56,7 @@ class RTDETR(Detector):
         freeze_norm: bool = False,
         freeze_at: int = -1,
         look_forward_twice: bool = True,
+        reference_init: bool = True,
         input_normalization: str = "imagenet",
         position_order: str = "xy",
     ):
@@ -69,7 +70,7 @@ class RTDETR(Detector):
         )
         self.decoder = RTDETRDecoder(
             num_classes, hidden_dim, levels, num_queries, num_decoder_layers, decoder_heads, decoder_ffn_dim, num_points,
-            dropout, in_dim=encoder_dim, look_forward_twice=look_forward_twice,
+            dropout, in_dim=encoder_dim, look_forward_twice=look_forward_twice, reference_init=reference_init,
         )
         costs = {"cost_class": 2.0, "cost_bbox": 5.0, "cost_giou": 2.0}
         for key, value in (matcher_costs or {}).items():

@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from neoray.models.pretrained import NEORAY_CHECKPOINT_FORMAT, PretrainedError, read_torch_file
+from neoray.models.pretrained import NEORAY_CHECKPOINT_FORMAT, read_torch_file
 
 log = logging.getLogger(__name__)
 

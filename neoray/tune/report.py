@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import sys
 from neoray import storage
@@ -55,6 +54,20 @@ def _savefig(fig, path: str) -> None:
     storage.write_bytes(path, buffer.getvalue())
 
 
+def _plain_log_axis(axis, set_scale) -> None:
+    """A log scale labelled in plain numbers at 1, 2 and 5 of each decade (matplotlib's default writes
+    every minor label as 3x10^-3 next to 4x10^-3, and they run into each other)."""
+    from matplotlib.ticker import FuncFormatter
+
+    def label(value, _position) -> str:
+        leading = f"{value:.0e}"[0]
+        return f"{value:g}" if leading in "125" else ""
+
+    set_scale("log")
+    axis.set_major_formatter(FuncFormatter(label))
+    axis.set_minor_formatter(FuncFormatter(label))
+
+
 def plot_map_vs_lr(rows: list[dict], path: str) -> bool:
     import matplotlib.pyplot as plt
 
@@ -62,13 +75,13 @@ def plot_map_vs_lr(rows: list[dict], path: str) -> bool:
     points = [p for p in points if p[0] is not None and p[1] is not None]
     if not points:
         return False
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
     for status in sorted({p[2] for p in points}):
         sel = [p for p in points if p[2] == status]
         ax.scatter([p[0] for p in sel], [p[1] for p in sel], label=status, color=STATUS_COLOURS.get(status, "gray"))
     for lr, value, _, trial in points:
         ax.annotate(trial.replace("trial_", ""), (lr, value), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xscale("log")
+    _plain_log_axis(ax.xaxis, ax.set_xscale)
     ax.set(xlabel="learning rate", ylabel="best mAP", title="best mAP against learning rate")
     ax.legend(fontsize=8)
     _savefig(fig, path)
@@ -79,7 +92,7 @@ def plot_map_vs_lr(rows: list[dict], path: str) -> bool:
 def plot_learning_curves(sweep_dir: str, rows: list[dict], rungs: list[float], time_attr: str, path: str) -> bool:
     import matplotlib.pyplot as plt
 
-    fig, (ax_map, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_map, ax_loss) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
     drawn = False
     for row in rows:
         history = _history(sweep_dir, row["trial"])
@@ -104,7 +117,7 @@ def plot_learning_curves(sweep_dir: str, rows: list[dict], rungs: list[float], t
         ax.set_xlabel(time_attr)
     ax_map.set(ylabel="mAP", title="validation mAP")
     ax_loss.set(ylabel="training loss", title="training loss")
-    ax_loss.set_yscale("log")
+    _plain_log_axis(ax_loss.yaxis, ax_loss.set_yscale)
     ax_map.legend(fontsize=7)
     _savefig(fig, path)
     plt.close(fig)
@@ -210,7 +223,10 @@ def plot_importances(importances: dict, path: str) -> bool:
 
     if not importances:
         return False
-    fig, axes = plt.subplots(1, len(importances), figsize=(5 * len(importances), 3), squeeze=False)
+    # Constrained layout gives each panel room for its own parameter names (they overlapped the panel
+    # on their left).
+    fig, axes = plt.subplots(1, len(importances), figsize=(5.5 * len(importances), 3), squeeze=False,
+                             layout="constrained")
     for ax, (name, values) in zip(axes[0], importances.items()):
         params = list(values)
         ax.barh(params, [values[p] for p in params])

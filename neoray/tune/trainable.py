@@ -43,6 +43,10 @@ class TuneTrialContext:
     device = None
 
     def __init__(self, cfg: Config):
+        import logging
+
+        # One INFO line per checkpoint from Ray would bury Tune's trial table in the sweep's log.
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
         self.data = ShardBatches(cfg)
 
     def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
