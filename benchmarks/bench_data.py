@@ -44,6 +44,7 @@ import torch  # noqa: E402
 from neoray.config import DataConfig, format_size, parse_size  # noqa: E402
 from neoray.data.augment import TrainAugment  # noqa: E402
 from neoray.data.geometry import boxes_to_letterbox, letterbox_image, letterbox_params, xywh_to_xyxy  # noqa: E402
+
 # Imported here, before the DataLoader forks its workers, so that they do not each import Ray again.
 from neoray.data.stream import ShardSet, collate, iter_train_batches  # noqa: E402
 

@@ -68,9 +68,8 @@ def s3_bucket(s3_server) -> str:
 
 def _pickle_fault_hooks_by_value() -> None:
     """Ray workers and Tune trials cannot import the tests folder: ship the hook classes by value."""
-    import ray.cloudpickle
-
     import fault_hooks
+    import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(fault_hooks)
 

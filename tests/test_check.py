@@ -10,10 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from neoray import storage
 from neoray.cli import main
 from neoray.data.check import check_shards
 from neoray.data.prepare import prepare_coco
-from neoray.data.shards import SCHEMA, file_sha256, read_manifest, write_json_atomic, write_shard
+from neoray.data.shards import SCHEMA, read_manifest, write_shard
 from neoray.data.synth import write_synthetic_dataset
 
 
@@ -39,8 +40,8 @@ def _rewrite_shard(shard_dir: Path, index: int, edit, update_manifest: bool) -> 
     rows = edit(pq.read_table(path).to_pylist())
     write_shard(rows, path)
     if update_manifest:
-        entry["sha256"], entry["rows"] = file_sha256(path), len(rows)
-        write_json_atomic(shard_dir / "_manifest.json", manifest)
+        entry["sha256"], entry["rows"] = storage.sha256(path), len(rows)
+        storage.write_json(shard_dir / "_manifest.json", manifest)
 
 
 def test_clean_shards_pass_with_a_summary(clean_shards, capsys):

@@ -11,7 +11,11 @@ from torch import nn
 
 from neoray.config import TrainConfig
 from neoray.engine.checkpoint import (
-    CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint,
+    CheckpointError,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
 )
 from neoray.engine.ema import ModelEMA
 from neoray.engine.optim import build_optimizer, build_scheduler

@@ -17,7 +17,11 @@ import torch
 
 from neoray.data.geometry import boxes_to_letterbox, letterbox_params, xywh_to_xyxy
 from neoray.engine.coco_eval import (
-    STAT_NAMES, CocoEvaluator, format_metrics_table, precision_recall_f1, run_cocoeval,
+    STAT_NAMES,
+    CocoEvaluator,
+    format_metrics_table,
+    precision_recall_f1,
+    run_cocoeval,
 )
 
 # Non-contiguous original ids on purpose: the evaluator must map label -> id through the manifest.

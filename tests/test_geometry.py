@@ -6,8 +6,16 @@ import numpy as np
 import pytest
 
 from neoray.data.geometry import (
-    box_areas, boxes_from_letterbox, boxes_to_letterbox, clip_boxes, cxcywh_to_xyxy, letterbox_image,
-    letterbox_params, xywh_to_xyxy, xyxy_to_cxcywh, xyxy_to_xywh,
+    box_areas,
+    boxes_from_letterbox,
+    boxes_to_letterbox,
+    clip_boxes,
+    cxcywh_to_xyxy,
+    letterbox_image,
+    letterbox_params,
+    xywh_to_xyxy,
+    xyxy_to_cxcywh,
+    xyxy_to_xywh,
 )
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_train_loop import TinyDetector, make_batches
 
 from neoray.engine import guards
-from test_train_loop import TinyDetector, make_batches
 
 
 def test_preflight_passes_and_leaves_no_gradient():

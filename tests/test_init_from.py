@@ -5,6 +5,7 @@ reference RT-DETR checkpoint gives the run's classes of the same name their pret
 from __future__ import annotations
 
 import torch
+from test_train_loop import CATEGORIES, TinyDetector, make_batches, tiny_config
 
 from neoray.config import from_dict
 from neoray.engine.checkpoint import save_checkpoint
@@ -13,7 +14,6 @@ from neoray.engine.ema import ModelEMA
 from neoray.engine.loop import run_training_loop
 from neoray.models import build_model
 from neoray.models.pretrained import reference_key_map
-from test_train_loop import CATEGORIES, TinyDetector, make_batches, tiny_config
 
 
 def _source_checkpoint(path, num_classes: int) -> dict:

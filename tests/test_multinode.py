@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import free_port
-from neoray import storage
 from process_tools import kill_all, pids_naming
+
+from neoray import storage
 
 BIN = Path(sys.executable).parent
 RUN_TIMEOUT_S = 900  # a hang guard, not a speed assertion

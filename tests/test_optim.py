@@ -10,7 +10,12 @@ from torch import nn
 
 from neoray.config import TrainConfig
 from neoray.engine.optim import (
-    build_optimizer, build_scheduler, lr_at, optimizer_steps_per_epoch, param_groups, steps_per_epoch,
+    build_optimizer,
+    build_scheduler,
+    lr_at,
+    optimizer_steps_per_epoch,
+    param_groups,
+    steps_per_epoch,
 )
 
 

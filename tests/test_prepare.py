@@ -22,10 +22,10 @@ import yaml
 
 from neoray import storage
 from neoray.cli import main
+from neoray.data import image_files
 from neoray.data import prepare as prepare_module
 from neoray.data import sources as src
 from neoray.data.geometry import boxes_from_letterbox, xywh_to_xyxy
-from neoray.data import image_files
 from neoray.data.prepare import prepare_coco, prepare_yolo
 from neoray.data.shards import SCHEMA, ManifestError, read_manifest, shard_files
 from neoray.data.synth import write_synthetic_dataset

@@ -45,10 +45,10 @@ def test_model_and_weight_files_are_checked_before_ray(synthetic_shards, overrid
 
 
 def _prepare(tmp_path, name, categories, annotations, images=2):
-    from neoray.data.prepare import prepare_coco
-
     import cv2
     import numpy as np
+
+    from neoray.data.prepare import prepare_coco
 
     root = tmp_path / name
     (root / "images").mkdir(parents=True)

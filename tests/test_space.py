@@ -3,11 +3,15 @@
 import pytest
 import yaml
 
+from neoray.cluster import plan as plan_resources
 from neoray.config import ConfigError, load_config
 from neoray.tune.space import (
-    load_space, optuna_distributions, params_to_overrides, parse_space, points_to_evaluate,
+    load_space,
+    optuna_distributions,
+    params_to_overrides,
+    parse_space,
+    points_to_evaluate,
 )
-from neoray.cluster import plan as plan_resources
 from neoray.tune.sweep import DEFAULT_SPACE, asha_rungs
 
 

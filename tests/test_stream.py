@@ -14,11 +14,16 @@ import numpy as np
 import pytest
 import torch
 
-from neoray.config import DataConfig
 from neoray import storage
+from neoray.config import DataConfig
 from neoray.data.shards import FORMAT, MANIFEST_NAME, VERSION, shard_name, write_shard
 from neoray.data.stream import (
-    Batch, ShardSet, epoch_plan, iter_eval_batches, iter_train_batches, train_batches_per_epoch,
+    Batch,
+    ShardSet,
+    epoch_plan,
+    iter_eval_batches,
+    iter_train_batches,
+    train_batches_per_epoch,
 )
 
 W, H = 160, 90  # shard size

@@ -9,13 +9,17 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fault_hooks import TrialFailures
 
 from neoray.config import load_config
 from neoray.tune import sweep_cmd
 from neoray.tune.sweep import (
-    SweepOptions, SweepResult, collect_rows, run_sweep, sweep_interrupted,
+    SweepOptions,
+    SweepResult,
+    collect_rows,
+    run_sweep,
+    sweep_interrupted,
 )
-from fault_hooks import TrialFailures
 
 SPACE = {
     "params": {"lr": {"distribution": "log_uniform", "low": 3e-4, "high": 3e-3}},

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from process_tools import pids_naming
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -14,9 +14,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.multiprocessing as mp
+from fault_hooks import Faults
 from torch import nn
 
-from fault_hooks import Faults
 from neoray.config import from_dict
 from neoray.engine import step as step_module
 from neoray.engine.checkpoint import load_checkpoint, read_pointers

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fault_hooks import Faults
 
 from neoray.cli import main as neoray_main
 from neoray.config import from_dict
-from neoray.engine.checkpoint import load_checkpoint
-from fault_hooks import Faults
-from neoray.engine.checkpoint import read_pointers
+from neoray.engine.checkpoint import load_checkpoint, read_pointers
 from neoray.engine.optim import lr_at
 
 TINY_MODEL = {"hidden_dim": 32, "num_queries": 20, "num_denoising": 10}

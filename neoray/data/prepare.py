@@ -310,7 +310,7 @@ def _reusable(entry: dict | None, fingerprint: str, out_dir: str) -> bool:
     if not entry or entry.get("fingerprint") != fingerprint:
         return False
     try:
-        return shards.file_sha256(storage.join(out_dir, entry["file"])) == entry["sha256"]
+        return storage.sha256(storage.join(out_dir, entry["file"])) == entry["sha256"]
     except OSError:  # gone or unreadable: written again
         return False
 

@@ -114,15 +114,6 @@ def write_shard(rows: list[dict], path) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def file_sha256(path) -> str:
-    return storage.sha256(path)
-
-
-def write_json_atomic(path, obj, *, indent: int | None = 1, allow_nan: bool = True) -> str:
-    """JSON through ``neoray.storage``: atomic, and readable by everyone the umask allows."""
-    return storage.write_json(path, obj, indent=indent, allow_nan=allow_nan)
-
-
 def _is_int(value, minimum: int = 0) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
@@ -198,6 +189,5 @@ def num_classes(manifest: dict) -> int:
 
 __all__ = [
     "FORMAT", "LIST_COLUMNS", "MANIFEST_NAME", "ManifestError", "REPORT_NAME", "SCHEMA", "SHARD_GLOB", "TEMP_GLOBS",
-    "VERSION", "file_sha256", "num_classes", "read_manifest", "shard_bytes", "shard_files", "shard_name",
-    "write_json_atomic", "write_shard",
+    "VERSION", "num_classes", "read_manifest", "shard_bytes", "shard_files", "shard_name", "write_shard",
 ]

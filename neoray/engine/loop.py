@@ -22,7 +22,13 @@ from torch import nn
 from neoray.config import Config, from_dict
 from neoray.distributed import any_flags, from_rank0, gather
 from neoray.engine import guards, ranking
-from neoray.engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint, seed_everything
+from neoray.engine.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+    seed_everything,
+)
 from neoray.engine.context import RayTrainContext, TrainContext
 from neoray.engine.device import default_device, device_name, node_id, peak_memory_mb
 from neoray.engine.hooks import TrainHooks

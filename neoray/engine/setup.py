@@ -72,8 +72,8 @@ def _label_ids(categories: list) -> list:
 
 
 def _check_model(cfg: Config) -> None:
-    from neoray.models import check_model
     from neoray.engine.model_config import model_options
+    from neoray.models import check_model
 
     try:
         check_model(cfg.model.name, model_options(cfg.model))

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from neoray.config import Config
 from neoray.distributed import is_distributed
+from neoray.engine.device import resolve_amp
 from neoray.engine.ema import ModelEMA
 from neoray.engine.optim import build_optimizer, build_scheduler
 
@@ -70,8 +71,6 @@ class TrainState:
 
     @classmethod
     def build(cls, cfg: Config, model: nn.Module, device: torch.device, total_steps: int, rank: int = 0) -> "TrainState":
-        from neoray.engine.device import resolve_amp
-
         model.to(device)
         amp_dtype, use_scaler = resolve_amp(cfg.train.amp, device)
         optimizer = build_optimizer(model, cfg.train)

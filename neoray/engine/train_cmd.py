@@ -29,11 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from neoray import storage
     from neoray.data.shards import ManifestError
     from neoray.engine.rundir import RunDirError
     from neoray.engine.setup import check_cluster, prepare_config
     from neoray.engine.trainer import train
-    from neoray import storage
     from neoray.storage import StorageError
 
     try:

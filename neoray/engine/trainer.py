@@ -19,7 +19,14 @@ from neoray.config import Config, save_config
 from neoray.engine import ranking
 from neoray.engine.checkpoint import read_pointers, write_pointers
 from neoray.engine.rundir import (
-    RAY_DIR, RunDirError, epoch_line, existing_run_dir, new_run_dir, read_metrics, write_metrics, write_summary,
+    RAY_DIR,
+    RunDirError,
+    epoch_line,
+    existing_run_dir,
+    new_run_dir,
+    read_metrics,
+    write_metrics,
+    write_summary,
 )
 
 TENSORBOARD_DIR = "tensorboard"
@@ -82,10 +89,10 @@ class RunRecorder(_ray_callback_base()):
 
 
 def build_trainer(cfg: Config, storage_path: str, *, resume_from: str | None = None, hooks=None,
-                  callbacks: list | None = None, name: str = RAY_DIR):
+                  callbacks: list | None = None, name: str = RAY_DIR, max_failures: int | None = None):
     """The TorchTrainer for ``cfg``. ``name``/``storage_path`` are deterministic (RUN_DIR/ray), so a
     restarted driver with the same run directory finds the checkpoints; the sweep passes its own
-    callbacks and storage."""
+    callbacks and storage. ``max_failures``: worker-group restarts (default ``train.max_failures``)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -103,7 +110,8 @@ def build_trainer(cfg: Config, storage_path: str, *, resume_from: str | None = N
             placement_strategy=cfg.train.placement.upper()),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=cfg.train.max_failures if max_failures is None else max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute=ranking.SCORE, checkpoint_score_order=ranking.MODE),
             callbacks=callbacks,

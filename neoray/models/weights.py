@@ -98,9 +98,8 @@ def _detector_state(obj) -> dict[str, torch.Tensor] | None:
 
 def _tensors_for(trunk: nn.Module, source: str, prefix: str, arch: str) -> tuple[dict, str]:
     """(tensors named as ``trunk``'s state dict, how they were found) from a backbone_weights file."""
-    from neoray.models.pretrained import huggingface_backbone_tensors, is_huggingface
-
     from neoray import storage
+    from neoray.models.pretrained import huggingface_backbone_tensors, is_huggingface
 
     if not storage.exists(source):
         raise FileNotFoundError(f"weights file not found: {source}")

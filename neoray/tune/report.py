@@ -16,6 +16,7 @@ import csv
 import io
 import math
 import sys
+
 from neoray import storage
 from neoray.config import ConfigError
 

@@ -31,7 +31,12 @@ from neoray.cluster import TrialResources, check_visible_on_all_nodes, connect
 from neoray.config import Config, ConfigError, apply_overrides, from_dict, load_config, save_config
 from neoray.engine import ranking
 from neoray.tune.space import (
-    PARAMS, SearchSpace, load_space, optuna_distributions, params_to_overrides, points_to_evaluate,
+    PARAMS,
+    SearchSpace,
+    load_space,
+    optuna_distributions,
+    params_to_overrides,
+    points_to_evaluate,
 )
 from neoray.tune.trainable import release_worker_pgs, sweep_trainable, trial_record_path
 

@@ -6,7 +6,8 @@
 * several workers: the trial builds and fits its own TorchTrainer (the Train V2 pattern) whose reports
   reach Tune through Ray's ``TuneReportCallback``. Its run is named after the trial and stored under
   ``SWEEP_DIR/trials`` (local, a shared mount or object storage), so that a retried trial's trainer
-  finds and restores its own checkpoints.
+  finds and restores its own checkpoints; Tune retries a failed trial (``--max-failures``), the
+  trial's TorchTrainer does not restart its workers itself.
 
 The trial's config holds only its sampled parameters (see space.PARAMS: lr, warmup_steps, batch "4x2",
 ...), so that Tune's tables and params.json show what differs between trials. What every trial shares
@@ -122,6 +123,11 @@ def _run_torch_trainer(cfg: Config, trial_name: str, sweep_dir: str, hooks) -> N
         cfg, storage.join(sweep_dir, "trials"), hooks=hooks,
         callbacks=[TuneReportCallback(), RecordPlacementGroupCallback(record)],
         name=trial_name,  # deterministic: a retried trial's trainer restores this run's checkpoints
+        # A trial's failures are Tune's to retry (--max-failures, from the trial's last checkpoint). A
+        # TorchTrainer that restarted its own workers outlived its trial: when Tune ended the trial and
+        # its placement group was released, the trainer's controller saw its workers gone, started a
+        # new worker group and held its CPUs, and the next trial waited forever (measured, Ray 2.60).
+        max_failures=0,
     )
     try:
         trainer.fit()
