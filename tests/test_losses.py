@@ -7,7 +7,7 @@ from torchvision.ops import box_iou, generalized_box_iou
 
 from neoray.models import build_model, check_targets
 from neoray.models.box_ops import paired_iou_and_giou
-from neoray.models.criterion import RTDETRCriterion, global_num_boxes
+from neoray.models.criterion import RTDETRCriterion
 from neoray.models.matcher import HungarianMatcher
 
 
@@ -67,10 +67,23 @@ def test_no_objects_still_push_scores_down():
     assert (logits.grad > 0).all()  # gradient descent lowers every score
 
 
-def test_box_count_is_averaged_over_ddp_workers(monkeypatch):
-    targets = [{"labels": torch.tensor([0, 1])}, {"labels": torch.tensor([1])}]
-    assert global_num_boxes(targets, torch.device("cpu")) == 3.0
-    assert global_num_boxes([{"labels": torch.zeros(0)}], torch.device("cpu")) == 1.0  # clamped
+def test_losses_are_normalised_by_the_box_count_the_caller_agreed_on():
+    criterion = RTDETRCriterion(2, HungarianMatcher())
+    torch.manual_seed(0)
+    logits, boxes = torch.randn(1, 4, 2), torch.rand(1, 4, 4) * 0.2 + 0.4
+    targets = [{"labels": torch.tensor([0, 1, 1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]] * 3)}]
+    own = criterion(make_outputs(logits, boxes), targets)  # this batch's 3 boxes
+    agreed = criterion(make_outputs(logits, boxes), targets, num_boxes=6.0)  # the mean over the ranks
+    for name in own:
+        torch.testing.assert_close(agreed[name], own[name] / 2)
+    empty = [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}]
+    assert all(torch.isfinite(v) for v in criterion(make_outputs(logits, boxes), empty).values())  # clamped to 1
+
+
+def test_the_box_count_is_averaged_over_ddp_workers(monkeypatch):
+    from neoray.distributed import mean_over_ranks
+
+    assert mean_over_ranks(3.0) == 3.0
 
     # Pretend a second worker holds 9 boxes: the all-reduced mean is (3 + 9) / 2.
     def fake_all_reduce(tensor):
@@ -79,7 +92,7 @@ def test_box_count_is_averaged_over_ddp_workers(monkeypatch):
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "all_reduce", fake_all_reduce)
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
-    assert global_num_boxes(targets, torch.device("cpu")) == 6.0
+    assert mean_over_ranks(3.0) == 6.0
 
 
 def one_box(label):

@@ -18,6 +18,7 @@ from fault_hooks import Faults
 from torch import nn
 
 from neoray.config import from_dict
+from neoray.engine import ranking
 from neoray.engine import step as step_module
 from neoray.engine.checkpoint import load_checkpoint, read_pointers
 from neoray.engine.context import LocalContext, ReadyBatches
@@ -65,7 +66,7 @@ class TinyDetector(nn.Module):
         self.box = nn.Linear(8, 1)
         self.num_classes = num_classes
 
-    def forward(self, images, targets=None):
+    def forward(self, images, targets=None, num_boxes=None):
         x = images.float().mean(dim=(2, 3)) / 255.0
         features = torch.tanh(self.backbone(x))
         counts = self.head(features)
@@ -191,7 +192,7 @@ class RandomDrawDetector(TinyDetector):
         super().__init__(num_classes)
         self.draws = []
 
-    def forward(self, images, targets=None):
+    def forward(self, images, targets=None, num_boxes=None):
         if self.training:
             self.draws.append((float(torch.rand(())), random.random()))
         return super().forward(images, targets)
@@ -396,6 +397,7 @@ def test_bad_label_fails_preflight_with_label_and_num_classes():
     assert len(ctx.reports) == 1
     reason = ctx.reports[0]["stop_reason"]
     assert "label 7" in reason and "num_classes=2" in reason
+    assert ctx.reports[0]["score"] == ranking.WORST and ctx.reports[0]["evaluated"] == 0  # Tune needs a score
     assert torch.equal(model.head.weight, TinyDetector(2).head.weight)  # nothing was trained
 
 
@@ -530,3 +532,60 @@ def test_ddp_worker_with_only_empty_images_and_a_longer_shard_does_not_stall(tmp
     for a, b in zip(results[0]["params"], results[1]["params"]):
         torch.testing.assert_close(a, b)
     assert results[0]["reports"][0]["stop_reason"] == ""
+
+
+def _ddp_rtdetr_oom_worker(rank, world_size, port, out_dir):
+    """A small RT-DETR on two gloo ranks; rank 1's decoder runs out of memory in its first forward."""
+    import torch.distributed as dist
+
+    from neoray.models import build_model
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        seen = []
+
+        def model_fn(num_classes):
+            model = build_model("rtdetr_cpu", num_classes, hidden_dim=32, num_queries=8, num_denoising=4)
+            decoder_forward, calls = model.decoder.forward, []
+
+            def forward(*args, **kwargs):
+                calls.append(1)
+                if rank == 1 and model.training and len(calls) == 2:  # the 1st call is the preflight
+                    raise torch.OutOfMemoryError("injected inside the model, before the loss")
+                return decoder_forward(*args, **kwargs)
+
+            model.decoder.forward = forward
+            criterion_forward = model.criterion.forward
+            model.criterion.forward = lambda outputs, targets, num_boxes=None: (
+                seen.append(num_boxes), criterion_forward(outputs, targets, num_boxes))[1]
+            return model
+
+        class Ctx(LocalContext):
+            world_rank = rank
+            local_rank = rank
+
+        ctx = Ctx(ready(make_batches(8, 2, seed=rank, first_id=100 * rank)))
+        ctx.world_size = world_size
+        run_training_loop(tiny_config(batch_size=2, epochs=1), ctx, model_fn=model_fn, log=None)
+        torch.save({"reports": ctx.reports, "num_boxes": seen}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_oom_inside_the_model_forward_on_one_rank_keeps_the_ranks_in_step(tmp_path):
+    """The loss normaliser is all-reduced before the forward: an OOM inside one rank's forward (before
+    its loss) must not pair that rank's next collective with another rank's loss all-reduce."""
+    mp.spawn(_ddp_rtdetr_oom_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for result in results:
+        report = result["reports"][0]
+        assert report["oom_skipped"] == 1 and report["step"] == 3  # 4 micro-batches, the first dropped
+    boxes = [[sum(len(t["labels"]) for t in b.targets) for b in make_batches(8, 2, seed=r, first_id=100 * r)]
+             for r in range(2)]
+    # Every loss a rank computed was normalised by the mean of both ranks' box counts for that micro-batch.
+    expected = [(a + b) / 2 for a, b in zip(*boxes)]
+    # [0] is each rank's preflight (its own count, None); rank 1 computed no loss for micro-batch 0.
+    assert results[0]["num_boxes"][0] is None and results[1]["num_boxes"][0] is None
+    assert results[0]["num_boxes"][1:] == pytest.approx(expected)
+    assert results[1]["num_boxes"][1:] == pytest.approx(expected[1:])

@@ -46,7 +46,8 @@ def run_training_loop(cfg: Config, ctx: TrainContext, *, hooks: TrainHooks | Non
     """Train ``cfg`` on this worker, reporting once per epoch through ``ctx``.
 
     ``resume_from``: a checkpoint to continue from when ``ctx`` has none (``neoray train --resume``).
-    ``model_fn(num_classes)``: build a custom model instead of ``cfg.model`` (tests, benchmarks).
+    ``model_fn(num_classes)``: build a custom model instead of ``cfg.model`` (tests, benchmarks); its
+    train forward is called as ``model(images, targets, num_boxes=...)``, like ``Detector.forward``.
     """
     hooks = hooks or TrainHooks()
     log = log if ctx.world_rank == 0 else None
@@ -59,7 +60,10 @@ def run_training_loop(cfg: Config, ctx: TrainContext, *, hooks: TrainHooks | Non
             first_epoch_of_process = False
             batches, failure = _preflight(state, batches, len(ctx.data.categories))
             if failure:
-                ctx.report({"epoch": state.epoch, "step": state.step, "stop_reason": failure}, None)
+                # A score too: Tune checks every result for the sweep's metric, and a missing one would
+                # end the whole sweep instead of this trial.
+                ctx.report({"epoch": state.epoch, "step": state.step, "evaluated": 0,
+                            ranking.SCORE: ranking.WORST, "stop_reason": failure}, None)
                 return
         hooks.epoch_start(state.epoch + 1, state.rank)
         if state.device.type == "cuda":

@@ -26,7 +26,7 @@ from typing import Callable, Iterable
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from neoray.distributed import any_flags, is_distributed
+from neoray.distributed import any_flags, is_distributed, mean_over_ranks
 from neoray.engine import guards
 from neoray.engine.hooks import TrainHooks
 from neoray.engine.state import TrainState
@@ -143,10 +143,15 @@ class _Group:
 
 
 def _forward(state: TrainState, module, batch, hooks: TrainHooks, micro: int):
-    """(losses, total loss), or (None, None) when this rank ran out of memory."""
+    """(losses, total loss), or (None, None) when this rank ran out of memory.
+
+    The loss normaliser (boxes per worker, averaged over the ranks) is agreed on here, before the
+    forward: a collective inside the forward would pair up with another collective on a rank whose
+    forward ran out of memory, and the ranks would hang or exchange garbage."""
+    num_boxes = mean_over_ranks(sum(len(t["labels"]) for t in batch.targets), state.device)
     try:
         with torch.autocast(state.device.type, dtype=state.amp_dtype, enabled=state.amp_dtype is not None):
-            losses = module(batch.images, batch.targets)
+            losses = module(batch.images, batch.targets, num_boxes=num_boxes)
             loss = sum(losses.values())
         return losses, hooks.after_forward(micro, state.rank, loss)
     except torch.OutOfMemoryError:

@@ -135,8 +135,11 @@ class Detector(nn.Module):
         out[..., :height, :width] = x
         return out
 
-    def forward(self, images: torch.Tensor, targets: list[dict] | None = None):
-        """Train mode: dict of weighted scalar losses. Eval mode: per image {"boxes", "scores", "labels"}."""
+    def forward(self, images: torch.Tensor, targets: list[dict] | None = None, num_boxes: float | None = None):
+        """Train mode: dict of weighted scalar losses. Eval mode: per image {"boxes", "scores", "labels"}.
+
+        ``num_boxes``: what the losses are normalised by, the boxes per worker averaged over the DDP ranks
+        (the engine agrees on it before the forward); None: this batch's own count."""
         size = (images.shape[-1], images.shape[-2])  # (width, height)
         if not self.training:
             return self.predict(self.normalize(images), size)
@@ -156,9 +159,10 @@ class Detector(nn.Module):
             }
             for t in targets
         ]  # extra keys (iscrowd, areas, ...) are ignored
-        return self.compute_losses(x, size, clean)
+        return self.compute_losses(x, size, clean, num_boxes)
 
-    def compute_losses(self, x: torch.Tensor, size: tuple[int, int], targets: list[dict]) -> dict:
+    def compute_losses(self, x: torch.Tensor, size: tuple[int, int], targets: list[dict],
+                       num_boxes: float | None = None) -> dict:
         raise NotImplementedError
 
     def predict(self, x: torch.Tensor, size: tuple[int, int]) -> list[dict]:

@@ -2,8 +2,9 @@
 
 Sets: the final decoder layer, each earlier decoder layer (auxiliary), the encoder's top-k proposals,
 and the denoising queries of every decoder layer (their targets are known, no matching needed). Each
-loss is normalised by the number of ground-truth boxes, all-reduced over DDP workers so that every rank
-divides by the same number. Returned losses are already weighted; the engine sums them.
+loss is normalised by the number of ground-truth boxes: the caller passes the mean over its DDP ranks
+(the engine agrees on it before the forward, so that no collective runs inside a forward that one rank
+may not finish), else this batch's own count. Returned losses are already weighted; the engine sums them.
 """
 
 from __future__ import annotations
@@ -12,16 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neoray.distributed import mean_over_ranks
 from neoray.models.box_ops import cxcywh_to_xyxy, paired_iou_and_giou
 from neoray.models.matcher import HungarianMatcher
 
 DEFAULT_LOSS_WEIGHTS = {"vfl": 1.0, "bbox": 5.0, "giou": 2.0}
-
-
-def global_num_boxes(targets: list[dict], device: torch.device) -> float:
-    """Mean number of boxes per worker (all-reduced over DDP ranks), at least 1."""
-    return max(mean_over_ranks(float(sum(len(t["labels"]) for t in targets)), device), 1.0)
 
 
 class RTDETRCriterion(nn.Module):
@@ -72,11 +67,13 @@ class RTDETRCriterion(nn.Module):
         l1, giou = self.box_losses(boxes, targets, matches, num_boxes)
         return {"vfl": self.varifocal(logits, boxes, targets, matches, num_boxes), "bbox": l1, "giou": giou}
 
-    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
+    def forward(self, outputs: dict, targets: list[dict], num_boxes: float | None = None) -> dict[str, torch.Tensor]:
         """outputs: "logits"/"boxes" (layers, B, Q, K|4) per decoder layer, "enc_logits"/"enc_boxes"
         (B, Q, K|4), optional "dn_logits"/"dn_boxes" (layers, B, N, K|4) with "dn_matches".
         targets: per image {"labels", "boxes" cxcywh normalised}."""
-        num_boxes = global_num_boxes(targets, outputs["logits"].device)
+        if num_boxes is None:
+            num_boxes = float(sum(len(t["labels"]) for t in targets))
+        num_boxes = max(float(num_boxes), 1.0)
         totals = {name: outputs["logits"].new_zeros(()) for name in self.weights}
 
         def add(losses: dict, divide_by: float = 1.0) -> None:

@@ -102,7 +102,7 @@ class RTDETR(Detector):
         width = x.shape[-1] + (-x.shape[-1] % 32)
         return torch.tensor([width, height, width, height], dtype=torch.float32, device=x.device)
 
-    def compute_losses(self, x, size, targets):
+    def compute_losses(self, x, size, targets, num_boxes=None):
         scale = self._padded_scale(x)
         width, height = size
         limit = torch.tensor([width, height, width, height], dtype=torch.float32, device=x.device)
@@ -119,7 +119,7 @@ class RTDETR(Detector):
         outputs = self._run(x, size, denoising)
         if denoising is not None:
             outputs.update(dn_matches=denoising.matches, dn_groups=denoising.groups)
-        losses = self.criterion(outputs, normalised)
+        losses = self.criterion(outputs, normalised, num_boxes)
         if denoising is None:
             # No denoising queries this step (no boxes in the batch): keep their embedding in the graph
             # with a zero term, otherwise DDP without find_unused_parameters waits for its gradient.

@@ -70,7 +70,7 @@ class TorchvisionDetector(Detector):
         """The ResNet-50 + FPN (a submodule of the torchvision model; one copy in the state dict)."""
         return self.detector.backbone
 
-    def compute_losses(self, x, size, targets):
+    def compute_losses(self, x, size, targets, num_boxes=None):  # torchvision normalises its own losses
         losses = self.detector(list(x), targets)
         return {name: value for name, value in losses.items()}
 
