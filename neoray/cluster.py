@@ -119,7 +119,7 @@ def _connection_advice(target: str, exc: BaseException) -> str:
 DATA_HEADROOM_CPUS = 1.0
 # A multi-worker trial's driver only waits on its TorchTrainer; Tune refuses 0, so it asks for a sliver.
 TRAINER_DRIVER_CPUS = 0.01
-AUTOSCALE_HINT = "; if the cluster autoscales (ray up cluster.yaml), pass --autoscale to let trials wait for new nodes"
+AUTOSCALE_HINT = "; if the cluster autoscales (ray up cluster.yaml), pass --autoscale to wait for new nodes"
 
 
 @dataclass
@@ -156,7 +156,7 @@ def plan(cfg: Config, gpus_per_worker: float | None, max_concurrent: int | None,
     run_gpus = workers * gpw
     have_cpus, have_gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
     usable_cpus = have_cpus - DATA_HEADROOM_CPUS
-    what, hint = ("one trial", AUTOSCALE_HINT) if sweep else ("the run", "")
+    what, hint = ("one trial" if sweep else "the run"), AUTOSCALE_HINT
     if max_concurrent is not None and max_concurrent < 1:
         raise ConfigError("--max-concurrent must be >= 1")
     if not autoscale:
@@ -184,8 +184,9 @@ def plan(cfg: Config, gpus_per_worker: float | None, max_concurrent: int | None,
         # The autoscaler adds nodes for pending trials; without --max-concurrent, admit what fits today
         # (at least one) rather than guess the cluster's maximum.
         fit = max_concurrent if max_concurrent is not None else max(1, fit)
-        print(f"[neoray] --autoscale: trials that do not fit today's cluster ({have_cpus:g} CPUs, {have_gpus:g} "
-              f"GPUs) wait for the autoscaler; up to {fit} at a time", flush=True)
+        waiting = f"trials that do not fit today's cluster" if sweep else "workers that do not fit today's cluster"
+        print(f"[neoray] --autoscale: {waiting} ({have_cpus:g} CPUs, {have_gpus:g} GPUs) wait for the autoscaler"
+              + (f"; up to {fit} at a time" if sweep else ""), flush=True)
     elif max_concurrent is not None:
         if max_concurrent > fit and sweep:
             print(f"[neoray] --max-concurrent {max_concurrent} lowered to {fit}: more trials than that cannot "
@@ -217,6 +218,17 @@ def _look_on_node(checks: list[tuple[str, str]]) -> tuple[str, list[str]]:
     return ray.util.get_node_ip_address(), missing
 
 
+def _make_dirs(path: str) -> list[str]:
+    """``os.makedirs(path)``; returns the directories it created, outermost first (and only those)."""
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for folder in reversed(missing):
+        os.mkdir(folder)
+    return list(reversed(missing))
+
+
 def check_visible_on_all_nodes(paths: dict[str, str]) -> None:
     """Refuse (ConfigError, one line) a local path that not every alive node sees, before anything runs.
 
@@ -232,9 +244,7 @@ def check_visible_on_all_nodes(paths: dict[str, str]) -> None:
     checks, markers, created = [], [], []
     for key, path in local.items():
         if key == "--output":
-            if not os.path.isdir(path):
-                created.append(path)
-                os.makedirs(path)
+            created += _make_dirs(path)
             marker = os.path.join(path, f".neoray-visible-{uuid.uuid4().hex}")
             storage.write_text(marker, "written by the driver; every node must see it\n")
             markers.append(marker)
@@ -248,9 +258,9 @@ def check_visible_on_all_nodes(paths: dict[str, str]) -> None:
     finally:
         for marker in markers:
             storage.remove(marker)
-        for path in created:  # leave no trace of a check (the run itself makes its directory)
+        for path in reversed(created):  # leave no trace of a check (the run itself makes its directory)
             with contextlib.suppress(OSError):
-                os.removedirs(path)
+                os.rmdir(path)
     for address, missing in answers:
         if missing:
             key = missing[0]

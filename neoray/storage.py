@@ -254,11 +254,22 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(read_text(path))
 
 
-def umask_mode() -> int:
-    """The mode a plain ``open(path, "w")`` gives a new file: 0o666 without the process's umask."""
+def _umask() -> int:
+    # Linux reports the umask in /proc without changing it; setting it to read it back (the fallback)
+    # would, for a moment, give files other threads create meanwhile the wrong mode.
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
     current = os.umask(0)
     os.umask(current)
-    return 0o666 & ~current
+    return current
+
+
+def umask_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file: 0o666 without the process's umask."""
+    return 0o666 & ~_umask()
 
 
 def _write_local_atomic(target: str, data: bytes) -> None:

@@ -266,3 +266,41 @@ def test_ray_task_failure_is_the_tasks_own_one_line_error(ray_session, synth, tm
         prepare_coco(ann, images, out, size=SIZE, workers=2, ray=True)
     assert "\n" not in str(err.value) and "shard-00000.parquet: cannot write" in str(err.value)
     assert not (out / "_manifest.json").exists()
+
+
+def test_an_object_store_error_fails_the_shard_and_a_local_one_skips_the_image(tmp_path, monkeypatch):
+    """A network or service error while reading from object storage says nothing about the image: it
+    must fail (and on a cluster retry) the shard, not record the image as unreadable for good."""
+    from neoray.data import image_files
+    from neoray.data import sources as src
+
+    def flaky(path, max_bytes=None):
+        raise storage.StorageError(f"{path}: cannot read (AWS Error NETWORK_CONNECTION during GetObject)")
+
+    monkeypatch.setattr(storage, "read_bytes", flaky)
+    with pytest.raises(storage.StorageError, match="s3://bucket/images/1.jpg: cannot read"):
+        image_files.read_image("s3://bucket/images/1.jpg")
+    local = tmp_path / "1.jpg"
+    local.write_bytes(b"x")
+    refused = image_files.read_image(str(local))
+    assert isinstance(refused, image_files.Refused) and refused.reason == src.IMAGE_UNREADABLE
+
+
+def test_a_ray_checkpoint_on_s3_is_read_in_place_not_downloaded(tmp_path, s3_bucket):
+    """A restarted worker resumes from Ray's checkpoint on object storage: read from its URI, not copied
+    into a temporary folder that nothing removes."""
+    import pyarrow.fs
+    import ray.train
+    import torch
+
+    from neoray.engine.checkpoint import load_checkpoint, save_checkpoint
+    from neoray.engine.context import checkpoint_location
+
+    save_checkpoint(tmp_path / "ckpt", {"epoch": 3, "model": {"w": torch.ones(2)}})
+    uri = _upload(str(tmp_path / "ckpt"), f"{s3_bucket}/run/ray/checkpoint_000002")
+    filesystem, path = pyarrow.fs.FileSystem.from_uri(uri)
+    checkpoint = ray.train.Checkpoint(path=path, filesystem=filesystem)
+    checkpoint.to_directory = lambda *args: pytest.fail("downloaded")
+    location = checkpoint_location(checkpoint)
+    assert location == uri
+    assert load_checkpoint(location)["epoch"] == 3

@@ -127,3 +127,83 @@ def test_written_run_files_have_the_umask_mode(tmp_path):
         os.umask(previous)
     for name in ("config.yaml", "metrics.json"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_too_few_training_images_for_one_batch_per_worker_is_refused(synthetic_shards):
+    """24 training images: 4 workers x batch 8 would give every epoch no step at all."""
+    with pytest.raises(ConfigError, match=r"data.train: 24 training images give each of the 4 workers 6, fewer "
+                                          r"than train.batch_size=8"):
+        prepare_config(_cfg(synthetic_shards, "train.workers=4", "train.batch_size=8"))
+    with pytest.raises(ConfigError, match=r"10 training images \(data.max_train_images=10\) .* 2 workers 5"):
+        prepare_config(_cfg(synthetic_shards, "train.workers=2", "train.batch_size=6", "data.max_train_images=10"))
+    assert prepare_config(_cfg(synthetic_shards, "train.workers=4", "train.batch_size=6")).train.batch_size == 6
+
+
+def test_resume_refuses_a_config_that_would_continue_another_experiment(synthetic_shards, tmp_path):
+    from neoray.config import save_config
+    from neoray.engine.setup import check_resume
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_config(prepare_config(_cfg(synthetic_shards, "train.lr=1e-3")), run_dir / "config.yaml")
+    allowed = []
+    check_resume(prepare_config(_cfg(synthetic_shards, "train.lr=1e-3", "train.epochs=20", "train.workers=2")),
+                 str(run_dir), log=allowed.append)
+    assert "train.epochs=20 (was 10)" in allowed[0] and "train.workers=2 (was 1)" in allowed[0]
+    for override, key in (("train.lr=3e-3", "train.lr"), ("model.name=fcos_r50", "model.name"),
+                          ("data.hflip=0.0", "data.hflip"), ("model.options={hidden_dim: 64}", "model.options")):
+        with pytest.raises(ConfigError, match=rf"--resume: the config differs from .*config.yaml in {key} ") as err:
+            check_resume(prepare_config(_cfg(synthetic_shards, "train.lr=1e-3", override)), str(run_dir))
+        assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="not a neoray run directory"):
+        check_resume(prepare_config(_cfg(synthetic_shards)), str(tmp_path / "nowhere"))
+
+
+def test_autoscale_lets_neoray_train_wait_for_nodes(capsys):
+    cfg = load_config(None, ["train.workers=4", "train.cpus_per_worker=2", "train.use_gpu=true"])
+    with pytest.raises(ConfigError, match="the run needs 4 GPUs .* pass --autoscale to wait for new nodes"):
+        plan(cfg, None, 1, {"CPU": 16, "GPU": 2}, nodes=[{"CPU": 16, "GPU": 2}], sweep=False)
+    assert plan(cfg, None, 1, {"CPU": 16, "GPU": 2}, nodes=[{"CPU": 16, "GPU": 2}], sweep=False, autoscale=True).gpus == 4
+    assert "workers that do not fit today's cluster" in capsys.readouterr().out
+
+
+def test_an_interrupted_run_still_writes_its_summary(synthetic_shards, tmp_path, monkeypatch):
+    import json
+
+    from neoray.engine import trainer
+
+    class Interrupted:
+        def fit(self):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "build_trainer", lambda *args, **kwargs: Interrupted())
+    cfg = prepare_config(_cfg(synthetic_shards), output=str(tmp_path / "runs"))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(cfg, verbose=False)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert json.loads((run_dir / "summary.json").read_text())["stop_reason"] == "interrupted"
+
+
+def test_the_visibility_check_removes_only_the_folders_it_made(ray_session, tmp_path):
+    from neoray.cluster import check_visible_on_all_nodes
+
+    (tmp_path / "shared" / "empty").mkdir(parents=True)  # the user's own empty folders stay
+    output = tmp_path / "shared" / "empty" / "runs" / "today"
+    check_visible_on_all_nodes({"--output": str(output)})
+    assert (tmp_path / "shared" / "empty").is_dir() and not (tmp_path / "shared" / "empty" / "runs").exists()
+    output.mkdir(parents=True)
+    check_visible_on_all_nodes({"--output": str(output)})
+    assert output.is_dir() and not list(output.iterdir())  # an existing output keeps no marker
+
+
+def test_the_umask_is_read_without_changing_it(monkeypatch):
+    """Setting the umask to read it back would give files that other threads create meanwhile mode 0666."""
+    from neoray import storage
+
+    previous = os.umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", lambda mask: pytest.fail("umask changed"))
+        assert storage.umask_mode() == 0o640
+    finally:
+        monkeypatch.undo()
+        os.umask(previous)

@@ -128,3 +128,15 @@ def test_autoscale_waits_for_nodes_instead_of_failing_fast(capsys):
     assert "wait for the autoscaler" in capsys.readouterr().out
     # --max-concurrent is taken as given: the autoscaler adds the nodes (not lowered to today's fit).
     assert plan_resources(coco, 1, 4, today, nodes=nodes, autoscale=True).max_concurrent == 4
+
+
+def test_a_space_file_that_cannot_be_read_is_one_line(tmp_path):
+    """Like configs: a directory, UTF-16 text or a list at the top is a one-line ConfigError."""
+    utf16 = tmp_path / "space16.yaml"
+    utf16.write_text("params:\n  lr: {distribution: log_uniform, low: 1e-4, high: 1e-2}\n", encoding="utf-16")
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- lr\n")
+    for path, fragment in ((tmp_path, "is a directory"), (utf16, "not UTF-8"), (listed, "mapping at the top")):
+        with pytest.raises(ConfigError, match=fragment) as err:
+            load_space(path)
+        assert "\n" not in str(err.value)

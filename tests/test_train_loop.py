@@ -589,3 +589,21 @@ def test_ddp_oom_inside_the_model_forward_on_one_rank_keeps_the_ranks_in_step(tm
     assert results[0]["num_boxes"][0] is None and results[1]["num_boxes"][0] is None
     assert results[0]["num_boxes"][1:] == pytest.approx(expected)
     assert results[1]["num_boxes"][1:] == pytest.approx(expected[1:])
+
+
+def test_a_resumed_run_does_not_read_the_backbone_weights_again(tmp_path):
+    """The checkpoint holds every weight: resuming must not need (or re-read) model.backbone_weights."""
+    from neoray.models import build_model
+
+    weights = tmp_path / "backbone.pt"
+    torch.save(build_model("rtdetr_cpu", 2, hidden_dim=32, num_queries=8).backbone.body.state_dict(), weights)
+    cfg = from_dict({**tiny_config(epochs=1, batch_size=2).to_dict(),
+                     "model": {"name": "rtdetr_cpu", "backbone_weights": str(weights),
+                               "options": {"hidden_dim": 32, "num_queries": 8, "num_denoising": 4}}})
+    first = LocalContext(ready(make_batches(4, 2)), checkpoint_root=tmp_path / "ckpt")
+    run_training_loop(cfg, first, log=None)
+    weights.unlink()
+    resumed = LocalContext(ready(make_batches(4, 2)), checkpoint_root=tmp_path / "ckpt")
+    longer = from_dict({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "epochs": 2}})
+    run_training_loop(longer, resumed, resume_from=str(tmp_path / "ckpt" / "epoch_0001"), log=None)
+    assert [r["epoch"] for r in resumed.reports] == [2]

@@ -85,6 +85,10 @@ def _read_file(path: str, max_bytes: int) -> bytes | Refused:
     except storage.TooLarge as exc:
         return Refused(src.IMAGE_TOO_LARGE, f"{str(exc).rsplit(': ', 1)[-1]} (--max-image-bytes)")
     except OSError as exc:
+        if storage.is_uri(path):
+            # Object storage: a network or service error is no property of the image. It fails the
+            # shard (retried on the cluster; a re-run reuses the finished shards), never a skip for good.
+            raise
         with contextlib.suppress(OSError):
             kind = storage.info(path).kind
             if kind in ("other", "dir"):

@@ -392,7 +392,8 @@ def _run_ray_tasks(tasks: list[_ShardTask]) -> dict[int, dict]:
     """The cluster executor: one Ray task (one CPU) per shard, on any node; results as they finish."""
     import ray
 
-    remote = ray.remote(num_cpus=1)(_build_shard_on_node)
+    # A shard task that failed on storage (an object store's transient error) is tried again.
+    remote = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=[storage.StorageError])(_build_shard_on_node)
     pending = {remote.remote(task): task for task in tasks}
     entries: dict[int, dict] = {}
     with _progress(tasks) as bar:

@@ -138,15 +138,24 @@ class RayTrainContext:
         return False
 
 
+# pyarrow filesystem type -> the URI scheme neoray.storage reads it with (the endpoint and credentials
+# come from the same AWS_* / Google variables that gave Ray its filesystem).
+_URI_SCHEMES = {"s3": "s3", "gcs": "gs"}
+
+
 def checkpoint_location(checkpoint) -> str | None:
     """A Ray ``Checkpoint`` as something ``neoray.engine.checkpoint.load_checkpoint`` reads: its path
-    when it is on a local or shared filesystem, else a local download (object storage)."""
+    on a local or shared filesystem, its URI on object storage (read in place, nothing downloaded), else
+    (a custom fsspec filesystem) a local download."""
     if checkpoint is None:
         return None
     import pyarrow.fs
 
     if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
         return checkpoint.path
+    scheme = _URI_SCHEMES.get(checkpoint.filesystem.type_name)
+    if scheme:
+        return f"{scheme}://{checkpoint.path}"
     return checkpoint.to_directory()
 
 

@@ -89,11 +89,13 @@ def _start(cfg: Config, ctx: TrainContext, model_fn, resume_from: str | None, lo
 
     quiet_ray_data()  # this worker runs Ray Data: keep its log to epochs, not data progress
     categories = ctx.data.categories
-    model = model_fn(len(categories)) if model_fn else build_model(cfg.model, len(categories))
+    checkpoint = ctx.latest_checkpoint() or resume_from
+    # A checkpoint brings every weight: the backbone's pretrained file is not read again (it may be gone).
+    model = (model_fn(len(categories)) if model_fn
+             else build_model(cfg.model, len(categories), with_weights=not checkpoint))
     device = ctx.device or default_device(cfg, ctx.local_rank)
     total_steps = cfg.train.epochs * optimizer_steps_per_epoch(ctx.data.micro_batches_per_epoch(), cfg.train.accumulate)
     state = TrainState.build(cfg, model, device, total_steps, rank=ctx.world_rank)
-    checkpoint = ctx.latest_checkpoint() or resume_from
     if checkpoint:
         payload = load_checkpoint(checkpoint)
         state.load_state_dict(payload)

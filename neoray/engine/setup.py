@@ -57,6 +57,7 @@ def _check_data(cfg: Config) -> None:
         val = read_manifest(cfg.data.val) if cfg.data.val else None
     except ManifestError as exc:
         raise ConfigError(str(exc)) from None
+    _check_batches(cfg, train["num_images"])
     if val is None:
         return
     if _label_ids(val["categories"]) != _label_ids(train["categories"]):
@@ -65,6 +66,59 @@ def _check_data(cfg: Config) -> None:
     if not val["num_boxes"]:
         raise ConfigError(f"data.val: {cfg.data.val} holds no boxes, and COCO mAP is undefined without ground "
                           "truth; give a validation set with boxes, or data.val= to train without evaluation")
+
+
+# What may change when a run is resumed: how long it trains, how it is placed and evaluated, where its
+# data lives. Anything else (the model, the augmentation, the optimiser, the schedule's shape) would
+# make the checkpoint continue a different experiment than the one its run directory records.
+RESUMABLE_CHANGES = frozenset({
+    "output", "name", "data.train", "data.val", "train.epochs", "train.eval_every",
+    "train.eval_score_threshold", "train.early_stop_patience", "train.max_skipped_fraction",
+    "train.max_oom_per_epoch", "train.max_failures", "train.log_every", "train.workers", "train.use_gpu",
+    "train.gpus_per_worker", "train.cpus_per_worker", "train.placement",
+})
+
+
+def check_resume(cfg: Config, run_dir: str, log=None) -> None:
+    """Refuse (ConfigError, one line) to resume ``run_dir`` with a config that differs from the run's own
+    config.yaml in anything but ``RESUMABLE_CHANGES``; ``log`` the changes it allows."""
+    from neoray.config import load_config
+
+    saved_path = storage.join(storage.absolute(run_dir), "config.yaml")
+    if not storage.is_file(saved_path):
+        raise ConfigError(f"--resume: {storage.absolute(run_dir)} is not a neoray run directory (no config.yaml)")
+    saved = _flat(load_config(saved_path).to_dict())
+    given = _flat(cfg.to_dict())
+    changed = sorted(key for key in saved.keys() | given.keys() if saved.get(key) != given.get(key))
+    refused = [key for key in changed if key not in RESUMABLE_CHANGES]
+    if refused:
+        shown = ", ".join(f"{key} ({saved.get(key)!r} -> {given.get(key)!r})" for key in refused[:3])
+        more = f" and {len(refused) - 3} more" if len(refused) > 3 else ""
+        raise ConfigError(f"--resume: the config differs from the run's own {saved_path} in {shown}{more}; "
+                          "resume with the run's config.yaml, or start a new run with model.init_from=RUN_DIR")
+    if changed and log:
+        log("resuming with " + ", ".join(f"{key}={given.get(key)!r} (was {saved.get(key)!r})" for key in changed))
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "options":
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _check_batches(cfg: Config, num_images: int) -> None:
+    """Every worker gets at least one full batch per epoch; an epoch without a step trains nothing."""
+    rows = num_images if cfg.data.max_train_images <= 0 else min(num_images, cfg.data.max_train_images)
+    workers, batch = cfg.train.workers, cfg.train.batch_size
+    if rows // workers < batch:
+        limit = f" (data.max_train_images={cfg.data.max_train_images})" if rows < num_images else ""
+        raise ConfigError(f"data.train: {rows} training images{limit} give each of the {workers} workers "
+                          f"{rows // workers}, fewer than train.batch_size={batch}: an epoch would have no step; "
+                          "lower train.batch_size or train.workers")
 
 
 def _label_ids(categories: list) -> list:
@@ -130,4 +184,4 @@ def check_cluster(cfg: Config, info: ClusterInfo, output_dir: str, *, gpus_per_w
     return plan
 
 
-__all__ = ["check_cluster", "needed_everywhere", "prepare_config", "pretrained_class_rows"]
+__all__ = ["check_cluster", "check_resume", "needed_everywhere", "prepare_config", "pretrained_class_rows"]

@@ -1,4 +1,4 @@
-"""``neoray train CONFIG [key=value ...] [--output DIR] [--resume RUN_DIR] [--address ADDRESS]``.
+"""``neoray train CONFIG [key=value ...] [--output DIR] [--resume RUN_DIR] [--address ADDRESS] [--autoscale]``.
 
 Checks the config and the files it names, connects to Ray (neoray.cluster's policy: a private local
 instance unless told otherwise), checks that the run fits the cluster and that every node reaches its
@@ -24,7 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="parent folder of the run directory, local, a shared mount or a URI such as "
                              "s3://bucket/runs (default: the config's output)")
     parser.add_argument("--resume", default=None, metavar="RUN_DIR",
-                        help="continue this stopped run from its latest checkpoint (a local path or a URI)")
+                        help="continue this stopped run from its latest checkpoint (a local path or a URI); "
+                             "CONFIG must be the run's own, where only train.epochs and how the run is placed "
+                             "and evaluated may change")
+    parser.add_argument("--autoscale", action="store_true",
+                        help="the cluster adds nodes on demand (ray up cluster.yaml): do not refuse a run that "
+                             "does not fit today's nodes; its workers wait for the autoscaler")
     add_address_argument(parser)
 
 
@@ -32,14 +37,17 @@ def run(args: argparse.Namespace) -> int:
     from neoray import storage
     from neoray.data.shards import ManifestError
     from neoray.engine.rundir import RunDirError
-    from neoray.engine.setup import check_cluster, prepare_config
+    from neoray.engine.setup import check_cluster, check_resume, prepare_config
     from neoray.engine.trainer import train
     from neoray.storage import StorageError
 
     try:
         cfg = prepare_config(load_config(args.config, args.overrides), output=args.output)
+        if args.resume:
+            check_resume(cfg, args.resume, log=lambda line: print(f"neoray train: {line}", flush=True))
         info = connect(args.address, log=lambda line: print(f"neoray train: {line}", flush=True))
-        check_cluster(cfg, info, storage.absolute(args.resume) if args.resume else cfg.output, sweep=False)
+        check_cluster(cfg, info, storage.absolute(args.resume) if args.resume else cfg.output,
+                      autoscale=args.autoscale, sweep=False)
         summary = train(cfg, config_path=args.config, resume_dir=args.resume)
     except (ConfigError, ClusterError, RunDirError, ManifestError, StorageError) as exc:
         print(f"neoray train: {exc}", file=sys.stderr)

@@ -138,10 +138,12 @@ def train(cfg: Config, *, config_path: str | None = None, output: str | None = N
     error = None
     try:
         trainer.fit()
-    except Exception as exc:  # the summary is written for failed runs too, then the error goes on
+    except BaseException as exc:  # failed or interrupted (Ctrl-C): the summary is written, then it goes on
         error = exc
     history = read_metrics(run_dir)
-    if error is not None:
+    if isinstance(error, KeyboardInterrupt):
+        stop_reason = "interrupted"
+    elif error is not None:
         text = str(error).strip().splitlines()
         stop_reason = f"failed: {type(error).__name__}: {text[-1] if text else ''}"
     else:

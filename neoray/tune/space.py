@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from neoray.config import Config, ConfigError
+from neoray.config import Config, ConfigError, read_yaml_mapping
 
 # Searchable parameter -> the config key(s) it sets. ``batch`` sets two keys from one "BxA" value.
 PARAMS = {
@@ -178,13 +177,8 @@ def parse_space(raw: Any) -> SearchSpace:
 
 
 def load_space(path: str | Path) -> SearchSpace:
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: search space file not found") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    """A search space file, local or on any storage (ConfigError, one line, for anything wrong with it)."""
+    raw = read_yaml_mapping(path, "search space")
     try:
         return parse_space(raw)
     except ConfigError as exc:
