@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 
 def make_shards(root: Path, images: int, size: tuple[int, int]) -> dict:

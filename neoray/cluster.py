@@ -184,7 +184,7 @@ def plan(cfg: Config, gpus_per_worker: float | None, max_concurrent: int | None,
         # The autoscaler adds nodes for pending trials; without --max-concurrent, admit what fits today
         # (at least one) rather than guess the cluster's maximum.
         fit = max_concurrent if max_concurrent is not None else max(1, fit)
-        waiting = f"trials that do not fit today's cluster" if sweep else "workers that do not fit today's cluster"
+        waiting = "trials that do not fit today's cluster" if sweep else "workers that do not fit today's cluster"
         print(f"[neoray] --autoscale: {waiting} ({have_cpus:g} CPUs, {have_gpus:g} GPUs) wait for the autoscaler"
               + (f"; up to {fit} at a time" if sweep else ""), flush=True)
     elif max_concurrent is not None:

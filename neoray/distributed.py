@@ -18,10 +18,6 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
-
-
 def any_flags(flags: list[bool], device: torch.device | str = "cpu") -> list[bool]:
     """Element-wise OR of boolean flags over all ranks: one small MAX all-reduce."""
     if not is_distributed():
@@ -63,4 +59,4 @@ def barrier() -> None:
         dist.barrier()
 
 
-__all__ = ["any_flags", "barrier", "from_rank0", "gather", "is_distributed", "mean_over_ranks", "world_size"]
+__all__ = ["any_flags", "barrier", "from_rank0", "gather", "is_distributed", "mean_over_ranks"]

@@ -13,7 +13,7 @@ CHECKED_RAY_VERSION = "2.60"
 # Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default), and
 # a worker's ray.train.report waits until the previous report was polled: with short epochs every report
 # blocked 1-2 s. 0.25 s makes that wait negligible; a user's own setting wins.
-TRAIN_ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_V2_ENABLED": "1"}
+TRAIN_ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 # Tune's default console output in 2.60 infers its columns from the first four result keys and ignores a
 # progress reporter; the legacy output (RAY_AIR_NEW_OUTPUT=0) honours the sweep's CLIReporter columns.
 TUNE_ENV_DEFAULTS = {"RAY_AIR_NEW_OUTPUT": "0", **TRAIN_ENV_DEFAULTS}

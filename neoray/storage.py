@@ -32,7 +32,7 @@ import posixpath
 import re
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow.fs as pafs
 
@@ -323,25 +323,16 @@ def makedirs(path: str | os.PathLike) -> None:
         raise _error(path, "create the directory", exc) from None
 
 
-def _delete(path: str | os.PathLike, tree: bool) -> None:
+def remove(path: str | os.PathLike) -> None:
+    """Delete a file; a missing one is not an error."""
     fs, inner = resolve(path)
     try:
-        fs.delete_dir(inner) if tree else fs.delete_file(inner)
+        fs.delete_file(inner)
     except FileNotFoundError:
         pass
     except OSError as exc:
         if info(path).kind != "missing":  # some stores report a missing path as another error
             raise _error(path, "delete", exc) from None
-
-
-def remove(path: str | os.PathLike) -> None:
-    """Delete a file; a missing one is not an error."""
-    _delete(path, tree=False)
-
-
-def remove_tree(path: str | os.PathLike) -> None:
-    """Delete a directory and everything under it; a missing one is not an error."""
-    _delete(path, tree=True)
 
 
 def sha256(path: str | os.PathLike) -> str:
@@ -370,38 +361,9 @@ def upload_dir(local_dir: str, target: str | os.PathLike) -> None:
         raise _error(target, "upload to", exc) from None
 
 
-def download_dir(source: str | os.PathLike, local_dir: str) -> str:
-    """Copy a directory tree from any storage to a local directory; returns ``local_dir``."""
-    fs, inner = resolve(source)
-    os.makedirs(local_dir, exist_ok=True)
-    try:
-        pafs.copy_files(inner, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    except OSError as exc:
-        raise _error(source, "download", exc) from None
-    return local_dir
-
-
-@contextlib.contextmanager
-def local_copy(path: str | os.PathLike) -> Iterator[str]:
-    """A local path for ``path``: itself when local, else a temporary download removed afterwards
-    (a file or a directory tree)."""
-    local = local_path(path)
-    if local is not None:
-        yield local
-        return
-    with tempfile.TemporaryDirectory(prefix="neoray-") as tmp:
-        target = os.path.join(tmp, basename(path) or "data")
-        if is_dir(path):
-            download_dir(path, target)
-        else:
-            with open(target, "wb") as handle:
-                handle.write(read_bytes(path))
-        yield target
-
-
 __all__ = [
-    "FileInfo", "StorageError", "TooLarge", "absolute", "basename", "download_dir", "exists", "glob", "info",
-    "is_dir", "is_file", "is_uri", "join", "list_dir", "list_files", "local_copy", "local_path", "makedirs", "parent",
-    "read_bytes", "read_json", "read_text", "remove", "remove_tree", "resolve", "scheme", "sha256",
+    "FileInfo", "StorageError", "TooLarge", "absolute", "basename", "exists", "glob", "info",
+    "is_dir", "is_file", "is_uri", "join", "list_dir", "list_files", "local_path", "makedirs", "parent",
+    "read_bytes", "read_json", "read_text", "remove", "resolve", "scheme", "sha256",
     "umask_mode", "upload_dir", "write_bytes", "write_json", "write_text",
 ]

@@ -15,7 +15,6 @@ import pytest
 # Keep Ray quiet and light on a 2-core machine; no dashboard or usage reporting needed in tests.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 
 def free_port() -> int:

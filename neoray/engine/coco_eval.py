@@ -31,7 +31,7 @@ Conventions of the returned metrics:
 
 Distributed use (gloo or nccl, e.g. inside Ray Train workers): every rank calls ``update`` on its part
 of the stream, then ``summarize()`` (or ``gather()`` then ``summarize()``) on *every* rank: both are
-collective. Parts are gathered with ``all_gather_object``; an image that arrives more than once (same
+collective. Parts are gathered with ``neoray.distributed.gather``; an image that arrives more than once (same
 image id on two ranks, or twice on one) is counted once - the first occurrence by rank order wins - and
 the number of dropped copies is reported as ``duplicate_images``. Rank 0 computes the metrics and
 broadcasts the dict, so every rank returns the same metrics.
@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from neoray import storage
-from neoray.distributed import is_distributed
+from neoray.distributed import from_rank0, gather, is_distributed
 
 STAT_NAMES = (
     "map", "map50", "map75", "map_small", "map_medium", "map_large",
@@ -204,13 +204,7 @@ class CocoEvaluator:
 
     def gather(self) -> None:
         """Collect every rank's part (collective when distributed) and drop repeated images."""
-        part = self._local_part()
-        if is_distributed():
-            parts: list = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(parts, part)
-        else:
-            parts = [part]
-        self._merged, self.duplicate_images = merge_parts(parts)
+        self._merged, self.duplicate_images = merge_parts(gather(self._local_part()))
 
     @property
     def detections(self) -> list[dict]:
@@ -231,14 +225,13 @@ class CocoEvaluator:
         if not is_distributed():
             return self._compute()
         # Rank 0 computes; an error there is broadcast too, so that the other ranks fail instead of hanging.
-        payload: list = [None]
+        payload = None
         if torch.distributed.get_rank() == 0:
             try:
-                payload[0] = ("ok", self._compute())
+                payload = ("ok", self._compute())
             except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
-                payload[0] = ("error", f"{type(exc).__name__}: {exc}")
-        torch.distributed.broadcast_object_list(payload, src=0)
-        status, value = payload[0]
+                payload = ("error", f"{type(exc).__name__}: {exc}")
+        status, value = from_rank0(payload)
         if status == "error":
             raise RuntimeError(f"COCO evaluation failed on rank 0: {value}")
         return value

@@ -191,11 +191,6 @@ def _open(path, with_tensors: bool = True) -> _Checkpoint:
                           f"{{'ema': {{'module': ...}}}}) or a Hugging Face RT-DETR (found {keys})")
 
 
-def detect_format(path) -> str:
-    """"neoray", "reference" or "huggingface" (PretrainedError for anything else)."""
-    return _open(path, with_tensors=False).info.format
-
-
 def describe_pretrained(path) -> PretrainedInfo:
     """What a pretrained file holds: format, the preset and options to build for it, its classes."""
     return _open(path, with_tensors=False).info
@@ -775,7 +770,7 @@ def build_pretrained(path, device="cpu"):
 
 __all__ = [
     "COCO_CATEGORIES", "COCO_CLASS_NAMES", "FORMATS", "NEORAY_CHECKPOINT_FORMAT", "PretrainedError",
-    "PretrainedInfo", "PretrainedLoad", "build_pretrained", "describe_pretrained", "detect_format",
+    "PretrainedInfo", "PretrainedLoad", "build_pretrained", "describe_pretrained",
     "huggingface_key_map", "is_huggingface", "kept_class_names", "load_pretrained", "read_torch_file",
     "reference_key_map",
 ]
