@@ -140,3 +140,16 @@ def test_a_space_file_that_cannot_be_read_is_one_line(tmp_path):
         with pytest.raises(ConfigError, match=fragment) as err:
             load_space(path)
         assert "\n" not in str(err.value)
+
+
+def test_a_space_batch_that_leaves_a_worker_without_a_step_is_refused(synthetic_shards):
+    """24 training images over 2 workers: a drawn batch of 16 per worker would train no step at all."""
+    from neoray.tune.space import parse_space
+    from neoray.tune.sweep import _check_space_batches
+
+    cfg = load_config(None, [f"data.train={synthetic_shards['train']}", "train.workers=2"])
+    space = parse_space({"params": {"batch": {"pairs": ["4x4", "16x1"]}}})
+    with pytest.raises(ConfigError, match=r"search space: params.batch 16x1: data.train: 24 training images give "
+                                          r"each of the 2 workers 12, fewer than train.batch_size=16"):
+        _check_space_batches(cfg, space)
+    _check_space_batches(cfg, parse_space({"params": {"batch": {"pairs": ["4x4", "12x1"]}}}))

@@ -57,7 +57,7 @@ def _check_data(cfg: Config) -> None:
         val = read_manifest(cfg.data.val) if cfg.data.val else None
     except ManifestError as exc:
         raise ConfigError(str(exc)) from None
-    _check_batches(cfg, train["num_images"])
+    check_batches(cfg, train["num_images"])
     if val is None:
         return
     if _label_ids(val["categories"]) != _label_ids(train["categories"]):
@@ -110,7 +110,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _check_batches(cfg: Config, num_images: int) -> None:
+def check_batches(cfg: Config, num_images: int) -> None:
     """Every worker gets at least one full batch per epoch; an epoch without a step trains nothing."""
     rows = num_images if cfg.data.max_train_images <= 0 else min(num_images, cfg.data.max_train_images)
     workers, batch = cfg.train.workers, cfg.train.batch_size
@@ -184,4 +184,4 @@ def check_cluster(cfg: Config, info: ClusterInfo, output_dir: str, *, gpus_per_w
     return plan
 
 
-__all__ = ["check_cluster", "check_resume", "needed_everywhere", "prepare_config", "pretrained_class_rows"]
+__all__ = ["check_batches", "check_cluster", "check_resume", "needed_everywhere", "prepare_config", "pretrained_class_rows"]

@@ -28,7 +28,14 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
 from neoray import ray_compat, storage
 from neoray.cluster import TrialResources, check_visible_on_all_nodes, connect
-from neoray.config import Config, ConfigError, apply_overrides, from_dict, load_config, save_config
+from neoray.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    load_config,
+    save_config,
+)
 from neoray.engine import ranking
 from neoray.tune.space import (
     PARAMS,
@@ -36,6 +43,7 @@ from neoray.tune.space import (
     load_space,
     optuna_distributions,
     params_to_overrides,
+    parse_batch,
     points_to_evaluate,
 )
 from neoray.tune.trainable import release_worker_pgs, sweep_trainable, trial_record_path
@@ -436,6 +444,7 @@ def _start(opts: SweepOptions):
                                    resume_unfinished=True, resume_errored=True)
         return cfg, resources, meta, tuner
     cfg, space = resolve_config(opts), resolve_space(opts)
+    _check_space_batches(cfg, space)
     if storage.exists(storage.join(sweep_dir, "tuner.pkl")):
         raise ConfigError(f"{sweep_dir} already holds a sweep; pass --resume to continue it or another --name")
     info = connect(opts.address, log=_log)
@@ -444,6 +453,23 @@ def _start(opts: SweepOptions):
     meta = _new_sweep_record(cfg, space, opts, resources)
     storage.write_json(meta_path, meta, indent=2)
     return cfg, resources, meta, _build_tuner(cfg, space, opts, resources)
+
+
+def _check_space_batches(cfg: Config, space: SearchSpace) -> None:
+    """Every batch the space can draw gives each worker at least one full batch per epoch."""
+    from neoray.data.shards import read_manifest
+    from neoray.engine.setup import check_batches
+
+    if "batch" not in space.params:
+        return
+    num_images = read_manifest(cfg.data.train)["num_images"]
+    for value in space.params["batch"]["values"]:
+        batch_size, accumulate = parse_batch(value)
+        trial = from_dict(apply_overrides(cfg.to_dict(), {"train.batch_size": batch_size}))
+        try:
+            check_batches(trial, num_images)
+        except ConfigError as exc:
+            raise ConfigError(f"search space: params.batch {value}: {exc}") from None
 
 
 def _log(line: str) -> None:
