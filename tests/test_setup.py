@@ -69,10 +69,10 @@ def test_validation_shards_without_boxes_or_with_other_categories_are_refused(tm
     empty_val = _prepare(tmp_path, "empty_val", cats, [])
     other_val = _prepare(tmp_path, "other_val", [{"id": 1, "name": "car"}, {"id": 3, "name": "dog"}], box)
     with pytest.raises(ConfigError, match=r"data.val: .*empty_val/shards holds no boxes.*data.val= to train without"):
-        prepare_config(load_config(None, [f"data.train={train}", f"data.val={empty_val}"]))
+        prepare_config(load_config(None, ["train.batch_size=2", f"data.train={train}", f"data.val={empty_val}"]))
     with pytest.raises(ConfigError, match="data.val: .*other categories .* than data.train"):
-        prepare_config(load_config(None, [f"data.train={train}", f"data.val={other_val}"]))
-    assert prepare_config(load_config(None, [f"data.train={train}", "data.val="])).data.val == ""
+        prepare_config(load_config(None, ["train.batch_size=2", f"data.train={train}", f"data.val={other_val}"]))
+    assert prepare_config(load_config(None, ["train.batch_size=2", f"data.train={train}", "data.val="])).data.val == ""
 
 
 def test_a_run_that_leaves_ray_data_no_cpu_is_refused():
