@@ -366,10 +366,14 @@ def iter_train_batches(shard_set: ShardSet, batch_size: int, data_cfg: DataConfi
         yield collate(augmented)
 
 
+def train_rows_per_epoch(num_rows: int, max_rows: int = 0) -> int:
+    """The training rows an epoch uses (``data.max_train_images``, 0 = all)."""
+    return num_rows if max_rows <= 0 else min(num_rows, max_rows)
+
+
 def train_batches_per_epoch(shard_set: ShardSet, batch_size: int, world_size: int, max_rows: int = 0) -> int:
-    """What ``iter_train_batches`` yields per rank and epoch."""
-    rows = shard_set.num_rows if max_rows <= 0 else min(shard_set.num_rows, max_rows)
-    return (rows // world_size) // batch_size
+    """What ``iter_train_batches`` yields per rank and epoch: full batches of an equal part per rank."""
+    return (train_rows_per_epoch(shard_set.num_rows, max_rows) // world_size) // batch_size
 
 
 def iter_eval_batches(shard_set: ShardSet, batch_size: int, *, rank: int = 0, world_size: int = 1, size=None,
@@ -399,5 +403,5 @@ def iter_eval_batches(shard_set: ShardSet, batch_size: int, *, rank: int = 0, wo
 __all__ = [
     "Batch", "READ_COLUMNS", "ROWS_PER_TASK", "ShardSet", "chunk_dataset", "collate", "decode_rows", "epoch_plan",
     "iter_eval_batches", "iter_train_batches", "quiet_ray_data", "read_chunk", "read_rows",
-    "train_batches_per_epoch",
+    "train_batches_per_epoch", "train_rows_per_epoch",
 ]

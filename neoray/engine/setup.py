@@ -112,7 +112,9 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 def check_batches(cfg: Config, num_images: int) -> None:
     """Every worker gets at least one full batch per epoch; an epoch without a step trains nothing."""
-    rows = num_images if cfg.data.max_train_images <= 0 else min(num_images, cfg.data.max_train_images)
+    from neoray.data.stream import train_rows_per_epoch
+
+    rows = train_rows_per_epoch(num_images, cfg.data.max_train_images)
     workers, batch = cfg.train.workers, cfg.train.batch_size
     if rows // workers < batch:
         limit = f" (data.max_train_images={cfg.data.max_train_images})" if rows < num_images else ""

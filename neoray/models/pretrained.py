@@ -417,13 +417,13 @@ def _huggingface_normalization(weights: str, config_path: str) -> dict:
 # ----------------------------------------------------------------------------------------------------
 
 Rule = tuple[str, Callable[[re.Match], str]]
+_PART = {"0": "conv", "1": "norm"}  # a ConvNormAct's children in neoray -> the reference's names
 
 
 def _csp(prefix_neoray: str, prefix_reference: str) -> list[Rule]:
     """neoray's CSPRepLayer (main.0, main.1.. RepVGG, shortcut, out; ConvNormAct = Sequential(conv, bn))
     -> the reference's (conv1, bottlenecks.j with conv1 = 3x3 and conv2 = 1x1, conv2, conv3)."""
-    part = {"0": "conv", "1": "norm"}
-    n, r = re.escape(prefix_neoray), prefix_reference
+    part, n, r = _PART, re.escape(prefix_neoray), prefix_reference
     return [
         (rf"{n}\.(\d+)\.main\.0\.([01])\.(.+)", lambda m: f"{r}.{m[1]}.conv1.{part[m[2]]}.{m[3]}"),
         (rf"{n}\.(\d+)\.main\.(\d+)\.conv3\.([01])\.(.+)",
@@ -435,7 +435,6 @@ def _csp(prefix_neoray: str, prefix_reference: str) -> list[Rule]:
     ]
 
 
-_PART = {"0": "conv", "1": "norm"}
 # neoray -> reference (lyuwenyu/RT-DETR rtdetr_pytorch module names).
 REFERENCE_RULES: list[Rule] = [
     (r"backbone\.((?:conv1|res_layers)\..+)", lambda m: f"backbone.{m[1]}"),  # PResNet: the same names
