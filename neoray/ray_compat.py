@@ -7,6 +7,7 @@ Ray upgrade breaks one of them. Each entry says why neoray needs it.
 from __future__ import annotations
 
 import os
+import sys
 
 CHECKED_RAY_VERSION = "2.60"
 
@@ -29,6 +30,25 @@ def set_train_defaults() -> None:
 def set_tune_defaults() -> None:
     for key, value in TUNE_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
+
+
+def quiet_sigterm_exit() -> None:
+    """Call in a Ray worker process (a sweep trial's actor, a Train worker). At ``ray.shutdown`` Ray's
+    SIGTERM handler (``ray._private.worker.sigterm_handler``) raises SystemExit wherever the process is;
+    inside a finaliser (a weakref callback, ``__del__``) Python reports that as "Exception ignored ...
+    SystemExit: 1" with a traceback, which Ray streams to the user's terminal after a sweep that
+    succeeded. The process exits as before; only that report is dropped (other unraisable errors keep
+    Python's report)."""
+    if getattr(sys.unraisablehook, "neoray_quiet_sigterm", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not isinstance(unraisable.exc_value, SystemExit):
+            previous(unraisable)
+
+    hook.neoray_quiet_sigterm = True
+    sys.unraisablehook = hook
 
 
 def worker_group_callback_base():
@@ -60,6 +80,6 @@ def trial_index(trial) -> int:
 
 
 __all__ = [
-    "CHECKED_RAY_VERSION", "set_train_defaults", "set_tune_defaults", "trial_index", "tune_trials",
+    "CHECKED_RAY_VERSION", "quiet_sigterm_exit", "set_train_defaults", "set_tune_defaults", "trial_index", "tune_trials",
     "worker_group_callback_base", "worker_group_placement_group_id",
 ]

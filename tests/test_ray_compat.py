@@ -47,3 +47,33 @@ def test_tune_internals():
 
     assert "self._experiment_analysis" in inspect.getsource(ResultGrid.__init__)
     assert "experiment_tag" in inspect.signature(Trial.__init__).parameters
+
+
+def test_ray_sigterm_exit_inside_a_finaliser_is_not_reported_but_other_errors_are(monkeypatch, capsys):
+    """Ray's SIGTERM handler raises SystemExit; inside a finaliser Python printed a traceback to the
+    user's terminal at the end of a successful sweep."""
+    import sys
+    import weakref
+
+    from ray._private import worker
+
+    # A worker's main loop installs a SIGTERM handler that exits with SystemExit.
+    assert "raise_sys_exit_with_custom_error_message" in inspect.getsource(worker.Worker.main_loop)
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+    ray_compat.quiet_sigterm_exit()
+    installed = sys.unraisablehook
+    ray_compat.quiet_sigterm_exit()  # a reused trial actor calls it once per trial: one hook, not a chain
+    assert sys.unraisablehook is installed and installed is not sys.__unraisablehook__
+
+    class Thing:
+        pass
+
+    def finaliser_raising(error):
+        thing = Thing()
+        weakref.finalize(thing, lambda: (_ for _ in ()).throw(error))
+        del thing
+
+    finaliser_raising(SystemExit(1))
+    assert "SystemExit" not in capsys.readouterr().err
+    finaliser_raising(ValueError("a real bug"))
+    assert "ValueError: a real bug" in capsys.readouterr().err

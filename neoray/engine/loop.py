@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from neoray import ray_compat
 from neoray.config import Config, from_dict
 from neoray.distributed import any_flags, from_rank0, gather
 from neoray.engine import guards, ranking
@@ -222,6 +223,7 @@ def _main_lr(optimizer: torch.optim.Optimizer) -> float:
 def train_loop_per_worker(loop_config: dict) -> None:
     """What ``TorchTrainer`` runs on each worker. ``loop_config``: {"config": Config.to_dict(),
     "resume_from": str | None, "hooks": TrainHooks | None}."""
+    ray_compat.quiet_sigterm_exit()
     cfg = from_dict(loop_config["config"])
     run_training_loop(cfg, RayTrainContext(cfg), hooks=loop_config.get("hooks"),
                       resume_from=loop_config.get("resume_from"))

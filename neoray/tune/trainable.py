@@ -141,6 +141,7 @@ def sweep_trainable(params: dict, setup: dict) -> None:
     """Ray Tune function trainable: one trial of a sweep (see the module docstring)."""
     from ray import tune
 
+    ray_compat.quiet_sigterm_exit()
     trial_name = tune.get_context().get_trial_name()
     cfg = trial_config_to_cfg(setup["base"], params)
     started = time.perf_counter()
