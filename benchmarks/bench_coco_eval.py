@@ -79,7 +79,7 @@ def run_neoray(gt: dict, results: list[dict], batch_size: int = 8) -> tuple[floa
 
     import torch
 
-    from neoray.engine.coco_eval import STAT_NAMES, CocoEvaluator
+    from neoray.evaluation.coco_eval import STAT_NAMES, CocoEvaluator
 
     categories = [{"id": c["id"], "name": c["name"], "label": i} for i, c in enumerate(gt["categories"])]
     label_of = {c["id"]: c["label"] for c in categories}

@@ -192,8 +192,10 @@ def compare_storage(shard_dir: Path, s3: dict, data_cfg, args) -> None:
     print(f"{'pass':>6} {'local img/s':>12} {'s3 img/s':>9} {'ratio':>7}")
     for i, (a, b) in enumerate(zip(local, on_s3)):
         print(f"{i + 1:>6} {rate(a):>12.1f} {rate(b):>9.1f} {rate(b) / rate(a):>7.2f}")
-    print(f"storage: first pass s3/local = {rate(on_s3[0]) / rate(local[0]):.2f}   later passes: s3 "
-          f"{warm_rate(on_s3):.1f} img/s / local {warm_rate(local):.1f} img/s = {warm_rate(on_s3) / warm_rate(local):.2f}")
+    print(
+        f"storage: first pass s3/local = {rate(on_s3[0]) / rate(local[0]):.2f}   later passes: s3 "
+        f"{warm_rate(on_s3):.1f} img/s / local {warm_rate(local):.1f} img/s = {warm_rate(on_s3) / warm_rate(local):.2f}"
+    )
     s3["proc"].terminate()
 
 

@@ -73,7 +73,9 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    sizes = [parse_size(s) for s in (args.sizes or (["640x360", "1920x1080"] if device.type == "cuda" else ["640x360"]))]
+    sizes = [
+        parse_size(s) for s in (args.sizes or (["640x360", "1920x1080"] if device.type == "cuda" else ["640x360"]))
+    ]
     models = list(dict.fromkeys([BASELINE, *args.models]))  # the baseline always runs, first
     precisions = [False, True] if device.type == "cuda" else [False]
     print(f"device {device}, batch {args.batch}, {args.warmup} warm-up + {args.steps} timed train steps per model")

@@ -70,7 +70,8 @@ def own_training_s(rows: list[dict]) -> float:
 
 
 def run_path(label: str, config: str, space: str, output: Path, trials: int, workers: int) -> dict:
-    from neoray.tune.sweep import SweepOptions, load_history, run_sweep
+    from neoray.tune.results import load_history
+    from neoray.tune.sweep import SweepOptions, run_sweep
 
     opts = SweepOptions(config=config, space=space, output=str(output), name=label, num_samples=trials,
                         max_concurrent=1, workers_per_trial=workers, overrides=["train.cpus_per_worker=1"])

@@ -69,7 +69,7 @@ def run_plain(cfg) -> tuple[list[float], float, float]:
 
 
 def run_ray_train(cfg, run_dir: Path) -> tuple[list[float], float, float]:
-    from neoray.engine.trainer import RunRecorder, build_trainer
+    from neoray.run.trainer import RunRecorder, build_trainer
 
     run_dir.mkdir(parents=True)
     start = time.time()
@@ -121,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {args.model} {args.size} on {args.device}, batch {args.batch}, {images_per_epoch} images/epoch, "
           f"{args.epochs} epochs")
     # Peak memory: the device's peak allocation on CUDA, the process's peak RSS on CPU (see the loop).
-    print(f"plain process : start-up {plain_startup:6.1f} s, steady {plain_rate:8.2f} images/s, peak {plain_peak:8.0f} MiB")
-    print(f"TorchTrainer  : start-up {train_startup:6.1f} s, steady {train_rate:8.2f} images/s, peak {train_peak:8.0f} MiB")
+    for label, startup, rate, peak in (("plain process", plain_startup, plain_rate, plain_peak),
+                                       ("TorchTrainer ", train_startup, train_rate, train_peak)):
+        print(f"{label} : start-up {startup:6.1f} s, steady {rate:8.2f} images/s, peak {peak:8.0f} MiB")
     print(f"ratio (TorchTrainer / plain, steady): {train_rate / plain_rate:.3f}  (goal >= 0.95); "
           f"extra start-up {train_startup - plain_startup:.1f} s")
     return 0

@@ -13,7 +13,7 @@ best_config.yaml}; plots: ``neoray report sweeps/sweep_lr``.
 import argparse
 import sys
 
-from neoray.tune import sweep_cmd
+from neoray.commands import sweep as sweep_cmd
 
 
 def main(argv=None) -> int:

@@ -1,8 +1,8 @@
 """neoray: train and sweep 16:9 object detectors on a Ray cluster.
 
-Each subcommand lives in the module that owns its step; that module defines ``add_arguments(parser)``
-and ``run(args) -> int``. Modules are imported only when their subcommand runs, so that
-``neoray synth`` does not pay for importing torch and Ray.
+Each subcommand is a module of ``neoray.commands`` that defines ``add_arguments(parser)`` and
+``run(args) -> int``. Modules are imported only when their subcommand runs (the one place where an
+import waits on purpose), so that ``neoray synth`` does not pay for importing torch and Ray.
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ import importlib
 import sys
 
 COMMANDS = {
-    "synth": ("neoray.data.synth", "write the embedded synthetic COCO dataset"),
-    "prepare": ("neoray.data.prepare", "COCO or YOLO -> validated 16:9 Parquet shards"),
-    "check": ("neoray.data.check", "verify shards against their manifest and summarise them"),
-    "train": ("neoray.engine.train_cmd", "train a detector with Ray Train (DDP)"),
-    "eval": ("neoray.engine.eval_cmd", "COCO evaluation of a checkpoint on a shard directory"),
-    "predict": ("neoray.engine.predict_cmd", "draw a checkpoint's detections on images"),
-    "sweep": ("neoray.tune.sweep_cmd", "hyperparameter sweep: Ray Tune + Optuna + ASHA"),
-    "report": ("neoray.tune.report", "Markdown report with plots for a finished sweep"),
+    "synth": ("neoray.commands.synth", "write the embedded synthetic COCO dataset"),
+    "prepare": ("neoray.commands.prepare", "COCO or YOLO -> validated 16:9 Parquet shards"),
+    "check": ("neoray.commands.check", "verify shards against their manifest and summarise them"),
+    "train": ("neoray.commands.train", "train a detector with Ray Train (DDP)"),
+    "eval": ("neoray.commands.eval", "COCO evaluation of a checkpoint on a shard directory"),
+    "predict": ("neoray.commands.predict", "draw a checkpoint's detections on images"),
+    "sweep": ("neoray.commands.sweep", "hyperparameter sweep: Ray Tune + Optuna + ASHA"),
+    "report": ("neoray.commands.report", "Markdown report with plots for a finished sweep"),
 }
 
 

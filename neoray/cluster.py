@@ -24,6 +24,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable
 
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
 from neoray import storage
 from neoray.config import Config, ConfigError
 
@@ -62,14 +65,10 @@ def requested_address(address: str | None) -> str:
 
 def alive_nodes() -> list[dict]:
     """The resources of every alive node (``ray.nodes()`` entries' "Resources" plus "NodeID")."""
-    import ray
-
     return [{**node["Resources"], "NodeID": node["NodeID"]} for node in ray.nodes() if node.get("Alive")]
 
 
 def describe(address: str, how: str) -> ClusterInfo:
-    import ray
-
     total = ray.cluster_resources()
     return ClusterInfo(address, how, len(alive_nodes()), float(total.get("CPU", 0)), float(total.get("GPU", 0)))
 
@@ -78,8 +77,6 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
             log: Callable[[str], None] | None = print) -> ClusterInfo:
     """Connect this process to Ray by the policy in the module docstring (once: later calls describe
     the existing connection). ``num_cpus`` applies to a local instance only."""
-    import ray
-
     target = requested_address(address)
     if ray.is_initialized():
         info = describe(target, "connected already")
@@ -199,8 +196,6 @@ def plan(cfg: Config, gpus_per_worker: float | None, max_concurrent: int | None,
 def plan_trials(cfg: Config, gpus_per_worker: float | None, max_concurrent: int | None, *,
                 autoscale: bool = False, sweep: bool = True) -> TrialResources:
     """``plan`` against the connected cluster."""
-    import ray
-
     return plan(cfg, gpus_per_worker, max_concurrent, ray.cluster_resources(), nodes=alive_nodes(),
                 autoscale=autoscale, sweep=sweep)
 
@@ -212,8 +207,6 @@ def plan_trials(cfg: Config, gpus_per_worker: float | None, max_concurrent: int 
 
 def _look_on_node(checks: list[tuple[str, str]]) -> tuple[str, list[str]]:
     """(this node's address, the keys whose path this node does not see). Runs as a Ray task."""
-    import ray
-
     missing = [key for key, path in checks if not os.path.exists(path)]
     return ray.util.get_node_ip_address(), missing
 
@@ -235,8 +228,6 @@ def check_visible_on_all_nodes(paths: dict[str, str]) -> None:
     As Ray checks its storage path: a marker file is written from the driver into each directory that
     must be shared (the output), and a task on every node looks for it; inputs must exist on every node
     (a copy on each node's own disk is fine for reading). URIs are reachable from every node by nature."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     local = {key: path for key, path in paths.items() if storage.local_path(path) is not None}
     if not local:

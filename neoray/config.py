@@ -3,7 +3,7 @@
 Every key is declared in a dataclass below. Unknown or misspelled keys are an error that names the key
 and the closest valid one (seed 000 lost a run to ``lr_warmup_epochs``). Values are coerced to the
 declared type (every float finite) and checked here; what needs more than the config itself (the model
-name and options, the files it names, the shard manifests) is checked by ``neoray.engine.setup`` before
+name and options, the files it names, the shard manifests) is checked by ``neoray.run.setup`` before
 Ray starts, so that a bad config never reaches a GPU worker.
 """
 
@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from neoray import storage
 
 
 class ConfigError(ValueError):
@@ -148,6 +150,11 @@ class Config:
     @property
     def effective_batch(self) -> int:
         return self.train.batch_size * self.train.accumulate * self.train.workers
+
+    def with_overrides(self, overrides: dict | list[str]) -> "Config":
+        """A validated copy with dotted overrides applied: ``{"train.lr": 1e-3}`` or ``["train.lr=1e-3"]``
+        (the one way to change a config; ``ConfigError`` names the key of a bad value)."""
+        return from_dict(apply_overrides(self.to_dict(), overrides))
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
@@ -328,14 +335,14 @@ def from_dict(raw: dict) -> Config:
 def read_yaml_mapping(path: str | Path, what: str) -> dict:
     """A YAML file (local or on any storage) whose top level is a mapping; ``ConfigError`` (one line) for a
     missing file, a directory, text that is not UTF-8, or YAML that does not parse."""
-    from neoray import storage
-
     try:
         text = storage.read_text(path)
     except FileNotFoundError:
         raise ConfigError(f"{path}: {what} file not found") from None
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the {what} as UTF-8") from None
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the {what} as UTF-8"
+        ) from None
     except OSError as exc:
         detail = "is a directory" if storage.is_dir(path) else str(exc)
         raise ConfigError(f"{path}: cannot read the {what} file ({detail})") from None
@@ -362,21 +369,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config atomically (it is the record of what ran), to any storage."""
-    from neoray import storage
-
     storage.write_text(path, cfg.to_yaml())
-
-
-def replace(cfg: Config, **section_updates: dict) -> Config:
-    """A validated copy of ``cfg`` with e.g. ``train={"lr": 1e-3}`` applied."""
-    raw = cfg.to_dict()
-    for section, updates in section_updates.items():
-        raw.setdefault(section, {}).update(updates)
-    return from_dict(raw)
 
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "apply_overrides", "format_size",
     "from_dict", "is_16_9", "load_config", "nearest_16_9", "parse_override", "parse_size", "read_yaml_mapping",
-    "replace", "save_config",
+    "save_config",
 ]

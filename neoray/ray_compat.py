@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import sys
 
+from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+
 CHECKED_RAY_VERSION = "2.60"
 
 # Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default), and
@@ -56,8 +58,6 @@ def worker_group_callback_base():
     2.60). The sweep records each trial's worker placement group with it: after a trial's TorchTrainer
     finished inside Tune, that group stayed CREATED and starved every later trial (the sweep hung), so
     the sweep removes it itself."""
-    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
-
     return WorkerGroupCallback
 
 
@@ -80,6 +80,12 @@ def trial_index(trial) -> int:
 
 
 __all__ = [
-    "CHECKED_RAY_VERSION", "quiet_sigterm_exit", "set_train_defaults", "set_tune_defaults", "trial_index", "tune_trials",
-    "worker_group_callback_base", "worker_group_placement_group_id",
+    "CHECKED_RAY_VERSION",
+    "quiet_sigterm_exit",
+    "set_train_defaults",
+    "set_tune_defaults",
+    "trial_index",
+    "tune_trials",
+    "worker_group_callback_base",
+    "worker_group_placement_group_id",
 ]

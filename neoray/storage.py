@@ -34,6 +34,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
+import fsspec  # a dependency of torch: the filesystems pyarrow does not know
 import pyarrow.fs as pafs
 
 _URI = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
@@ -116,10 +117,6 @@ def _uri_filesystem(prefix: str) -> pafs.FileSystem:
     try:
         return pafs.FileSystem.from_uri(prefix)[0]
     except Exception as exc:  # pyarrow knows no such scheme: try fsspec, which knows many more
-        try:
-            import fsspec
-        except ImportError:
-            raise StorageError(f"{prefix}: pyarrow cannot open this URI ({exc}) and fsspec is not installed") from None
         try:
             handler = pafs.FSSpecHandler(fsspec.filesystem(scheme(prefix)))
         except (ImportError, ValueError) as fsspec_exc:

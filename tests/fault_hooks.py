@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from neoray.engine.device import node_id
 from neoray.engine.hooks import TrainHooks
 
 
@@ -55,12 +56,17 @@ class Faults(TrainHooks):
         if self._oom(self.oom_step_at, micro_step, rank):
             raise torch.OutOfMemoryError("injected out of memory in the optimizer step")
 
-    def epoch_end(self, epoch: int, rank: int, image_ids: list[int]) -> None:
+    def before_forward(self, micro_step: int, rank: int, batch) -> None:
         if self.record_dir:
-            from neoray.engine.device import node_id
+            self._trained_ids = getattr(self, "_trained_ids", []) + [int(i) for i in batch.image_ids]
 
+    def epoch_end(self, epoch: int, rank: int) -> None:
+        if self.record_dir:
+            image_ids, self._trained_ids = getattr(self, "_trained_ids", []), []
             with open(os.path.join(self.record_dir, f"rank{rank}.jsonl"), "a") as handle:
-                handle.write(json.dumps({"epoch": epoch, "rank": rank, "image_ids": image_ids, "node": node_id()}) + "\n")
+                handle.write(
+                    json.dumps({"epoch": epoch, "rank": rank, "image_ids": image_ids, "node": node_id()}) + "\n"
+                )
 
 
 @dataclass

@@ -10,15 +10,10 @@ import torch
 from torch import nn
 
 from neoray.config import TrainConfig
-from neoray.engine.checkpoint import (
-    CheckpointError,
-    capture_rng_state,
-    load_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-)
 from neoray.engine.ema import ModelEMA
 from neoray.engine.optim import build_optimizer, build_scheduler
+from neoray.engine.seeding import capture_rng_state, restore_rng_state
+from neoray.models.pretrained.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 
 def _trained(seed: int):

@@ -28,4 +28,6 @@ def test_every_option_of_every_command_has_help(command):
     for action in sub._actions:
         if isinstance(action, argparse._HelpAction):
             continue
-        assert action.help and action.help.strip(), f"neoray {command}: {action.option_strings or action.dest} has no help"
+        assert action.help and action.help.strip(), (
+            f"neoray {command}: {action.option_strings or action.dest} has no help"
+        )

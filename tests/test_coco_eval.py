@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from neoray.data.geometry import boxes_to_letterbox, letterbox_params, xywh_to_xyxy
-from neoray.engine.coco_eval import (
+from neoray.evaluation.coco_eval import (
     STAT_NAMES,
     CocoEvaluator,
     format_metrics_table,
@@ -398,7 +398,7 @@ class ReplayModel(torch.nn.Module):
 
 @pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16])
 def test_evaluate_runs_the_model_in_eval_mode_without_grad(source, amp_dtype):
-    from neoray.engine.coco_eval import evaluate
+    from neoray.evaluation.coco_eval import evaluate
 
     coco, path = source
     batches = batches_of(coco)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from neoray.config import ConfigError, is_16_9, load_config, nearest_16_9, parse_size, replace, save_config
+from neoray.config import ConfigError, is_16_9, load_config, nearest_16_9, parse_size, save_config
 
 
 def test_defaults_validate_and_are_16_9():
@@ -87,11 +87,11 @@ def test_save_and_reload_round_trip(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_replace_validates():
+def test_with_overrides_returns_a_validated_copy():
     cfg = load_config()
-    assert replace(cfg, train={"lr": 0.5}).train.lr == 0.5
+    assert cfg.with_overrides({"train.lr": 0.5}).train.lr == 0.5 and cfg.train.lr != 0.5
     with pytest.raises(ConfigError):
-        replace(cfg, train={"batch_size": 0})
+        cfg.with_overrides(["train.batch_size=0"])
 
 
 def test_broken_yaml_is_one_line(tmp_path):

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from neoray.cli import main
-from neoray.engine.inference import CheckpointError, load_model
-from neoray.engine.model_config import model_options
+from neoray.evaluation.inference import CheckpointError, load_model
+from neoray.models.from_config import model_options
 
 SIZE = "160x90"  # the size of the conftest shards
 
@@ -190,7 +190,7 @@ def test_stream_targets_fed_back_score_ap_one_on_letterboxed_shards(ray_session,
     from neoray.data.shards import read_manifest
     from neoray.data.stream import ShardSet, iter_eval_batches
     from neoray.data.synth import write_synthetic_dataset
-    from neoray.engine.coco_eval import CocoEvaluator
+    from neoray.evaluation.coco_eval import CocoEvaluator
 
     data = write_synthetic_dataset(tmp_path / "src", train=0, val=10, size=(192, 108), classes=3, seed=1,
                                    aspect_mix=True)
@@ -220,7 +220,7 @@ def test_stream_targets_fed_back_score_ap_one_on_letterboxed_shards(ray_session,
 
 
 def test_draw_detections_draws_boxes_with_the_class_colour():
-    from neoray.engine.visualize import PALETTE, draw_detections
+    from neoray.evaluation.visualize import PALETTE, draw_detections
 
     image = np.full((120, 200, 3), 50, np.uint8)
     drawn = draw_detections(image, [[40, 60, 160, 110]], [1], [0.9], ["a", "b"])
@@ -230,8 +230,8 @@ def test_draw_detections_draws_boxes_with_the_class_colour():
 
 
 def test_predict_cli_draws_pngs_and_reports_unreadable(checkpoint, synthetic_dataset, tmp_path):
-    from neoray.engine.predict_cmd import predict_image
-    from neoray.engine.visualize import draw_detections
+    from neoray.commands.predict import predict_image
+    from neoray.evaluation.visualize import draw_detections
 
     wide = sorted((synthetic_dataset / "val").glob("*.jpg"))[0]
     portrait = tmp_path / "portrait.png"
@@ -261,8 +261,8 @@ def test_predict_cli_draws_pngs_and_reports_unreadable(checkpoint, synthetic_dat
 
 
 def test_predict_image_maps_boxes_back_through_the_letterbox():
+    from neoray.commands.predict import predict_image
     from neoray.data.geometry import letterbox_params
-    from neoray.engine.predict_cmd import predict_image
 
     scale, pad_x, pad_y = letterbox_params(300, 400, 160, 90)  # portrait: padded left and right
     seen = []

@@ -41,7 +41,7 @@ def named_shards(tmp_path_factory):
 def coco_checkpoint(tmp_path_factory):
     """An "official" COCO RT-DETR-R18vd checkpoint as the reference repository saves it (EMA weights)."""
     from neoray.models import build_model
-    from neoray.models.pretrained import reference_key_map
+    from neoray.models.pretrained.keymaps import reference_key_map
 
     torch.manual_seed(0)
     coco = build_model("rtdetr_r18vd", 80, **SMALL, input_normalization="unit", position_order="yx")
@@ -62,7 +62,9 @@ def test_fine_tune_from_a_reference_coco_checkpoint(ray_session, named_shards, c
     }))
     assert neoray_main(["train", str(config)]) == 0
     out = capfd.readouterr().out
-    assert "init_from: classes that kept pretrained rows: car, person (2 of 4); starting from scratch: blob, widget" in out
+    assert (
+        "init_from: classes that kept pretrained rows: car, person (2 of 4); starting from scratch: blob, widget" in out
+    )
 
     run_dir = tmp_path / "runs" / "ft"
     recorded = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]

@@ -8,12 +8,12 @@ import torch
 from test_train_loop import CATEGORIES, TinyDetector, make_batches, tiny_config
 
 from neoray.config import from_dict
-from neoray.engine.checkpoint import save_checkpoint
 from neoray.engine.context import LocalContext, ReadyBatches
 from neoray.engine.ema import ModelEMA
 from neoray.engine.loop import run_training_loop
 from neoray.models import build_model
-from neoray.models.pretrained import reference_key_map
+from neoray.models.pretrained.checkpoint import save_checkpoint
+from neoray.models.pretrained.keymaps import reference_key_map
 
 
 def _source_checkpoint(path, num_classes: int) -> dict:

@@ -47,8 +47,12 @@ def test_perfect_predictions_cost_less_than_wrong_ones():
 def test_weights_scale_the_named_losses():
     target = {"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3]])}
     logits, boxes = torch.randn(1, 3, 2), torch.rand(1, 3, 4) * 0.3 + 0.2
-    base = RTDETRCriterion(2, HungarianMatcher(), {"vfl": 1, "bbox": 1, "giou": 1})(make_outputs(logits, boxes), [target])
-    weighted = RTDETRCriterion(2, HungarianMatcher(), {"vfl": 3, "bbox": 5, "giou": 0})(make_outputs(logits, boxes), [target])
+    base = RTDETRCriterion(2, HungarianMatcher(), {"vfl": 1, "bbox": 1, "giou": 1})(
+        make_outputs(logits, boxes), [target]
+    )
+    weighted = RTDETRCriterion(2, HungarianMatcher(), {"vfl": 3, "bbox": 5, "giou": 0})(
+        make_outputs(logits, boxes), [target]
+    )
     assert weighted["vfl"].item() == pytest.approx(3 * base["vfl"].item(), rel=1e-5)
     assert weighted["bbox"].item() == pytest.approx(5 * base["bbox"].item(), rel=1e-5)
     assert weighted["giou"].item() == 0.0

@@ -15,7 +15,6 @@ from neoray.engine.optim import (
     lr_at,
     optimizer_steps_per_epoch,
     param_groups,
-    steps_per_epoch,
 )
 
 
@@ -67,8 +66,7 @@ def test_optimizer_kinds():
     assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.8
 
 
-def test_step_counts_use_drop_last_and_count_partial_groups():
-    assert steps_per_epoch(num_images=103, batch_size=4, workers=2) == 12  # 103 // 8
+def test_a_partial_accumulation_group_counts_as_an_optimizer_step():
     assert optimizer_steps_per_epoch(12, 5) == 3  # groups of 5, 5, 2
 
 

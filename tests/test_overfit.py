@@ -54,14 +54,28 @@ def coco_ap50(targets: list[dict], predictions: list[dict]) -> float:
         for box, label in zip(target["boxes"].tolist(), target["labels"].tolist()):
             x1, y1, x2, y2 = box
             annotations.append(
-                {"id": len(annotations) + 1, "image_id": image_id, "category_id": label, "bbox": [x1, y1, x2 - x1, y2 - y1],
-                 "area": (x2 - x1) * (y2 - y1), "iscrowd": 0}
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": label,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                    "iscrowd": 0,
+                }
             )
-        for box, score, label in zip(prediction["boxes"].tolist(), prediction["scores"].tolist(), prediction["labels"].tolist()):
+        for box, score, label in zip(
+            prediction["boxes"].tolist(), prediction["scores"].tolist(), prediction["labels"].tolist()
+        ):
             x1, y1, x2, y2 = box
-            detections.append({"image_id": image_id, "category_id": label, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score})
+            detections.append(
+                {"image_id": image_id, "category_id": label, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score}
+            )
     ground_truth = COCO()
-    ground_truth.dataset = {"images": images, "annotations": annotations, "categories": [{"id": c, "name": str(c)} for c in range(CLASSES)]}
+    ground_truth.dataset = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": c, "name": str(c)} for c in range(CLASSES)],
+    }
     ground_truth.createIndex()
     with contextlib.redirect_stdout(io.StringIO()):
         evaluator = COCOeval_faster(ground_truth, ground_truth.loadRes(detections), "bbox")
@@ -101,5 +115,6 @@ def test_rtdetr_cpu_overfits_eight_synthetic_images():
             print(f"step {step}: loss {loss.item():.3f} " + " ".join(f"{k} {v.item():.3f}" for k, v in losses.items()))
     model.eval()
     ap50 = coco_ap50(targets, model(images))
-    print(f"rtdetr_cpu: {steps} steps of 8 images at {WIDTH}x{HEIGHT} in {time.perf_counter() - start:.0f} s -> AP50 {ap50:.3f}")
+    seconds = time.perf_counter() - start
+    print(f"rtdetr_cpu: {steps} steps of 8 images at {WIDTH}x{HEIGHT} in {seconds:.0f} s -> AP50 {ap50:.3f}")
     assert ap50 >= 0.9

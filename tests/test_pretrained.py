@@ -20,7 +20,8 @@ from neoray.models import (
     load_pretrained,
     read_torch_file,
 )
-from neoray.models.pretrained import COCO_CLASS_NAMES, huggingface_key_map, reference_key_map
+from neoray.models.pretrained.coco import COCO_CLASS_NAMES
+from neoray.models.pretrained.keymaps import huggingface_key_map, reference_key_map
 
 # A small rtdetr_r18vd (the ResNet-18-vd backbone is real; the transformer is narrow) whose sizes can all
 # be read back from its tensors. Decoder heads stay 8 (a head count is not visible in the tensors).
@@ -351,7 +352,9 @@ def test_huggingface_attention_projections_are_stacked_q_k_v(source, tmp_path):
     assert torch.equal(in_proj[:64], q) and torch.equal(in_proj[64:128], k) and torch.equal(in_proj[128:], v)
     reasons = dict(result.skipped)
     assert reasons["model.extra_head.weight"] == "not in the model"
-    assert reasons["decoder.enc_score_head.bias"] == "shape (81,) vs (80,) (checkpoint vs model; keeps its initial value)"
+    assert (
+        reasons["decoder.enc_score_head.bias"] == "shape (81,) vs (80,) (checkpoint vs model; keeps its initial value)"
+    )
 
 
 def test_huggingface_classes_and_normalisation_come_from_its_files(source, tmp_path):
@@ -360,8 +363,16 @@ def test_huggingface_classes_and_normalisation_come_from_its_files(source, tmp_p
     folder = write_huggingface(tmp_path / "custom", small, randomised(small), id2label={"0": "pallet", "1": "box"})
     info = describe_pretrained(folder)
     assert info.class_names == ["pallet", "box"] and info.categories is None and info.num_classes == 2
-    (tmp_path / "custom" / "preprocessor_config.json").write_text(json.dumps(
-        {"do_rescale": True, "do_normalize": True, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}))
+    (tmp_path / "custom" / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "do_rescale": True,
+                "do_normalize": True,
+                "image_mean": [0.485, 0.456, 0.406],
+                "image_std": [0.229, 0.224, 0.225],
+            }
+        )
+    )
     assert describe_pretrained(folder).options["input_normalization"] == "imagenet"
     (tmp_path / "custom" / "preprocessor_config.json").write_text(json.dumps(
         {"do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from neoray.engine import ranking
-from neoray.tune.sweep import best_row
+from neoray.tune.results import best_row
 
 
 def test_epoch_score_is_map_when_evaluated_else_minus_the_loss():

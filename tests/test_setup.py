@@ -1,4 +1,4 @@
-"""What the driver checks and resolves before anything runs on a worker (neoray.engine.setup, neoray.cluster):
+"""What the driver checks and resolves before anything runs on a worker (neoray.run.setup, neoray.cluster):
 absolute paths, the model and its files, the shard manifests, and a run that fits the cluster."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import yaml
 from neoray.cli import main as neoray_main
 from neoray.cluster import ClusterError, connect, plan, requested_address
 from neoray.config import ConfigError, load_config
-from neoray.engine.setup import prepare_config
+from neoray.run.setup import prepare_config
 
 
 def _cfg(shards, *overrides):
@@ -141,7 +141,7 @@ def test_too_few_training_images_for_one_batch_per_worker_is_refused(synthetic_s
 
 def test_resume_refuses_a_config_that_would_continue_another_experiment(synthetic_shards, tmp_path):
     from neoray.config import save_config
-    from neoray.engine.setup import check_resume
+    from neoray.run.setup import check_resume
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -163,14 +163,16 @@ def test_autoscale_lets_neoray_train_wait_for_nodes(capsys):
     cfg = load_config(None, ["train.workers=4", "train.cpus_per_worker=2", "train.use_gpu=true"])
     with pytest.raises(ConfigError, match="the run needs 4 GPUs .* pass --autoscale to wait for new nodes"):
         plan(cfg, None, 1, {"CPU": 16, "GPU": 2}, nodes=[{"CPU": 16, "GPU": 2}], sweep=False)
-    assert plan(cfg, None, 1, {"CPU": 16, "GPU": 2}, nodes=[{"CPU": 16, "GPU": 2}], sweep=False, autoscale=True).gpus == 4
+    assert (
+        plan(cfg, None, 1, {"CPU": 16, "GPU": 2}, nodes=[{"CPU": 16, "GPU": 2}], sweep=False, autoscale=True).gpus == 4
+    )
     assert "workers that do not fit today's cluster" in capsys.readouterr().out
 
 
 def test_an_interrupted_run_still_writes_its_summary(synthetic_shards, tmp_path, monkeypatch):
     import json
 
-    from neoray.engine import trainer
+    from neoray.run import trainer
 
     class Interrupted:
         def fit(self):

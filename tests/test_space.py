@@ -5,6 +5,8 @@ import yaml
 
 from neoray.cluster import plan as plan_resources
 from neoray.config import ConfigError, load_config
+from neoray.configs import DEFAULT_SPACE
+from neoray.tune.results import asha_rungs
 from neoray.tune.space import (
     load_space,
     optuna_distributions,
@@ -12,7 +14,6 @@ from neoray.tune.space import (
     parse_space,
     points_to_evaluate,
 )
-from neoray.tune.sweep import DEFAULT_SPACE, asha_rungs
 
 
 def test_default_space_file_is_valid():

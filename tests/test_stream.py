@@ -72,7 +72,9 @@ def _write_shard_dir(out_dir, rows: list[dict], rows_per_shard: int = ROWS_PER_S
     for index, start in enumerate(range(0, len(rows), rows_per_shard)):
         chunk = rows[start:start + rows_per_shard]
         write_shard(chunk, out_dir / shard_name(index))
-        shards.append({"file": shard_name(index), "rows": len(chunk), "sha256": storage.sha256(out_dir / shard_name(index))})
+        shards.append(
+            {"file": shard_name(index), "rows": len(chunk), "sha256": storage.sha256(out_dir / shard_name(index))}
+        )
     manifest = {
         "format": FORMAT, "version": VERSION, "size": [W, H],
         "categories": [{"id": k + 1, "name": f"c{k}", "label": k} for k in range(NUM_CLASSES)],

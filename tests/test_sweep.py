@@ -11,15 +11,10 @@ import pytest
 import yaml
 from fault_hooks import TrialFailures
 
+from neoray.commands import sweep as sweep_cmd
 from neoray.config import load_config
-from neoray.tune import sweep_cmd
-from neoray.tune.sweep import (
-    SweepOptions,
-    SweepResult,
-    collect_rows,
-    run_sweep,
-    sweep_interrupted,
-)
+from neoray.tune.results import collect_rows, sweep_interrupted
+from neoray.tune.sweep import SweepOptions, SweepResult, run_sweep
 
 SPACE = {
     "params": {"lr": {"distribution": "log_uniform", "low": 3e-4, "high": 3e-3}},
@@ -89,7 +84,7 @@ def test_interrupted_sweep_exits_130_with_the_resume_command(monkeypatch, capsys
     argv = ["experiments/sweep_lr.py", "--name", "my sweep", "train.epochs=3"]
     monkeypatch.setattr("sys.argv", argv)
     outcome = {}
-    monkeypatch.setattr("neoray.tune.sweep.run_sweep", lambda opts: outcome["result"])
+    monkeypatch.setattr("neoray.commands.sweep.run_sweep", lambda opts: outcome["result"])
     outcome["result"] = SweepResult(tmp_path, [], {"trial": "trial_0001"}, None, interrupted=True)
     assert sweep_cmd.run(parser.parse_args(argv[1:])) == 130
     assert ("sweep interrupted; continue with: python experiments/sweep_lr.py --name 'my sweep' train.epochs=3 "

@@ -20,12 +20,12 @@ from torch import nn
 from neoray.config import from_dict
 from neoray.engine import ranking
 from neoray.engine import step as step_module
-from neoray.engine.checkpoint import load_checkpoint, read_pointers
 from neoray.engine.context import LocalContext, ReadyBatches
 from neoray.engine.loop import run_training_loop
 from neoray.engine.optim import build_optimizer, build_scheduler, lr_at
 from neoray.engine.state import TrainState
 from neoray.engine.step import EpochStats, finish_update, train_one_epoch
+from neoray.models.pretrained.checkpoint import load_checkpoint, read_pointers
 
 CATEGORIES = [{"id": 1, "name": "a", "label": 0}, {"id": 2, "name": "b", "label": 1}]
 
@@ -371,7 +371,7 @@ def test_score_is_minus_the_loss_without_evaluation_and_map_only_when_evaluated(
 
 
 def test_checkpoint_record_follows_the_score(tmp_path):
-    from neoray.engine.trainer import RunRecorder
+    from neoray.run.trainer import RunRecorder
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -12,8 +12,8 @@ from fault_hooks import Faults
 
 from neoray.cli import main as neoray_main
 from neoray.config import from_dict
-from neoray.engine.checkpoint import load_checkpoint, read_pointers
 from neoray.engine.optim import lr_at
+from neoray.models.pretrained.checkpoint import load_checkpoint, read_pointers
 
 TINY_MODEL = {"hidden_dim": 32, "num_queries": 20, "num_denoising": 10}
 
@@ -32,8 +32,8 @@ def tiny_run_config(shards, output, **train) -> dict:
 @pytest.fixture(scope="module")
 def recovered_run(ray_session, synthetic_shards, tmp_path_factory):
     """3 epochs on 2 workers; rank 1 raises once at the start of epoch 2 and Ray Train recovers it."""
-    from neoray.engine.setup import prepare_config
-    from neoray.engine.trainer import train
+    from neoray.run.setup import prepare_config
+    from neoray.run.trainer import train
 
     root = tmp_path_factory.mktemp("train_ray")
     records = root / "records"

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -197,31 +196,6 @@ def _check_one(shard_dir: str, entry: dict, checker: _ShardChecker) -> list[str]
         extra = len(row_problems) - MAX_PROBLEMS_PER_SHARD
         row_problems = row_problems[:MAX_PROBLEMS_PER_SHARD] + [f"{name}: ... and {extra} more problems"]
     return problems + row_problems
-
-
-# ----------------------------------------------------------------------------------------------------
-# `neoray check`
-# ----------------------------------------------------------------------------------------------------
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("shard_dir", metavar="SHARD_DIR",
-                        help="a directory written by `neoray prepare`: a path or a URI (s3://bucket/prefix)")
-    parser.add_argument("--decode-every", type=int, default=1, metavar="N",
-                        help="decode every N-th image to check its size (default 1: all)")
-
-
-def run(args) -> int:
-    result = check_shards(args.shard_dir, decode_every=args.decode_every)
-    if result.summary:
-        print(result.summary_text())
-    if result.ok:
-        print("OK")
-        return 0
-    print(f"{len(result.problems)} problems:", file=sys.stderr)
-    for line in result.problems:
-        print(f"  {line}", file=sys.stderr)
-    return 1
 
 
 __all__ = ["CheckResult", "check_shards"]

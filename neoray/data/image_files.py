@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from neoray import storage
 from neoray.data import sources as src
@@ -101,8 +102,6 @@ def _read_file(path: str, max_bytes: int) -> bytes | Refused:
 def _pillow_bomb_check_off():
     # Pillow refuses images above its own fixed pixel limit when opening them; here it only reads the
     # header, and neoray's configurable limit (which may be higher) decides.
-    from PIL import Image
-
     saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
         yield
@@ -113,8 +112,6 @@ def _pillow_bomb_check_off():
 def _header(data: bytes) -> tuple[int, int, int] | None:
     """(width, height, EXIF orientation) as the file declares them, without decoding; None when Pillow
     cannot identify the file."""
-    from PIL import Image
-
     try:
         with _pillow_bomb_check_off(), Image.open(io.BytesIO(data)) as image:
             width, height = image.size

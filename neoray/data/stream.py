@@ -8,9 +8,8 @@ Each training worker builds its own stream, every epoch, from a plan that is a f
    rank (training drops the last ``rows % world_size`` rows, so every rank runs the same number of
    steps; evaluation gives every row to exactly one rank).
 2. ``chunk_dataset``: a Ray Data dataset with one row per chunk; ``map_batches`` reads the chunk's rows
-   from its Parquet file (local, a shared mount or object storage, through ``neoray.storage``) and
-   decodes the JPEGs with cv2, one Ray task per chunk, in parallel on the cluster's CPUs. Rows leave in
-   plan order (``preserve_order``).
+   from its Parquet file and decodes the JPEGs (``neoray.data.decode``), one Ray task per chunk, in
+   parallel on the cluster's CPUs. Rows leave in plan order (``preserve_order``).
 3. ``iter_train_batches`` / ``iter_eval_batches``, on the worker: pull the decoded chunks, mix the
    images in a shuffle buffer seeded by (seed, epoch, rank), augment (``neoray.data.augment``, draws
    seeded by (seed, epoch, rank, batch index)) and collate into a ``Batch``.
@@ -26,28 +25,20 @@ boxes per image) and the train augmentation needs the whole batch at once to giv
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
-import cv2
 import numpy as np
-import pyarrow.parquet as pq
 import ray
+import torch
 
 from neoray import storage
 from neoray.config import DataConfig, parse_size
+from neoray.data.augment import TrainAugment, resize_factor, resize_image
+from neoray.data.decode import read_chunk
 from neoray.data.shards import read_manifest
 
-if TYPE_CHECKING:
-    import torch
-
-# Ray's decode tasks import this module to find `read_chunk`; torch and albumentations (3+ s of
-# imports per fresh worker, paid in the time to the first batch) are therefore imported only inside the
-# worker-side functions that use them.
-
-# Columns the stream needs from a shard (file_name and ann_ids stay in storage).
-READ_COLUMNS = ["image_id", "image", "width", "height", "orig_width", "orig_height", "scale", "pad_x", "pad_y",
-                "boxes", "labels", "iscrowd", "areas"]
 # Rows per read-and-decode task: big enough that task overhead stays small, small enough to use every
 # CPU and to start the first batch quickly.
 ROWS_PER_TASK = 32
@@ -123,89 +114,12 @@ def epoch_plan(shard_set: ShardSet, *, epoch: int, rank: int, world_size: int, s
     return mine
 
 
-# ----------------------------------------------------------------------------------------------------
-# Reading and decoding chunks (Ray Data tasks)
-# ----------------------------------------------------------------------------------------------------
-
-
-def read_rows(path: str, start: int, stop: int, columns: list[str] = READ_COLUMNS):
-    """Rows ``[start, stop)`` of one Parquet file as a pyarrow Table, reading only the row groups that
-    hold them (prepare writes groups of 64 rows)."""
-    fs, inner = storage.resolve(path)
-    with fs.open_input_file(inner) as handle:
-        parquet = pq.ParquetFile(handle)
-        groups, first_row, offset = [], None, 0
-        for index in range(parquet.num_row_groups):
-            rows = parquet.metadata.row_group(index).num_rows
-            if offset < stop and offset + rows > start:
-                groups.append(index)
-                first_row = offset if first_row is None else first_row
-            offset += rows
-        if stop > offset:
-            raise ValueError(f"{path}: rows {start}..{stop} requested but the file holds {offset}; its manifest "
-                             "entry is stale (re-run `neoray prepare`, or `neoray check` the directory)")
-        table = parquet.read_row_groups(groups, columns=columns)
-    return table.slice(start - first_row, stop - start)
-
-
-def _object_array(items: list) -> np.ndarray:
-    """A 1-D object array of per-row arrays (np.array would try to stack equal-length rows into 3-D)."""
-    out = np.empty(len(items), dtype=object)
-    out[:] = items
-    return out
-
-
-def decode_rows(table, path: str) -> dict[str, np.ndarray]:
-    """JPEG bytes -> uint8 HWC RGB "pixels"; ragged columns -> per-row numpy arrays.
-
-    Boxes become (N, 4) float32 arrays, which Ray stores as Arrow tensors, so 0, 1 or many boxes per image
-    all survive. Bad records raise one line naming the shard file, the image id and the field.
-    """
-    columns = table.to_pydict()
-    pixels, boxes, labels, iscrowd, areas = [], [], [], [], []
-    for i, data in enumerate(columns["image"]):
-        where = f"{path}: image_id {columns['image_id'][i]}"
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
-        if image is None:
-            raise ValueError(f"{where}: field 'image': not a decodable JPEG ({len(data)} bytes)")
-        width, height = columns["width"][i], columns["height"][i]
-        if image.shape[:2] != (height, width):
-            raise ValueError(f"{where}: field 'image': decoded {image.shape[1]}x{image.shape[0]} but the row says "
-                             f"width x height = {width}x{height}")
-        if pixels and image.shape != pixels[0].shape:
-            raise ValueError(f"{where}: field 'image': {width}x{height} differs from "
-                             f"{pixels[0].shape[1]}x{pixels[0].shape[0]} in the same shard; a shard directory "
-                             "holds one size")
-        row_boxes = np.asarray(columns["boxes"][i], dtype=np.float32).reshape(-1, 4)
-        for name in ("labels", "iscrowd", "areas"):
-            if len(columns[name][i]) != len(row_boxes):
-                raise ValueError(f"{where}: field '{name}': {len(columns[name][i])} entries for {len(row_boxes)} boxes")
-        pixels.append(image)
-        boxes.append(row_boxes)
-        labels.append(np.asarray(columns["labels"][i], dtype=np.int64))
-        iscrowd.append(np.asarray(columns["iscrowd"][i], dtype=bool))
-        areas.append(np.asarray(columns["areas"][i], dtype=np.float32))
-    out = {key: np.asarray(columns[key]) for key in ("image_id", "orig_width", "orig_height", "scale", "pad_x", "pad_y")}
-    out["pixels"] = np.stack(pixels) if pixels else np.zeros((0, 0, 0, 3), np.uint8)
-    out["boxes"], out["labels"] = _object_array(boxes), _object_array(labels)
-    out["iscrowd"], out["areas"] = _object_array(iscrowd), _object_array(areas)
-    return out
-
-
-def read_chunk(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``map_batches`` step over plan rows (one per call): read the chunk's rows and decode them."""
-    path, start, stop = str(batch["path"][0]), int(batch["start"][0]), int(batch["stop"][0])
-    return decode_rows(read_rows(path, start, stop), path)
-
-
 def quiet_ray_data() -> None:
     """No per-epoch progress bars or "Starting execution" lines from Ray Data in this process.
 
     Training logs (and a sweep's job log) should show epochs and Tune's trial table, not one bar per
     epoch per dataset; Ray Data's own log files still have everything.
     """
-    import logging
-
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.enable_operator_progress_bars = False
@@ -283,8 +197,6 @@ def _samples(columns: dict[str, np.ndarray]) -> list[dict]:
 
 def collate(samples: list[dict]) -> Batch:
     """Stack per-image samples (all one size) into a ``Batch``; scale/pad follow each sample's "factor"."""
-    import torch
-
     shapes = {s["image"].shape for s in samples}
     if len(shapes) != 1:
         raise ValueError(f"collate: images of one batch must have one size, got {sorted(shapes)} "
@@ -352,8 +264,6 @@ def iter_train_batches(shard_set: ShardSet, batch_size: int, data_cfg: DataConfi
     are mixed by a shuffle buffer of ``data_cfg.shuffle_buffer`` rows seeded by (seed, epoch, rank); each
     batch is resized to one size drawn from ``data_cfg.multiscale`` and flipped/jittered per image with
     draws seeded by (seed, epoch, rank, batch index)."""
-    from neoray.data.augment import TrainAugment
-
     augment = TrainAugment(data_cfg)
     chunks = epoch_plan(shard_set, epoch=epoch, rank=rank, world_size=world_size, seed=seed, equal=True,
                         max_rows=data_cfg.max_train_images)
@@ -385,8 +295,6 @@ def iter_eval_batches(shard_set: ShardSet, batch_size: int, *, rank: int = 0, wo
     (16:9 to 16:9, a pure scale) and boxes, scale and pad follow, so ``(pixel - pad) / scale`` still maps
     back to original coordinates. No box is dropped: ground truth must stay complete for scoring.
     """
-    from neoray.data.augment import resize_factor, resize_image
-
     target = parse_size(size, "size") if size is not None else None
     chunks = epoch_plan(shard_set, epoch=0, rank=rank, world_size=world_size, seed=None, equal=False)
     for columns in _iter_numpy(chunks, batch_size, drop_last=False, prefetch_batches=prefetch_batches):
@@ -401,7 +309,6 @@ def iter_eval_batches(shard_set: ShardSet, batch_size: int, *, rank: int = 0, wo
 
 
 __all__ = [
-    "Batch", "READ_COLUMNS", "ROWS_PER_TASK", "ShardSet", "chunk_dataset", "collate", "decode_rows", "epoch_plan",
-    "iter_eval_batches", "iter_train_batches", "quiet_ray_data", "read_chunk", "read_rows",
-    "train_batches_per_epoch", "train_rows_per_epoch",
+    "Batch", "ROWS_PER_TASK", "ShardSet", "chunk_dataset", "collate", "epoch_plan", "iter_eval_batches",
+    "iter_train_batches", "quiet_ray_data", "train_batches_per_epoch", "train_rows_per_epoch",
 ]

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from neoray import storage
+from neoray.config import parse_size
 
 # (id, name): non-contiguous ids on purpose. ``classes=K`` uses the first K.
 SHAPES = [
@@ -189,8 +189,6 @@ def write_synthetic_dataset(out_dir, train: int = 256, val: int = 64, size=(320,
     """Write the dataset; returns ``{"root", "train_images", "train_annotations", "val_images",
     "val_annotations", "categories"}`` (paths: ``Path`` locally, ``str`` for a URI; and the COCO
     category list)."""
-    from neoray.config import parse_size
-
     width, height = parse_size(size, "size", require_16_9=False)
     if not 1 <= classes <= len(SHAPES):
         raise ValueError(f"classes must be between 1 and {len(SHAPES)}, got {classes}")
@@ -207,31 +205,3 @@ def write_synthetic_dataset(out_dir, train: int = 256, val: int = 64, size=(320,
     return result
 
 
-# ----------------------------------------------------------------------------------------------------
-# `neoray synth`
-# ----------------------------------------------------------------------------------------------------
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("out_dir", metavar="OUT_DIR", help="where to write train/, val/ and annotations/")
-    parser.add_argument("--train", type=int, default=256, help="number of training images (default 256)")
-    parser.add_argument("--val", type=int, default=64, help="number of validation images (default 64)")
-    parser.add_argument("--size", default="320x180", help="image size WxH (default 320x180)")
-    parser.add_argument("--classes", type=int, default=6, help=f"number of shape classes, 1..{len(SHAPES)} (default 6)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same dataset")
-    parser.add_argument("--aspect-mix", action="store_true",
-                        help="make some images 4:3 and some portrait, to exercise letterboxing")
-
-
-def run(args) -> int:
-    from neoray.config import ConfigError
-
-    try:
-        out = write_synthetic_dataset(args.out_dir, train=args.train, val=args.val, size=args.size,
-                                      classes=args.classes, seed=args.seed, aspect_mix=args.aspect_mix)
-    except (ConfigError, ValueError, OSError) as exc:  # OSError: the folder or bucket cannot be written
-        print(f"neoray synth: error: {exc}", file=sys.stderr)
-        return 1
-    names = ", ".join(f"{c['id']}={c['name']}" for c in out["categories"])
-    print(f"wrote {args.train} train + {args.val} val images to {out['root']} (categories {names})")
-    return 0

@@ -11,13 +11,25 @@ production runner), ``ReadyBatches`` hands out ready ``Batch``es (tests, benchma
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from typing import Iterable, Protocol
 
+import pyarrow.fs
+import ray.train
+import ray.train.torch
 import torch
 
 from neoray.config import Config
+from neoray.data.stream import (
+    ShardSet,
+    iter_eval_batches,
+    iter_train_batches,
+    quiet_ray_data,
+    train_batches_per_epoch,
+)
+from neoray.distributed import barrier
 
 
 class BatchSource(Protocol):
@@ -45,37 +57,29 @@ class TrainContext(Protocol):
 
     def latest_checkpoint(self) -> str | None: ...
 
-    def should_stop(self) -> bool: ...
-
 
 class ShardBatches:
-    """This rank's batches from the config's shard directories (``neoray.data.stream``)."""
+    """This rank's batches from the config's shard directories (``neoray.data.stream``). The process
+    then runs Ray Data, whose progress output is kept out of its log (epochs, not data progress)."""
 
     def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1):
-        from neoray.data.stream import ShardSet
-
+        quiet_ray_data()
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.train_set = ShardSet.open(cfg.data.train)
         self.val_set = ShardSet.open(cfg.data.val) if cfg.data.val else None
         self.categories = self.train_set.categories
 
     def train(self, epoch: int) -> Iterable:
-        from neoray.data.stream import iter_train_batches
-
         return iter_train_batches(self.train_set, self.cfg.train.batch_size, self.cfg.data, seed=self.cfg.train.seed,
                                   epoch=epoch, rank=self.rank, world_size=self.world_size)
 
     def val(self) -> Iterable | None:
-        from neoray.data.stream import iter_eval_batches
-
         if self.val_set is None:
             return None
         return iter_eval_batches(self.val_set, self.cfg.train.batch_size, rank=self.rank,
                                  world_size=self.world_size, size=self.cfg.data.size)
 
     def micro_batches_per_epoch(self) -> int:
-        from neoray.data.stream import train_batches_per_epoch
-
         return max(1, train_batches_per_epoch(self.train_set, self.cfg.train.batch_size, self.world_size,
                                               self.cfg.data.max_train_images))
 
@@ -101,11 +105,6 @@ class RayTrainContext:
     """``TrainContext`` on a Ray Train worker (``ray.train``)."""
 
     def __init__(self, cfg: Config):
-        import logging
-
-        import ray.train
-        import ray.train.torch
-
         # Ray Train logs two INFO lines per report from each worker (checkpoint created, result reported);
         # the run's log is one line per epoch (the controller's RunRecorder), warnings still pass.
         logging.getLogger("ray.train").setLevel(logging.WARNING)
@@ -117,10 +116,6 @@ class RayTrainContext:
         self.data = ShardBatches(cfg, self.world_rank, self.world_size)
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
-        import ray.train
-
-        from neoray.distributed import barrier
-
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
         # ray.train.report only queues this worker's result; the controller registers the epoch's
@@ -130,12 +125,7 @@ class RayTrainContext:
         barrier()
 
     def latest_checkpoint(self) -> str | None:
-        import ray.train
-
         return checkpoint_location(ray.train.get_checkpoint())
-
-    def should_stop(self) -> bool:
-        return False
 
 
 # pyarrow filesystem type -> the URI scheme neoray.storage reads it with (the endpoint and credentials
@@ -144,13 +134,11 @@ _URI_SCHEMES = {"s3": "s3", "gcs": "gs"}
 
 
 def checkpoint_location(checkpoint) -> str | None:
-    """A Ray ``Checkpoint`` as something ``neoray.engine.checkpoint.load_checkpoint`` reads: its path
+    """A Ray ``Checkpoint`` as something ``neoray.models.pretrained.checkpoint.load_checkpoint`` reads: its path
     on a local or shared filesystem, its URI on object storage (read in place, nothing downloaded), else
     (a custom fsspec filesystem) a local download."""
     if checkpoint is None:
         return None
-    import pyarrow.fs
-
     if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
         return checkpoint.path
     scheme = _URI_SCHEMES.get(checkpoint.filesystem.type_name)
@@ -184,9 +172,6 @@ class LocalContext:
 
     def latest_checkpoint(self) -> str | None:
         return self._latest
-
-    def should_stop(self) -> bool:
-        return False
 
 
 __all__ = [

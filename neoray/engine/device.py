@@ -5,6 +5,7 @@ from __future__ import annotations
 import resource
 import sys
 
+import ray
 import torch
 
 from neoray.config import Config
@@ -43,8 +44,6 @@ def device_name(device: torch.device) -> str:
 def node_id() -> str:
     """The Ray node this process runs on ("" outside Ray): which machine each worker used."""
     try:
-        import ray
-
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
     except Exception:  # noqa: BLE001 - a diagnostic only; never fail a run for it
         return ""

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from neoray.models import check_targets
+
 
 class PreflightError(ValueError):
     """The first batch cannot be trained on; the message says why in one line."""
@@ -46,8 +48,6 @@ def check_batch(batch, num_classes: int) -> None:
                              f"{tuple(images.shape)}")
     if len(batch.targets) != images.shape[0]:
         raise PreflightError(f"preflight: {images.shape[0]} images but {len(batch.targets)} targets")
-    from neoray.models import check_targets  # the models' own checks: labels, box shapes and extent
-
     try:
         check_targets(batch.targets, num_classes, (images.shape[3], images.shape[2]))
     except ValueError as exc:

@@ -18,6 +18,9 @@ class TrainHooks:
     def epoch_start(self, epoch: int, rank: int) -> None:
         """Before the epoch's first batch."""
 
+    def before_forward(self, micro_step: int, rank: int, batch) -> None:
+        """Before the forward pass of a micro-batch (a ``neoray.data.stream.Batch`` on the device)."""
+
     def after_forward(self, micro_step: int, rank: int, loss: torch.Tensor) -> torch.Tensor:
         """After the forward pass of a micro-batch; returns the loss the loop goes on with."""
         return loss
@@ -28,8 +31,8 @@ class TrainHooks:
     def before_optimizer_step(self, micro_step: int, rank: int) -> None:
         """Before the optimizer steps at the end of an accumulation group ending at ``micro_step``."""
 
-    def epoch_end(self, epoch: int, rank: int, image_ids: list[int]) -> None:
-        """After the epoch's last batch, with the ids of the images this rank trained on, in order."""
+    def epoch_end(self, epoch: int, rank: int) -> None:
+        """After the epoch's last batch."""
 
 
 __all__ = ["TrainHooks"]

@@ -21,22 +21,18 @@ from torch import nn
 
 from neoray import ray_compat
 from neoray.config import Config, from_dict
-from neoray.distributed import any_flags, from_rank0, gather
+from neoray.distributed import from_rank0, gather
 from neoray.engine import guards, ranking
-from neoray.engine.checkpoint import (
-    capture_rng_state,
-    load_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-    seed_everything,
-)
 from neoray.engine.context import RayTrainContext, TrainContext
 from neoray.engine.device import default_device, device_name, node_id, peak_memory_mb
 from neoray.engine.hooks import TrainHooks
-from neoray.engine.model_config import build_model
 from neoray.engine.optim import optimizer_steps_per_epoch
+from neoray.engine.seeding import capture_rng_state, restore_rng_state, seed_everything
 from neoray.engine.state import TrainState
 from neoray.engine.step import EpochStats, train_one_epoch
+from neoray.evaluation.coco_eval import evaluate
+from neoray.models import build_model_from_config
+from neoray.models.pretrained.checkpoint import load_checkpoint, save_checkpoint
 
 Log = Callable[[str], None] | None
 
@@ -70,11 +66,11 @@ def run_training_loop(cfg: Config, ctx: TrainContext, *, hooks: TrainHooks | Non
         if state.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(state.device)
         stats = train_one_epoch(state, batches, hooks, log)
-        hooks.epoch_end(state.epoch + 1, state.rank, stats.image_ids)
+        hooks.epoch_end(state.epoch + 1, state.rank)
         state.epoch += 1
         metrics = {**_epoch_metrics(state, stats, ctx.world_size), **_evaluate(state, ctx)}
         metrics[ranking.SCORE] = ranking.epoch_score(metrics)
-        metrics["stop_reason"] = _stop_reason(state, stats, metrics, ctx)
+        metrics["stop_reason"] = _stop_reason(state, stats, metrics)
         _report(ctx, state, metrics)
         if metrics["stop_reason"]:
             if log:
@@ -86,14 +82,11 @@ def _start(cfg: Config, ctx: TrainContext, model_fn, resume_from: str | None, lo
     """Seed, build the model and the training state, and continue a checkpoint or start from
     pretrained weights; wrap DDP; start the EMA from the weights every rank trains."""
     seed_everything(cfg.train.seed + ctx.world_rank)  # different augmentations per rank, reproducible
-    from neoray.data.stream import quiet_ray_data
-
-    quiet_ray_data()  # this worker runs Ray Data: keep its log to epochs, not data progress
     categories = ctx.data.categories
     checkpoint = ctx.latest_checkpoint() or resume_from
     # A checkpoint brings every weight: the backbone's pretrained file is not read again (it may be gone).
     model = (model_fn(len(categories)) if model_fn
-             else build_model(cfg.model, len(categories), with_weights=not checkpoint))
+             else build_model_from_config(cfg.model, len(categories), with_weights=not checkpoint))
     device = ctx.device or default_device(cfg, ctx.local_rank)
     total_steps = cfg.train.epochs * optimizer_steps_per_epoch(ctx.data.micro_batches_per_epoch(), cfg.train.accumulate)
     state = TrainState.build(cfg, model, device, total_steps, rank=ctx.world_rank)
@@ -172,23 +165,19 @@ def _evaluate(state: TrainState, ctx: TrainContext) -> dict:
     batches = ctx.data.val()
     if batches is None or not (state.epoch % cfg.eval_every == 0 or state.epoch == cfg.epochs):
         return {"evaluated": 0}
-    from neoray.engine.coco_eval import evaluate
-
     metrics = evaluate(state.eval_module(), batches, ctx.data.categories, state.device,
                        score_threshold=cfg.eval_score_threshold, amp_dtype=state.amp_dtype)
     return {**metrics, "evaluated": 1}
 
 
-def _stop_reason(state: TrainState, stats: EpochStats, metrics: dict, ctx: TrainContext) -> str:
-    """Why the run stops after this epoch ("" to go on), the same on every rank: the guards, early
-    stopping on evaluation epochs, or the runner."""
+def _stop_reason(state: TrainState, stats: EpochStats, metrics: dict) -> str:
+    """Why the run stops after this epoch ("" to go on), the same on every rank: the guards, or early
+    stopping on evaluation epochs."""
     cfg = state.cfg.train
     reason = guards.epoch_stop_reason(stats.counters, cfg.max_skipped_fraction, cfg.max_oom_per_epoch,
                                       cfg.batch_size, cfg.accumulate) or ""
     if metrics.get("evaluated"):
         reason = reason or state.early.update(float(metrics["map"]), state.epoch)
-    if not reason and any_flags([ctx.should_stop()], state.device)[0]:
-        reason = "stopped by the runner"
     return from_rank0(reason)  # rank 0's words for a decision every rank took
 
 

@@ -26,13 +26,8 @@ from neoray.config import TrainConfig
 _NO_DECAY_NAME_PARTS = ("embed", "query", "pos")
 
 
-def steps_per_epoch(num_images: int, batch_size: int, workers: int) -> int:
-    """Micro-batches per worker per epoch: every worker drops its last incomplete batch."""
-    return max(1, num_images // (batch_size * workers))
-
-
 def optimizer_steps_per_epoch(micro_batches: int, accumulate: int) -> int:
-    """A partial accumulation group at the end of an epoch still steps (see loop.py), hence ceil."""
+    """A partial accumulation group at the end of an epoch still steps (see step.py), hence ceil."""
     return math.ceil(micro_batches / accumulate)
 
 
@@ -145,5 +140,5 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_
 
 __all__ = [
     "Schedule", "build_optimizer", "build_scheduler", "lr_at", "lr_factor", "no_decay_names",
-    "optimizer_steps_per_epoch", "param_groups", "steps_per_epoch",
+    "optimizer_steps_per_epoch", "param_groups",
 ]

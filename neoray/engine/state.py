@@ -24,6 +24,7 @@ from neoray.distributed import is_distributed
 from neoray.engine.device import resolve_amp
 from neoray.engine.ema import ModelEMA
 from neoray.engine.optim import build_optimizer, build_scheduler
+from neoray.models import load_pretrained
 
 
 @dataclass
@@ -70,7 +71,9 @@ class TrainState:
     early: EarlyStopping = field(default_factory=EarlyStopping)
 
     @classmethod
-    def build(cls, cfg: Config, model: nn.Module, device: torch.device, total_steps: int, rank: int = 0) -> "TrainState":
+    def build(
+        cls, cfg: Config, model: nn.Module, device: torch.device, total_steps: int, rank: int = 0
+    ) -> "TrainState":
         model.to(device)
         amp_dtype, use_scaler = resolve_amp(cfg.train.amp, device)
         optimizer = build_optimizer(model, cfg.train)
@@ -126,8 +129,6 @@ class TrainState:
     def init_from(self, path: str, class_names: list[str], log: Callable[[str], None] | None) -> list[str]:
         """Start from pretrained weights (any format ``neoray.models.load_pretrained`` reads); the EMA
         starts from them too. Returns the names of the classes that kept pretrained rows."""
-        from neoray.models import load_pretrained
-
         result = load_pretrained(self.model, path, class_names=class_names)
         if self.ema is not None:
             self.ema.reset(self.model)

@@ -19,9 +19,10 @@ advice instead; with one worker an OOM in the optimizer step skips that update.
 from __future__ import annotations
 
 import contextlib
+import enum
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -40,9 +41,8 @@ class EpochStats:
     loss_count: int = 0
     images: int = 0
     seconds: float = 0.0
-    updates_made: int = 0
+    last_loss: float = float("nan")  # of the last micro-batch that ran its backward
     counters: guards.EpochCounters = field(default_factory=guards.EpochCounters)
-    image_ids: list = field(default_factory=list)
 
 
 def _trainable_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -124,7 +124,6 @@ def finish_update(state: TrainState, stats: EpochStats, group_bad: bool, group_l
     else:
         state.scheduler.step()
         state.step += 1
-        stats.updates_made += 1
         if state.ema is not None:
             state.ema.update(state.model)
     state.optimizer.zero_grad(set_to_none=True)
@@ -134,12 +133,34 @@ class _Group:
     """The accumulation group in progress on this rank."""
 
     def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
         self.length = 0  # micro-batches so far
         self.bad = False  # a micro-batch had a non-finite loss on some rank: the update is skipped
         self.backward_oom = False  # this rank ran out of memory in the last micro-step's local backward
 
-    def reset(self) -> None:
-        self.__init__()
+
+class Outcome(enum.Enum):
+    """What became of one micro-batch; the first three are the same on every rank."""
+
+    OK = "ok"
+    OOM_FORWARD = "out of memory in the forward (on some rank)"
+    NONFINITE = "non-finite loss (on some rank): no backward"
+    OOM_BACKWARD = "out of memory in this rank's local backward"
+
+
+_END = object()
+
+
+def with_last(items: Iterable) -> Iterator[tuple[object, bool]]:
+    """``(item, is_last)`` for each item: the epoch's last batch ends its accumulation group."""
+    iterator = iter(items)
+    current = next(iterator, _END)
+    while current is not _END:
+        upcoming = next(iterator, _END)
+        yield current, upcoming is _END
+        current = upcoming
 
 
 def _forward(state: TrainState, module, batch, hooks: TrainHooks, micro: int):
@@ -176,7 +197,34 @@ def _backward(state: TrainState, loss, hooks: TrainHooks, micro: int, syncs: boo
         return False
 
 
-def train_one_epoch(state: TrainState, batches: Iterable, hooks: TrainHooks | None = None, log: Log = None) -> EpochStats:
+def _micro_step(state: TrainState, module, batch, hooks: TrainHooks, syncs: bool, stats: EpochStats) -> Outcome:
+    """Forward and backward of one micro-batch (gradients all-reduced only when ``syncs``); records its
+    losses in ``stats`` when it ran."""
+    micro = state.micro_step
+    state.micro_step += 1
+    batch = batch.to(state.device)
+    hooks.before_forward(micro, state.rank, batch)
+    is_ddp = isinstance(module, DistributedDataParallel)
+    with module.no_sync() if (is_ddp and not syncs) else contextlib.nullcontext():
+        losses, loss = _forward(state, module, batch, hooks, micro)
+        local_nonfinite = loss is not None and not bool(torch.isfinite(loss.detach()))
+        any_oom, any_nonfinite = any_flags([loss is None, local_nonfinite], state.device)
+        if any_oom:
+            return Outcome.OOM_FORWARD  # the group's all-reduce may never happen: drop it on every rank
+        if any_nonfinite:
+            return Outcome.NONFINITE
+        if not _backward(state, loss, hooks, micro, syncs):
+            return Outcome.OOM_BACKWARD
+    for name, value in losses.items():
+        stats.loss_sums[name] = stats.loss_sums.get(name, 0.0) + float(value.detach())
+    stats.loss_count += 1
+    stats.last_loss = float(loss.detach())
+    return Outcome.OK
+
+
+def train_one_epoch(
+    state: TrainState, batches: Iterable, hooks: TrainHooks | None = None, log: Log = None
+) -> EpochStats:
     """One pass over ``batches`` with accumulation, clipping, AMP and the guards."""
     hooks = hooks or TrainHooks()
     accumulate, log_every = state.cfg.train.accumulate, state.cfg.train.log_every
@@ -184,16 +232,13 @@ def train_one_epoch(state: TrainState, batches: Iterable, hooks: TrainHooks | No
     module = state.forward_module()
     module.train()
     state.optimizer.zero_grad(set_to_none=True)
-    is_ddp = isinstance(module, DistributedDataParallel)
-    iterator = iter(batches)
-    current = next(iterator, None)
+    batches_left = with_last(batches)
     start = time.perf_counter()
     while True:
-        upcoming = next(iterator, None) if current is not None else None
+        batch, last = next(batches_left, (None, True))
         # The ranks stop together when one runs out, know whether this is the epoch's last batch, and
         # learn whether a rank's local backward ran out of memory in the previous micro-step.
-        none_left, last_of_epoch, group_oom = any_flags([current is None, upcoming is None, group.backward_oom],
-                                                        state.device)
+        none_left, last_of_epoch, group_oom = any_flags([batch is None, last, group.backward_oom], state.device)
         if group_oom:
             # That backward did not all-reduce, so the group had not stepped yet on any rank.
             _drop_group(state, stats, "backward", log)
@@ -201,40 +246,23 @@ def train_one_epoch(state: TrainState, batches: Iterable, hooks: TrainHooks | No
         if none_left:
             break
         syncs = group.length == accumulate - 1 or last_of_epoch
-        batch, micro = current.to(state.device), state.micro_step
-        state.micro_step += 1
-        with module.no_sync() if (is_ddp and not syncs) else contextlib.nullcontext():
-            losses, loss = _forward(state, module, batch, hooks, micro)
-            local_nonfinite = loss is not None and not bool(torch.isfinite(loss.detach()))
-            any_oom, any_nonfinite = any_flags([loss is None, local_nonfinite], state.device)
-            if any_oom:
-                # Drop the whole accumulation group on every rank: its all-reduce may never happen.
-                del loss, losses, batch
-                _drop_group(state, stats, "forward", log)
-                group.reset()
-                current = upcoming
-                continue
-            if any_nonfinite:
-                group.bad = True  # no backward: this group's update is skipped on every rank
-            elif not _backward(state, loss, hooks, micro, syncs):
-                group.backward_oom = True
-                loss = losses = batch = None  # the group is dropped at the top of the loop
-                current = upcoming
-                continue
-            else:
-                for name, value in losses.items():
-                    stats.loss_sums[name] = stats.loss_sums.get(name, 0.0) + float(value.detach())
-                stats.loss_count += 1
-        stats.images += len(batch.images)
-        stats.image_ids.extend(int(i) for i in batch.image_ids)
-        if syncs:
-            finish_update(state, stats, group.bad, group.length + 1, hooks, micro, log)
+        outcome = _micro_step(state, module, batch, hooks, syncs, stats)
+        if outcome is Outcome.OOM_FORWARD:
+            _drop_group(state, stats, "forward", log)
             group.reset()
-            if log and log_every and state.step % log_every == 0:
-                log(f"step {state.step}: loss {float(loss) if loss is not None else float('nan'):.4f}")
-        else:
+            continue
+        if outcome is Outcome.OOM_BACKWARD:
+            group.backward_oom = True  # dropped on every rank at the top of the loop
+            continue
+        group.bad |= outcome is Outcome.NONFINITE  # no backward: the group's update is skipped on every rank
+        stats.images += len(batch.images)
+        if not syncs:
             group.length += 1
-        current = upcoming
+            continue
+        finish_update(state, stats, group.bad, group.length + 1, hooks, state.micro_step - 1, log)
+        group.reset()
+        if log and log_every and state.step % log_every == 0:
+            log(f"step {state.step}: loss {stats.last_loss:.4f}")
     stats.seconds = time.perf_counter() - start
     return stats
 

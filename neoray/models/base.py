@@ -57,7 +57,9 @@ def check_targets(targets: list[dict], num_classes: int, image_size: tuple[int, 
             raise ValueError(f"targets[{i}]: boxes contain NaN or Inf")
         degenerate = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
         if degenerate.any():
-            raise ValueError(f"targets[{i}]: box {boxes[degenerate][0].tolist()} has x2 <= x1 or y2 <= y1 (xyxy expected)")
+            raise ValueError(
+                f"targets[{i}]: box {boxes[degenerate][0].tolist()} has x2 <= x1 or y2 <= y1 (xyxy expected)"
+            )
         limit = torch.tensor([width, height, width, height], dtype=boxes.dtype) + BOX_TOLERANCE_PX
         outside = ((boxes < -BOX_TOLERANCE_PX) | (boxes > limit)).any(1)
         if outside.any():

@@ -80,7 +80,7 @@ class RTDETRCriterion(nn.Module):
             for name, value in losses.items():
                 totals[name] = totals[name] + value / divide_by
 
-        sets = [(l, b) for l, b in zip(outputs["logits"], outputs["boxes"])]
+        sets = list(zip(outputs["logits"], outputs["boxes"]))
         sets.append((outputs["enc_logits"], outputs["enc_boxes"]))
         for logits, boxes in sets:
             matches = self.matcher(logits, boxes, targets)

@@ -18,8 +18,9 @@ Initialisation follows the reference (rtdetr_pytorch's RTDETRTransformer._reset_
 logits start at a 1% foreground prior, box heads start as "no change", and (``reference_init``) the first
 layer of ``enc_output`` and both layers of ``query_pos_head`` are xavier-uniform (their biases keep
 PyTorch's default). The small CPU preset keeps PyTorch's default for those: on the synthetic data it
-trained faster so in its 10-epoch budget (see the preset). The input projections keep PyTorch's default, as in the reference. The label embedding of the
-denoising queries has a padding row (index num_classes) that is zero and receives no gradient.
+trained faster so in its 10-epoch budget (see the preset). The input projections keep PyTorch's
+default, as in the reference. The label embedding of the denoising queries has a padding row (index
+num_classes) that is zero and receives no gradient.
 """
 
 from __future__ import annotations
@@ -98,7 +99,9 @@ class RTDETRDecoder(nn.Module):
         # fewer objects than the most in the batch.
         self.denoising_class_embed = nn.Embedding(num_classes + 1, dim, padding_idx=num_classes)
         self.query_pos_head = MLP(4, 2 * dim, dim, 2)
-        self.layers = nn.ModuleList(DecoderLayer(dim, heads, ffn_dim, levels, points, dropout) for _ in range(num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(dim, heads, ffn_dim, levels, points, dropout) for _ in range(num_layers)
+        )
         self.score_heads = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(num_layers))
         self.bbox_heads = nn.ModuleList(MLP(dim, dim, 4, 3) for _ in range(num_layers))
         self._reset_parameters(reference_init)
@@ -177,7 +180,12 @@ class RTDETRDecoder(nn.Module):
 
         logits, boxes = torch.stack(all_logits), torch.stack(all_boxes)
         n = denoising.count if denoising is not None else 0
-        out = {"logits": logits[:, :, n:], "boxes": boxes[:, :, n:], "enc_logits": enc_logits, "enc_boxes": enc_box_logits.sigmoid()}
+        out = {
+            "logits": logits[:, :, n:],
+            "boxes": boxes[:, :, n:],
+            "enc_logits": enc_logits,
+            "enc_boxes": enc_box_logits.sigmoid(),
+        }
         if denoising is not None:
             out.update(dn_logits=logits[:, :, :n], dn_boxes=boxes[:, :, :n])
         return out

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neoray.models.norm import freeze_batch_norm, freeze_parameters
+from neoray.models.weights import load_backbone_weights
 
 # depth -> blocks per stage
 DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
@@ -146,9 +147,6 @@ class PResNet(nn.Module):
         if freeze_norm:
             freeze_batch_norm(self)
         self.freeze_norm, self.freeze_at = freeze_norm, freeze_at
-
-        from neoray.models.weights import load_backbone_weights
-
         self.loaded_tensors = load_backbone_weights(self, weights, IMAGENET_URLS[depth], arch, "backbone.")
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:

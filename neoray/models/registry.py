@@ -14,6 +14,7 @@ import difflib
 import inspect
 from types import MappingProxyType
 
+from neoray import storage
 from neoray.models.backbone import backbone_names
 from neoray.models.base import INPUT_NORMALIZATIONS, Detector
 from neoray.models.position import POSITION_ORDERS
@@ -54,7 +55,7 @@ def list_models() -> list[str]:
     return sorted(PRESETS)
 
 
-def _accepted_options(cls) -> set[str]:
+def accepted_options(cls) -> set[str]:
     return set(inspect.signature(cls.__init__).parameters) - {"self", "num_classes", "kind"}
 
 
@@ -75,7 +76,7 @@ def check_model(name: str, options: dict | None = None) -> None:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"unknown model {name!r}{hint}; valid: {', '.join(list_models())}")
     cls, preset = PRESETS[name]
-    accepted = _accepted_options(cls)
+    accepted = accepted_options(cls)
     unknown = sorted(set(options) - accepted)
     if unknown:
         close = difflib.get_close_matches(unknown[0], accepted, n=1)
@@ -86,7 +87,10 @@ def check_model(name: str, options: dict | None = None) -> None:
             raise ValueError(f"{name}: {key} must be one of {list(choices)}, got {options[key]!r}")
     if "backbone" in options and options["backbone"] not in backbone_names():
         raise ValueError(f"{name}: unknown backbone {options['backbone']!r}; valid: {backbone_names()}")
-    for key, valid in (("loss_weights", ("bbox", "giou", "vfl")), ("matcher_costs", ("cost_bbox", "cost_class", "cost_giou"))):
+    for key, valid in (
+        ("loss_weights", ("bbox", "giou", "vfl")),
+        ("matcher_costs", ("cost_bbox", "cost_class", "cost_giou")),
+    ):
         if key in options and options[key] is not None:
             if not isinstance(options[key], dict):
                 raise ValueError(f"{name}: {key} must be a mapping, got {options[key]!r}")
@@ -97,8 +101,6 @@ def check_model(name: str, options: dict | None = None) -> None:
         raise ValueError(f"{name}: freeze_at must be an integer >= -1, got {options['freeze_at']!r}")
     weights = options.get("backbone_weights", "none")
     if weights not in ("", "none", "imagenet", None):
-        from neoray import storage
-
         if not isinstance(weights, str):
             raise ValueError(f"{name}: backbone_weights must be 'none', 'imagenet' or a file, got {weights!r}")
         if not storage.exists(weights):

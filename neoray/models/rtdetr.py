@@ -69,8 +69,18 @@ class RTDETR(Detector):
             position_order=position_order,
         )
         self.decoder = RTDETRDecoder(
-            num_classes, hidden_dim, levels, num_queries, num_decoder_layers, decoder_heads, decoder_ffn_dim, num_points,
-            dropout, in_dim=encoder_dim, look_forward_twice=look_forward_twice, reference_init=reference_init,
+            num_classes,
+            hidden_dim,
+            levels,
+            num_queries,
+            num_decoder_layers,
+            decoder_heads,
+            decoder_ffn_dim,
+            num_points,
+            dropout,
+            in_dim=encoder_dim,
+            look_forward_twice=look_forward_twice,
+            reference_init=reference_init,
         )
         costs = {"cost_class": 2.0, "cost_bbox": 5.0, "cost_giou": 2.0}
         for key, value in (matcher_costs or {}).items():
@@ -78,7 +88,11 @@ class RTDETR(Detector):
                 raise ValueError(f"matcher_costs: unknown cost {key!r}; valid: {sorted(costs)}")
             costs[key] = float(value)
         self.criterion = RTDETRCriterion(num_classes, HungarianMatcher(**costs), loss_weights)
-        self.num_denoising, self.label_noise_ratio, self.box_noise_scale = num_denoising, label_noise_ratio, box_noise_scale
+        self.num_denoising, self.label_noise_ratio, self.box_noise_scale = (
+            num_denoising,
+            label_noise_ratio,
+            box_noise_scale,
+        )
 
     def conventions(self) -> dict:
         return {**super().conventions(), "position_order": self.encoder.position_order}
@@ -114,7 +128,12 @@ class RTDETR(Detector):
         if self.num_denoising > 0:
             queries = min(self.decoder.num_queries, self._token_count(x))
             denoising = make_denoising_queries(
-                normalised, queries, self.decoder.denoising_class_embed, self.num_denoising, self.label_noise_ratio, self.box_noise_scale
+                normalised,
+                queries,
+                self.decoder.denoising_class_embed,
+                self.num_denoising,
+                self.label_noise_ratio,
+                self.box_noise_scale,
             )
         outputs = self._run(x, size, denoising)
         if denoising is not None:

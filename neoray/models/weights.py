@@ -1,7 +1,6 @@
-"""Backbone weights (``backbone_weights``: "none", "imagenet" or a file) and the neoray-format primitive
-``load_matching_state_dict``.
+"""Backbone weights (``backbone_weights``: "none", "imagenet" or a file).
 
-Every file is read weights-only (``neoray.models.pretrained.read_torch_file``): a pickle that would run
+Every file is read weights-only (``neoray.models.pretrained.files.read_torch_file``): a pickle that would run
 code is refused. Where the backbone's tensors come from in a file, by what the file is:
 
 * a detector checkpoint: a neoray checkpoint (``"format": "neoray-checkpoint"``; its EMA weights when
@@ -23,20 +22,18 @@ import logging
 import os
 import re
 from collections import Counter
-from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
+from torch.hub import download_url_to_file, get_dir
 
-from neoray.models.pretrained import NEORAY_CHECKPOINT_FORMAT, read_torch_file
+from neoray import storage
+from neoray.models.pretrained.checkpoint import is_neoray_checkpoint
+from neoray.models.pretrained.files import is_huggingface, read_torch_file
+from neoray.models.pretrained.keymaps import huggingface_backbone_tensors
 
 log = logging.getLogger(__name__)
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a .pt/.pth file (weights-only): a state dict, or the "model"/"state_dict" entry."""
-    return unwrap_state_dict(read_torch_file(path), str(path))
 
 
 def unwrap_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -80,7 +77,7 @@ def _detector_state(obj) -> dict[str, torch.Tensor] | None:
     """The model tensors of a neoray or reference detector checkpoint (EMA first), None for anything else."""
     if not isinstance(obj, dict):
         return None
-    if obj.get("format") == NEORAY_CHECKPOINT_FORMAT:
+    if is_neoray_checkpoint(obj):
         state = obj.get("ema") or obj.get("model")
     elif isinstance(obj.get("ema"), dict) and isinstance(obj["ema"].get("module"), dict):
         state = obj["ema"]["module"]
@@ -91,16 +88,13 @@ def _detector_state(obj) -> dict[str, torch.Tensor] | None:
     if not isinstance(state, dict):
         return None
     state = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    if obj.get("format") != NEORAY_CHECKPOINT_FORMAT and not any(k.startswith("backbone.") for k in state):
+    if not is_neoray_checkpoint(obj) and not any(k.startswith("backbone.") for k in state):
         return None  # e.g. {"model": <a classification state dict>}: a plain backbone file
     return state
 
 
 def _tensors_for(trunk: nn.Module, source: str, prefix: str, arch: str) -> tuple[dict, str]:
     """(tensors named as ``trunk``'s state dict, how they were found) from a backbone_weights file."""
-    from neoray import storage
-    from neoray.models.pretrained import huggingface_backbone_tensors, is_huggingface
-
     if not storage.exists(source):
         raise FileNotFoundError(f"weights file not found: {source}")
     reference = trunk.state_dict()
@@ -127,8 +121,6 @@ def download_weights(url: str) -> str:
     """The local copy of ``url`` in torch's hub cache (``$TORCH_HOME/hub/checkpoints``, where torchvision
     keeps its own downloads), downloaded once; a sha256 prefix in the file name (``resnet18-f37072fd.pth``)
     is checked as torch.hub checks it."""
-    from torch.hub import download_url_to_file, get_dir
-
     name = os.path.basename(urlparse(url).path)
     target = os.path.join(get_dir(), "checkpoints", name)
     if not os.path.isfile(target):
@@ -138,7 +130,9 @@ def download_weights(url: str) -> str:
     return target
 
 
-def load_backbone_weights(trunk: nn.Module, source: str, imagenet_url: str, arch: str, prefix: str = "backbone.body.") -> int:
+def load_backbone_weights(
+    trunk: nn.Module, source: str, imagenet_url: str, arch: str, prefix: str = "backbone.body."
+) -> int:
     """Load "imagenet" (the weights at ``imagenet_url``, e.g. a torchvision weights enum's ``.url``) or a
     file into ``trunk`` (see the module docstring); ``prefix`` is where the trunk sits in a detector's
     state dict. Returns the number of tensors loaded. Every file is read weights-only."""
@@ -172,28 +166,3 @@ def load_backbone_weights(trunk: nn.Module, source: str, imagenet_url: str, arch
         log.info("backbone %s: loaded all %d tensors from %s (%s)", arch, len(found), where, how)
     return len(found)
 
-
-def load_matching_state_dict(model: nn.Module, state_dict) -> tuple[list[str], list[tuple[str, str]]]:
-    """Load every tensor whose name and shape match; report the rest (the neoray-format primitive).
-
-    Returns (loaded_keys, skipped) with skipped = [(key, reason)], reason one of "missing" (model key
-    absent from the checkpoint), "shape (a) vs (b)" (checkpoint vs model), "not in model".
-    Accepts a state dict or a checkpoint dict with a "model"/"state_dict" entry.
-    """
-    state = unwrap_state_dict(state_dict)
-    own = model.state_dict()
-    loadable, skipped = {}, []
-    for key, tensor in own.items():
-        if key not in state:
-            skipped.append((key, "missing"))
-        elif state[key].shape != tensor.shape:
-            skipped.append((key, f"shape {tuple(state[key].shape)} vs {tuple(tensor.shape)}"))
-        else:
-            loadable[key] = state[key]
-    skipped += [(key, "not in model") for key in state if key not in own]
-    model.load_state_dict(loadable, strict=False)
-    if skipped:
-        shown = "; ".join(f"{k}: {r}" for k, r in skipped[:10])
-        # Debug only: the caller gets every skipped key back and reports it once (the training loop on rank 0).
-        log.debug("loaded %d tensors, skipped %d: %s%s", len(loadable), len(skipped), shown, " ..." if len(skipped) > 10 else "")
-    return list(loadable), skipped

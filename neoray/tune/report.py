@@ -17,8 +17,15 @@ import io
 import math
 import sys
 
+import optuna
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
+from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator
+
 from neoray import storage
 from neoray.config import ConfigError
+from neoray.tune.results import load_history
+from neoray.tune.space import optuna_distributions, parse_space
 
 STATUS_COLOURS = {"finished": "tab:green", "stopped early (ASHA)": "tab:orange", "errored": "tab:red",
                   "interrupted": "tab:gray"}
@@ -43,12 +50,6 @@ def _float(value) -> float | None:
     return out if math.isfinite(out) else None
 
 
-def _history(sweep_dir: str, trial: str) -> list[dict]:
-    from neoray.tune.sweep import load_history
-
-    return load_history(sweep_dir, trial)
-
-
 def _savefig(fig, path: str) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
@@ -58,8 +59,6 @@ def _savefig(fig, path: str) -> None:
 def _plain_log_axis(axis, set_scale) -> None:
     """A log scale labelled in plain numbers at 1, 2 and 5 of each decade (matplotlib's default writes
     every minor label as 3x10^-3 next to 4x10^-3, and they run into each other)."""
-    from matplotlib.ticker import FuncFormatter
-
     def label(value, _position) -> str:
         leading = f"{value:.0e}"[0]
         return f"{value:g}" if leading in "125" else ""
@@ -70,13 +69,12 @@ def _plain_log_axis(axis, set_scale) -> None:
 
 
 def plot_map_vs_lr(rows: list[dict], path: str) -> bool:
-    import matplotlib.pyplot as plt
-
     points = [(_float(r.get("lr")), _float(r.get("best_map")), r["status"], r["trial"]) for r in rows]
     points = [p for p in points if p[0] is not None and p[1] is not None]
     if not points:
         return False
-    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
     for status in sorted({p[2] for p in points}):
         sel = [p for p in points if p[2] == status]
         ax.scatter([p[0] for p in sel], [p[1] for p in sel], label=status, color=STATUS_COLOURS.get(status, "gray"))
@@ -86,17 +84,15 @@ def plot_map_vs_lr(rows: list[dict], path: str) -> bool:
     ax.set(xlabel="learning rate", ylabel="best mAP", title="best mAP against learning rate")
     ax.legend(fontsize=8)
     _savefig(fig, path)
-    plt.close(fig)
     return True
 
 
 def plot_learning_curves(sweep_dir: str, rows: list[dict], rungs: list[float], time_attr: str, path: str) -> bool:
-    import matplotlib.pyplot as plt
-
-    fig, (ax_map, ax_loss) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    ax_map, ax_loss = fig.subplots(1, 2)
     drawn = False
     for row in rows:
-        history = _history(sweep_dir, row["trial"])
+        history = load_history(sweep_dir, row["trial"])
         if not history:
             continue
         drawn = True
@@ -110,7 +106,6 @@ def plot_learning_curves(sweep_dir: str, rows: list[dict], rungs: list[float], t
         if losses:
             ax_loss.plot(*zip(*losses), style, marker="o", markersize=3, label=label)
     if not drawn:
-        plt.close(fig)
         return False
     for ax in (ax_map, ax_loss):
         for k, rung in enumerate(rungs):
@@ -121,17 +116,12 @@ def plot_learning_curves(sweep_dir: str, rows: list[dict], rungs: list[float], t
     _plain_log_axis(ax_loss.yaxis, ax_loss.set_yscale)
     ax_map.legend(fontsize=7)
     _savefig(fig, path)
-    plt.close(fig)
     return True
 
 
 def rebuild_study(meta: dict, rows: list[dict]):
     """An Optuna study holding one completed trial per sweep trial that reported a result (value: best mAP,
     or best score for trials that never evaluated), so that Optuna's evaluators work without the searcher."""
-    import optuna
-
-    from neoray.tune.space import optuna_distributions, parse_space
-
     distributions = optuna_distributions(parse_space({"params": _space_params(meta["params"])}))
     distributions = _widened(distributions, rows)
     study = optuna.create_study(direction="maximize")
@@ -166,8 +156,6 @@ def _choice(choices, raw, name: str, trial) -> object:
 
 def _widened(distributions: dict, rows: list[dict]) -> dict:
     """Numeric ranges stretched to the values actually tried (points_to_evaluate may lie outside them)."""
-    import optuna
-
     out = dict(distributions)
     for name, dist in distributions.items():
         if isinstance(dist, optuna.distributions.CategoricalDistribution):
@@ -193,14 +181,14 @@ def _space_params(params: dict) -> dict:
 
 def param_importances(study) -> dict[str, dict[str, float]]:
     """{evaluator name: {param: importance}}; empty when there are too few trials to tell."""
-    import optuna
-    from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator
-
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if len(complete) < 2:
         return {}
     out = {}
-    for name, make in (("fANOVA", lambda: FanovaImportanceEvaluator(seed=0)), ("PED-ANOVA", PedAnovaImportanceEvaluator)):
+    for name, make in (
+        ("fANOVA", lambda: FanovaImportanceEvaluator(seed=0)),
+        ("PED-ANOVA", PedAnovaImportanceEvaluator),
+    ):
         try:
             out[name] = dict(optuna.importance.get_param_importances(study, evaluator=make()))
         except (RuntimeError, ValueError, ImportError) as exc:  # identical params; fANOVA needs scikit-learn
@@ -220,21 +208,18 @@ def importances_table(importances: dict[str, dict[str, float]]) -> list[str]:
 
 
 def plot_importances(importances: dict, path: str) -> bool:
-    import matplotlib.pyplot as plt
-
     if not importances:
         return False
     # Constrained layout gives each panel room for its own parameter names (they overlapped the panel
     # on their left).
-    fig, axes = plt.subplots(1, len(importances), figsize=(5.5 * len(importances), 3), squeeze=False,
-                             layout="constrained")
+    fig = Figure(figsize=(5.5 * len(importances), 3), layout="constrained")
+    axes = fig.subplots(1, len(importances), squeeze=False)
     for ax, (name, values) in zip(axes[0], importances.items()):
         params = list(values)
         ax.barh(params, [values[p] for p in params])
         ax.invert_yaxis()
         ax.set(title=f"{name} importance", xlabel="importance")
     _savefig(fig, path)
-    plt.close(fig)
     return True
 
 
@@ -258,9 +243,6 @@ def _importances_section(meta: dict, rows: list[dict], sweep_dir: str) -> list[s
 
 
 def write_report(sweep_dir) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
     sweep_dir = storage.absolute(sweep_dir)
     meta, rows = _read_sweep(sweep_dir)
     asha = meta["asha"]
@@ -280,23 +262,12 @@ def write_report(sweep_dir) -> str:
     lines += ["## Trials", "", storage.read_text(trials_md) if storage.exists(trials_md) else "", ""]
     if plot_map_vs_lr(rows, storage.join(sweep_dir, "map_vs_lr.png")):
         lines += ["## mAP against learning rate", "", "![mAP against learning rate](map_vs_lr.png)", ""]
-    if plot_learning_curves(sweep_dir, rows, meta["rungs"], asha["time_attr"], storage.join(sweep_dir, "learning_curves.png")):
+    if plot_learning_curves(
+        sweep_dir, rows, meta["rungs"], asha["time_attr"], storage.join(sweep_dir, "learning_curves.png")
+    ):
         lines += ["## Learning curves", "", "Dotted lines: ASHA rungs, where trials below the top "
                   f"1/{asha['reduction_factor']} are stopped.", "", "![learning curves](learning_curves.png)", ""]
     lines += _importances_section(meta, rows, sweep_dir)
     return storage.write_text(storage.join(sweep_dir, "report.md"), "\n".join(lines))
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("sweep_dir", metavar="SWEEP_DIR",
-                        help="a sweep directory (OUTPUT/NAME of neoray sweep), local or a URI")
-
-
-def run(args) -> int:
-    try:
-        out = write_report(args.sweep_dir)
-    except (ConfigError, OSError, ValueError) as exc:  # StorageError, a broken sweep.json ...
-        print(f"neoray report: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from neoray.config import Config, ConfigError, read_yaml_mapping
 
@@ -81,7 +82,9 @@ def parse_batch(text: Any, where: str = "batch") -> tuple[int, int]:
     try:
         b, a = (int(v) for v in (str(text).lower().split("x") if isinstance(text, str) else text))
     except (ValueError, TypeError):
-        raise ConfigError(f"search space: {where}: expected a pair like 4x2 (batch x accumulate), got {text!r}") from None
+        raise ConfigError(
+            f"search space: {where}: expected a pair like 4x2 (batch x accumulate), got {text!r}"
+        ) from None
     if b < 1 or a < 1:
         raise ConfigError(f"search space: {where}: batch and accumulate must be >= 1, got {text!r}")
     return b, a
@@ -153,7 +156,9 @@ def parse_space(raw: Any) -> SearchSpace:
     _check_keys(asha_raw, ("time_attr", "grace_period", "reduction_factor"), "asha.")
     asha = AshaSettings(**asha_raw)
     if asha.time_attr not in TIME_ATTRS:
-        raise ConfigError(f"search space: asha.time_attr must be one of {', '.join(TIME_ATTRS)}, got {asha.time_attr!r}")
+        raise ConfigError(
+            f"search space: asha.time_attr must be one of {', '.join(TIME_ATTRS)}, got {asha.time_attr!r}"
+        )
     if not isinstance(asha.grace_period, int) or asha.grace_period < 1:
         raise ConfigError(f"search space: asha.grace_period must be an integer >= 1, got {asha.grace_period!r}")
     if not isinstance(asha.reduction_factor, (int, float)) or asha.reduction_factor <= 1:
@@ -187,8 +192,6 @@ def load_space(path: str | Path) -> SearchSpace:
 
 def optuna_distributions(space: SearchSpace) -> dict:
     """The space as Optuna distributions (OptunaSearch samples these with its seeded TPE sampler)."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
     out = {}
     for name, spec in space.params.items():
         dist = spec["distribution"]

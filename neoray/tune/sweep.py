@@ -16,41 +16,43 @@ storage (``--output s3://bucket/sweeps``)::
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from ray import tune
+from ray.tune import CLIReporter
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
+from ray.tune.search.optuna import OptunaSearch
 
 from neoray import ray_compat, storage
 from neoray.cluster import TrialResources, check_visible_on_all_nodes, connect
-from neoray.config import (
-    Config,
-    ConfigError,
-    apply_overrides,
-    from_dict,
-    load_config,
-    save_config,
-)
+from neoray.config import Config, ConfigError, from_dict, load_config
+from neoray.configs import DEFAULT_CONFIG, DEFAULT_SPACE
+from neoray.data.demo import ensure_default_data
+from neoray.data.shards import read_manifest
 from neoray.engine import ranking
+from neoray.run.setup import check_batches, check_cluster, needed_everywhere, prepare_config
+from neoray.tune.results import (
+    asha_rungs,
+    best_row,
+    collect_rows,
+    export_best_config,
+    format_value,
+    read_asha_stopped,
+    read_asha_stopped_file,
+    rows_to_csv,
+    rows_to_markdown,
+    sweep_interrupted,
+    trial_ended,
+)
 from neoray.tune.space import (
-    PARAMS,
     SearchSpace,
     load_space,
     optuna_distributions,
-    params_to_overrides,
     parse_batch,
     points_to_evaluate,
 )
 from neoray.tune.trainable import release_worker_pgs, sweep_trainable, trial_record_path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = REPO_ROOT / "experiments" / "configs" / "synthetic_cpu.yaml"
-DEFAULT_SPACE = REPO_ROOT / "experiments" / "configs" / "space_default.yaml"
 SCORE, MODE = ranking.SCORE, ranking.MODE
 # The live trial table's metric columns (result key -> header); Tune's default shows only the first 4 keys.
 TABLE_METRICS = {"epoch": "epoch", "loss": "loss", SCORE: SCORE, "map": "mAP", "map50": "mAP50", "lr": "lr now"}
@@ -103,9 +105,7 @@ def _placeholder(path: str) -> bool:
 
 def resolve_config(opts: SweepOptions) -> Config:
     """The training config every trial starts from: file + overrides + sweep options + default data,
-    through ``neoray.engine.setup.prepare_config`` (absolute paths, every file checked)."""
-    from neoray.engine.setup import prepare_config
-
+    through ``neoray.run.setup.prepare_config`` (absolute paths, every file checked)."""
     cfg = load_config(opts.config or DEFAULT_CONFIG, opts.overrides)
     updates = {}
     if opts.workers_per_trial is not None:
@@ -115,15 +115,11 @@ def resolve_config(opts: SweepOptions) -> Config:
         if opts.gpus_per_worker > 0:
             updates["train.gpus_per_worker"] = opts.gpus_per_worker
     if _placeholder(cfg.data.train):
-        from neoray.tune.default_data import ensure_default_data
-
         shards = ensure_default_data(size=cfg.data.size)
         updates["data.train"] = str(shards["train"])
         if _placeholder(cfg.data.val):
             updates["data.val"] = str(shards["val"])
-    if updates:
-        cfg = from_dict(apply_overrides(cfg.to_dict(), updates))
-    return prepare_config(cfg)
+    return prepare_config(cfg.with_overrides(updates))
 
 
 def resolve_space(opts: SweepOptions) -> SearchSpace:
@@ -166,8 +162,8 @@ class RecordingASHA(AsyncHyperBandScheduler):
             stopped = read_asha_stopped_file(self.record)
             stopped[str(trial)] = {self.record_time_attr: t, SCORE: result.get(SCORE)}
             storage.write_json(self.record, stopped, indent=2)
-            print(f"[neoray] ASHA stopped {trial} at {self.record_time_attr} {t} ({SCORE} {_fmt(result.get(SCORE))})",
-                  flush=True)
+            score = format_value(result.get(SCORE))
+            print(f"[neoray] ASHA stopped {trial} at {self.record_time_attr} {t} ({SCORE} {score})", flush=True)
         return action
 
 
@@ -176,7 +172,7 @@ class AnnounceTrials(tune.Callback):
     30 s (see _progress_reporter) says nothing about starts."""
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        params = ", ".join(f"{k}={_fmt(v)}" for k, v in trial.config.items())
+        params = ", ".join(f"{k}={format_value(v)}" for k, v in trial.config.items())
         print(f"[neoray] {trial} started: {params}", flush=True)
 
 
@@ -203,21 +199,10 @@ class ReleaseTrainPlacementGroups(tune.Callback):
 def _progress_reporter(space: SearchSpace):
     """Tune's live trial table with the columns that matter (TABLE_METRICS) and the searched parameters
     (shown by the legacy console output, see ray_compat.TUNE_ENV_DEFAULTS)."""
-    from ray.tune import CLIReporter
-
     # print_intermediate_tables: its default follows Tune's global verbosity when the reporter is made,
     # which the previous fit() in this process left at 1 (no table at all).
     return CLIReporter(metric_columns=dict(TABLE_METRICS), parameter_columns=list(space.params),
                        max_report_frequency=30, sort_by_metric=False, print_intermediate_tables=True)
-
-
-def asha_rungs(grace_period: int, reduction_factor: float, max_t: int) -> list[float]:
-    """The milestones at which ASHA compares trials: grace_period * rf^k below max_t."""
-    rungs, t = [], float(grace_period)
-    while t < max_t:
-        rungs.append(t)
-        t *= reduction_factor
-    return rungs
 
 
 def _trainable(resources: TrialResources, setup: dict):
@@ -230,8 +215,6 @@ def _setup(cfg: Config, opts: SweepOptions) -> dict:
 
 
 def _build_tuner(cfg: Config, space: SearchSpace, opts: SweepOptions, resources: TrialResources):
-    from ray.tune.search.optuna import OptunaSearch
-
     sweep_dir = opts.sweep_dir
     searcher = OptunaSearch(
         space=optuna_distributions(space), metric=SCORE, mode=MODE, points_to_evaluate=points_to_evaluate(cfg, space),
@@ -265,149 +248,6 @@ def _build_tuner(cfg: Config, space: SearchSpace, opts: SweepOptions, resources:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Results
-# ----------------------------------------------------------------------------------------------------
-
-
-def load_history(sweep_dir: str, trial: str) -> list[dict]:
-    """Per-epoch results of one trial from Tune's result.json (one JSON object per report)."""
-    try:
-        text = storage.read_text(storage.join(sweep_dir, trial, "result.json"))
-    except FileNotFoundError:
-        return []
-    rows = []
-    for line in text.splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by a kill
-    return rows
-
-
-def trial_ended(trial, asha_stopped: dict) -> bool:
-    """Whether a trial ended on its own terms: errored, stopped by ASHA, or its training function returned
-    (Tune then sets ``done`` in its last result, also when a stop criterion ended it). After Ctrl-C, Tune
-    marks the trials it stops TERMINATED as well, but their last result is not ``done``."""
-    return trial.status == "ERROR" or str(trial) in asha_stopped or bool((trial.last_result or {}).get("done"))
-
-
-def _status(trial, asha_stopped: dict) -> str:
-    if trial.status == "ERROR":
-        return "errored"
-    if not trial_ended(trial, asha_stopped):
-        return "interrupted"  # pending, running or stopped by Ctrl-C when fit() returned
-    return "stopped early (ASHA)" if str(trial) in asha_stopped else "finished"
-
-
-def read_asha_stopped_file(path: str) -> dict:
-    try:
-        return storage.read_json(path)
-    except FileNotFoundError:
-        return {}
-
-
-def read_asha_stopped(sweep_dir: str) -> dict:
-    return read_asha_stopped_file(storage.join(sweep_dir, "asha_stopped.json"))
-
-
-def sweep_interrupted(trials: list, asha_stopped: dict, num_samples: int) -> bool:
-    """True when fit() returned before the sweep's end: a trial that has not ended on its own terms, or
-    trials the searcher never created (Ctrl-C between two trials)."""
-    return len(trials) < num_samples or not all(trial_ended(t, asha_stopped) for t in trials)
-
-
-def _best_metric(history: list[dict], key: str) -> float | None:
-    values = [h[key] for h in history if h.get("evaluated") and isinstance(h.get(key), (int, float))
-              and math.isfinite(h[key])]
-    return max(values) if values else None
-
-
-def collect_rows(trials: list, sweep_dir: str, space_params) -> list[dict]:
-    """One row per trial, from Tune's trial state and each trial's history in the sweep's storage."""
-    asha_stopped = read_asha_stopped(sweep_dir)
-    rows = []
-    for trial in trials:
-        name = str(trial)
-        history = load_history(sweep_dir, name)
-        last = history[-1] if history else {}
-        row = {"trial": name, "status": _status(trial, asha_stopped)}
-        for param in space_params:
-            row[param] = trial.config.get(param)
-        row.update({
-            "best_map": _best_metric(history, "map"),
-            "best_map50": _best_metric(history, "map50"),
-            "best_score": ranking.best_score(history),
-            "epochs": last.get("epoch", last.get("training_iteration", 0)),
-            "failures": trial.num_failures,
-            "time_s": round(float(last.get("time_total_s", 0.0)), 1),
-            "error": _short_error(trial),
-        })
-        rows.append(row)
-    rows.sort(key=lambda r: r["trial"])
-    return rows
-
-
-def _short_error(trial) -> str:
-    if trial.status != "ERROR":
-        return ""
-    text = "failed"
-    if trial.local_path:
-        try:
-            text = storage.read_text(storage.join(trial.local_path, "error.txt"))
-        except OSError:
-            pass
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1][:160] if lines else "failed"
-
-
-def best_row(rows: list[dict]) -> dict | None:
-    """The trial with the highest best score (ranking.best over the trials' best epochs); on a tie the
-    earlier trial (ranking.best keeps the later of its input, so the trials go in reversed)."""
-    scored = [{**row, SCORE: row["best_score"]} for row in sorted(rows, key=lambda r: r["trial"], reverse=True)]
-    chosen = ranking.best(scored)
-    return next(row for row in rows if row["trial"] == chosen["trial"]) if chosen else None
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def rows_to_csv(rows: list[dict]) -> str:
-    if not rows:
-        return ""
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
-    return out.getvalue()
-
-
-def rows_to_markdown(rows: list[dict]) -> str:
-    if not rows:
-        return "(no trials)\n"
-    keys = [k for k in rows[0] if k != "error"]
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(_fmt(r[k]) for k in keys) + " |" for r in rows]
-    errors = [f"- {r['trial']}: {r['error']}" for r in rows if r.get("error")]
-    if errors:
-        lines += ["", "Errors:"] + errors
-    return "\n".join(lines) + "\n"
-
-
-def export_best_config(base: Config, row: dict, path: str, sweep_name: str) -> Config:
-    """The best trial's parameters applied to the base config: ready for `neoray train BEST_CONFIG`."""
-    overrides = params_to_overrides({k: row[k] for k in PARAMS if k in row and row[k] is not None})
-    overrides["name"] = f"{sweep_name}_best"
-    cfg = from_dict(apply_overrides(base.to_dict(), overrides))
-    save_config(cfg, path)
-    return cfg
-
-
-# ----------------------------------------------------------------------------------------------------
 # The sweep
 # ----------------------------------------------------------------------------------------------------
 
@@ -427,8 +267,6 @@ def _new_sweep_record(cfg: Config, space: SearchSpace, opts: SweepOptions, resou
 
 def _start(opts: SweepOptions):
     """(config, resources, the sweep record, the Tuner) for a new sweep or a resumed one."""
-    from neoray.engine.setup import check_cluster, needed_everywhere
-
     sweep_dir = opts.sweep_dir
     meta_path = storage.join(sweep_dir, "sweep.json")
     if opts.resume:
@@ -457,15 +295,12 @@ def _start(opts: SweepOptions):
 
 def _check_space_batches(cfg: Config, space: SearchSpace) -> None:
     """Every batch the space can draw gives each worker at least one full batch per epoch."""
-    from neoray.data.shards import read_manifest
-    from neoray.engine.setup import check_batches
-
     if "batch" not in space.params:
         return
     num_images = read_manifest(cfg.data.train)["num_images"]
     for value in space.params["batch"]["values"]:
         batch_size, accumulate = parse_batch(value)
-        trial = from_dict(apply_overrides(cfg.to_dict(), {"train.batch_size": batch_size}))
+        trial = cfg.with_overrides({"train.batch_size": batch_size})
         try:
             check_batches(trial, num_images)
         except ConfigError as exc:
@@ -506,17 +341,20 @@ def _finish(cfg: Config, opts: SweepOptions, rows: list[dict], interrupted: bool
     if interrupted:
         # Not a result yet: best_config.yaml is written only when every trial has ended.
         if best is not None:
-            _log(f"best trial so far {best['trial']}: mAP {_fmt(best['best_map'])}, mAP50 {_fmt(best['best_map50'])}; "
-                 "no best_config.yaml until the sweep ends")
+            _log(f"best trial so far {_best_text(best)}; no best_config.yaml until the sweep ends")
         _log(f"sweep interrupted; partial results: {sweep_dir}/trials.md")
         return SweepResult(sweep_dir, rows, best, None, interrupted=True)
     best_path = None
     if best is not None:
         best_path = storage.join(sweep_dir, "best_config.yaml")
         export_best_config(cfg, best, best_path, opts.name)
-        _log(f"best trial {best['trial']}: mAP {_fmt(best['best_map'])}, mAP50 {_fmt(best['best_map50'])}; "
-             f"its config: {best_path}")
+        _log(f"best trial {_best_text(best)}; its config: {best_path}")
     else:
         _log("no trial reported a result; no best config written")
-    _log(f"results: {sweep_dir}/trials.md; plots: neoray report {sweep_dir}; TensorBoard: tensorboard --logdir {sweep_dir}")
+    _log(f"results: {sweep_dir}/trials.md; plots: neoray report {sweep_dir}; "
+         f"TensorBoard: tensorboard --logdir {sweep_dir}")
     return SweepResult(sweep_dir, rows, best, best_path)
+
+
+def _best_text(best: dict) -> str:
+    return f"{best['trial']}: mAP {format_value(best['best_map'])}, mAP50 {format_value(best['best_map50'])}"

@@ -19,12 +19,19 @@ Every epoch's metrics carry ``score`` (neoray.engine.ranking), the key ASHA and 
 
 from __future__ import annotations
 
-import copy
+import logging
 import time
 
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.util.placement_group import PlacementGroup, remove_placement_group
+
 from neoray import ray_compat, storage
-from neoray.config import Config, apply_overrides, from_dict
+from neoray.config import Config, from_dict
 from neoray.engine.context import ShardBatches, checkpoint_location
+from neoray.engine.loop import run_training_loop
+from neoray.run.trainer import build_trainer
 from neoray.tune.space import params_to_overrides
 
 PG_RECORD = "train_placement_groups.txt"  # ids of a trial's Train worker placement groups
@@ -32,7 +39,7 @@ PG_RECORD = "train_placement_groups.txt"  # ids of a trial's Train worker placem
 
 def trial_config_to_cfg(base: dict, params: dict) -> Config:
     """The validated training config of one trial: the sweep's base config with its sampled parameters."""
-    return from_dict(apply_overrides(copy.deepcopy(base), params_to_overrides(params)))
+    return from_dict(base).with_overrides(params_to_overrides(params))
 
 
 class TuneTrialContext:
@@ -44,26 +51,17 @@ class TuneTrialContext:
     device = None
 
     def __init__(self, cfg: Config):
-        import logging
-
         # One INFO line per checkpoint from Ray would bury Tune's trial table in the sweep's log.
         logging.getLogger("ray.train").setLevel(logging.WARNING)
         self.data = ShardBatches(cfg)
 
     def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
-        from ray import tune
-
         # Tune copies (or uploads) the directory into the trial's storage before returning.
         checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         tune.report(metrics, checkpoint=checkpoint)
 
     def latest_checkpoint(self) -> str | None:
-        from ray import tune
-
         return checkpoint_location(tune.get_checkpoint())
-
-    def should_stop(self) -> bool:
-        return False
 
 
 def trial_record_path(sweep_dir: str, trial_name: str) -> str:
@@ -91,9 +89,6 @@ class RecordPlacementGroupCallback(ray_compat.worker_group_callback_base()):
 
 def release_worker_pgs(record_path: str) -> int:
     """Remove the placement groups listed in ``record_path`` that are still alive; returns how many."""
-    import ray
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
-
     try:
         ids = set(storage.read_text(record_path).split())
     except FileNotFoundError:
@@ -108,16 +103,10 @@ def release_worker_pgs(record_path: str) -> int:
 
 
 def _run_direct(cfg: Config, hooks) -> None:
-    from neoray.engine.loop import run_training_loop
-
     run_training_loop(cfg, TuneTrialContext(cfg), hooks=hooks)
 
 
 def _run_torch_trainer(cfg: Config, trial_name: str, sweep_dir: str, hooks) -> None:
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from neoray.engine.trainer import build_trainer
-
     record = trial_record_path(sweep_dir, trial_name)
     trainer = build_trainer(
         cfg, storage.join(sweep_dir, "trials"), hooks=hooks,
@@ -139,8 +128,6 @@ def _run_torch_trainer(cfg: Config, trial_name: str, sweep_dir: str, hooks) -> N
 
 def sweep_trainable(params: dict, setup: dict) -> None:
     """Ray Tune function trainable: one trial of a sweep (see the module docstring)."""
-    from ray import tune
-
     ray_compat.quiet_sigterm_exit()
     trial_name = tune.get_context().get_trial_name()
     cfg = trial_config_to_cfg(setup["base"], params)

@@ -15,14 +15,17 @@ from __future__ import annotations
 
 from neoray import storage
 from neoray.cluster import ClusterInfo, check_visible_on_all_nodes, plan_trials
-from neoray.config import Config, ConfigError, apply_overrides, from_dict
+from neoray.config import Config, ConfigError, load_config
+from neoray.data.shards import ManifestError, read_manifest
+from neoray.data.stream import train_rows_per_epoch
+from neoray.models import PretrainedError, check_model, describe_pretrained, model_options
+from neoray.models.pretrained.checkpoint import CheckpointError, resolve_checkpoint
+from neoray.models.pretrained.load import kept_class_names
 
 
 def prepare_config(cfg: Config, output: str | None = None) -> Config:
     """A copy of ``cfg`` with absolute paths and pretrained conventions, checked (ConfigError, one line).
     ``output``: the command line's ``--output``, which replaces ``cfg.output``."""
-    from neoray.engine.checkpoint import CheckpointError, resolve_checkpoint
-
     updates = {"output": storage.absolute(output or cfg.output),
                "data.train": storage.absolute(cfg.data.train), "data.val": storage.absolute(cfg.data.val)}
     weights = cfg.model.backbone_weights
@@ -33,7 +36,7 @@ def prepare_config(cfg: Config, output: str | None = None) -> Config:
             updates["model.init_from"] = resolve_checkpoint(_existing(cfg.model.init_from, "model.init_from"))
         except CheckpointError as exc:
             raise ConfigError(f"model.init_from: {exc}") from None
-    cfg = from_dict(apply_overrides(cfg.to_dict(), updates))
+    cfg = cfg.with_overrides(updates)
     _check_data(cfg)
     cfg = _with_pretrained_options(cfg)
     _check_model(cfg)
@@ -48,8 +51,6 @@ def _existing(path: str, key: str) -> str:
 
 
 def _check_data(cfg: Config) -> None:
-    from neoray.data.shards import ManifestError, read_manifest
-
     if not cfg.data.train:
         raise ConfigError("data.train: no training shard directory given (set data.train=DIR)")
     try:
@@ -82,8 +83,6 @@ RESUMABLE_CHANGES = frozenset({
 def check_resume(cfg: Config, run_dir: str, log=None) -> None:
     """Refuse (ConfigError, one line) to resume ``run_dir`` with a config that differs from the run's own
     config.yaml in anything but ``RESUMABLE_CHANGES``; ``log`` the changes it allows."""
-    from neoray.config import load_config
-
     saved_path = storage.join(storage.absolute(run_dir), "config.yaml")
     if not storage.is_file(saved_path):
         raise ConfigError(f"--resume: {storage.absolute(run_dir)} is not a neoray run directory (no config.yaml)")
@@ -112,8 +111,6 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 def check_batches(cfg: Config, num_images: int) -> None:
     """Every worker gets at least one full batch per epoch; an epoch without a step trains nothing."""
-    from neoray.data.stream import train_rows_per_epoch
-
     rows = train_rows_per_epoch(num_images, cfg.data.max_train_images)
     workers, batch = cfg.train.workers, cfg.train.batch_size
     if rows // workers < batch:
@@ -128,9 +125,6 @@ def _label_ids(categories: list) -> list:
 
 
 def _check_model(cfg: Config) -> None:
-    from neoray.engine.model_config import model_options
-    from neoray.models import check_model
-
     try:
         check_model(cfg.model.name, model_options(cfg.model))
     except ValueError as exc:
@@ -145,12 +139,10 @@ def _with_pretrained_options(cfg: Config) -> Config:
     options = {**needed, **cfg.model.options}
     if options == cfg.model.options:
         return cfg
-    return from_dict(apply_overrides(cfg.to_dict(), {"model.options": options}))
+    return cfg.with_overrides({"model.options": options})
 
 
 def _describe(path: str):
-    from neoray.models import PretrainedError, describe_pretrained
-
     try:
         return describe_pretrained(path)
     except (PretrainedError, ValueError, OSError) as exc:
@@ -159,9 +151,6 @@ def _describe(path: str):
 
 def pretrained_class_rows(cfg: Config) -> list[str]:
     """The run's classes that start from rows of ``init_from`` (what the run's log says)."""
-    from neoray.data.shards import read_manifest
-    from neoray.models.pretrained import kept_class_names
-
     ours = [c["name"] for c in sorted(read_manifest(cfg.data.train)["categories"], key=lambda c: c["label"])]
     return kept_class_names(_describe(cfg.model.init_from), ours)
 
@@ -186,4 +175,11 @@ def check_cluster(cfg: Config, info: ClusterInfo, output_dir: str, *, gpus_per_w
     return plan
 
 
-__all__ = ["check_batches", "check_cluster", "check_resume", "needed_everywhere", "prepare_config", "pretrained_class_rows"]
+__all__ = [
+    "check_batches",
+    "check_cluster",
+    "check_resume",
+    "needed_everywhere",
+    "prepare_config",
+    "pretrained_class_rows",
+]

@@ -1,4 +1,4 @@
-"""``neoray sweep`` and ``python experiments/sweep_lr.py``: one argument definition for both."""
+"""``neoray sweep`` and ``python experiments/sweep_lr.py``: one argument definition for both (neoray.tune.sweep)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 from neoray.cluster import ClusterError, add_address_argument
+from neoray.commands import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
 from neoray.config import ConfigError
 from neoray.storage import StorageError
+from neoray.tune.sweep import SweepOptions, run_sweep
 
 
 def add_arguments(parser) -> None:
@@ -47,8 +49,6 @@ def add_arguments(parser) -> None:
 
 
 def options_from_args(args):
-    from neoray.tune.sweep import SweepOptions
-
     return SweepOptions(
         config=args.config, space=args.space, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
         workers_per_trial=args.workers_per_trial, gpus_per_worker=args.gpus_per_worker, output=args.output,
@@ -68,14 +68,12 @@ def resume_command(argv: list[str]) -> str:
 
 
 def run(args) -> int:
-    from neoray.tune.sweep import run_sweep
-
     try:
         result = run_sweep(options_from_args(args))
     except (ConfigError, ClusterError, StorageError) as exc:
         print(f"neoray sweep: error: {exc}", file=sys.stderr)
-        return 2
-    if result.interrupted:  # Ctrl-C: Tune saved its state and returned; 130 is the shell's code for SIGINT
+        return EXIT_FAILED
+    if result.interrupted:  # Ctrl-C: Tune saved its state and returned
         print(f"sweep interrupted; continue with: {resume_command(sys.argv)}", file=sys.stderr, flush=True)
-        return 130
-    return 0 if result.best is not None else 1
+        return EXIT_INTERRUPTED
+    return EXIT_OK if result.best is not None else EXIT_FAILED

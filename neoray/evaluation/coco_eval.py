@@ -48,6 +48,7 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
+from faster_coco_eval import COCO, COCOeval_faster
 
 from neoray import storage
 from neoray.distributed import from_rank0, gather, is_distributed
@@ -260,8 +261,6 @@ class CocoEvaluator:
         return metrics
 
     def _load_gt(self, merged: dict):
-        from faster_coco_eval import COCO
-
         if self.gt_json is None:
             return COCO(build_gt_dataset(merged, self.categories))
         try:
@@ -363,8 +362,6 @@ def build_gt_dataset(merged: dict, categories: list[dict]) -> dict:
 
 def run_cocoeval(coco_gt, results: list[dict], image_ids: Iterable[int] | None = None):
     """faster-coco-eval bbox evaluation, quiet; ``results`` is not modified. Returns the COCOeval object."""
-    from faster_coco_eval import COCOeval_faster
-
     # loadRes adds fields (id, area, segmentation) to the dicts it gets: hand it copies.
     coco_dt = coco_gt.loadRes([dict(r) for r in results])
     coco_eval = COCOeval_faster(coco_gt, coco_dt, "bbox", print_function=lambda *args, **kwargs: None)

@@ -3,7 +3,7 @@
 Runs in one process: the shards are streamed with neoray.data.stream (Ray Data on the Ray instance of
 neoray.cluster's policy: a private local one unless ``--address`` says otherwise), the model runs on
 ``--device`` with a progress bar, and the metrics are those of
-neoray.engine.coco_eval (read its docstring for the exact conventions). Prints the overall metrics and
+neoray.evaluation.coco_eval (read its docstring for the exact conventions). Prints the overall metrics and
 the per-class AP, writes the metrics JSON (``--out``, default ``eval_metrics.json`` next to the
 checkpoint) and the detections as a COCO results JSON beside it (``<out stem>.detections.json``).
 """
@@ -12,8 +12,15 @@ from __future__ import annotations
 
 import sys
 
+from tqdm import tqdm
+
 from neoray import storage
 from neoray.cluster import ClusterError, add_address_argument, connect
+from neoray.commands import EXIT_FAILED, EXIT_OK
+from neoray.config import format_size
+from neoray.data.stream import ShardSet, iter_eval_batches, quiet_ray_data
+from neoray.evaluation.coco_eval import CocoEvaluator, format_metrics_table, json_safe, run_evaluator
+from neoray.evaluation.inference import load_model
 
 
 def add_arguments(parser) -> None:
@@ -53,8 +60,6 @@ def _check_categories(shard_dir, manifest_categories: list[dict], checkpoint_cat
 
 def _progress(batches, total_images: int):
     """A progress bar on stderr (images scored), instead of Ray Data's own log lines."""
-    from tqdm import tqdm
-
     with tqdm(total=total_images, unit="img", desc="eval", file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
         for batch in batches:
             yield batch
@@ -62,14 +67,9 @@ def _progress(batches, total_images: int):
 
 
 def run(args) -> int:
-    from neoray.config import format_size
-    from neoray.data.stream import ShardSet, iter_eval_batches, quiet_ray_data
-    from neoray.engine.coco_eval import CocoEvaluator, format_metrics_table, json_safe, run_evaluator
-    from neoray.engine.inference import load_model
-
     if args.batch_size < 1:
         print("neoray eval: error: --batch-size must be >= 1", file=sys.stderr)
-        return 2
+        return EXIT_FAILED
     try:
         model, meta = load_model(args.checkpoint, args.device)
         shard_set = ShardSet.open(storage.absolute(args.data))
@@ -94,14 +94,14 @@ def run(args) -> int:
         storage.write_json(out, record)
     except (ValueError, OSError, ClusterError) as exc:  # CheckpointError, ManifestError, StorageError ...
         print(f"neoray eval: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_FAILED
     print(f"{meta['model_name']} ({meta['weights']} weights, epoch {meta['epoch']}) on {args.data}: "
           f"{metrics['num_images']} images, {metrics['num_gt']} GT boxes, {metrics['num_detections']} detections")
     print(format_metrics_table(metrics))
     if metrics["duplicate_images"]:
         print(f"warning: {metrics['duplicate_images']} repeated image(s) in the stream were counted once")
     print(f"metrics: {out}\ndetections: {dets_out}")
-    return 0
+    return EXIT_OK
 
 
 __all__ = ["add_arguments", "default_metrics_path", "detections_path", "run"]

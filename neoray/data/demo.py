@@ -17,6 +17,10 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
+from neoray.config import format_size, parse_size
+from neoray.data.prepare import prepare_coco
+from neoray.data.synth import write_synthetic_dataset
+
 DEFAULT_TRAIN_IMAGES = 256
 DEFAULT_VAL_IMAGES = 64
 DEFAULT_CLASSES = 6
@@ -41,8 +45,6 @@ def _locked(path: Path):
 def ensure_default_data(size=(320, 180), train: int = DEFAULT_TRAIN_IMAGES, val: int = DEFAULT_VAL_IMAGES,
                         classes: int = DEFAULT_CLASSES, root: str | Path | None = None) -> dict:
     """Make (once) and return ``{"train": shard_dir, "val": shard_dir, "dataset": dataset_dir}``."""
-    from neoray.config import format_size, parse_size
-
     size = parse_size(size, "data.size")
     base = Path(root) if root is not None else cache_dir()
     home = base / f"synthetic_{format_size(size)}_t{train}_v{val}_c{classes}"
@@ -50,15 +52,11 @@ def ensure_default_data(size=(320, 180), train: int = DEFAULT_TRAIN_IMAGES, val:
     out = {"train": shard_root / "train", "val": shard_root / "val", "dataset": dataset}
     with _locked(home / ".lock"):
         if not (dataset / COMPLETE_MARKER).exists():
-            from neoray.data.synth import write_synthetic_dataset
-
             print(f"[neoray] making the synthetic dataset in {dataset} (first use only)", flush=True)
             write_synthetic_dataset(dataset, train=train, val=val, size=size, classes=classes, seed=0)
             (dataset / COMPLETE_MARKER).write_text("ok\n")  # written last: a cut-short run is redone
         for split in ("train", "val"):
             if not (out[split] / COMPLETE_MARKER).exists():
-                from neoray.data.prepare import prepare_coco
-
                 print(f"[neoray] writing {split} shards to {out[split]} (first use only)", flush=True)
                 prepare_coco(dataset / "annotations" / f"instances_{split}.json", dataset / split, out[split],
                              size=size, workers=1)

@@ -1,24 +1,26 @@
-"""Checkpoints in the documented format (docs/ARCHITECTURE.md), written atomically, plus RNG state.
+"""The neoray checkpoint format, defined once: what a checkpoint holds, writing it, reading it back, and
+finding it from what a user names.
 
-A checkpoint is a directory holding ``checkpoint.pt`` (its keys: docs/ARCHITECTURE.md, "Checkpoints";
-the training part comes from ``TrainState.state_dict``). It is written to a local temporary directory
-and uploaded by Ray to the run's storage; it is read from any storage. Files are loaded with
-``weights_only=True``: RNG states are stored as tensors and lists, so nothing needs unpickling of
-arbitrary objects, and a file that would run code is refused.
+A checkpoint is a directory holding ``checkpoint.pt``, a ``torch.save``d dict of tensors and plain
+containers (docs/ARCHITECTURE.md, "Checkpoints", lists its keys): ``{"format": "neoray-checkpoint",
+"version": 1, "model", "ema", ...}``. It is written atomically to a local directory (Ray uploads it to
+the run's storage) and read from any storage, weights-only: nothing in it can run code.
+
+A run directory records its best and latest checkpoints in ``checkpoints.json`` (object storage has no
+symlinks), with paths relative to the run directory; ``resolve_checkpoint`` follows it.
 """
 
 from __future__ import annotations
 
 import os
-import random
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from neoray import storage
+from neoray.models.pretrained.files import PretrainedError, read_torch_file
 
 FORMAT = "neoray-checkpoint"
 VERSION = 1
@@ -30,33 +32,9 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read; the message names the path."""
 
 
-def capture_rng_state() -> dict:
-    """Python, NumPy and torch (CPU and every CUDA device) RNG states, in a weights_only-safe form."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    return {
-        "python": [version, list(internal), gauss_next],
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def restore_rng_state(state: dict) -> None:
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch; callers add the rank so workers draw different augmentations."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def is_neoray_checkpoint(obj: object) -> bool:
+    """Whether a loaded object is a neoray checkpoint (of any version)."""
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
 
 
 def save_checkpoint(directory: str | os.PathLike, payload: dict[str, Any]) -> Path:
@@ -83,8 +61,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> str:
     """The checkpoint a user names, as a directory or file that ``load_checkpoint`` (or
     ``neoray.models.load_pretrained``) reads: a checkpoint directory or its ``checkpoint.pt`` as given; a
     run directory: its best checkpoint, else its latest; ``RUN_DIR/checkpoints/best`` or ``.../latest``:
-    the one ``RUN_DIR/checkpoints.json`` records (object storage has no symlinks, so runs record them
-    there). Anything else (a reference ``.pth``, a Hugging Face folder) is returned as it is."""
+    the one ``RUN_DIR/checkpoints.json`` records. Anything else (a reference ``.pth``, a Hugging Face
+    folder) is returned as it is."""
     path = storage.absolute(path)
     if storage.is_file(path) or _is_checkpoint_dir(path):
         return path
@@ -112,8 +90,8 @@ def read_pointers(run_dir: str) -> dict:
         pointers = storage.read_json(file)
     except FileNotFoundError:
         return {}
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{file}: not valid JSON ({exc})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{file}: not valid JSON ({type(exc).__name__})") from None
     return pointers if isinstance(pointers, dict) else {}
 
 
@@ -122,7 +100,7 @@ def write_pointers(run_dir: str, pointers: dict) -> None:
 
 
 def checkpoint_file(path: str | os.PathLike) -> str:
-    """``checkpoint.pt`` of a checkpoint directory, or the file itself."""
+    """``checkpoint.pt`` of a checkpoint directory (or run directory), or the file itself."""
     path = resolve_checkpoint(path)
     file = path if storage.is_file(path) else storage.join(path, FILE_NAME)
     if not storage.is_file(file):
@@ -131,27 +109,30 @@ def checkpoint_file(path: str | os.PathLike) -> str:
     return file
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read and check a checkpoint written by ``save_checkpoint`` (local or on any storage), on the CPU;
-    nothing in it can run code (``weights_only``)."""
-    from neoray.models import PretrainedError, read_torch_file
-
-    file = checkpoint_file(path)
-    try:
-        payload = read_torch_file(file)
-    except PretrainedError as exc:
-        raise CheckpointError(str(exc)) from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{file}: not a neoray checkpoint (format={payload.get('format')!r})"
-                              if isinstance(payload, dict) else f"{file}: not a neoray checkpoint")
+def check_checkpoint(payload: object, file: str) -> dict:
+    """``payload`` as read from ``file`` when it is a neoray checkpoint this version reads, else
+    ``CheckpointError`` naming the file."""
+    if not is_neoray_checkpoint(payload):
+        found = f" (format={payload.get('format')!r})" if isinstance(payload, dict) else ""
+        raise CheckpointError(f"{file}: not a neoray checkpoint{found}")
     if payload.get("version") != VERSION:
         raise CheckpointError(f"{file}: checkpoint version {payload.get('version')} is not supported "
                               f"(this neoray reads version {VERSION})")
     return payload
 
 
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read and check a checkpoint written by ``save_checkpoint`` (local or on any storage), on the CPU."""
+    file = checkpoint_file(path)
+    try:
+        payload = read_torch_file(file)
+    except PretrainedError as exc:
+        raise CheckpointError(str(exc)) from None
+    return check_checkpoint(payload, file)
+
+
 __all__ = [
-    "CheckpointError", "FILE_NAME", "POINTERS_NAME", "capture_rng_state", "checkpoint_file", "load_checkpoint",
-    "read_pointers", "resolve_checkpoint", "restore_rng_state", "save_checkpoint", "seed_everything",
+    "FILE_NAME", "FORMAT", "POINTERS_NAME", "VERSION", "CheckpointError", "check_checkpoint", "checkpoint_file",
+    "is_neoray_checkpoint", "load_checkpoint", "read_pointers", "resolve_checkpoint", "save_checkpoint",
     "write_pointers",
 ]

@@ -1,4 +1,4 @@
-"""The one way the engine turns a config's ``model`` section into a model, for training and inference."""
+"""The one way a config's ``model`` section becomes a model: for training, evaluation, prediction and export."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from dataclasses import asdict
 from torch import nn
 
 from neoray.config import ModelConfig
+from neoray.models.registry import build_model
 
 
 def model_options(model_cfg: ModelConfig | dict, *, with_weights: bool = True) -> dict:
@@ -25,11 +26,10 @@ def model_options(model_cfg: ModelConfig | dict, *, with_weights: bool = True) -
     return options
 
 
-def build_model(model_cfg: ModelConfig | dict, num_classes: int, *, with_weights: bool = True) -> nn.Module:
-    from neoray.models import build_model as build
-
+def build_model_from_config(model_cfg: ModelConfig | dict, num_classes: int, *, with_weights: bool = True) -> nn.Module:
+    """The model a ``model`` section describes (the name plus ``model_options``)."""
     section = asdict(model_cfg) if isinstance(model_cfg, ModelConfig) else dict(model_cfg or {})
-    return build(section["name"], num_classes, **model_options(section, with_weights=with_weights))
+    return build_model(section["name"], num_classes, **model_options(section, with_weights=with_weights))
 
 
-__all__ = ["build_model", "model_options"]
+__all__ = ["build_model_from_config", "model_options"]

@@ -12,9 +12,12 @@ import sys
 
 import cv2
 import numpy as np
-import torch
 
 from neoray import storage
+from neoray.commands import EXIT_FAILED, EXIT_OK
+from neoray.config import ConfigError, parse_size
+from neoray.evaluation.inference import CheckpointError, load_model, predict_image
+from neoray.evaluation.visualize import draw_detections, write_image_atomic
 
 MAX_IMAGE_BYTES = 512 << 20  # a larger file is not an image this command should decode
 
@@ -27,25 +30,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--score-threshold", type=float, default=0.3, help="draw detections scoring at least this")
     parser.add_argument("--size", default=None, help="16:9 input size WxH (default: the checkpoint's data.size)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-
-
-def predict_image(model: torch.nn.Module, image_bgr: np.ndarray, size: tuple[int, int], device,
-                  score_threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(boxes xyxy in original pixels, scores, labels) of one BGR image, scores >= threshold."""
-    from neoray.data.geometry import boxes_from_letterbox, clip_boxes, letterbox_image, letterbox_params
-
-    height, width = image_bgr.shape[:2]
-    rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)  # the shards (and so the model) are RGB
-    canvas = letterbox_image(rgb, *size)
-    scale, pad_x, pad_y = letterbox_params(width, height, *size)
-    tensor = torch.from_numpy(np.ascontiguousarray(canvas.transpose(2, 0, 1)))[None].to(device)
-    with torch.no_grad():
-        output = model(tensor)[0]
-    scores = output["scores"].float().cpu().numpy()
-    keep = scores >= score_threshold
-    boxes = output["boxes"].float().cpu().numpy()[keep]
-    boxes = clip_boxes(boxes_from_letterbox(boxes, scale, pad_x, pad_y), width, height)
-    return boxes, scores[keep], output["labels"].cpu().numpy()[keep]
 
 
 def _read_image(path: str) -> np.ndarray | None:
@@ -67,10 +51,6 @@ def _output_path(out_dir: str, source: str, used: set[str]) -> str:
 
 
 def run(args) -> int:
-    from neoray.config import ConfigError, parse_size
-    from neoray.engine.inference import CheckpointError, load_model
-    from neoray.engine.visualize import draw_detections, write_image_atomic
-
     try:
         model, meta = load_model(args.checkpoint, args.device)
         size = parse_size(args.size, "--size") if args.size else meta["size"]
@@ -78,7 +58,7 @@ def run(args) -> int:
             raise ConfigError(f"{args.checkpoint}: checkpoint config has no data.size; pass --size WxH")
     except (CheckpointError, ConfigError, OSError) as exc:
         print(f"neoray predict: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_FAILED
     names = [c["name"] for c in sorted(meta["categories"], key=lambda c: c["label"])]
     out_dir = storage.absolute(args.out)
     used: set[str] = set()
@@ -96,7 +76,7 @@ def run(args) -> int:
         print(f"{source}: {len(boxes)} detections (score >= {args.score_threshold:g}) -> {target}")
     done = len(args.images) - failed
     print(f"predicted {done} image(s) at {size[0]}x{size[1]}, {failed} unreadable; drawings in {out_dir}")
-    return 1 if failed else 0
+    return EXIT_FAILED if failed else EXIT_OK
 
 
-__all__ = ["add_arguments", "predict_image", "run"]
+__all__ = ["add_arguments", "run"]

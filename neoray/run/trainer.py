@@ -1,6 +1,6 @@
 """Runs a training config on Ray Train: run directory, TorchTrainer, metrics files, final summary.
 
-The run directory (neoray.engine.rundir) may be local, a shared mount or object storage: Ray Train
+The run directory (neoray.run.rundir) may be local, a shared mount or object storage: Ray Train
 stores its checkpoints there (``RunConfig(storage_path=RUN_DIR, name="ray")``), and the metrics rows,
 checkpoint record, TensorBoard events and summary are written there by the driver side. Metrics rows are
 written from the Train controller (a ``UserCallback`` that sees every report and runs on the driver's
@@ -14,11 +14,16 @@ from __future__ import annotations
 import tempfile
 import time
 
+import ray.train
+from ray.train.torch import TorchTrainer
+from tensorboardX import SummaryWriter
+
 from neoray import ray_compat, storage
 from neoray.config import Config, save_config
 from neoray.engine import ranking
-from neoray.engine.checkpoint import read_pointers, write_pointers
-from neoray.engine.rundir import (
+from neoray.engine.loop import train_loop_per_worker
+from neoray.models.pretrained.checkpoint import read_pointers, write_pointers
+from neoray.run.rundir import (
     RAY_DIR,
     RunDirError,
     epoch_line,
@@ -28,18 +33,13 @@ from neoray.engine.rundir import (
     write_metrics,
     write_summary,
 )
+from neoray.run.setup import pretrained_class_rows
 
 TENSORBOARD_DIR = "tensorboard"
 TENSORBOARD_KEYS = ("loss", "lr", "map", "map50", "images_per_s", "peak_mem_mb", ranking.SCORE)
 
 
-def _ray_callback_base():
-    import ray.train
-
-    return ray.train.UserCallback
-
-
-class RunRecorder(_ray_callback_base()):
+class RunRecorder(ray.train.UserCallback):
     """Ray Train callback (runs in the Train controller, on the driver's node): appends rank 0's
     aggregated metrics to the run's history, rewrites metrics.csv/json, records the latest and the
     best checkpoint (ranking.best, the order Ray keeps them in), writes TensorBoard events and prints
@@ -74,8 +74,6 @@ class RunRecorder(_ray_callback_base()):
         write_pointers(self.run_dir, pointers)
 
     def _write_events(self, row: dict) -> None:
-        from tensorboardX import SummaryWriter
-
         if self._writer is None:
             self._events_dir = tempfile.mkdtemp(prefix="neoray-tb-")
             self._writer = SummaryWriter(self._events_dir)
@@ -93,11 +91,6 @@ def build_trainer(cfg: Config, storage_path: str, *, resume_from: str | None = N
     """The TorchTrainer for ``cfg``. ``name``/``storage_path`` are deterministic (RUN_DIR/ray), so a
     restarted driver with the same run directory finds the checkpoints; the sweep passes its own
     callbacks and storage. ``max_failures``: worker-group restarts (default ``train.max_failures``)."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from neoray.engine.loop import train_loop_per_worker
-
     ray_compat.set_train_defaults()
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
@@ -123,7 +116,7 @@ def train(cfg: Config, *, config_path: str | None = None, output: str | None = N
           resume_dir: str | None = None, hooks=None, verbose: bool = True) -> dict:
     """Run ``cfg`` to the end on the connected Ray cluster; returns the summary (also written).
 
-    ``cfg`` must have been through ``neoray.engine.setup.prepare_config`` (absolute paths, checked
+    ``cfg`` must have been through ``neoray.run.setup.prepare_config`` (absolute paths, checked
     files) and the cluster through ``setup.check_cluster``. ``resume_dir``: continue that run (its Ray
     storage and its latest checkpoint) instead of a new one.
     """
@@ -159,8 +152,6 @@ def _pretrained_classes(cfg: Config) -> list[str]:
     """The run's classes that start from pretrained rows of ``init_from`` (what its log said)."""
     if not cfg.model.init_from:
         return []
-    from neoray.engine.setup import pretrained_class_rows
-
     return pretrained_class_rows(cfg)
 
 

@@ -26,6 +26,7 @@ from typing import Any
 from neoray import storage
 from neoray.config import Config
 from neoray.engine import ranking
+from neoray.models.pretrained.checkpoint import read_pointers
 
 RAY_DIR = "ray"
 
@@ -170,8 +171,6 @@ def write_summary(run_dir: str, cfg: Config, history: list[dict], seconds: float
 
 
 def _pointers(run_dir: str) -> dict:
-    from neoray.engine.checkpoint import read_pointers
-
     return read_pointers(run_dir)
 
 

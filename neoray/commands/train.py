@@ -3,7 +3,7 @@
 Checks the config and the files it names, connects to Ray (neoray.cluster's policy: a private local
 instance unless told otherwise), checks that the run fits the cluster and that every node reaches its
 paths, then trains. Prints the run directory and one line per epoch; the run directory gets
-config.yaml, metrics.csv/json, checkpoints.json, the checkpoints and summary.json/md (neoray.engine.rundir).
+config.yaml, metrics.csv/json, checkpoints.json, the checkpoints and summary.json/md (neoray.run.rundir).
 Exit status: 0 when the run completed or stopped early on mAP, 1 on a config error, a run stopped by a
 guard (non-finite updates, out of memory, failed preflight) or a failed run.
 """
@@ -13,8 +13,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from neoray import storage
 from neoray.cluster import ClusterError, add_address_argument, connect
+from neoray.commands import EXIT_FAILED, EXIT_OK
 from neoray.config import ConfigError, load_config
+from neoray.data.shards import ManifestError
+from neoray.run.rundir import RunDirError
+from neoray.run.setup import check_cluster, check_resume, prepare_config
+from neoray.run.trainer import train
+from neoray.storage import StorageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,13 +41,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from neoray import storage
-    from neoray.data.shards import ManifestError
-    from neoray.engine.rundir import RunDirError
-    from neoray.engine.setup import check_cluster, check_resume, prepare_config
-    from neoray.engine.trainer import train
-    from neoray.storage import StorageError
-
     try:
         cfg = prepare_config(load_config(args.config, args.overrides), output=args.output)
         if args.resume:
@@ -51,14 +51,14 @@ def run(args: argparse.Namespace) -> int:
         summary = train(cfg, config_path=args.config, resume_dir=args.resume)
     except (ConfigError, ClusterError, RunDirError, ManifestError, StorageError) as exc:
         print(f"neoray train: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     except Exception as exc:  # a failed run: the summary was written; keep the message to one line
         text = str(exc).strip().splitlines()
         print(f"neoray train: run failed: {type(exc).__name__}: {text[-1] if text else ''}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     reason = summary["stop_reason"]
     best = summary["best_metrics"].get("map")
     best_text = f"best mAP {best:.4f} at epoch {summary['best_epoch']}" if best is not None else "no evaluation"
     print(f"neoray train: {reason}; {summary['epochs_run']} epochs; {best_text}; report "
           f"{summary['run_dir']}/summary.md", flush=True)
-    return 0 if reason == "completed" or reason.startswith(("early stop", "stopped by")) else 1
+    return EXIT_OK if reason == "completed" or reason.startswith("early stop") else EXIT_FAILED
