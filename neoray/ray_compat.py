@@ -34,6 +34,16 @@ def set_tune_defaults() -> None:
         os.environ.setdefault(key, value)
 
 
+# The search-quality replay runs hundreds of short Tune runs whose trials only replay recorded numbers:
+# Tune's automatic CSV/JSON/TensorBoard result files would be most of its cost.
+REPLAY_ENV_DEFAULTS = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "RAY_AIR_NEW_OUTPUT": "0"}
+
+
+def set_replay_defaults() -> None:
+    for key, value in REPLAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
 def quiet_sigterm_exit() -> None:
     """Call in a Ray worker process (a sweep trial's actor, a Train worker). At ``ray.shutdown`` Ray's
     SIGTERM handler (``ray._private.worker.sigterm_handler``) raises SystemExit wherever the process is;

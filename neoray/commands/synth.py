@@ -8,7 +8,7 @@ import sys
 
 from neoray.commands import EXIT_FAILED, EXIT_OK
 from neoray.config import ConfigError
-from neoray.data.synth import SHAPES, write_synthetic_dataset
+from neoray.data.synth import LAYOUTS, SHAPES, write_synthetic_dataset
 
 
 def add_arguments(parser) -> None:
@@ -20,12 +20,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same dataset")
     parser.add_argument("--aspect-mix", action="store_true",
                         help="make some images 4:3 and some portrait, to exercise letterboxing")
+    parser.add_argument("--layout", choices=sorted(LAYOUTS), default="shapes",
+                        help="shapes: 1-6 objects of every size (default); dense: 12-30 small objects per image")
 
 
 def run(args) -> int:
     try:
         out = write_synthetic_dataset(args.out_dir, train=args.train, val=args.val, size=args.size,
-                                      classes=args.classes, seed=args.seed, aspect_mix=args.aspect_mix)
+                                      classes=args.classes, seed=args.seed, aspect_mix=args.aspect_mix,
+                                      layout=args.layout)
     except (ConfigError, ValueError, OSError) as exc:  # OSError: the folder or bucket cannot be written
         print(f"neoray synth: error: {exc}", file=sys.stderr)
         return EXIT_FAILED

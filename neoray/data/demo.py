@@ -3,8 +3,11 @@
 ``python experiments/sweep_lr.py`` with no arguments trains on this, so that a new user sees the whole
 system work without finding a dataset first. Layout::
 
-    CACHE/synthetic_320x180_t256_v64/dataset/{train,val,annotations}   (neoray.data.synth)
-    CACHE/synthetic_320x180_t256_v64/shards/{train,val}                (neoray.data.prepare)
+    CACHE/synthetic_320x180_t256_v64_c6/dataset/{train,val,annotations}   (neoray.data.synth)
+    CACHE/synthetic_320x180_t256_v64_c6/shards/{train,val}                (neoray.data.prepare)
+
+The search benchmark's harder task is the same call with ``layout="dense"`` (many small objects per
+image), cached beside it (``..._c6_dense``).
 
 CACHE is ``$NEORAY_CACHE`` or ``./.neoray_cache``. A lock file makes concurrent first uses wait for one
 another instead of writing the same files twice.
@@ -43,17 +46,18 @@ def _locked(path: Path):
 
 
 def ensure_default_data(size=(320, 180), train: int = DEFAULT_TRAIN_IMAGES, val: int = DEFAULT_VAL_IMAGES,
-                        classes: int = DEFAULT_CLASSES, root: str | Path | None = None) -> dict:
+                        classes: int = DEFAULT_CLASSES, root: str | Path | None = None, layout: str = "shapes") -> dict:
     """Make (once) and return ``{"train": shard_dir, "val": shard_dir, "dataset": dataset_dir}``."""
     size = parse_size(size, "data.size")
     base = Path(root) if root is not None else cache_dir()
-    home = base / f"synthetic_{format_size(size)}_t{train}_v{val}_c{classes}"
+    suffix = "" if layout == "shapes" else f"_{layout}"
+    home = base / f"synthetic_{format_size(size)}_t{train}_v{val}_c{classes}{suffix}"
     dataset, shard_root = home / "dataset", home / "shards"
     out = {"train": shard_root / "train", "val": shard_root / "val", "dataset": dataset}
     with _locked(home / ".lock"):
         if not (dataset / COMPLETE_MARKER).exists():
             print(f"[neoray] making the synthetic dataset in {dataset} (first use only)", flush=True)
-            write_synthetic_dataset(dataset, train=train, val=val, size=size, classes=classes, seed=0)
+            write_synthetic_dataset(dataset, train=train, val=val, size=size, classes=classes, seed=0, layout=layout)
             (dataset / COMPLETE_MARKER).write_text("ok\n")  # written last: a cut-short run is redone
         for split in ("train", "val"):
             if not (out[split] / COMPLETE_MARKER).exists():

@@ -2,7 +2,9 @@
 
 Each image has a textured background (a two-colour gradient, faint clutter lines, mild noise) and 0-6
 coloured shapes; the class is the *shape* (colour is random), sizes span COCO's small/medium/large
-area ranges, and shapes may partly overlap. One image in 16 is empty, as in real video. Category ids are
+area ranges, and shapes may partly overlap. The ``dense`` layout puts 12-30 small shapes in each image
+instead (many small objects, as in traffic or aerial footage: the harder task of the search benchmark).
+One image in 16 is empty, as in real video. Category ids are
 deliberately non-contiguous (1, 3, 7, 8, ...), so the contiguous label mapping downstream is exercised.
 
 Output layout (real COCO, loadable with pycocotools)::
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -41,6 +44,27 @@ SHAPES = [
 EMPTY_EVERY = 16  # image index 7 mod 16 has no objects
 # Shapes may overlap, but at most this share of the smaller one is covered: nothing is hidden.
 MAX_COVERED = 0.25
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How many objects an image holds and how big they are: a side is drawn log-uniform between
+    ``min_side`` and ``max_side`` of the image's short side; no side is below ``floor`` of it (nor 6 px)."""
+
+    min_objects: int
+    max_objects: int
+    min_side: float
+    max_side: float
+    floor: float
+
+
+LAYOUTS = {
+    # 1-6 shapes of every COCO size class: small, medium and large.
+    "shapes": Layout(1, 6, 0.08, 0.7, 1 / 14),
+    # Many small objects, as in aerial, traffic or crowd footage: 12-30 shapes of 4-12% of the short side
+    # (7-22 pixels at 320x180, COCO "small"), a harder task for the same detector.
+    "dense": Layout(12, 30, 0.04, 0.12, 0.035),
+}
 
 
 def _bgr(hue: int, sat: int, val: int) -> tuple[int, int, int]:
@@ -122,16 +146,15 @@ def _image_size(index: int, size: tuple[int, int], aspect_mix: bool) -> tuple[in
     return w, h
 
 
-def _make_image(rng, w: int, h: int, shapes: list[tuple[int, str]], empty: bool):
+def _make_image(rng, w: int, h: int, shapes: list[tuple[int, str]], empty: bool, layout: Layout):
     img = _background(rng, w, h)
     boxes: list[tuple[int, int, int, int]] = []
     objects: list[tuple[int, tuple[int, int, int, int]]] = []
-    count = 0 if empty else int(rng.integers(1, 7))
-    min_side = max(6, min(w, h) // 14)
+    count = 0 if empty else int(rng.integers(layout.min_objects, layout.max_objects + 1))
+    min_side = max(6, int(min(w, h) * layout.floor))
     for _ in range(count):
         for _attempt in range(20):
-            # Side lengths log-uniform from ~8% to ~70% of the short side: small, medium and large objects.
-            bh = int(np.exp(rng.uniform(np.log(0.08), np.log(0.7))) * min(w, h))
+            bh = int(np.exp(rng.uniform(np.log(layout.min_side), np.log(layout.max_side))) * min(w, h))
             bw = int(bh * np.exp(rng.uniform(np.log(0.6), np.log(1.7))))
             bw, bh = int(np.clip(bw, min_side, w * 0.9)), int(np.clip(bh, min_side, h * 0.9))
             x1, y1 = int(rng.integers(0, w - bw + 1)), int(rng.integers(0, h - bh + 1))
@@ -148,14 +171,15 @@ def _make_image(rng, w: int, h: int, shapes: list[tuple[int, str]], empty: bool)
     return img, objects
 
 
-def _write_split(root: str, split: str, split_index: int, count: int, size, shapes, seed: int, aspect_mix: bool):
+def _write_split(root: str, split: str, split_index: int, count: int, size, shapes, seed: int, aspect_mix: bool,
+                 layout: Layout):
     image_dir = storage.join(root, split)
     storage.makedirs(image_dir)
     images, annotations = [], []
     for i in range(count):
         rng = np.random.default_rng([seed, split_index, i])
         w, h = _image_size(i, size, aspect_mix)
-        img, objects = _make_image(rng, w, h, shapes, empty=(i % EMPTY_EVERY == 7))
+        img, objects = _make_image(rng, w, h, shapes, empty=(i % EMPTY_EVERY == 7), layout=layout)
         file_name = f"{i + 1:06d}.jpg"
         ok, encoded = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 92])
         if not ok:  # pragma: no cover - cv2 always encodes a uint8 BGR array
@@ -185,7 +209,7 @@ def _as_given(path: str):
 
 
 def write_synthetic_dataset(out_dir, train: int = 256, val: int = 64, size=(320, 180), classes: int = 6,
-                            seed: int = 0, aspect_mix: bool = False) -> dict:
+                            seed: int = 0, aspect_mix: bool = False, layout: str = "shapes") -> dict:
     """Write the dataset; returns ``{"root", "train_images", "train_annotations", "val_images",
     "val_annotations", "categories"}`` (paths: ``Path`` locally, ``str`` for a URI; and the COCO
     category list)."""
@@ -194,13 +218,16 @@ def write_synthetic_dataset(out_dir, train: int = 256, val: int = 64, size=(320,
         raise ValueError(f"classes must be between 1 and {len(SHAPES)}, got {classes}")
     if train < 0 or val < 0:
         raise ValueError(f"image counts must be >= 0, got train={train} val={val}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if min(width, height) < 32:
         raise ValueError(f"size {width}x{height} is too small for shapes (need at least 32 pixels per side)")
     root = os.fspath(out_dir)
     shapes = SHAPES[:classes]
     result: dict = {"root": _as_given(root), "categories": [{"id": c, "name": n} for c, n in shapes]}
     for split_index, (split, count) in enumerate((("train", train), ("val", val))):
-        image_dir, ann_path = _write_split(root, split, split_index, count, (width, height), shapes, seed, aspect_mix)
+        image_dir, ann_path = _write_split(root, split, split_index, count, (width, height), shapes, seed, aspect_mix,
+                                           LAYOUTS[layout])
         result[f"{split}_images"], result[f"{split}_annotations"] = _as_given(image_dir), _as_given(ann_path)
     return result
 

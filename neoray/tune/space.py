@@ -20,6 +20,7 @@ per worker (B * A == effective), so that a sweep compares schedules, not batch s
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,9 @@ PARAMS = {
     "batch": ("train.batch_size", "train.accumulate"),
 }
 DISTRIBUTIONS = ("log_uniform", "uniform", "int_uniform", "choice")
+# How a searched learning rate given per reference batch becomes a trial's: unchanged, in proportion to the
+# effective batch (linear: Goyal et al.), or to its square root (sqrt: the usual rule for Adam).
+LR_RULES = ("none", "linear", "sqrt")
 TIME_ATTRS = ("epoch", "training_iteration")
 TOP_KEYS = ("params", "asha", "search", "points_to_evaluate")
 
@@ -71,6 +75,15 @@ def _check_keys(raw: dict, valid, where: str) -> None:
     for key in raw:
         if key not in valid:
             raise _unknown(str(key), valid, where)
+
+
+def scaled_lr(lr: float, effective_batch: int, rule: str, reference_batch: int) -> float:
+    """The learning rate of a trial whose effective batch (per step, over all workers) is
+    ``effective_batch``, for ``lr`` given per ``reference_batch`` under ``rule`` (LR_RULES)."""
+    if rule == "none":
+        return lr
+    ratio = effective_batch / reference_batch
+    return lr * (ratio if rule == "linear" else math.sqrt(ratio))
 
 
 def format_batch(batch_size: int, accumulate: int) -> str:
