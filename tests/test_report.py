@@ -105,3 +105,27 @@ def test_log_axes_label_only_1_2_and_5_of_each_decade():
     assert "0.002" in labels and "0.0005" in labels
     assert all(label.lstrip("0.")[0] in "125" for label in labels)  # never 3x10^-3 beside 4x10^-3
     plt.close(fig)
+
+
+def test_the_report_says_how_far_the_asha_rungs_can_be_trusted(tmp_path):
+    """Histories in each trial's result.json: at the rung (epoch 2) the eventual best trailed, and the rung
+    ranked the finished trials in reverse; the report gives the numbers and the fix."""
+    curves = {"trial_0001": [0.05, 0.10, 0.30, 0.50], "trial_0002": [0.10, 0.20, 0.30, 0.40],
+              "trial_0003": [0.20, 0.30, 0.30, 0.30], "trial_0004": [0.01, 0.05], "trial_0005": [0.15, 0.25]}
+    rows = []
+    for trial, scores in curves.items():
+        (tmp_path / trial).mkdir()
+        (tmp_path / trial / "result.json").write_text("".join(
+            json.dumps({"epoch": e, "score": s, "evaluated": 1, "map": s}) + "\n" for e, s in enumerate(scores, 1)))
+        rows.append({"trial": trial, "status": "finished" if len(scores) == 4 else "stopped early (ASHA)",
+                     "lr": "0.001", "best_map": str(max(scores)), "best_score": str(max(scores))})
+    _fake_sweep(tmp_path, rows, {"lr": {"distribution": "log_uniform", "low": 1e-4, "high": 1e-2}})
+    meta = json.loads((tmp_path / "sweep.json").read_text())
+    meta["rungs"], meta["asha"]["grace_period"] = [2], 2
+    (tmp_path / "sweep.json").write_text(json.dumps(meta))
+    text = Path(write_report(tmp_path)).read_text()
+    assert "## Can the early stopping be trusted?" in text
+    assert "rank correlation with the final standing -1.00 over 3 trials that reached the end" in text
+    assert "the eventual best (trial_0001) ranked 4 of 5 there" in text
+    assert "--grace-period 3" in text
+    assert json.loads((tmp_path / "rung_trust.json").read_text())["rungs"][0]["correlation"] == -1.0

@@ -58,8 +58,11 @@ def test_best_config_reproduces_the_trial_on_another_cluster(ray_session, synthe
     sweep_dir = work / "sweeps" / "rep"
     trial = [json.loads(line) for line in (sweep_dir / "trial_0001" / "result.json").read_text().splitlines()]
 
-    out = _run([sys.executable, "-c", DRIVER, "4", "train", str(sweep_dir / "best_config.yaml"), "--output",
-                str(tmp_path / "runs")], tmp_path)
+    # The best config names the project's data as the sweep's config did, relative to the project folder.
+    best = yaml.safe_load((sweep_dir / "best_config.yaml").read_text())
+    assert best["data"]["train"] == "data/train" and best["output"] == "runs"
+    out = _run([sys.executable, "-c", DRIVER, "4", "train", "sweeps/rep/best_config.yaml", "--output",
+                str(tmp_path / "runs")], work)
     assert "using the Ray instance this process is connected to: 1 node, 4 CPUs" in out
     run = json.loads(next((tmp_path / "runs").glob("*/metrics.json")).read_text())
 

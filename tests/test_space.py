@@ -154,3 +154,60 @@ def test_a_space_batch_that_leaves_a_worker_without_a_step_is_refused(synthetic_
                                           r"each of the 2 workers 12, fewer than train.batch_size=16"):
         _check_space_batches(cfg, space)
     _check_space_batches(cfg, parse_space({"params": {"batch": {"pairs": ["4x4", "12x1"]}}}))
+
+
+def test_lr_scaling_sets_each_trials_lr_from_its_effective_batch_and_the_table_shows_both(tmp_path):
+    from neoray.config import load_config
+    from neoray.tune.results import collect_rows, export_best_config
+    from neoray.tune.space import lr_scaling_record, parse_space, trial_config
+
+    space = parse_space({"params": {"lr": {"distribution": "log_uniform", "low": 1e-4, "high": 1e-2},
+                                    "batch": {"pairs": ["4x1", "4x4", "8x2"]}},
+                         "lr_scaling": {"rule": "sqrt", "reference_batch": 4}})
+    base = load_config(None, {"train.batch_size": 4, "train.workers": 2})
+    scaling = lr_scaling_record(space, base)
+    assert scaling == {"rule": "sqrt", "reference_batch": 4}
+    # 4x4 on 2 workers: 32 images per step, 8x the reference: sqrt -> lr x 2.83.
+    assert trial_config(base, {"lr": 1e-3, "batch": "4x4"}, scaling).train.lr == pytest.approx(1e-3 * 8 ** 0.5)
+    linear = {"rule": "linear", "reference_batch": 4}
+    assert trial_config(base, {"lr": 1e-3, "batch": "8x2"}, linear).train.lr == pytest.approx(8e-3)
+    assert trial_config(base, {"lr": 1e-3, "batch": "8x2"}, None).train.lr == pytest.approx(1e-3)
+    # The reference batch defaults to the base config's effective batch (here 8): its own lr is unchanged.
+    default_ref = parse_space({"params": {"lr": {"distribution": "log_uniform", "low": 1e-4, "high": 1e-2}},
+                               "lr_scaling": {"rule": "linear"}})
+    assert lr_scaling_record(default_ref, base)["reference_batch"] == 8
+
+    class Trial:
+        status, num_failures, local_path, last_result = "TERMINATED", 0, "", {"done": True}
+        config = {"lr": 1e-3, "batch": "4x4"}
+
+        def __str__(self):
+            return "trial_0001"
+
+    meta = {"lr_scaling": scaling, "base_config": base.to_dict()}
+    [row] = collect_rows([Trial()], str(tmp_path), ["lr", "batch"], meta)
+    assert row["lr"] == 1e-3 and row["lr_trial"] == pytest.approx(1e-3 * 8 ** 0.5)
+    best = export_best_config(base, row, str(tmp_path / "best.yaml"), "s", scaling)
+    assert best.train.lr == pytest.approx(1e-3 * 8 ** 0.5) and best.train.accumulate == 4
+
+
+def test_space_values_the_config_would_refuse_are_refused_before_the_sweep(synthetic_shards):
+    from neoray.config import load_config
+    from neoray.tune.space import check_space_against_config
+
+    cfg = load_config(None, {"train.epochs": 6})
+    bad = [
+        ({"params": {"lr": {"distribution": "choice", "values": [1e-3, -0.1]}}}, "params.lr: -0.1"),
+        ({"params": {"warmup_steps": {"distribution": "int_uniform", "low": -5, "high": 10}}}, "params.warmup_steps"),
+        ({"params": {"lr": {"distribution": "log_uniform", "low": 1e-4, "high": 1e-2}},
+          "asha": {"grace_period": 6}}, "asha.grace_period 6 is not below train.epochs 6"),
+    ]
+    for raw, message in bad:
+        with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+            check_space_against_config(parse_space(raw), cfg)
+    with pytest.raises(ConfigError, match="search.seed must be between 0 and"):
+        parse_space({"params": {"lr": {"distribution": "log_uniform", "low": 1e-4, "high": 1e-2}},
+                     "search": {"seed": 1e300}})
+    with pytest.raises(ConfigError, match="search.sampler must be one of tpe, random"):
+        parse_space({"params": {"lr": {"distribution": "log_uniform", "low": 1e-4, "high": 1e-2}},
+                     "search": {"sampler": "grid"}})

@@ -159,3 +159,47 @@ def test_two_worker_trial_after_an_asha_stopped_one_still_runs(ray_session, synt
         "Trial name", "status", "loc", "lr", "epoch", "loss", "score", "mAP", "mAP50", "lr now"]
     assert "[neoray] ASHA stopped trial_0002 at epoch 1" in out
     assert out.index("[neoray] ASHA stopped trial_0002") < out.index("[neoray] trial_0003 started: lr=")
+
+
+def _previous_sweep(root: Path) -> Path:
+    """What `neoray report` and --warm-start read of a finished sweep: sweep.json and trials.csv."""
+    root.mkdir(parents=True)
+    (root / "sweep.json").write_text(json.dumps({
+        "name": "before", "metric": "score", "mode": "max", "rungs": [1], "num_samples": 3, "seed": 0,
+        "asha": {"time_attr": "epoch", "grace_period": 1, "reduction_factor": 2, "max_t": 2},
+        "params": {"lr": {"distribution": "log_uniform", "low": 1e-4, "high": 1e-2}}}))
+    (root / "trials.csv").write_text("trial,status,lr,best_score\n"
+                                     "trial_0001,finished,0.0005,0.10\n"
+                                     "trial_0002,finished,0.002,0.30\n"
+                                     "trial_0003,stopped early (ASHA),0.007,0.05\n"
+                                     "trial_0004,errored,0.0001,\n")
+    return root
+
+
+@pytest.mark.slow
+def test_warm_start_runs_the_previous_sweeps_best_configuration_first(ray_session, synthetic_shards, tmp_path):
+    config, space = _files(tmp_path, synthetic_shards, epochs=2)
+    previous = _previous_sweep(tmp_path / "sweeps" / "before")
+    result = run_sweep(SweepOptions(config=config, space=space, output=str(tmp_path / "sweeps"), name="after",
+                                    num_samples=2, max_concurrent=1, warm_start=str(previous)))
+    rows = _rows(Path(result.sweep_dir))
+    # Half of the new budget (one trial) goes to the previous sweep's best configuration, before the
+    # config's own values; the table says where each warm trial came from.
+    assert float(rows["trial_0001"]["lr"]) == pytest.approx(0.002) and rows["trial_0001"]["warm_start"] == "trial_0002"
+    assert float(rows["trial_0002"]["lr"]) == pytest.approx(1e-3) and rows["trial_0002"]["warm_start"] == ""
+    record = json.loads((Path(result.sweep_dir) / "sweep.json").read_text())
+    assert record["warm_start"]["trials"][0]["best_score"] == 0.3
+
+
+def test_a_foreign_sweep_record_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    from ray import tune
+
+    sweep_dir = tmp_path / "sweeps" / "odd"
+    sweep_dir.mkdir(parents=True)
+    (sweep_dir / "sweep.json").write_text(json.dumps({"name": "odd", "resources": [1, 2]}))
+    monkeypatch.setattr(tune.Tuner, "can_restore", staticmethod(lambda path: True))
+    parser = argparse.ArgumentParser()
+    sweep_cmd.add_arguments(parser)
+    code = sweep_cmd.run(parser.parse_args(["--output", str(tmp_path / "sweeps"), "--name", "odd", "--resume"]))
+    err = capsys.readouterr().err
+    assert code == 1 and "not a neoray sweep record" in err and len(err.strip().splitlines()) == 1

@@ -39,6 +39,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted sweep OUTPUT/NAME. Resuming unpickles Ray Tune's saved "
                              "state, which can run code: resume only sweeps you or your team wrote")
+    parser.add_argument("--warm-start", default=None, metavar="SWEEP_DIR",
+                        help="seed the search with a previous sweep (local or a URI): its best trials' configurations "
+                             "run first (up to half of --num-samples), then the search goes on from them; for a "
+                             "sweep again after the data changed")
     parser.add_argument("--grace-period", type=int, default=None, help="ASHA grace period (overrides the space file)")
     parser.add_argument("--reduction-factor", type=float, default=None,
                         help="ASHA reduction factor (overrides the space file)")
@@ -54,7 +58,7 @@ def options_from_args(args):
         workers_per_trial=args.workers_per_trial, gpus_per_worker=args.gpus_per_worker, output=args.output,
         name=args.name, resume=args.resume, overrides=list(args.overrides), grace_period=args.grace_period,
         reduction_factor=args.reduction_factor, max_failures=args.max_failures, autoscale=args.autoscale,
-        address=args.address,
+        address=args.address, warm_start=args.warm_start,
     )
 
 

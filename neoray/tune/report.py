@@ -12,7 +12,6 @@ after the fact, on another machine, without Ray running. Writes SWEEP_DIR/report
 
 from __future__ import annotations
 
-import csv
 import io
 import math
 import sys
@@ -24,22 +23,12 @@ from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvalu
 
 from neoray import storage
 from neoray.config import ConfigError
-from neoray.tune.results import load_history
+from neoray.tune.results import load_history, measure_trust, read_sweep_record, read_trial_rows
 from neoray.tune.space import optuna_distributions, parse_space
+from neoray.tune.trust import EXPLANATION
 
 STATUS_COLOURS = {"finished": "tab:green", "stopped early (ASHA)": "tab:orange", "errored": "tab:red",
                   "interrupted": "tab:gray"}
-
-
-def _read_sweep(sweep_dir: str) -> tuple[dict, list[dict]]:
-    meta_path, csv_path = storage.join(sweep_dir, "sweep.json"), storage.join(sweep_dir, "trials.csv")
-    if not storage.is_file(meta_path):
-        raise ConfigError(f"{sweep_dir}: not a sweep directory (no sweep.json)")
-    if not storage.is_file(csv_path):
-        raise ConfigError(f"{sweep_dir}: no trials.csv; the sweep has not finished (continue it with --resume)")
-    meta = storage.read_json(meta_path)
-    rows = list(csv.DictReader(io.StringIO(storage.read_text(csv_path))))
-    return meta, rows
 
 
 def _float(value) -> float | None:
@@ -244,7 +233,7 @@ def _importances_section(meta: dict, rows: list[dict], sweep_dir: str) -> list[s
 
 def write_report(sweep_dir) -> str:
     sweep_dir = storage.absolute(sweep_dir)
-    meta, rows = _read_sweep(sweep_dir)
+    meta, rows = read_sweep_record(sweep_dir), read_trial_rows(sweep_dir)
     asha = meta["asha"]
     lines = [f"# Sweep report: {meta['name']}", ""]
     if len(rows) < meta["num_samples"] or any(r["status"] == "interrupted" for r in rows):
@@ -267,7 +256,20 @@ def write_report(sweep_dir) -> str:
     ):
         lines += ["## Learning curves", "", "Dotted lines: ASHA rungs, where trials below the top "
                   f"1/{asha['reduction_factor']} are stopped.", "", "![learning curves](learning_curves.png)", ""]
+    lines += _trust_section(meta, rows, sweep_dir)
     lines += _importances_section(meta, rows, sweep_dir)
     return storage.write_text(storage.join(sweep_dir, "report.md"), "\n".join(lines))
+
+
+def _trust_section(meta: dict, rows: list[dict], sweep_dir: str) -> list[str]:
+    """How far the early stopping can be trusted, from the sweep's own trials (neoray.tune.trust)."""
+    lines = ["## Can the early stopping be trusted?", ""]
+    if not meta["rungs"]:
+        return lines + ["No ASHA rung before the last epoch: no trial could be stopped early.", ""]
+    trust, advice = measure_trust(sweep_dir, meta, rows)
+    rf = float(meta["asha"]["reduction_factor"])
+    lines += [EXPLANATION, ""] + [f"- {rung.line(rf)}" for rung in trust] + [""]
+    return lines + [f"**{advice}**" if advice else "Every rung held: its ranking agreed with the final one and "
+                    "the eventual best stood above the cut.", ""]
 
 

@@ -42,7 +42,9 @@ DISTRIBUTIONS = ("log_uniform", "uniform", "int_uniform", "choice")
 # effective batch (linear: Goyal et al.), or to its square root (sqrt: the usual rule for Adam).
 LR_RULES = ("none", "linear", "sqrt")
 TIME_ATTRS = ("epoch", "training_iteration")
-TOP_KEYS = ("params", "asha", "search", "points_to_evaluate")
+TOP_KEYS = ("params", "asha", "search", "lr_scaling", "points_to_evaluate")
+SAMPLERS = ("tpe", "random")
+MAX_SEED = 2**32 - 1  # Optuna's samplers take a NumPy seed
 
 
 @dataclass
@@ -55,11 +57,23 @@ class AshaSettings:
 
 
 @dataclass
+class LrScaling:
+    """The searched ``lr`` is per ``reference_batch`` images per optimizer step (None: the base config's
+    effective batch) and scaled to each trial's effective batch by ``rule`` (LR_RULES)."""
+
+    rule: str = "none"
+    reference_batch: int | None = None
+
+
+@dataclass
 class SearchSpace:
     params: dict[str, dict] = field(default_factory=dict)  # name -> validated spec
     asha: AshaSettings = field(default_factory=AshaSettings)
     seed: int = 0
     num_samples: int = 8
+    sampler: str = "tpe"  # SAMPLERS: Optuna's TPE, or random search
+    startup_trials: int = 10  # TPE samples at random for its first N trials (Optuna's default: 10)
+    lr_scaling: LrScaling = field(default_factory=LrScaling)
     points_to_evaluate: list[dict] = field(default_factory=list)
 
 
@@ -164,8 +178,14 @@ def parse_space(raw: Any) -> SearchSpace:
     if not params_raw:
         raise ConfigError("search space: 'params' is empty; name at least one of " + ", ".join(PARAMS))
     space = SearchSpace(params={name: _param_spec(name, spec) for name, spec in params_raw.items()})
+    space.asha = _parse_asha(raw.get("asha") or {})
+    _parse_search(raw.get("search") or {}, space)
+    space.lr_scaling = _parse_lr_scaling(raw.get("lr_scaling") or {}, space)
+    space.points_to_evaluate = _parse_points(raw.get("points_to_evaluate") or [], space)
+    return space
 
-    asha_raw = raw.get("asha") or {}
+
+def _parse_asha(asha_raw: Any) -> AshaSettings:
     _check_keys(asha_raw, ("time_attr", "grace_period", "reduction_factor"), "asha.")
     asha = AshaSettings(**asha_raw)
     if asha.time_attr not in TIME_ATTRS:
@@ -174,24 +194,50 @@ def parse_space(raw: Any) -> SearchSpace:
         )
     if not isinstance(asha.grace_period, int) or asha.grace_period < 1:
         raise ConfigError(f"search space: asha.grace_period must be an integer >= 1, got {asha.grace_period!r}")
-    if not isinstance(asha.reduction_factor, (int, float)) or asha.reduction_factor <= 1:
-        raise ConfigError(f"search space: asha.reduction_factor must be > 1, got {asha.reduction_factor!r}")
-    space.asha = asha
+    if isinstance(asha.reduction_factor, bool) or not isinstance(asha.reduction_factor, (int, float)) \
+            or not 1 < asha.reduction_factor < 1e6:
+        raise ConfigError(f"search space: asha.reduction_factor must be a number > 1, got {asha.reduction_factor!r}")
+    return asha
 
-    search_raw = raw.get("search") or {}
-    _check_keys(search_raw, ("seed", "num_samples"), "search.")
+
+def _parse_search(search_raw: Any, space: SearchSpace) -> None:
+    _check_keys(search_raw, ("seed", "num_samples", "sampler", "startup_trials"), "search.")
     space.seed = int(_number({"seed": search_raw.get("seed", 0)}, "seed", "search", integer=True))
-    space.num_samples = int(_number({"n": search_raw.get("num_samples", 8)}, "n", "search.num_samples", integer=True))
+    if not 0 <= space.seed <= MAX_SEED:
+        raise ConfigError(f"search space: search.seed must be between 0 and {MAX_SEED}, got {space.seed:.3g}")
+    space.num_samples = int(_number({"num_samples": search_raw.get("num_samples", 8)}, "num_samples", "search",
+                                    integer=True))
     if space.num_samples < 1:
         raise ConfigError("search space: search.num_samples must be >= 1")
+    space.sampler = search_raw.get("sampler", "tpe")
+    if space.sampler not in SAMPLERS:
+        raise ConfigError(f"search space: search.sampler must be one of {', '.join(SAMPLERS)}, got {space.sampler!r}")
+    space.startup_trials = int(_number({"startup_trials": search_raw.get("startup_trials", 10)}, "startup_trials",
+                                       "search", integer=True))
+    if space.startup_trials < 0:
+        raise ConfigError("search space: search.startup_trials must be >= 0")
 
-    points = raw.get("points_to_evaluate") or []
+
+def _parse_lr_scaling(scaling_raw: Any, space: SearchSpace) -> LrScaling:
+    _check_keys(scaling_raw, ("rule", "reference_batch"), "lr_scaling.")
+    scaling = LrScaling(scaling_raw.get("rule", "none"), scaling_raw.get("reference_batch"))
+    if scaling.rule not in LR_RULES:
+        raise ConfigError(f"search space: lr_scaling.rule must be one of {', '.join(LR_RULES)}, got {scaling.rule!r}")
+    if scaling.reference_batch is not None:
+        scaling.reference_batch = int(_number(scaling_raw, "reference_batch", "lr_scaling", integer=True))
+        if scaling.reference_batch < 1:
+            raise ConfigError("search space: lr_scaling.reference_batch must be >= 1")
+    if scaling.rule != "none" and "lr" not in space.params:
+        raise ConfigError("search space: lr_scaling needs params.lr (the learning rate it scales)")
+    return scaling
+
+
+def _parse_points(points: Any, space: SearchSpace) -> list[dict]:
     if not isinstance(points, list):
         raise ConfigError(f"search space: points_to_evaluate must be a list of mappings, got {points!r}")
     for i, point in enumerate(points):
         _check_keys(point, tuple(space.params), f"points_to_evaluate[{i}].")
-    space.points_to_evaluate = [dict(p) for p in points]
-    return space
+    return [dict(p) for p in points]
 
 
 def load_space(path: str | Path) -> SearchSpace:
@@ -220,13 +266,17 @@ def optuna_distributions(space: SearchSpace) -> dict:
 
 
 def config_values(cfg: Config, space: SearchSpace) -> dict:
-    """The config's own values of the searched parameters (evaluated first, as a known baseline)."""
+    """The config's own values of the searched parameters (evaluated first, as a known baseline); with LR
+    scaling, its lr as the rule gives it per reference batch."""
     values = {}
     for name in space.params:
         if name == "batch":
             values[name] = format_batch(cfg.train.batch_size, cfg.train.accumulate)
         else:
             values[name] = getattr(cfg.train, PARAMS[name].split(".", 1)[1])
+    if "lr" in values:
+        reference = space.lr_scaling.reference_batch or cfg.effective_batch
+        values["lr"] = cfg.train.lr / scaled_lr(1.0, cfg.effective_batch, space.lr_scaling.rule, reference)
     return values
 
 
@@ -249,6 +299,42 @@ def points_to_evaluate(cfg: Config, space: SearchSpace) -> list[dict]:
                 raise ConfigError(f"search space: points_to_evaluate batch {full['batch']} is not one of the pairs")
         points.append(full)
     return points
+
+
+def check_space_against_config(space: SearchSpace, cfg: Config) -> None:
+    """Every value the space can draw is one the training config accepts (``ConfigError``, one line, naming
+    the parameter), and ASHA's grace period leaves it epochs to stop trials in."""
+    for name, spec in space.params.items():
+        if name == "batch":
+            continue  # pairs are checked against the data (sweep._check_space_batches)
+        values = spec["values"] if spec["distribution"] == "choice" else [spec["low"], spec["high"]]
+        for value in values:
+            try:
+                cfg.with_overrides(params_to_overrides({name: value}))
+            except ConfigError as exc:
+                raise ConfigError(f"search space: params.{name}: {value!r} is not a value {PARAMS[name]} can take "
+                                  f"({exc})") from None
+    if space.asha.grace_period >= cfg.train.epochs:
+        raise ConfigError(f"search space: asha.grace_period {space.asha.grace_period} is not below train.epochs "
+                          f"{cfg.train.epochs}: ASHA would stop no trial; lower it (its rungs are at grace_period x "
+                          f"reduction_factor^k epochs) or train longer")
+
+
+def lr_scaling_record(space: SearchSpace, cfg: Config) -> dict:
+    """``{"rule", "reference_batch"}`` with the reference resolved against the base config (what a sweep
+    records and every trial applies)."""
+    return {"rule": space.lr_scaling.rule, "reference_batch": space.lr_scaling.reference_batch or cfg.effective_batch}
+
+
+def trial_config(base: Config, params: dict, lr_scaling: dict | None = None) -> Config:
+    """The validated training config of one trial: ``base`` with its parameters; with an LR rule
+    (``lr_scaling_record``), ``train.lr`` is the searched lr scaled to the trial's effective batch."""
+    cfg = base.with_overrides(params_to_overrides(params))
+    rule = (lr_scaling or {}).get("rule", "none")
+    if rule != "none" and "lr" in params:
+        lr = scaled_lr(float(params["lr"]), cfg.effective_batch, rule, int(lr_scaling["reference_batch"]))
+        cfg = cfg.with_overrides({"train.lr": lr})
+    return cfg
 
 
 def params_to_overrides(params: dict) -> dict:

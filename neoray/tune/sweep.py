@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import optuna
 from ray import tune
 from ray.tune import CLIReporter
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
@@ -37,16 +38,21 @@ from neoray.tune.results import (
     collect_rows,
     export_best_config,
     format_value,
+    measure_trust,
     read_asha_stopped,
     read_asha_stopped_file,
+    read_sweep_record,
     rows_to_csv,
     rows_to_markdown,
     sweep_interrupted,
     trial_ended,
+    warm_start_record,
 )
 from neoray.tune.space import (
     SearchSpace,
+    check_space_against_config,
     load_space,
+    lr_scaling_record,
     optuna_distributions,
     parse_batch,
     points_to_evaluate,
@@ -70,6 +76,7 @@ class SweepOptions:
     output: str = "sweeps"
     name: str = "sweep_lr"
     resume: bool = False
+    warm_start: str | None = None  # a previous sweep directory: its best configurations run first
     overrides: list[str] = field(default_factory=list)
     grace_period: int | None = None  # override the space file's ASHA settings
     reduction_factor: float | None = None
@@ -210,24 +217,34 @@ def _trainable(resources: TrialResources, setup: dict):
     return tune.with_resources(tune.with_parameters(sweep_trainable, setup=setup), resources.tune_request)
 
 
-def _setup(cfg: Config, opts: SweepOptions) -> dict:
-    return {"base": cfg.to_dict(), "sweep_dir": opts.sweep_dir, "hooks": opts.hooks}
+def _setup(cfg: Config, opts: SweepOptions, meta: dict) -> dict:
+    return {"base": cfg.to_dict(), "sweep_dir": opts.sweep_dir, "lr_scaling": meta.get("lr_scaling"),
+            "hooks": opts.hooks}
 
 
-def _build_tuner(cfg: Config, space: SearchSpace, opts: SweepOptions, resources: TrialResources):
+def _searcher(cfg: Config, space: SearchSpace, meta: dict) -> OptunaSearch:
+    """OptunaSearch with the space's sampler, seeded; the warm start's configurations first, then the
+    config's own values and the space file's points."""
+    if space.sampler == "random":
+        sampler = optuna.samplers.RandomSampler(seed=space.seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=space.startup_trials)
+    own = points_to_evaluate(cfg, space)
+    warm = [{**own[0], **w["params"]} for w in meta.get("warm_start", {}).get("trials", [])]
+    return OptunaSearch(space=optuna_distributions(space), metric=SCORE, mode=MODE, points_to_evaluate=warm + own,
+                        sampler=sampler)
+
+
+def _build_tuner(cfg: Config, space: SearchSpace, opts: SweepOptions, resources: TrialResources, meta: dict):
     sweep_dir = opts.sweep_dir
-    searcher = OptunaSearch(
-        space=optuna_distributions(space), metric=SCORE, mode=MODE, points_to_evaluate=points_to_evaluate(cfg, space),
-        seed=space.seed,  # OptunaSearch builds a TPESampler(seed=seed)
-    )
     asha = space.asha
     scheduler = RecordingASHA(storage.join(sweep_dir, "asha_stopped.json"), time_attr=asha.time_attr,
-                              max_t=cfg.train.epochs, grace_period=min(asha.grace_period, cfg.train.epochs),
+                              max_t=cfg.train.epochs, grace_period=asha.grace_period,
                               reduction_factor=asha.reduction_factor)
     return tune.Tuner(
-        _trainable(resources, _setup(cfg, opts)),
+        _trainable(resources, _setup(cfg, opts, meta)),
         tune_config=tune.TuneConfig(
-            metric=SCORE, mode=MODE, search_alg=searcher, scheduler=scheduler,
+            metric=SCORE, mode=MODE, search_alg=_searcher(cfg, space, meta), scheduler=scheduler,
             num_samples=space.num_samples, max_concurrent_trials=resources.max_concurrent,
             trial_name_creator=trial_name, trial_dirname_creator=trial_name,
             # Direct path: a finished trial's actor (imports done, Ray Data workers warm) runs the next
@@ -254,15 +271,20 @@ def _build_tuner(cfg: Config, space: SearchSpace, opts: SweepOptions, resources:
 
 def _new_sweep_record(cfg: Config, space: SearchSpace, opts: SweepOptions, resources: TrialResources) -> dict:
     max_t = cfg.train.epochs  # both time attributes count epochs (one report per epoch)
-    return {
+    record = {
         "name": opts.name, "metric": SCORE, "mode": MODE, "metric_doc": ranking.SCORE_DOC,
         "asha": {**asdict(space.asha), "max_t": max_t},
         "rungs": asha_rungs(space.asha.grace_period, space.asha.reduction_factor, max_t),
         "params": space.params, "seed": space.seed, "num_samples": space.num_samples,
+        "search": {"sampler": space.sampler, "startup_trials": space.startup_trials},
+        "lr_scaling": lr_scaling_record(space, cfg),
         "resources": asdict(resources),
         "options": {k: v for k, v in asdict(opts).items() if k != "hooks"},
         "base_config": cfg.to_dict(),
     }
+    if opts.warm_start:
+        record["warm_start"] = warm_start_record(opts.warm_start, space.params, max(1, space.num_samples // 2))
+    return record
 
 
 def _start(opts: SweepOptions):
@@ -273,15 +295,16 @@ def _start(opts: SweepOptions):
         if not tune.Tuner.can_restore(sweep_dir) or not storage.is_file(meta_path):
             raise ConfigError(f"{sweep_dir}: no sweep to resume there")
         # The restored sweep keeps its own config, space and resources (Tune's saved state).
-        meta = storage.read_json(meta_path)
-        cfg, resources = from_dict(meta["base_config"]), TrialResources(**meta["resources"])
+        meta = read_sweep_record(sweep_dir)
+        cfg, resources = from_dict(meta.get("base_config")), _resources(meta, meta_path)
         info = connect(opts.address, log=_log)
         if info.nodes > 1:
             check_visible_on_all_nodes(needed_everywhere(cfg, sweep_dir))
-        tuner = tune.Tuner.restore(sweep_dir, trainable=_trainable(resources, _setup(cfg, opts)),
+        tuner = tune.Tuner.restore(sweep_dir, trainable=_trainable(resources, _setup(cfg, opts, meta)),
                                    resume_unfinished=True, resume_errored=True)
         return cfg, resources, meta, tuner
     cfg, space = resolve_config(opts), resolve_space(opts)
+    check_space_against_config(space, cfg)
     _check_space_batches(cfg, space)
     if storage.exists(storage.join(sweep_dir, "tuner.pkl")):
         raise ConfigError(f"{sweep_dir} already holds a sweep; pass --resume to continue it or another --name")
@@ -290,7 +313,15 @@ def _start(opts: SweepOptions):
                               max_concurrent=opts.max_concurrent, autoscale=opts.autoscale)
     meta = _new_sweep_record(cfg, space, opts, resources)
     storage.write_json(meta_path, meta, indent=2)
-    return cfg, resources, meta, _build_tuner(cfg, space, opts, resources)
+    return cfg, resources, meta, _build_tuner(cfg, space, opts, resources, meta)
+
+
+def _resources(meta: dict, meta_path: str) -> TrialResources:
+    try:
+        return TrialResources(**meta["resources"])
+    except (KeyError, TypeError):
+        raise ConfigError(f"{meta_path}: not a neoray sweep record (field 'resources' does not describe trial "
+                          "resources)") from None
 
 
 def _check_space_batches(cfg: Config, space: SearchSpace) -> None:
@@ -324,7 +355,7 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
     trials = ray_compat.tune_trials(tuner.fit())
     asha_stopped = read_asha_stopped(sweep_dir)
     interrupted = sweep_interrupted(trials, asha_stopped, num_samples)
-    rows = collect_rows(trials, sweep_dir, list(meta["params"]))
+    rows = collect_rows(trials, sweep_dir, list(meta["params"]), meta)
     table = rows_to_markdown(rows)
     if interrupted:
         ended = sum(trial_ended(t, asha_stopped) for t in trials)
@@ -333,10 +364,19 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
     storage.write_text(storage.join(sweep_dir, "trials.csv"), rows_to_csv(rows))
     storage.write_text(storage.join(sweep_dir, "trials.md"), table)
     print("\n" + table, flush=True)
-    return _finish(cfg, opts, rows, interrupted)
+    return _finish(cfg, opts, meta, rows, interrupted)
 
 
-def _finish(cfg: Config, opts: SweepOptions, rows: list[dict], interrupted: bool) -> SweepResult:
+def _log_trust(sweep_dir: str, meta: dict, rows: list[dict]) -> None:
+    """The end-of-sweep summary of how far ASHA's rungs can be trusted (neoray.tune.trust)."""
+    trust, line = measure_trust(sweep_dir, meta, rows)
+    for rung in trust:
+        _log(rung.line(float(meta["asha"]["reduction_factor"])))
+    if line:
+        _log(line)
+
+
+def _finish(cfg: Config, opts: SweepOptions, meta: dict, rows: list[dict], interrupted: bool) -> SweepResult:
     sweep_dir, best = opts.sweep_dir, best_row(rows)
     if interrupted:
         # Not a result yet: best_config.yaml is written only when every trial has ended.
@@ -345,9 +385,11 @@ def _finish(cfg: Config, opts: SweepOptions, rows: list[dict], interrupted: bool
         _log(f"sweep interrupted; partial results: {sweep_dir}/trials.md")
         return SweepResult(sweep_dir, rows, best, None, interrupted=True)
     best_path = None
+    if meta["rungs"]:
+        _log_trust(sweep_dir, meta, rows)
     if best is not None:
         best_path = storage.join(sweep_dir, "best_config.yaml")
-        export_best_config(cfg, best, best_path, opts.name)
+        export_best_config(cfg, best, best_path, opts.name, meta.get("lr_scaling"))
         _log(f"best trial {_best_text(best)}; its config: {best_path}")
     else:
         _log("no trial reported a result; no best config written")

@@ -12,7 +12,8 @@
 The trial's config holds only its sampled parameters (see space.PARAMS: lr, warmup_steps, batch "4x2",
 ...), so that Tune's tables and params.json show what differs between trials. What every trial shares
 comes through ``tune.with_parameters`` as ``setup``: ``{"base": Config.to_dict(), "sweep_dir": str,
-"hooks": TrainHooks | None}`` (hooks: tests only; they are not part of the sweep's record).
+"lr_scaling": {"rule", "reference_batch"}, "hooks": TrainHooks | None}`` (hooks: tests only; they are not
+part of the sweep's record).
 
 Every epoch's metrics carry ``score`` (neoray.engine.ranking), the key ASHA and OptunaSearch read.
 """
@@ -32,14 +33,9 @@ from neoray.config import Config, from_dict
 from neoray.engine.context import ShardBatches, checkpoint_location
 from neoray.engine.loop import run_training_loop
 from neoray.run.trainer import build_trainer
-from neoray.tune.space import params_to_overrides
+from neoray.tune.space import trial_config
 
 PG_RECORD = "train_placement_groups.txt"  # ids of a trial's Train worker placement groups
-
-
-def trial_config_to_cfg(base: dict, params: dict) -> Config:
-    """The validated training config of one trial: the sweep's base config with its sampled parameters."""
-    return from_dict(base).with_overrides(params_to_overrides(params))
 
 
 class TuneTrialContext:
@@ -130,7 +126,7 @@ def sweep_trainable(params: dict, setup: dict) -> None:
     """Ray Tune function trainable: one trial of a sweep (see the module docstring)."""
     ray_compat.quiet_sigterm_exit()
     trial_name = tune.get_context().get_trial_name()
-    cfg = trial_config_to_cfg(setup["base"], params)
+    cfg = trial_config(from_dict(setup["base"]), params, setup.get("lr_scaling"))
     started = time.perf_counter()
     if cfg.train.workers == 1:
         _run_direct(cfg, setup.get("hooks"))
@@ -141,5 +137,5 @@ def sweep_trainable(params: dict, setup: dict) -> None:
 
 __all__ = [
     "PG_RECORD", "RecordPlacementGroupCallback", "TuneTrialContext", "release_worker_pgs", "sweep_trainable",
-    "trial_config_to_cfg", "trial_record_path",
+    "trial_record_path",
 ]
