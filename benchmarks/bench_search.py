@@ -37,6 +37,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import ray  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from neoray import storage  # noqa: E402
 from neoray.config import format_size, load_config, parse_size  # noqa: E402
@@ -44,7 +45,17 @@ from neoray.configs import DEFAULT_CONFIG  # noqa: E402
 from neoray.data.demo import ensure_default_data  # noqa: E402
 from neoray.engine.context import LocalContext, ShardBatches  # noqa: E402
 from neoray.engine.loop import run_training_loop  # noqa: E402
-from neoray.tune.replay import TABLE_COLUMNS  # noqa: E402
+from neoray.tune.replay import (  # noqa: E402
+    TABLE_COLUMNS,
+    Method,
+    budget_to_within,
+    load_table,
+    rank_correlation,
+    regret_at,
+    run_method,
+    summarise,
+    trajectory,
+)
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 TASKS = {
@@ -180,6 +191,139 @@ def _write_record(args, size, seconds: float, threads: int) -> None:
     storage.write_json(str(path), record, indent=2)
 
 
+# ----------------------------------------------------------------------------------------------------
+# The replay
+# ----------------------------------------------------------------------------------------------------
+
+ASHA_SETTINGS = [(grace, rf) for grace in (1, 2, 3, 4) for rf in (2, 3)]
+SEARCHERS = [("random", 10), ("tpe", 10), ("tpe", 4)]  # (sampler, TPE start-up trials)
+
+
+def methods(which: str) -> list[Method]:
+    """``all``: every searcher with no early stopping and with every ASHA setting, and the LR rules with
+    TPE; ``quick``: three methods for a smoke run (CI)."""
+    if which == "quick":
+        return [Method("random"), Method("tpe", 2, 3, startup_trials=4), Method("tpe", 2, 3, 4, lr_rule="sqrt")]
+    out = []
+    for searcher, startup in SEARCHERS:
+        out.append(Method(searcher, startup_trials=startup))
+        out += [Method(searcher, grace, rf, startup) for grace, rf in ASHA_SETTINGS]
+    for rule in ("linear", "sqrt"):
+        out += [Method("tpe", 0, 2, 4, lr_rule=rule), Method("tpe", 2, 3, 4, lr_rule=rule),
+                Method("tpe", 1, 3, 4, lr_rule=rule)]
+    return out
+
+
+def _replay_one(table, method: Method, seed: int, budget: int) -> list:
+    return run_method(table, method, seed, budget)
+
+
+def replay(args) -> None:
+    """Every method x seed on each task's table (one Tune run each, several processes at a time)."""
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False, log_to_driver=False)
+    spawn = multiprocessing.get_context("spawn")
+    report = {}
+    for task in args.tasks:
+        table = load_table(str(Path(args.data_dir) / f"search_{task}.csv"), size="320x180")
+        started = time.perf_counter()
+        jobs = [(m, seed) for m in methods(args.methods) for seed in range(args.seeds)]
+        with ProcessPoolExecutor(args.parallel, mp_context=spawn, initializer=_connect_worker,
+                                 initargs=(ray.get_runtime_context().gcs_address, 1)) as pool:
+            futures = {pool.submit(_replay_one, table, m, seed, args.budget): (m, seed) for m, seed in jobs}
+            logs = {futures[f]: f.result() for f in as_completed(futures)}
+        report[task] = _summarise_task(table, logs, args.budget)
+        report[task]["seconds"] = round(time.perf_counter() - started)
+        _print_task(task, table, report[task])
+    out = Path(args.data_dir) / f"replay_{args.methods}.json"
+    storage.write_json(str(out), {"command": "python benchmarks/bench_search.py " + " ".join(sys.argv[1:]),
+                                  "commit": _git_commit(), "seeds": args.seeds, "budget": args.budget,
+                                  "tasks": report}, indent=1)
+    _plot(report, Path(args.data_dir) / f"search_quality_{args.methods}.png")
+    print(f"wrote {out}")
+
+
+def _summarise_task(table, logs: dict, max_budget: int) -> dict:
+    """Per method: median and quartiles of the regret at budgets of 1, 2, 4 ... full trainings, and of
+    the budget needed to come within 2% of the design's best."""
+    budgets = [b for b in (table.epochs * k for k in (1, 2, 3, 4, 6, 8, 12, 16, 24)) if b <= max_budget]
+    out = {"best_final": table.best_final, "epochs": table.epochs, "configs": len(table.points),
+           "budgets": budgets, "methods": {}}
+    for method in {m for m, _seed in logs}:
+        trajectories = [trajectory(log, table) for (m, _seed), log in sorted(logs.items(), key=lambda kv: kv[0][1])
+                        if m == method]
+        regrets = [regret_at(t, table, budgets) for t in trajectories]
+        within = [budget_to_within(t, table) for t in trajectories]
+        out["methods"][method.name] = {
+            "regret": [summarise([r[i] for r in regrets]) for i in range(len(budgets))],
+            "budget_to_2pct": summarise(within), "budget_to_2pct_seeds": within,
+            "reached_2pct": sum(1 for w in within if w != float("inf")),
+        }
+    return out
+
+
+def _print_task(task: str, table, result: dict) -> None:
+    print(f"\n## {task}: {result['configs']} configurations x {result['epochs']} epochs, best final mAP "
+          f"{result['best_final']:.4f}; {result['seconds']} s of replay")
+    budgets = result["budgets"]
+    print("| method | epochs to within 2% (median [IQR]) | seeds within 2% | "
+          + " | ".join(f"regret @{b}" for b in budgets) + " |")
+    print("|---" * (3 + len(budgets)) + "|")
+    ranked = sorted(result["methods"].items(), key=lambda kv: (kv[1]["budget_to_2pct"]["median"],
+                                                                kv[1]["regret"][-1]["median"]))
+    for name, m in ranked:
+        w = m["budget_to_2pct"]
+        cells = [f"{r['median']:.4f}" for r in m["regret"]]
+        print(f"| {name} | {w['median']:g} [{w['q25']:g}, {w['q75']:g}] | {m['reached_2pct']} | "
+              + " | ".join(cells) + " |")
+
+
+def _plot(report: dict, path: Path) -> None:
+    """Median regret against the budget (in full trainings) with the interquartile band, per task, for the
+    baselines and the best method of each searcher."""
+    fig = Figure(figsize=(6 * len(report), 4), layout="constrained")
+    axes = fig.subplots(1, len(report), squeeze=False)[0]
+    for ax, (task, result) in zip(axes, report.items()):
+        x = [b / result["epochs"] for b in result["budgets"]]
+        for name in _plotted(result):
+            regret = result["methods"][name]["regret"]
+            line = ax.plot(x, [r["median"] for r in regret], marker="o", markersize=3, label=name)[0]
+            ax.fill_between(x, [r["q25"] for r in regret], [r["q75"] for r in regret], alpha=0.15,
+                            color=line.get_color())
+        ax.set(xlabel=f"budget (in {result['epochs']}-epoch trainings)", ylabel="regret (best final mAP - pick's)",
+               title=f"{task} ({result['configs']} configurations)")
+        ax.legend(fontsize=7)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    storage.write_bytes(str(path), buffer.getvalue())
+
+
+def _plotted(result: dict) -> list[str]:
+    names = list(result["methods"])
+    chosen = [n for n in ("random+no-ES", "tpe10+no-ES") if n in names]
+    for prefix in ("random+asha", "tpe10+asha", "tpe4+asha"):
+        candidates = [n for n in names if n.startswith(prefix) and ", lr" not in n]
+        if candidates:
+            chosen.append(min(candidates, key=lambda n: (result["methods"][n]["budget_to_2pct"]["median"],
+                                                         result["methods"][n]["regret"][-1]["median"])))
+    return chosen or names
+
+
+def fidelity(args) -> None:
+    """Do early rankings at half resolution agree with the full-resolution final ranking? Spearman's rank
+    correlation at each early epoch, against the same at full resolution."""
+    for task in args.tasks:
+        path = str(Path(args.data_dir) / f"search_{task}.csv")
+        full, half = load_table(path, size="320x180"), load_table(path, size=args.low)
+        keys = sorted(set(full.points) & set(half.points))
+        final = [full.points[k].final_score for k in keys]
+        print(f"\n## {task}: rank correlation with the full-resolution final score ({len(keys)} configurations)")
+        print(f"| epoch | full resolution (320x180) | {args.low} |\n|---|---|---|")
+        for epoch in range(1, half.epochs + 1):
+            at_full = rank_correlation([full.points[k].curve[epoch - 1]["score"] for k in keys], final)
+            at_low = rank_correlation([half.points[k].curve[epoch - 1]["score"] for k in keys], final)
+            print(f"| {epoch} | {at_full:.2f} | {at_low:.2f} |")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="step", required=True)
@@ -193,9 +337,20 @@ def main(argv=None) -> int:
     gt.add_argument("--parallel", type=int, default=max(2, (os.cpu_count() or 1) // 2),
                     help="configurations trained at a time (default: half the CPUs, at least 2; on 2 cores two "
                          "1-thread runs trained 1.3x faster than one 2-thread run)")
+    rp = sub.add_parser("replay", help="replay the methods on the tables through Ray Tune")
+    rp.add_argument("--tasks", nargs="+", default=sorted(TASKS), choices=sorted(TASKS))
+    rp.add_argument("--seeds", type=int, default=20)
+    rp.add_argument("--budget", type=int, default=16 * EPOCHS, help="epochs per run, summed over trials")
+    rp.add_argument("--methods", choices=("all", "quick"), default="all")
+    rp.add_argument("--parallel", type=int, default=4, help="Tune runs at a time (each waits on its trials more "
+                                                             "than it computes)")
+    rp.add_argument("--data-dir", default=str(DATA_DIR))
+    fd = sub.add_parser("fidelity", help="rank correlation of early epochs at a lower resolution")
+    fd.add_argument("--tasks", nargs="+", default=sorted(TASKS), choices=sorted(TASKS))
+    fd.add_argument("--low", default="160x90")
+    fd.add_argument("--data-dir", default=str(DATA_DIR))
     args = parser.parse_args(argv)
-    if args.step == "ground-truth":
-        ground_truth(args)
+    {"ground-truth": ground_truth, "replay": replay, "fidelity": fidelity}[args.step](args)
     return 0
 
 

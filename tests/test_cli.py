@@ -31,3 +31,34 @@ def test_every_option_of_every_command_has_help(command):
         assert action.help and action.help.strip(), (
             f"neoray {command}: {action.option_strings or action.dest} has no help"
         )
+
+
+# For each command, an input it cannot use: it must exit 1 with one line on stderr (README, "Exit status").
+UNUSABLE = {
+    "synth": lambda tmp: ["synth", str(tmp / "out"), "--size", "16x9"],
+    "prepare": lambda tmp: ["prepare", "--coco", str(tmp / "missing.json"), "--images", str(tmp), "--out",
+                            str(tmp / "shards"), "--size", "320x180"],
+    "check": lambda tmp: ["check", str(tmp / "missing")],
+    "train": lambda tmp: ["train", str(tmp / "missing.yaml")],
+    "eval": lambda tmp: ["eval", str(tmp / "missing"), "--data", str(tmp / "missing")],
+    "predict": lambda tmp: ["predict", str(tmp / "missing"), str(tmp / "image.png"), "--out", str(tmp / "out")],
+    "sweep": lambda tmp: ["sweep", "--config", str(tmp / "missing.yaml"), "--output", str(tmp / "sweeps")],
+    "report": lambda tmp: ["report", str(tmp / "missing")],
+    "export": lambda tmp: ["export", str(tmp / "missing"), "--out", str(tmp / "model.onnx")],
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_exits_1_with_one_line_for_input_it_cannot_use(command, tmp_path, capsys):
+    assert command in UNUSABLE, f"add an unusable input for `neoray {command}` to UNUSABLE"
+    code = main(UNUSABLE[command](tmp_path))
+    err = capsys.readouterr().err.strip()
+    assert code == 1, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_a_wrong_command_line_exits_2_as_argparse_does(command, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--no-such-option"])
+    assert exited.value.code == 2

@@ -178,9 +178,9 @@ def test_eval_cli_default_output_next_to_checkpoint_and_errors(ray_session, cate
                json.loads((synthetic_shards["root"] / "annotations" / "instances_val.json").read_text())["images"]}
     assert detections and {d["image_id"] for d in detections} <= val_ids
     code, _, stderr = run_cli(["eval", str(tmp_path / "missing"), "--data", str(synthetic_shards["val"])])
-    assert code == 2 and "missing: no checkpoint found" in stderr and len(stderr.strip().splitlines()) == 1
+    assert code == 1 and "missing: no checkpoint found" in stderr and len(stderr.strip().splitlines()) == 1
     code, _, stderr = run_cli(["eval", str(directory), "--data", str(tmp_path)])
-    assert code == 2 and "manifest not found" in stderr
+    assert code == 1 and "manifest not found" in stderr
 
 
 @pytest.mark.slow

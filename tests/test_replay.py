@@ -15,6 +15,7 @@ from neoray.tune.replay import (
     load_table,
     rank_correlation,
     regret_at,
+    report_epochs,
     run_method,
     trajectory,
 )
@@ -43,21 +44,27 @@ def test_regret_and_budget_to_within_two_percent_on_a_hand_made_log():
            ("t2", 1, 0.05, "c2"),
            ("t3", 1, 0.1, "c3"), ("t3", 2, 0.2, "c3"), ("t3", 3, 0.49, "c3")]
     traj = trajectory(log, table)
-    # Nothing has ended before epoch 3; then c1 is the pick (final 0.3); c2's stopped trial (best 0.05)
-    # never beats it; c3 ends at epoch 7 with best 0.49 and becomes the pick.
-    assert math.isnan(traj.picked_final[1])
-    assert traj.picked_final[2:] == [0.3, 0.3, 0.3, 0.3, 0.49]
-    assert regret_at(traj, table, [2, 3, 6, 7]) == pytest.approx([math.nan, 0.2, 0.2, 0.01], nan_ok=True)
+    # c1 ends after 3 epochs and is the pick (final 0.3); c2's stopped trial (best 0.05 in its one epoch)
+    # never beats it; c3 ends after 3 + 1 + 3 = 7 epochs with standing 0.49 and becomes the pick.
+    assert traj.spent == [3, 4, 7] and traj.picked_final == [0.3, 0.3, 0.49]
+    assert regret_at(traj, table, [2, 3, 6, 7, 20]) == pytest.approx([math.nan, 0.2, 0.2, 0.01, 0.01], nan_ok=True)
     assert budget_to_within(traj, table) == 7  # 0.49 >= 0.98 * 0.5
     assert budget_to_within(trajectory(log[:6], table), table) == math.inf  # c3 never ended
 
 
-def test_a_trial_is_ranked_by_its_best_reported_score_not_its_design_point():
+def test_a_trial_stands_by_its_best_score_over_the_epochs_it_trained():
     table = _table()
-    # c2 stopped at epoch 2 reports 0.3, which ties c1's best: the earlier pick stays.
-    log = [("t1", 1, 0.2, "c1"), ("t1", 2, 0.25, "c1"), ("t1", 3, 0.3, "c1"), ("t2", 1, 0.05, "c2"),
-           ("t2", 2, 0.3, "c2"), ("t3", 1, 0.1, "c3")]
-    assert trajectory(log, table).picked_final[-1] == 0.3
+    # t2 is stopped at epoch 2 of c2 (standing 0.3 = c1's best): the earlier pick stays on a tie; t3 (c3)
+    # reports only its last epoch, but its standing counts every epoch it trained (0.49).
+    log = [("t1", 3, 0.3, "c1"), ("t2", 2, 0.3, "c2"), ("t3", 3, 0.49, "c3")]
+    traj = trajectory(log, table)
+    assert traj.spent == [3, 5, 8] and traj.picked_final == [0.3, 0.3, 0.49]
+
+
+def test_trials_report_at_asha_rungs_and_the_last_epoch():
+    assert report_epochs(Method("tpe"), 12) == [12]
+    assert report_epochs(Method("tpe", grace=1, reduction_factor=3), 12) == [1, 3, 9, 12]
+    assert report_epochs(Method("tpe", grace=2, reduction_factor=2), 12) == [2, 4, 8, 12]
 
 
 def test_suggestions_map_to_the_nearest_design_point_and_the_lr_rule_scales_first():
@@ -96,23 +103,25 @@ def test_load_table_reads_the_ground_truth_csv(tmp_path):
 @pytest.mark.slow
 def test_the_replay_trainable_reports_exactly_the_recorded_curve_through_tune(ray_session):
     table = _table()
-    log = run_method(table, Method("random"), seed=0, budget=6)
-    assert len(log) == 6  # the budget: epochs summed over trials, one trial at a time
+    method = Method("random", grace=1, reduction_factor=2)  # reports at the rungs (1, 2) and the last epoch
+    log = run_method(table, method, seed=0, budget=9)
     trials: dict[str, list] = {}
     for trial_id, epoch, score, point in log:
         trials.setdefault(trial_id, []).append((epoch, score, point))
+    assert len(trials) >= 3
     for rows in trials.values():
-        point = table.points[rows[0][2]]
-        assert [(e, s) for e, s, _ in rows] == [(r["epoch"], r["score"]) for r in point.curve][:len(rows)]
-    assert len(trials) == 2 and all(len(rows) == 3 for rows in trials.values())  # no early stopping
+        epochs = [e for e, _s, _p in rows]
+        assert epochs == report_epochs(method, 3)[:len(epochs)]  # stopped at a rung, or to the end
+        curve = table.points[rows[0][2]].curve
+        assert [s for _e, s, _p in rows] == [curve[e - 1]["score"] for e in epochs]  # the recorded scores
 
 
 @pytest.mark.slow
-def test_asha_stops_trials_in_the_replay(ray_session):
+def test_asha_stops_trials_in_the_replay_and_the_budget_counts_epochs(ray_session):
     table = _table()
     log = run_method(table, Method("random", grace=1, reduction_factor=3), seed=1, budget=12)
     lengths = {}
     for trial_id, epoch, _score, _point in log:
         lengths[trial_id] = epoch
-    assert sum(lengths.values()) == len(log) <= 12
+    assert 12 <= sum(lengths.values()) <= 12 + 2  # the last report may overshoot by what is left of a trial
     assert any(length == 1 for length in list(lengths.values())[:-1])  # some trial stopped at the rung

@@ -22,6 +22,9 @@ def run(args) -> int:
     if result.ok:
         print("OK")
         return EXIT_OK
+    if len(result.problems) == 1:  # e.g. no manifest: the one-line error of any command
+        print(f"neoray check: {result.problems[0]}", file=sys.stderr)
+        return EXIT_FAILED
     print(f"{len(result.problems)} problems:", file=sys.stderr)
     for line in result.problems:
         print(f"  {line}", file=sys.stderr)

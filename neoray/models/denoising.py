@@ -75,20 +75,29 @@ def make_denoising_queries(
         xyxy = (xyxy + sign * magnitude * half_size * box_noise_scale).clamp(0.0, 1.0)
         boxes = xyxy_to_cxcywh(xyxy)
 
-    content = label_embed(labels)
-    reference_logits = inverse_sigmoid(boxes)
+    mask = _attention_mask(groups, per_group, num_queries, device)
+    matches = _positive_matches(counts, groups, per_group)
+    return DenoisingQueries(label_embed(labels), inverse_sigmoid(boxes), mask, matches, groups, total)
 
-    size = total + num_queries
-    mask = torch.zeros(size, size, dtype=torch.bool, device=device)
-    mask[total:, :total] = True  # matching queries never see denoising queries
+
+def _attention_mask(groups: int, per_group: int, num_queries: int, device) -> torch.Tensor:
+    """True where a query may not attend: matching queries never see denoising queries, and each
+    denoising group sees only itself."""
+    total = groups * per_group
+    mask = torch.zeros(total + num_queries, total + num_queries, dtype=torch.bool, device=device)
+    mask[total:, :total] = True
     for g in range(groups):
         start, end = g * per_group, (g + 1) * per_group
         mask[start:end, :start] = True
         mask[start:end, end:total] = True
+    return mask
 
+
+def _positive_matches(counts: list[int], groups: int, per_group: int) -> list:
+    """Per image (query indices of the positive denoising queries, their target indices)."""
     matches = []
     for n in counts:
         targets_idx = torch.arange(n, dtype=torch.int64)
         query_idx = torch.cat([g * per_group + targets_idx for g in range(groups)]) if n else targets_idx
         matches.append((query_idx, targets_idx.repeat(groups)))
-    return DenoisingQueries(content, reference_logits, mask, matches, groups, total)
+    return matches

@@ -69,17 +69,8 @@ class RTDETR(Detector):
             position_order=position_order,
         )
         self.decoder = RTDETRDecoder(
-            num_classes,
-            hidden_dim,
-            levels,
-            num_queries,
-            num_decoder_layers,
-            decoder_heads,
-            decoder_ffn_dim,
-            num_points,
-            dropout,
-            in_dim=encoder_dim,
-            look_forward_twice=look_forward_twice,
+            num_classes, hidden_dim, levels, num_queries, num_decoder_layers, decoder_heads, decoder_ffn_dim,
+            num_points, dropout, in_dim=encoder_dim, look_forward_twice=look_forward_twice,
             reference_init=reference_init,
         )
         costs = {"cost_class": 2.0, "cost_bbox": 5.0, "cost_giou": 2.0}
@@ -88,11 +79,8 @@ class RTDETR(Detector):
                 raise ValueError(f"matcher_costs: unknown cost {key!r}; valid: {sorted(costs)}")
             costs[key] = float(value)
         self.criterion = RTDETRCriterion(num_classes, HungarianMatcher(**costs), loss_weights)
-        self.num_denoising, self.label_noise_ratio, self.box_noise_scale = (
-            num_denoising,
-            label_noise_ratio,
-            box_noise_scale,
-        )
+        self.num_denoising, self.label_noise_ratio = num_denoising, label_noise_ratio
+        self.box_noise_scale = box_noise_scale
 
     def conventions(self) -> dict:
         return {**super().conventions(), "position_order": self.encoder.position_order}
@@ -127,14 +115,8 @@ class RTDETR(Detector):
         denoising = None
         if self.num_denoising > 0:
             queries = min(self.decoder.num_queries, self._token_count(x))
-            denoising = make_denoising_queries(
-                normalised,
-                queries,
-                self.decoder.denoising_class_embed,
-                self.num_denoising,
-                self.label_noise_ratio,
-                self.box_noise_scale,
-            )
+            denoising = make_denoising_queries(normalised, queries, self.decoder.denoising_class_embed,
+                                               self.num_denoising, self.label_noise_ratio, self.box_noise_scale)
         outputs = self._run(x, size, denoising)
         if denoising is not None:
             outputs.update(dn_matches=denoising.matches, dn_groups=denoising.groups)

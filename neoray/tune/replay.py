@@ -181,29 +181,45 @@ def design_point_for(params: dict, table: CurveTable, method: Method) -> DesignP
     return table.nearest(lr, float(params["warmup_steps"]), str(params["batch"]))
 
 
+def report_epochs(method: Method, max_t: int) -> list[int]:
+    """The epochs a replayed trial reports: ASHA's rungs (``grace * rf^k``, where it decides) and the
+    last. Reporting the epochs in between would change no decision (ASHA reads only the first result at
+    or past each rung; OptunaSearch tells its sampler a trial's last result) and costs Tune's per-result
+    work; the trial's standing is still its best score over every epoch it trained (see ``trajectory``)."""
+    epochs, rung = [], float(method.grace)
+    while method.grace and rung < max_t:
+        epochs.append(math.ceil(rung))
+        rung *= method.reduction_factor
+    return sorted(set(epochs) | {max_t})
+
+
 def replay_trainable(params: dict, table: CurveTable, method: Method) -> None:
-    """Report, epoch by epoch, the recorded curve of the design point nearest to ``params``."""
+    """Report the recorded curve of the design point nearest to ``params`` at ``report_epochs``."""
     point = design_point_for(params, table, method)
-    for row in point.curve:
+    for epoch in report_epochs(method, table.epochs):
+        row = point.curve[epoch - 1]
         tune.report({"epoch": row["epoch"], SCORE: row[SCORE], "design_point": point.key})
 
 
 class EpochBudget(tune.Stopper):
-    """Ends the whole run once ``budget`` epochs have been reported, summed over trials, and keeps every
-    reported epoch in the order Tune saw them: ``rows`` of (trial id, epoch, score, design point)."""
+    """Ends the whole run once ``budget`` epochs have been trained, summed over trials, and keeps every
+    report in the order Tune saw it: ``rows`` of (trial id, epoch, score, design point)."""
 
     def __init__(self, budget: int):
-        self.budget = budget
+        self.budget, self.used = budget, 0
         self.rows: list[tuple[str, int, float, str]] = []
+        self._last_epoch: dict[str, int] = {}
 
     def __call__(self, trial_id, result) -> bool:
-        row = (str(trial_id), int(result["epoch"]), float(result[SCORE]), str(result["design_point"]))
-        if not self.rows or self.rows[-1][:2] != row[:2]:  # a finished trial's last result comes again, done
-            self.rows.append(row)
+        trial_id, epoch = str(trial_id), int(result["epoch"])
+        if self._last_epoch.get(trial_id) != epoch:  # a finished trial's last result comes again, done
+            self.used += epoch - self._last_epoch.get(trial_id, 0)
+            self._last_epoch[trial_id] = epoch
+            self.rows.append((trial_id, epoch, float(result[SCORE]), str(result["design_point"])))
         return False
 
     def stop_all(self) -> bool:
-        return len(self.rows) >= self.budget
+        return self.used >= self.budget
 
 
 def _searcher(table: CurveTable, method: Method, seed: int) -> OptunaSearch:
@@ -251,45 +267,56 @@ def run_method(table: CurveTable, method: Method, seed: int, budget: int) -> lis
 
 @dataclass
 class Trajectory:
-    """What a method had found after each epoch of its budget: the picked configuration's final score."""
+    """What a method had found as its budget was spent: after ``spent[i]`` epochs (summed over trials, at
+    the end of a trial) its pick was a configuration whose final score is ``picked_final[i]``."""
 
-    picked_final: list[float] = field(default_factory=list)  # index b: after b + 1 epochs (nan: nothing yet)
+    spent: list[int] = field(default_factory=list)
+    picked_final: list[float] = field(default_factory=list)
+
+    def picked_at(self, budget: int) -> float:
+        """The pick's final score once ``budget`` epochs were spent (nan: no trial had ended)."""
+        value = float("nan")
+        for spent, picked in zip(self.spent, self.picked_final):
+            if spent > budget:
+                break
+            value = picked
+        return value
 
 
 def trajectory(log: list[tuple[str, int, float, str]], table: CurveTable) -> Trajectory:
-    """The pick after every epoch of the log. A trial counts once it ended: when the next trial starts,
-    or when it reached the last epoch; its standing is its best reported score (neoray's ranking)."""
-    out, best = Trajectory(), None  # best: (score, design point) of the best ended trial
+    """The pick after each trial's end, from a run's reports in order (one trial at a time). A trial ends
+    at its last report, when the next trial starts (stopped by ASHA, or finished), except a last trial cut
+    by the budget before its last epoch. Its standing is its best score over every epoch it trained (its
+    design point's curve up to there: what neoray's sweep ranks by), and the pick is the best standing
+    so far (the earlier trial on ties)."""
+    ends: list[tuple[str, int, str]] = []  # (trial, last epoch, design point) in order
     for index, (trial_id, epoch, _score, point) in enumerate(log):
         last_row = index + 1 == len(log)
-        ends = (last_row and epoch >= table.epochs) or (not last_row and log[index + 1][0] != trial_id)
-        if ends:
-            trial_best = max(s for t, _e, s, _p in log if t == trial_id)
-            if best is None or trial_best > best[0]:
-                best = (trial_best, point)
-        out.picked_final.append(table.points[best[1]].final_score if best else float("nan"))
+        if (last_row and epoch >= table.epochs) or (not last_row and log[index + 1][0] != trial_id):
+            ends.append((trial_id, epoch, point))
+    out, spent, best = Trajectory(), 0, None  # best: (standing, design point)
+    for _trial, epoch, point in ends:
+        spent += epoch
+        standing = max(row[SCORE] for row in table.points[point].curve[:epoch])
+        if best is None or standing > best[0]:
+            best = (standing, point)
+        out.spent.append(spent)
+        out.picked_final.append(table.points[best[1]].final_score)
     return out
 
 
 def regret_at(traj: Trajectory, table: CurveTable, budgets: list[int]) -> list[float]:
-    """Regret (the design's best final score minus the pick's) after each budget; nan before any pick."""
-    out = []
-    for budget in budgets:
-        if budget <= 0 or not traj.picked_final:
-            out.append(float("nan"))
-            continue
-        picked = traj.picked_final[min(budget, len(traj.picked_final)) - 1]
-        out.append(table.best_final - picked if picked == picked else float("nan"))
-    return out
+    """Regret (the design's best final score minus the pick's) at each budget; nan before any pick."""
+    return [table.best_final - traj.picked_at(budget) for budget in budgets]
 
 
 def budget_to_within(traj: Trajectory, table: CurveTable, within: float = WITHIN) -> float:
-    """The first budget (epochs) after which the pick's final score is within ``within`` (relative) of
-    the design's best; inf when the budget ran out first."""
+    """The epochs spent when the pick's final score first came within ``within`` (relative) of the
+    design's best; inf when the budget ran out first."""
     target = (1.0 - within) * table.best_final
-    for index, picked in enumerate(traj.picked_final):
-        if picked == picked and picked >= target:
-            return float(index + 1)
+    for spent, picked in zip(traj.spent, traj.picked_final):
+        if picked >= target:
+            return float(spent)
     return math.inf
 
 
@@ -310,5 +337,6 @@ def rank_correlation(xs: list[float], ys: list[float]) -> float:
 __all__ = [
     "CurveTable", "DesignPoint", "EpochBudget", "Method", "TABLE_COLUMNS", "Trajectory", "WITHIN",
     "budget_to_within", "design_point_for", "load_table", "rank_correlation", "regret_at", "replay_trainable",
+    "report_epochs",
     "run_method", "search_space", "summarise", "trajectory",
 ]
