@@ -1,7 +1,7 @@
 """Typed run configuration: one YAML file plus ``key=value`` overrides, validated strictly.
 
 Every key is declared in a dataclass below. Unknown or misspelled keys are an error that names the key
-and the closest valid one (seed 000 lost a run to ``lr_warmup_epochs``). Values are coerced to the
+and the closest valid one (a misspelled ``lr_warmup_epochs`` must not train with no warmup). Values are coerced to the
 declared type (every float finite) and checked here; what needs more than the config itself (the model
 name and options, the files it names, the shard manifests) is checked by ``neoray.run.setup`` before
 Ray starts, so that a bad config never reaches a GPU worker.

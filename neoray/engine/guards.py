@@ -1,4 +1,4 @@
-"""Guards that keep a run alive, or stop it with a reason, instead of crashing hours in (seed 004).
+"""Guards that keep a run alive, or stop it with a reason, instead of crashing hours in.
 
 - ``preflight``: one batch through forward and backward before the first step, targets checked on the
   CPU first, so a label outside ``[0, num_classes)`` is a one-line error and not a CUDA assert.

@@ -13,7 +13,6 @@ after the fact, on another machine, without Ray running. Writes SWEEP_DIR/report
 from __future__ import annotations
 
 import io
-import math
 import sys
 
 import optuna
@@ -23,20 +22,12 @@ from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvalu
 
 from neoray import storage
 from neoray.config import ConfigError
-from neoray.tune.results import load_history, measure_trust, read_sweep_record, read_trial_rows
+from neoray.tune.results import finite_number, load_history, measure_trust, read_sweep_record, read_trial_rows
 from neoray.tune.space import optuna_distributions, parse_space
 from neoray.tune.trust import EXPLANATION
 
 STATUS_COLOURS = {"finished": "tab:green", "stopped early (ASHA)": "tab:orange", "errored": "tab:red",
                   "interrupted": "tab:gray"}
-
-
-def _float(value) -> float | None:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if math.isfinite(out) else None
 
 
 def _savefig(fig, path: str) -> None:
@@ -58,7 +49,7 @@ def _plain_log_axis(axis, set_scale) -> None:
 
 
 def plot_map_vs_lr(rows: list[dict], path: str) -> bool:
-    points = [(_float(r.get("lr")), _float(r.get("best_map")), r["status"], r["trial"]) for r in rows]
+    points = [(finite_number(r.get("lr")), finite_number(r.get("best_map")), r["status"], r["trial"]) for r in rows]
     points = [p for p in points if p[0] is not None and p[1] is not None]
     if not points:
         return False
@@ -86,8 +77,9 @@ def plot_learning_curves(sweep_dir: str, rows: list[dict], rungs: list[float], t
             continue
         drawn = True
         x = [h.get(time_attr, h.get("training_iteration")) for h in history]
-        evals = [(xi, h["map"]) for xi, h in zip(x, history) if h.get("evaluated") and _float(h.get("map")) is not None]
-        losses = [(xi, h["loss"]) for xi, h in zip(x, history) if _float(h.get("loss")) is not None]
+        evals = [(xi, h["map"]) for xi, h in zip(x, history)
+                 if h.get("evaluated") and finite_number(h.get("map")) is not None]
+        losses = [(xi, h["loss"]) for xi, h in zip(x, history) if finite_number(h.get("loss")) is not None]
         style = "--" if row["status"] != "finished" else "-"
         label = f"{row['trial']} ({row['status']})"
         if evals:
@@ -115,7 +107,7 @@ def rebuild_study(meta: dict, rows: list[dict]):
     distributions = _widened(distributions, rows)
     study = optuna.create_study(direction="maximize")
     for row in rows:
-        value = _float(row.get("best_score"))  # the sweep's own ranking (neoray.engine.ranking)
+        value = finite_number(row.get("best_score"))  # the sweep's own ranking (neoray.engine.ranking)
         if value is None:
             continue
         params = {}
@@ -136,9 +128,9 @@ def _choice(choices, raw, name: str, trial) -> object:
     for choice in choices:
         if str(choice) == raw:
             return choice
-    number = _float(raw)
+    number = finite_number(raw)
     for choice in choices:
-        if number is not None and not isinstance(choice, (bool, str)) and _float(choice) == number:
+        if number is not None and not isinstance(choice, (bool, str)) and finite_number(choice) == number:
             return choice
     raise ConfigError(f"trials.csv: {trial} has {name}={raw!r}, which is not one of the choices {list(choices)}")
 
@@ -149,7 +141,7 @@ def _widened(distributions: dict, rows: list[dict]) -> dict:
     for name, dist in distributions.items():
         if isinstance(dist, optuna.distributions.CategoricalDistribution):
             continue
-        seen = [v for v in (_float(r.get(name)) for r in rows) if v is not None]
+        seen = [v for v in (finite_number(r.get(name)) for r in rows) if v is not None]
         if not seen:
             continue
         low, high = min([dist.low] + seen), max([dist.high] + seen)

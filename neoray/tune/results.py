@@ -255,19 +255,20 @@ def warm_start_record(previous_dir: str, space_params: dict, limit: int) -> dict
     dropped (the new base config's values stand in for the ones it adds)."""
     previous_dir = storage.absolute(previous_dir)
     read_sweep_record(previous_dir)
-    scored = [r for r in read_trial_rows(previous_dir) if _finite_text(r.get("best_score")) is not None]
-    scored.sort(key=lambda r: (-_finite_text(r["best_score"]), r["trial"]))
+    scored = [r for r in read_trial_rows(previous_dir) if finite_number(r.get("best_score")) is not None]
+    scored.sort(key=lambda r: (-finite_number(r["best_score"]), r["trial"]))
     trials = []
     for row in scored:
         params = _params_from_text(row, space_params)
         if params is not None:
-            trials.append({"trial": row["trial"], "params": params, "best_score": _finite_text(row["best_score"])})
+            trials.append({"trial": row["trial"], "params": params, "best_score": finite_number(row["best_score"])})
     if not trials:
         raise ConfigError(f"--warm-start {previous_dir}: no trial of that sweep has a score in the new space")
     return {"from": previous_dir, "trials": trials[:max(1, limit)]}
 
 
-def _finite_text(text) -> float | None:
+def finite_number(text) -> float | None:
+    """A number read back from text (trials.csv), None when it is empty, not a number or not finite."""
     try:
         value = float(text)
     except (TypeError, ValueError):
@@ -277,8 +278,8 @@ def _finite_text(text) -> float | None:
 
 def _same_choice(value, text: str) -> bool:
     """A categorical value read back from CSV text: the same string, or the same number (0.01 vs 1e-2)."""
-    number = _finite_text(text)
-    return str(value) == text or (number is not None and _finite_text(value) == number)
+    number = finite_number(text)
+    return str(value) == text or (number is not None and finite_number(value) == number)
 
 
 def _params_from_text(row: dict, space_params: dict) -> dict | None:
@@ -300,7 +301,7 @@ def _params_from_text(row: dict, space_params: dict) -> dict | None:
     return params
 
 __all__ = [
-    "TRUST_FILE", "asha_rungs", "best_row", "collect_rows", "export_best_config", "format_value", "load_history",
-    "measure_trust", "read_asha_stopped", "read_sweep_record", "read_trial_rows", "warm_start_record",
-    "read_asha_stopped_file", "rows_to_csv", "rows_to_markdown", "sweep_interrupted", "trial_ended",
+    "TRUST_FILE", "asha_rungs", "best_row", "collect_rows", "export_best_config", "finite_number", "format_value",
+    "load_history", "measure_trust", "read_asha_stopped", "read_asha_stopped_file", "read_sweep_record",
+    "read_trial_rows", "rows_to_csv", "rows_to_markdown", "sweep_interrupted", "trial_ended", "warm_start_record",
 ]

@@ -342,7 +342,7 @@ def params_to_overrides(params: dict) -> dict:
     overrides = {}
     for name, value in params.items():
         if name not in PARAMS:
-            continue  # private keys of the trial config (e.g. _fail) are not config
+            continue  # a trial config's keys that are not searched parameters are not config
         if name == "batch":
             overrides["train.batch_size"], overrides["train.accumulate"] = parse_batch(value)
         else:
