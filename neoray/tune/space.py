@@ -314,10 +314,10 @@ def check_space_against_config(space: SearchSpace, cfg: Config) -> None:
             except ConfigError as exc:
                 raise ConfigError(f"search space: params.{name}: {value!r} is not a value {PARAMS[name]} can take "
                                   f"({exc})") from None
-    if space.asha.grace_period >= cfg.train.epochs:
-        raise ConfigError(f"search space: asha.grace_period {space.asha.grace_period} is not below train.epochs "
-                          f"{cfg.train.epochs}: ASHA would stop no trial; lower it (its rungs are at grace_period x "
-                          f"reduction_factor^k epochs) or train longer")
+    if space.asha.grace_period > cfg.train.epochs:
+        raise ConfigError(f"search space: asha.grace_period {space.asha.grace_period} is longer than the run "
+                          f"(train.epochs {cfg.train.epochs}): ASHA would stop no trial; lower it (its rungs are at "
+                          f"grace_period x reduction_factor^k epochs) or train longer")
 
 
 def lr_scaling_record(space: SearchSpace, cfg: Config) -> dict:
