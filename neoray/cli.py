@@ -18,6 +18,7 @@ COMMANDS = {
     "train": ("neoray.commands.train", "train a detector with Ray Train (DDP)"),
     "eval": ("neoray.commands.eval", "COCO evaluation of a checkpoint on a shard directory"),
     "predict": ("neoray.commands.predict", "draw a checkpoint's detections on images"),
+    "export": ("neoray.commands.export", "a detector to ONNX, checked against PyTorch with onnxruntime"),
     "sweep": ("neoray.commands.sweep", "hyperparameter sweep: Ray Tune + Optuna + ASHA"),
     "report": ("neoray.commands.report", "Markdown report with plots for a finished sweep"),
 }

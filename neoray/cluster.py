@@ -9,7 +9,9 @@
 Without either, neoray starts a private local instance: it never joins a cluster it was not told about
 (on a shared workstation, ``ray.init()`` would join whichever instance another user started last).
 Inside ``ray job submit`` Ray sets ``RAY_ADDRESS`` for the job, so jobs run on their cluster. Every
-connection prints one line: which cluster, how many nodes, CPUs and GPUs.
+connection prints one line: which cluster, how many nodes, CPUs and GPUs. A ``HOST:PORT`` where nothing
+accepts a connection (a cluster that is gone, a stale ``RAY_ADDRESS``) is refused in one line within
+``REACH_TIMEOUT_S``, before ``ray.init``, which would retry such an address for minutes.
 
 Once connected, ``plan_trials`` sizes a run (or each trial of a sweep) against the cluster and refuses
 what cannot be placed, and ``check_visible_on_all_nodes`` refuses local paths that not every node sees.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import socket
 import uuid
 from dataclasses import dataclass
 from typing import Callable
@@ -31,6 +34,8 @@ from neoray import storage
 from neoray.config import Config, ConfigError
 
 ADDRESS_ENV = "RAY_ADDRESS"
+REACH_TIMEOUT_S = 10.0  # for a HOST:PORT to accept a TCP connection before Ray is asked to join it
+RAY_CLIENT_PORT = 10001  # Ray Client's default, for a ray://HOST without a port
 ADDRESS_HELP = ("Ray cluster: 'local' (a private instance, the default), 'auto' (the one `ray start` runs on "
                 "this machine) or HOST:PORT / ray://HOST:PORT; default: $RAY_ADDRESS if set, else local")
 
@@ -81,6 +86,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
     if ray.is_initialized():
         info = describe(target, "connected already")
     else:
+        _check_reachable(target, from_env=not address and bool(os.environ.get(ADDRESS_ENV)))
         options = {"configure_logging": False, "log_to_driver": True}
         try:
             if target == "local":
@@ -97,6 +103,39 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
     if log:
         log(info.line())
     return info
+
+
+def _host_port(target: str) -> tuple[str, int] | None:
+    """(host, port) of a ``HOST:PORT`` or ``ray://HOST[:PORT]`` address; None for anything else (Ray
+    parses it)."""
+    text, default = (target[len("ray://"):], RAY_CLIENT_PORT) if target.startswith("ray://") else (target, None)
+    host, sep, port = text.rpartition(":")
+    if not sep or "]" in port:  # no port (or only an IPv6 address's colons)
+        host, port = text, default
+    host = host.strip("[]")
+    try:
+        port = int(port)
+    except (TypeError, ValueError):
+        return None
+    return (host, port) if host and 0 < port < 65536 else None
+
+
+def _check_reachable(target: str, from_env: bool) -> None:
+    """Refuse (ClusterError, one line) an address where nothing accepts a TCP connection."""
+    if target in ("local", "auto"):
+        return
+    where = _host_port(target)
+    if where is None:
+        return
+    try:
+        socket.create_connection(where, timeout=REACH_TIMEOUT_S).close()
+    except OSError as exc:
+        reason = f"no answer within {REACH_TIMEOUT_S:g} s" if isinstance(exc, TimeoutError) else (
+            exc.strerror or str(exc).strip() or type(exc).__name__)
+        source = f" (from ${ADDRESS_ENV})" if from_env else ""
+        advice = f"; unset {ADDRESS_ENV} or pass --address local" if from_env else ""
+        raise ClusterError(f"cannot connect to the Ray cluster at {target}{source}: nothing accepts connections at "
+                           f"{where[0]}:{where[1]} ({reason}); is the cluster still running?{advice}") from None
 
 
 def _connection_advice(target: str, exc: BaseException) -> str:

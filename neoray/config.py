@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import reprlib
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -25,9 +26,29 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message is one line naming the key."""
 
 
+# What a message shows of a value it rejects: a few levels and items, never the whole value (a YAML alias
+# bomb is a few lines of text but billions of items once printed, and a JSON file can nest arbitrarily).
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxstring, _BRIEF.maxlong, _BRIEF.maxother = 3, 400, 40, 60
+_BRIEF.maxtuple = _BRIEF.maxlist = _BRIEF.maxarray = _BRIEF.maxdict = _BRIEF.maxset = _BRIEF.maxfrozenset = 4
+_BRIEF.maxdeque = 4
+BRIEF_CHARS = 80
+
+
+def brief(value: Any, limit: int = BRIEF_CHARS) -> str:
+    """A bounded repr of ``value`` for one-line messages: at most ``limit`` characters."""
+    text = _BRIEF.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 # ----------------------------------------------------------------------------------------------------
 # 16:9 sizes
 # ----------------------------------------------------------------------------------------------------
+
+
+# The largest size neoray takes: 8K at 16:9. One such image is 113 MB decoded; a typo such as 100000x56250
+# would ask for 17 GB per image before anything could say it is too big.
+MAX_SIZE = (8192, 4608)
 
 
 def is_16_9(width: int, height: int) -> bool:
@@ -41,8 +62,12 @@ def nearest_16_9(width: int, height: int, count: int = 2) -> list[tuple[int, int
     return [(16 * k, 9 * k) for k in ranked[:count]]
 
 
-def parse_size(value: Any, key: str = "size", require_16_9: bool = True) -> tuple[int, int]:
-    """Parse ``"1920x1080"``, ``[1920, 1080]`` or ``(1920, 1080)`` into ``(width, height)``."""
+def parse_size(value: Any, key: str = "size", require_16_9: bool = True, bounded: bool | None = None
+               ) -> tuple[int, int]:
+    """Parse ``"1920x1080"``, ``[1920, 1080]`` or ``(1920, 1080)`` into ``(width, height)``.
+
+    ``bounded`` (default: as ``require_16_9``): refuse a size with more pixels than ``MAX_SIZE`` or a side
+    longer than its width; image sizes are bounded, pixel limits (``--max-image-pixels``) are not."""
     try:
         if isinstance(value, str):
             w_text, h_text = value.lower().replace(" ", "").split("x")
@@ -50,9 +75,13 @@ def parse_size(value: Any, key: str = "size", require_16_9: bool = True) -> tupl
         else:
             width, height = (int(v) for v in value)
     except (ValueError, TypeError):
-        raise ConfigError(f"{key}: expected a size like 1920x1080, got {value!r}") from None
+        raise ConfigError(f"{key}: expected a size like 1920x1080, got {brief(value)}") from None
     if width <= 0 or height <= 0:
-        raise ConfigError(f"{key}: size must be positive, got {width}x{height}")
+        raise ConfigError(f"{key}: size must be positive, got {width}x{height}"[:200])
+    if (require_16_9 if bounded is None else bounded) and (
+            max(width, height) > MAX_SIZE[0] or width * height > MAX_SIZE[0] * MAX_SIZE[1]):
+        raise ConfigError(f"{key}: {width}x{height} is larger than {MAX_SIZE[0]}x{MAX_SIZE[1]} (8K at 16:9), the "
+                          f"largest size neoray takes"[:300])
     if require_16_9 and not is_16_9(width, height):
         near = " or ".join(f"{w}x{h}" for w, h in nearest_16_9(width, height))
         raise ConfigError(f"{key}: {width}x{height} is not 16:9 (W*9 must equal H*16); nearest 16:9 sizes: {near}")
@@ -92,6 +121,10 @@ class DataConfig:
     color_jitter: float = 0.4  # strength; 0 turns it off
     shuffle_buffer: int = 256
     max_train_images: int = 0  # 0 = all; handy for smoke runs
+    # Where the JPEGs are decoded and augmented: "cpu" in Ray tasks (cv2 + albumentations), "gpu" on the
+    # training worker's own device (torchvision's decode_jpeg, nvJPEG on CUDA, + tensor ops; the same
+    # batches up to rounding). neoray.data.stream says which work runs where.
+    decode: str = "cpu"
 
 
 @dataclass
@@ -183,37 +216,37 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return value.lower() in ("true", "yes", "1", "on")
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {brief(value)}")
     if annotation in ("int", int):
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {brief(value)}")
         try:
             return int(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+            raise ConfigError(f"{key}: expected an integer, got {brief(value)}") from None
     if annotation in ("float", float):
         if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {brief(value)}")
         try:
             number = float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+            raise ConfigError(f"{key}: expected a number, got {brief(value)}") from None
         if not math.isfinite(number):
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+            raise ConfigError(f"{key}: expected a finite number, got {brief(value)}")
         return number
     if annotation in ("str", str):
         if isinstance(value, (dict, list)):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {brief(value)}")
         return "" if value is None else str(value)
     if annotation in ("dict", dict) or origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {brief(value)}")
         return dict(value)
     if annotation in ("list", list) or origin is list:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {brief(value)}")
         return list(value)
     return value
 
@@ -222,7 +255,7 @@ def _build_section(cls: type, raw: Any, prefix: str) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix}: expected a mapping of keys, got {raw!r}")
+        raise ConfigError(f"{prefix}: expected a mapping of keys, got {brief(raw)}")
     valid = {f.name: f for f in fields(cls)}
     kwargs = {}
     for key, value in raw.items():
@@ -242,7 +275,7 @@ def _milestones(values: list) -> list:
         except (TypeError, ValueError):
             number = float("nan")
         if isinstance(value, bool) or not number > 0 or (number >= 1 and not number.is_integer()):
-            raise ConfigError(f"train.milestones: {value!r} is neither a fraction of the run in (0, 1) nor an "
+            raise ConfigError(f"train.milestones: {brief(value)} is neither a fraction of the run in (0, 1) nor an "
                               f"optimizer step number >= 1 (e.g. train.milestones=0.5,0.75 or [3000, 4000])")
         out.append(number if number < 1 else int(number))
     return out
@@ -272,16 +305,17 @@ def _validate(cfg: Config) -> None:
         (t.log_every >= 0, "train.log_every must be >= 0"),
         (t.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
         (t.workers >= 1, "train.workers must be >= 1"),
-        (t.placement in ("pack", "spread"), f"train.placement must be pack or spread, got {t.placement!r}"),
-        (t.optimizer in ("adamw", "sgd"), f"train.optimizer must be adamw or sgd, got {t.optimizer!r}"),
+        (t.placement in ("pack", "spread"), f"train.placement must be pack or spread, got {brief(t.placement)}"),
+        (t.optimizer in ("adamw", "sgd"), f"train.optimizer must be adamw or sgd, got {brief(t.optimizer)}"),
         (t.schedule in ("cosine", "multistep", "onecycle", "constant"),
-         f"train.schedule must be cosine, multistep, onecycle or constant, got {t.schedule!r}"),
-        (t.amp in ("auto", "bf16", "fp16", "off"), f"train.amp must be auto, bf16, fp16 or off, got {t.amp!r}"),
+         f"train.schedule must be cosine, multistep, onecycle or constant, got {brief(t.schedule)}"),
+        (t.amp in ("auto", "bf16", "fp16", "off"), f"train.amp must be auto, bf16, fp16 or off, got {brief(t.amp)}"),
         (0.0 <= t.max_skipped_fraction <= 1.0, "train.max_skipped_fraction must be in [0, 1]"),
         (0.0 < t.ema_decay < 1.0, "train.ema_decay must be in (0, 1)"),
         (t.eval_every >= 1, "train.eval_every must be >= 1"),
         (0.0 <= d.hflip <= 1.0, "data.hflip must be in [0, 1]"),
         (d.color_jitter >= 0.0, "data.color_jitter must be >= 0"),
+        (d.decode in ("cpu", "gpu"), f"data.decode must be cpu or gpu, got {brief(d.decode)}"),
         (m.max_detections >= 1, "model.max_detections must be >= 1"),
     ]
     for ok, message in checks:
@@ -292,12 +326,14 @@ def _validate(cfg: Config) -> None:
 def parse_override(text: str) -> tuple[str, Any]:
     """``train.lr=3e-4`` -> ("train.lr", 0.0003); values are parsed as YAML scalars/lists."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected key=value, e.g. train.epochs=2")
+        raise ConfigError(f"override {brief(text)}: expected key=value, e.g. train.epochs=2")
     key, value = text.split("=", 1)
     try:
         parsed = yaml.safe_load(value) if value != "" else ""
     except yaml.YAMLError:
         parsed = value
+    except RecursionError:  # PyYAML recurses once per level
+        raise ConfigError(f"override {key.strip()}: the value is nested too deeply to parse") from None
     return key.strip(), parsed
 
 
@@ -350,6 +386,8 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except RecursionError:  # PyYAML recurses once per level
+        raise ConfigError(f"{path}: not valid YAML (nested too deeply to parse)") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -373,7 +411,8 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 __all__ = [
-    "Config", "ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "apply_overrides", "format_size",
+    "Config", "ConfigError", "DataConfig", "MAX_SIZE", "ModelConfig", "TrainConfig", "apply_overrides", "brief",
+    "format_size",
     "from_dict", "is_16_9", "load_config", "nearest_16_9", "parse_override", "parse_size", "read_yaml_mapping",
     "save_config",
 ]

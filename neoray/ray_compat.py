@@ -6,9 +6,12 @@ Ray upgrade breaks one of them. Each entry says why neoray needs it.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
+import ray.train
+from ray.train.v2._internal.execution import context as train_context
 from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 
 CHECKED_RAY_VERSION = "2.60"
@@ -32,6 +35,32 @@ def set_train_defaults() -> None:
 def set_tune_defaults() -> None:
     for key, value in TUNE_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
+
+
+# Ray Train V2 logs "Reporting training result N: TrainingReport(checkpoint=..., metrics={...every key...})" at
+# INFO on every ray.train.report, from a logger named after its module's file path (``logging.getLogger(__file__)``
+# in ray/train/v2/_internal/execution/context.py), so neither the "ray.train" logger's level nor RunConfig's
+# LoggingConfig (both filter by the "ray.train" name) reaches it. The worker's root logger, which Ray Train sets to
+# INFO with a console handler, prints it, and Ray forwards it to the driver's terminal: kilobytes per epoch
+# burying neoray's one-line epoch summary. Every value in it is in the run's metrics.json and checkpoints.json.
+TRAIN_REPORT_LOGGER = train_context.__file__
+# The level of Ray Train's console output (controller and workers): its INFO lines (resources requested, worker
+# group started with every rank's pid, process group set up) go to Ray's train log files only; its warnings and
+# errors (worker failures, restarts) still show.
+TRAIN_CONSOLE_LOG_LEVEL = "WARNING"
+
+
+def train_logging_config():
+    """``RunConfig(logging_config=...)`` for every TorchTrainer neoray builds (the public knob in Ray 2.60)."""
+    return ray.train.LoggingConfig(log_level=TRAIN_CONSOLE_LOG_LEVEL)
+
+
+def quiet_train_worker_logs() -> None:
+    """Call in a Ray Train worker (or a Tune trial that reports through Ray Train's session) after Ray set up
+    its logging: Ray Train's INFO lines and its per-report ``TrainingReport(...)`` dump stay off the console."""
+    level = getattr(logging, TRAIN_CONSOLE_LOG_LEVEL)
+    logging.getLogger("ray.train").setLevel(level)
+    logging.getLogger(TRAIN_REPORT_LOGGER).setLevel(level)
 
 
 # The search-quality replay runs hundreds of short Tune runs whose trials only replay recorded numbers:
@@ -76,6 +105,33 @@ def worker_group_placement_group_id(worker_group) -> str:
     return worker_group.get_worker_group_state().placement_group_handle.placement_group.id.hex()
 
 
+def mlflow_trial_runs(callback) -> dict:
+    """Trial -> MLflow run id of a Tune ``MLflowLoggerCallback`` (its ``_trial_runs``, filled in
+    ``log_trial_start``). The sweep tags each trial's run with neoray's status when the trial ends, and
+    carries the map across ``--resume`` (Tune restores callbacks' state, not this attribute), so a resumed
+    trial keeps logging to its own run."""
+    return callback._trial_runs
+
+
+def optuna_search_trials(searcher) -> dict:
+    """Tune trial id -> the ``optuna.Trial`` an ``OptunaSearch`` asked for it (its ``_ot_trials``). Tune hands
+    the result that ends a trial (its last epoch, or the rung where ASHA stops it) to the searcher's
+    ``on_trial_complete`` only, so OptunaSearch never reports it as an intermediate value; neoray's searcher
+    (neoray.tune.study.StudySearch) reports it on that trial before Optuna closes it."""
+    return searcher._ot_trials
+
+
+def wandb_logging_actor_base():
+    """Ray's W&B logging actor class (``_WandbLoggingActor``: one process per trial that owns the trial's W&B
+    run), which ``WandbLoggerCallback`` builds from its ``_logger_actor_cls`` class attribute. Ray kills that
+    actor as soon as its ``run()`` returns, and with wandb 0.31 ``finish()`` returns before W&B's service has
+    written the run's last records: an offline run of a trial that errored at once was left with none. neoray's
+    actor (neoray.tune.tracking) waits for the service (``wandb.teardown()``) before returning."""
+    from ray.air.integrations.wandb import _WandbLoggingActor  # noqa: PLC0415 - optional dependency (neoray[wandb])
+
+    return _WandbLoggingActor
+
+
 def tune_trials(result_grid) -> list:
     """The ``Trial`` objects behind a ``ResultGrid``: their status (ERROR, TERMINATED...), last result
     and failure count tell finished, ASHA-stopped, errored and interrupted trials apart, which the public
@@ -91,11 +147,17 @@ def trial_index(trial) -> int:
 
 __all__ = [
     "CHECKED_RAY_VERSION",
+    "TRAIN_REPORT_LOGGER",
+    "mlflow_trial_runs",
+    "optuna_search_trials",
     "quiet_sigterm_exit",
+    "quiet_train_worker_logs",
     "set_train_defaults",
     "set_tune_defaults",
+    "train_logging_config",
     "trial_index",
     "tune_trials",
+    "wandb_logging_actor_base",
     "worker_group_callback_base",
     "worker_group_placement_group_id",
 ]

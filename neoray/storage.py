@@ -11,6 +11,10 @@ S3-compatible endpoints (MinIO, Ceph, a test server) are configured the standard
 ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` and ``AWS_DEFAULT_REGION``, which
 pyarrow reads itself; on a cluster an IAM instance profile needs no variables at all.
 
+No call waits forever on a store that accepts connections and never answers: S3 requests have a connect
+timeout (``NEORAY_STORAGE_CONNECT_TIMEOUT_S``, 5 s) and a request timeout (``NEORAY_STORAGE_REQUEST_TIMEOUT_S``,
+30 s without a byte), and are tried ``MAX_ATTEMPTS`` times in all; GCS retries for at most that long.
+
 Writes are atomic where the storage allows it: a local file is written to a temporary name in its folder
 and renamed (a reader or a crash never sees half a file), with the permissions a plain ``open()`` would
 give (the umask's, so that teammates sharing a folder can read it); an object store publishes an object
@@ -23,13 +27,17 @@ that calls it: the driver does that before anything reaches a Ray worker, whose 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import fnmatch
 import functools
 import hashlib
 import json
+import math
 import os
 import posixpath
 import re
+import stat
+import sys
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -43,8 +51,21 @@ _HASH_CHUNK = 8 << 20
 _BUCKET_SCHEMES = ("s3", "gs", "gcs")
 
 
+CONNECT_TIMEOUT_ENV = "NEORAY_STORAGE_CONNECT_TIMEOUT_S"
+REQUEST_TIMEOUT_ENV = "NEORAY_STORAGE_REQUEST_TIMEOUT_S"
+DEFAULT_CONNECT_TIMEOUT_S = 5.0
+# A request that receives no byte for this long fails (curl's low-speed limit: a slow, steady download of
+# a large shard is not cut off).
+DEFAULT_REQUEST_TIMEOUT_S = 30.0
+MAX_ATTEMPTS = 3  # each request in all, with the AWS SDK's backoff between tries
+
+
 class StorageError(OSError):
     """A storage operation that failed; the message is one line naming the path."""
+
+
+class JSONError(ValueError):
+    """A file that is not valid JSON (nested too deeply to parse included); one line naming the file."""
 
 
 @dataclass(frozen=True)
@@ -111,11 +132,77 @@ def local_path(path: str | os.PathLike) -> str | None:
     return None if is_uri(path) else _local(path)
 
 
-@functools.lru_cache(maxsize=32)
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` is valid Unicode text: no lone surrogates, which a name that is not UTF-8 on disk (read
+    with Python's surrogateescape) or a JSON escape such as ``\\udcff`` leaves. pyarrow, Parquet and UTF-8
+    files can hold no other."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(text: str, on_disk: bool = True) -> str:
+    """``text`` as valid UTF-8 for reports and messages. ``on_disk``: a name read from the filesystem shows
+    the bytes it has there (``\\xff``); otherwise (text from a JSON file) lone surrogates show as the
+    escapes that wrote them (``\\udcff``)."""
+    if is_utf8(text):
+        return text
+    if on_disk:
+        with contextlib.suppress(UnicodeEncodeError):
+            return os.fsencode(text).decode("utf-8", "backslashreplace")
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _seconds(env: str, default: float) -> float:
+    text = os.environ.get(env, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise StorageError(f"{env}: expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def timeouts() -> tuple[float, float]:
+    """(connect, request) timeouts in seconds for object storage, from the environment or the defaults."""
+    return _seconds(CONNECT_TIMEOUT_ENV, DEFAULT_CONNECT_TIMEOUT_S), _seconds(REQUEST_TIMEOUT_ENV,
+                                                                                DEFAULT_REQUEST_TIMEOUT_S)
+
+
 def _uri_filesystem(prefix: str) -> pafs.FileSystem:
+    # The settings that shape the filesystem are part of the cache key: a changed variable takes effect.
+    endpoint = (os.environ.get("AWS_ENDPOINT_URL_S3"), os.environ.get("AWS_ENDPOINT_URL"))
+    return _cached_filesystem(prefix, *timeouts(), endpoint)
+
+
+def _with_timeouts(fs: pafs.FileSystem, connect: float, request: float) -> pafs.FileSystem:
+    """``fs`` rebuilt with bounded waits. The options come from ``from_uri`` (its pickling state), so the
+    endpoint, region and credentials it found in the URI and the AWS variables are kept."""
+    if isinstance(fs, pafs.S3FileSystem):
+        options = dict(fs.__reduce__()[1][0])
+        options.update(connect_timeout=connect, request_timeout=request,
+                       retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=MAX_ATTEMPTS))
+        return pafs.S3FileSystem(**options)
+    if isinstance(fs, pafs.GcsFileSystem):
+        # pyarrow exposes no per-request timeout for GCS (its client gives up a stalled transfer after about
+        # two minutes); what can be bounded is how long it retries.
+        options = dict(fs.__reduce__()[1][0])
+        if options.get("retry_time_limit") is None:
+            options["retry_time_limit"] = datetime.timedelta(seconds=math.ceil(request * MAX_ATTEMPTS))
+        return pafs.GcsFileSystem(**options)
+    return fs
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_filesystem(prefix: str, connect: float, request: float, endpoint: tuple) -> pafs.FileSystem:
     """One filesystem object per scheme and bucket/host: ``from_uri`` may ask the store for its region."""
     try:
-        return pafs.FileSystem.from_uri(prefix)[0]
+        fs = pafs.FileSystem.from_uri(prefix)[0]
     except Exception as exc:  # pyarrow knows no such scheme: try fsspec, which knows many more
         try:
             handler = pafs.FSSpecHandler(fsspec.filesystem(scheme(prefix)))
@@ -123,12 +210,15 @@ def _uri_filesystem(prefix: str) -> pafs.FileSystem:
             raise StorageError(f"{prefix}: no filesystem for this URI (pyarrow: {exc}; fsspec: {fsspec_exc}); "
                                f"install the fsspec package for '{scheme(prefix)}://'") from None
         return pafs.PyFileSystem(handler)
+    return _with_timeouts(fs, connect, request)
 
 
 def resolve(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or a URI."""
     text = os.fspath(path)
     if not is_uri(text):
+        if not is_utf8(text):
+            raise StorageError(f"{printable(text)}: the path is not valid UTF-8; neoray cannot use it")
         return pafs.LocalFileSystem(), os.path.abspath(_local(text))
     uri_scheme = scheme(text)
     rest = text[len(uri_scheme) + 3:]
@@ -146,9 +236,25 @@ def _error(path, action: str, exc: BaseException) -> StorageError:
 _KINDS = {pafs.FileType.File: "file", pafs.FileType.Directory: "dir", pafs.FileType.NotFound: "missing"}
 
 
+def _stat_info(path: str) -> FileInfo:
+    """``info`` through the OS, for a local name that is not UTF-8 (pyarrow cannot address it)."""
+    try:
+        found = os.stat(_local(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return FileInfo(path, "missing")
+    except OSError as exc:
+        raise _error(printable(path), "look up", exc) from None
+    if stat.S_ISREG(found.st_mode):
+        return FileInfo(path, "file", found.st_size, found.st_mtime_ns)
+    return FileInfo(path, "dir" if stat.S_ISDIR(found.st_mode) else "other")
+
+
 def info(path: str | os.PathLike) -> FileInfo:
     """What is at ``path``. Local symlinks are followed: a link to a regular file is a "file", a link to
-    a device or a FIFO is "other" (never read)."""
+    a device or a FIFO is "other" (never read). A local name that is not UTF-8 is looked up (so that a
+    listing holds it and a caller can skip it by name); reading it is a ``StorageError``."""
+    if not is_uri(path) and not is_utf8(os.fspath(path)):
+        return _stat_info(os.fspath(path))
     fs, inner = resolve(path)
     try:
         found = fs.get_file_info(inner)
@@ -242,13 +348,38 @@ def read_bytes(path: str | os.PathLike, max_bytes: int | None = None) -> bytes:
     return data
 
 
+def read_range(path: str | os.PathLike, offset: int, length: int) -> bytes:
+    """``length`` bytes of a regular file from ``offset`` (fewer where the file ends first), without reading
+    the rest: a header, on object storage one ranged request."""
+    found = info(path)
+    if found.kind != "file":
+        raise StorageError(f"{os.fspath(path)}: not a regular file ({found.kind}); not read")
+    fs, inner = resolve(path)
+    try:
+        with fs.open_input_file(inner) as handle:
+            return handle.read_at(max(0, min(length, (found.size or 0) - offset)), offset)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{os.fspath(path)}: not found") from None
+    except OSError as exc:
+        raise _error(path, "read", exc) from None
+
+
 def read_text(path: str | os.PathLike) -> str:
     """UTF-8 text (a BOM is accepted); UnicodeDecodeError for anything else."""
     return read_bytes(path).decode("utf-8-sig")
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    return json.loads(read_text(path))
+    """The JSON in a UTF-8 file; ``JSONError`` naming the file when it does not parse, nested too deeply
+    included (Python's parser recurses once per level)."""
+    text = read_text(path)
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise JSONError(f"{os.fspath(path)}: not valid JSON (nested deeper than the {sys.getrecursionlimit()} "
+                        f"levels Python can parse)") from None
+    except json.JSONDecodeError as exc:
+        raise JSONError(f"{os.fspath(path)}: not valid JSON ({exc})") from None
 
 
 def _umask() -> int:
@@ -359,8 +490,8 @@ def upload_dir(local_dir: str, target: str | os.PathLike) -> None:
 
 
 __all__ = [
-    "FileInfo", "StorageError", "TooLarge", "absolute", "basename", "exists", "glob", "info",
-    "is_dir", "is_file", "is_uri", "join", "list_dir", "list_files", "local_path", "makedirs", "parent",
-    "read_bytes", "read_json", "read_text", "remove", "resolve", "scheme", "sha256",
-    "umask_mode", "upload_dir", "write_bytes", "write_json", "write_text",
+    "FileInfo", "JSONError", "StorageError", "TooLarge", "absolute", "basename", "exists", "glob", "info",
+    "is_dir", "is_file", "is_uri", "is_utf8", "join", "list_dir", "list_files", "local_path", "makedirs", "parent",
+    "printable", "read_bytes", "read_json", "read_range", "read_text", "remove", "resolve", "scheme", "sha256",
+    "timeouts", "umask_mode", "upload_dir", "write_bytes", "write_json", "write_text",
 ]

@@ -90,3 +90,40 @@ class TrialFailures(TrainHooks):
             with open(counter, "w") as handle:
                 handle.write(str(done + 1))
             raise RuntimeError(f"injected failure {done + 1} of {name}")
+
+
+@dataclass
+class StudyProbe(TrialFailures):
+    """``TrialFailures``, and a look at the sweep's Optuna study while the sweep runs: when ``probe_trial``
+    starts its first epoch, the study as ``optuna.load_study`` reads it then (the live SQLite file, or the
+    copy in the sweep's object storage) is written to ``out`` as JSON, one entry per Optuna trial."""
+
+    study_file: str = ""  # a local path or a URI
+    study_name: str = ""
+    probe_trial: str = ""
+    out: str = ""
+
+    def epoch_start(self, epoch: int, rank: int) -> None:
+        from ray import tune
+
+        if epoch == 1 and tune.get_context().get_trial_name() == self.probe_trial and not os.path.exists(self.out):
+            with open(self.out, "w") as handle:
+                json.dump(self._snapshot(), handle)
+        super().epoch_start(epoch, rank)
+
+    def _snapshot(self) -> list[dict]:
+        import tempfile
+
+        import optuna
+
+        from neoray import storage
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = storage.local_path(self.study_file)
+            if path is None:
+                path = os.path.join(tmp, "optuna.db")
+                with open(path, "wb") as handle:
+                    handle.write(storage.read_bytes(self.study_file))
+            study = optuna.load_study(study_name=self.study_name, storage=f"sqlite:///{path}")
+            return [{"number": t.number, "state": t.state.name, "params": t.params,
+                     "intermediate": {str(k): v for k, v in t.intermediate_values.items()}} for t in study.trials]

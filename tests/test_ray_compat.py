@@ -77,3 +77,30 @@ def test_ray_sigterm_exit_inside_a_finaliser_is_not_reported_but_other_errors_ar
     assert "SystemExit" not in capsys.readouterr().err
     finaliser_raising(ValueError("a real bug"))
     assert "ValueError: a real bug" in capsys.readouterr().err
+
+
+def test_train_report_logger_and_logging_config():
+    """The TrainingReport(...) dump comes from a logger named after its module's file (not "ray.train")."""
+    from ray.train.v2._internal.execution import context
+
+    source = inspect.getsource(context)
+    assert "logging.getLogger(__file__)" in source and "Reporting training result" in source
+    assert ray_compat.TRAIN_REPORT_LOGGER == context.__file__
+    assert ray_compat.train_logging_config().log_level == "WARNING"
+
+
+def test_tracker_and_searcher_internals():
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+    from ray.tune.search.optuna import OptunaSearch
+
+    assert "self._trial_runs[trial]" in inspect.getsource(MLflowLoggerCallback.log_trial_start)
+    assert "self._ot_trials[trial_id]" in inspect.getsource(OptunaSearch.on_trial_result)
+    from ray.air.integrations.wandb import WandbLoggerCallback
+
+    assert WandbLoggerCallback._logger_actor_cls is ray_compat.wandb_logging_actor_base()
+    assert "self._logger_actor_cls" in inspect.getsource(WandbLoggerCallback._start_logging_actor)
+    # Tune gives a trial's last result to the searcher's on_trial_complete only (StudySearch reports it).
+    from ray.tune.execution.tune_controller import TuneController
+
+    assert "Only updating search alg if the trial is not to be stopped" in inspect.getsource(
+        TuneController._process_trial_result)

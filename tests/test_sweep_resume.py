@@ -6,7 +6,8 @@ The sweep runs as `python experiments/sweep_lr.py` in its own process group with
 touched). First run: SIGINT to the driver (what Ctrl-C sends) once Tune's experiment state marks
 trial_0001 TERMINATED (Tune may still finish the trial that is running then). Second run (--resume):
 SIGKILL of the whole group once the first trial the first run left unfinished is TERMINATED. Third run
-(--resume): the rest. Four trials, so that the second run always has work left when it is killed.
+(--resume): the rest. Four trials, so that the second run always has work left when it is killed. The
+sweep's Optuna study (SWEEP_DIR/optuna.db) goes on through both resumptions.
 """
 
 from __future__ import annotations
@@ -180,6 +181,19 @@ def test_interrupted_then_killed_sweep_resumes_without_rerunning_ended_trials(sy
     assert all(h["timestamp"] <= killed_at for t in ended_second for h in histories[t])
     started = _started_trials(result.stdout)
     assert not set(ended_second) & started, started
+    _check_study_continued(sweep_dir, rows)
+
+
+def _check_study_continued(sweep_dir: Path, rows: dict) -> None:
+    """Both resumptions wrote to the sweep's one Optuna study: every trial there with its two epochs, and
+    nothing left RUNNING (a trial the killed run had asked for and its resumption asked for again is FAIL)."""
+    import optuna
+
+    trials = optuna.load_study(study_name="resume", storage=f"sqlite:///{sweep_dir / 'optuna.db'}").trials
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert len(complete) == NUM_TRIALS and all(sorted(t.intermediate_values) == [1, 2] for t in complete), trials
+    assert not [t for t in trials if t.state.name == "RUNNING"], trials
+    assert sorted(t.params["lr"] for t in complete) == pytest.approx(sorted(float(r["lr"]) for r in rows.values()))
 
 
 def _started_trials(log: str) -> set[str]:

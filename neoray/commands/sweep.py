@@ -9,6 +9,7 @@ from pathlib import Path
 from neoray.cluster import ClusterError, add_address_argument
 from neoray.commands import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
 from neoray.config import ConfigError
+from neoray.run.tracking import add_track_argument
 from neoray.storage import StorageError
 from neoray.tune.sweep import SweepOptions, run_sweep
 
@@ -47,6 +48,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--reduction-factor", type=float, default=None,
                         help="ASHA reduction factor (overrides the space file)")
     parser.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial (default 2)")
+    parser.add_argument("--optuna-storage", default=None, metavar="URL",
+                        help="database URL for the sweep's Optuna study (postgresql://..., mysql://..., sqlite:///...; "
+                             "default: OUTPUT/NAME/optuna.db); optuna-dashboard URL shows it live")
+    add_track_argument(parser, "sweep (a parent run, one run per trial)")
     add_address_argument(parser)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="training config overrides, e.g. train.epochs=3 data.max_train_images=64")
@@ -58,7 +63,7 @@ def options_from_args(args):
         workers_per_trial=args.workers_per_trial, gpus_per_worker=args.gpus_per_worker, output=args.output,
         name=args.name, resume=args.resume, overrides=list(args.overrides), grace_period=args.grace_period,
         reduction_factor=args.reduction_factor, max_failures=args.max_failures, autoscale=args.autoscale,
-        address=args.address, warm_start=args.warm_start,
+        address=args.address, warm_start=args.warm_start, track=list(args.track), optuna_storage=args.optuna_storage,
     )
 
 

@@ -1,4 +1,5 @@
-"""``neoray train CONFIG [key=value ...] [--output DIR] [--resume RUN_DIR] [--address ADDRESS] [--autoscale]``.
+"""``neoray train CONFIG [key=value ...] [--output DIR] [--resume RUN_DIR] [--address ADDRESS] [--autoscale]
+[--track mlflow[:URI]] [--track wandb[:PROJECT]]``.
 
 Checks the config and the files it names, connects to Ray (neoray.cluster's policy: a private local
 instance unless told otherwise), checks that the run fits the cluster and that every node reaches its
@@ -18,8 +19,10 @@ from neoray.cluster import ClusterError, add_address_argument, connect
 from neoray.commands import EXIT_FAILED, EXIT_OK
 from neoray.config import ConfigError, load_config
 from neoray.data.shards import ManifestError
+from neoray.models.pretrained.checkpoint import CheckpointError, read_pointers
 from neoray.run.rundir import RunDirError
 from neoray.run.setup import check_cluster, check_resume, prepare_config
+from neoray.run.tracking import add_track_argument, parse_track
 from neoray.run.trainer import train
 from neoray.storage import StorageError
 
@@ -38,17 +41,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the cluster adds nodes on demand (ray up cluster.yaml): do not refuse a run that "
                              "does not fit today's nodes; its workers wait for the autoscaler")
     add_address_argument(parser)
+    add_track_argument(parser, "run")
+
+
+def _resumes_from_a_checkpoint(run_dir: str | None) -> bool:
+    """Whether --resume continues from a checkpoint, which brings every weight (the backbone's file is not
+    read again); a run stopped before its first checkpoint starts over and needs it."""
+    try:
+        return bool(run_dir) and bool(read_pointers(storage.absolute(run_dir)).get("latest"))
+    except CheckpointError:
+        return False  # check_resume and the trainer report the broken run directory
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        cfg = prepare_config(load_config(args.config, args.overrides), output=args.output)
+        track = parse_track(args.track)  # a tracker that is not installed fails before anything starts
+        resuming = _resumes_from_a_checkpoint(args.resume)
+        cfg = prepare_config(load_config(args.config, args.overrides), output=args.output, resume=resuming)
         if args.resume:
             check_resume(cfg, args.resume, log=lambda line: print(f"neoray train: {line}", flush=True))
         info = connect(args.address, log=lambda line: print(f"neoray train: {line}", flush=True))
         check_cluster(cfg, info, storage.absolute(args.resume) if args.resume else cfg.output,
-                      autoscale=args.autoscale, sweep=False)
-        summary = train(cfg, config_path=args.config, resume_dir=args.resume)
+                      autoscale=args.autoscale, sweep=False, resume=resuming)
+        summary = train(cfg, config_path=args.config, resume_dir=args.resume, track=track)
     except (ConfigError, ClusterError, RunDirError, ManifestError, StorageError) as exc:
         print(f"neoray train: {exc}", file=sys.stderr)
         return EXIT_FAILED

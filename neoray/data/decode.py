@@ -1,15 +1,19 @@
 """Reading and decoding shard rows: the work of the Ray Data tasks that feed every stream.
 
-A task gets one chunk of the plan (``{"path", "start", "stop"}``), reads exactly those rows of the Parquet
-file (local, a shared mount or object storage, through ``neoray.storage``) and decodes their JPEGs with
-cv2. Ray's tasks import this module to find ``read_chunk``, so it imports neither torch nor
-albumentations (seconds of imports per fresh worker, paid in the time to the first batch).
+A task gets one chunk of the plan (``{"path", "start", "stop"}``) and reads exactly those rows of the
+Parquet file (local, a shared mount or object storage, through ``neoray.storage``). ``read_chunk``
+also decodes their JPEGs with cv2 (evaluation with ``data.decode: cpu``); ``read_encoded_chunk`` hands
+the rows on as they are stored, JPEG bytes included (training on both paths, evaluation with
+``data.decode: gpu``): the JPEGs are then decoded where each batch is formed. Ray's tasks import this
+module to find these functions, so it imports neither torch nor albumentations (seconds of imports per
+fresh worker, paid in the time to the first batch).
 """
 
 from __future__ import annotations
 
 import cv2
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from neoray import storage
@@ -17,8 +21,6 @@ from neoray import storage
 # Columns the stream needs from a shard (file_name and ann_ids stay in storage).
 READ_COLUMNS = ["image_id", "image", "width", "height", "orig_width", "orig_height", "scale", "pad_x", "pad_y",
                 "boxes", "labels", "iscrowd", "areas"]
-
-
 
 
 def read_rows(path: str, start: int, stop: int, columns: list[str] = READ_COLUMNS):
@@ -41,6 +43,28 @@ def read_rows(path: str, start: int, stop: int, columns: list[str] = READ_COLUMN
     return table.slice(start - first_row, stop - start)
 
 
+def decode_jpeg(data: bytes, shape: tuple[int, int], where: str) -> np.ndarray:
+    """One shard JPEG -> uint8 HWC RGB, checked against the row's ``shape`` = (width, height); errors name
+    ``where`` (shard file and image id) and the field."""
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
+    if image is None:
+        raise ValueError(f"{where}: field 'image': not a decodable JPEG ({len(data)} bytes)")
+    width, height = shape
+    if image.shape[:2] != (height, width):
+        raise ValueError(f"{where}: field 'image': decoded {image.shape[1]}x{image.shape[0]} but the row says "
+                         f"width x height = {width}x{height}")
+    return image
+
+
+def check_targets(columns: dict, i: int, where: str) -> np.ndarray:
+    """Row ``i``'s boxes as float32 (N, 4), after checking that labels, iscrowd and areas have N entries."""
+    row_boxes = np.asarray(columns["boxes"][i], dtype=np.float32).reshape(-1, 4)
+    for name in ("labels", "iscrowd", "areas"):
+        if len(columns[name][i]) != len(row_boxes):
+            raise ValueError(f"{where}: field '{name}': {len(columns[name][i])} entries for {len(row_boxes)} boxes")
+    return row_boxes
+
+
 def _object_array(items: list) -> np.ndarray:
     """A 1-D object array of per-row arrays (np.array would try to stack equal-length rows into 3-D)."""
     out = np.empty(len(items), dtype=object)
@@ -58,21 +82,13 @@ def decode_rows(table, path: str) -> dict[str, np.ndarray]:
     pixels, boxes, labels, iscrowd, areas = [], [], [], [], []
     for i, data in enumerate(columns["image"]):
         where = f"{path}: image_id {columns['image_id'][i]}"
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
-        if image is None:
-            raise ValueError(f"{where}: field 'image': not a decodable JPEG ({len(data)} bytes)")
         width, height = columns["width"][i], columns["height"][i]
-        if image.shape[:2] != (height, width):
-            raise ValueError(f"{where}: field 'image': decoded {image.shape[1]}x{image.shape[0]} but the row says "
-                             f"width x height = {width}x{height}")
+        image = decode_jpeg(data, (width, height), where)
         if pixels and image.shape != pixels[0].shape:
             raise ValueError(f"{where}: field 'image': {width}x{height} differs from "
                              f"{pixels[0].shape[1]}x{pixels[0].shape[0]} in the same shard; a shard directory "
                              "holds one size")
-        row_boxes = np.asarray(columns["boxes"][i], dtype=np.float32).reshape(-1, 4)
-        for name in ("labels", "iscrowd", "areas"):
-            if len(columns[name][i]) != len(row_boxes):
-                raise ValueError(f"{where}: field '{name}': {len(columns[name][i])} entries for {len(row_boxes)} boxes")
+        row_boxes = check_targets(columns, i, where)
         pixels.append(image)
         boxes.append(row_boxes)
         labels.append(np.asarray(columns["labels"][i], dtype=np.int64))
@@ -93,4 +109,14 @@ def read_chunk(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return decode_rows(read_rows(path, start, stop), path)
 
 
-__all__ = ["READ_COLUMNS", "decode_rows", "read_chunk", "read_rows"]
+def read_encoded_chunk(batch: dict[str, np.ndarray]):
+    """``map_batches`` step over plan rows (one per call): the chunk's rows as a pyarrow Table, JPEGs still
+    encoded (a tenth or less of the decoded bytes through the object store), with a ``path`` column
+    naming the shard file in errors."""
+    path, start, stop = str(batch["path"][0]), int(batch["start"][0]), int(batch["stop"][0])
+    table = read_rows(path, start, stop)
+    return table.append_column("path", pa.array([path] * table.num_rows, pa.string()))
+
+
+__all__ = ["READ_COLUMNS", "check_targets", "decode_jpeg", "decode_rows", "read_chunk", "read_encoded_chunk",
+           "read_rows"]

@@ -84,7 +84,7 @@ def _read_file(path: str, max_bytes: int) -> bytes | Refused:
     except FileNotFoundError:
         return Refused(src.IMAGE_MISSING)
     except storage.TooLarge as exc:
-        return Refused(src.IMAGE_TOO_LARGE, f"{str(exc).rsplit(': ', 1)[-1]} (--max-image-bytes)")
+        return Refused(src.IMAGE_TOO_LARGE, str(exc).rsplit(": ", 1)[-1])
     except OSError as exc:
         if storage.is_uri(path):
             # Object storage: a network or service error is no property of the image. It fails the
@@ -122,11 +122,15 @@ def _header(data: bytes) -> tuple[int, int, int] | None:
 
 
 def read_image(path: str, *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-               exif_orientation: bool = False) -> tuple[np.ndarray, int] | Refused:
+               exif_orientation: bool = False, bytes_option: str = "--max-image-bytes",
+               pixels_option: str = "--max-image-pixels") -> tuple[np.ndarray, int] | Refused:
     """(BGR image, EXIF orientation) or why the image is skipped. ``exif_orientation``: decode in the
-    displayed frame (the EXIF rotation applied), else in the stored one."""
+    displayed frame (the EXIF rotation applied), else in the stored one. ``bytes_option`` and
+    ``pixels_option`` name the limits in the reasons (the caller's options, or words where it has none)."""
     data = _read_file(path, max_bytes)
     if isinstance(data, Refused):
+        if data.reason == src.IMAGE_TOO_LARGE:
+            data.detail += f" ({bytes_option})"
         return data
     if data[:2] == b"\xff\xd8" and _jpeg_complete(data) is False:
         return Refused(src.IMAGE_TRUNCATED, "JPEG ends before its end-of-image marker")
@@ -136,7 +140,7 @@ def read_image(path: str, *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES, max_pixel
     width, height, orientation = header
     if width * height > max_pixels:
         return Refused(src.IMAGE_TOO_MANY_PIXELS, f"{width}x{height} = {width * height} pixels, over "
-                                                  f"--max-image-pixels {max_pixels}")
+                                                  f"{pixels_option} {max_pixels}")
     flags = cv2.IMREAD_COLOR if exif_orientation else cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
     try:
         img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)

@@ -54,6 +54,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from neoray import storage
+from neoray.config import ConfigError, brief, parse_size
 
 MANIFEST_NAME = "_manifest.json"
 REPORT_NAME = "_report.json"
@@ -120,7 +121,11 @@ def _is_int(value, minimum: int = 0) -> bool:
 
 def _check_size(path: str, size) -> None:
     if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v, 1) for v in size)):
-        raise ManifestError(f"{path}: 'size' must be [width, height] as two positive integers, got {size!r}"[:300])
+        raise ManifestError(f"{path}: 'size' must be [width, height] as two positive integers, got {brief(size)}")
+    try:
+        parse_size(size, "'size'", require_16_9=False, bounded=True)  # what every reader allocates per image
+    except ConfigError as exc:
+        raise ManifestError(f"{path}: {exc}") from None
 
 
 def _check_categories(path: str, categories: list) -> None:
@@ -128,7 +133,7 @@ def _check_categories(path: str, categories: list) -> None:
         if not (isinstance(cat, dict) and _is_int(cat.get("id"), -(1 << 63)) and isinstance(cat.get("name"), str)
                 and _is_int(cat.get("label"))):
             raise ManifestError(f"{path}: categories[{i}]: expected {{'id': int, 'name': str, 'label': int}}, "
-                                f"got {cat!r}"[:300])
+                                f"got {brief(cat)}")
     labels = sorted(cat["label"] for cat in categories)
     if labels != list(range(len(labels))):
         raise ManifestError(f"{path}: category labels {labels} are not 0..{len(labels) - 1}"[:300])
@@ -141,14 +146,14 @@ def _check_shards(path: str, entries: list) -> None:
             raise ManifestError(f"{path}: shards[{i}]: expected {{'file': str, 'rows': int >= 0, 'sha256': str}}")
         name = shard["file"]
         if not name or "/" in name or "\\" in name or name in (".", ".."):
-            raise ManifestError(f"{path}: shards[{i}]: 'file' must be a plain file name, got {name!r}")
+            raise ManifestError(f"{path}: shards[{i}]: 'file' must be a plain file name, got {brief(name)}")
 
 
 def _validate(path: str, manifest) -> None:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ManifestError(f"{path}: not a neoray shard manifest ('format' must be {FORMAT!r})")
     if manifest.get("version") != VERSION:
-        raise ManifestError(f"{path}: 'version' {manifest.get('version')!r} is not supported (expected {VERSION})")
+        raise ManifestError(f"{path}: 'version' {brief(manifest.get('version'))} is not supported (expected {VERSION})")
     expected = {"size": list, "categories": list, "shards": list, "num_images": int, "num_boxes": int}
     for key, kind in expected.items():
         value = manifest.get(key)
@@ -170,9 +175,9 @@ def read_manifest(shard_dir) -> dict:
     except FileNotFoundError:
         raise ManifestError(f"{path}: manifest not found; is {shard_dir} a directory written by `neoray prepare` "
                             f"(an interrupted run leaves none)?") from None
-    except storage.StorageError as exc:
+    except (storage.StorageError, storage.JSONError) as exc:  # both name the file
         raise ManifestError(str(exc)) from None
-    except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
+    except UnicodeDecodeError as exc:
         raise ManifestError(f"{path}: not valid JSON ({exc})") from None
     _validate(path, manifest)
     return manifest

@@ -14,7 +14,8 @@ Three kinds of bad input:
 * a broken annotation file (not JSON/YAML, a required key missing, a wrong type) raises ``SourceError``
   with one line naming the file, the record and the key: nothing sensible can be written from it;
 * a bad record (duplicate id, an id that does not fit in int64, unknown category, degenerate bbox,
-  unsafe file name, bad YOLO label line) is skipped and becomes a ``Problem``, counted by reason.
+  unsafe file name, a file name that is not UTF-8, bad YOLO label line) is skipped and becomes a
+  ``Problem``, counted by reason.
   Nothing is dropped without a count. A bad value that the real data can replace is replaced and
   reported instead: a declared image width/height that is not a positive integer (the decoded size is
   used, as for a mismatch), an ``area`` that is not a positive number (the box area is used). An
@@ -25,9 +26,13 @@ Three kinds of bad input:
   than a pixel after letterboxing). Warnings never skip anything; the manifest counts them.
 
 Images whose file name is absolute or climbs out of the image root (``..``) are refused here, before
-anything is opened. Symlinks inside the image root are followed where they lead to a regular file (DVC
-and many dataset mirrors are trees of symlinks), so the check is on the name, not on the resolved path;
-a link to a device or a FIFO is never read. YOLO's listing does not enter symlinked directories.
+anything is opened; so are names that are not valid UTF-8 (a YOLO file whose name is other bytes, a COCO
+``file_name`` with a lone surrogate escape such as ``\\udcff``): pyarrow cannot address them and Parquet
+cannot store them. Reports show such a name with the odd bytes escaped (``bad\\xff.jpg``). A name that
+is valid text (a newline included) is read and written as it is. Symlinks inside the image root are
+followed where they lead to a regular file (DVC and many dataset mirrors are trees of symlinks), so the
+check is on the name, not on the resolved path; a link to a device or a FIFO is never read. YOLO's
+listing does not enter symlinked directories.
 
 Orientation: YOLO labels are in the displayed frame (EXIF orientation applied, as Ultralytics reads
 images), so YOLO images are decoded with their EXIF orientation. COCO boxes are in the frame whose size
@@ -49,9 +54,11 @@ from pathlib import PurePosixPath, PureWindowsPath
 import yaml
 
 from neoray import storage
+from neoray.config import brief
 
 # Problem reasons: fixed strings, so that reports can be grouped and tests can look for them.
 UNSAFE_FILE_NAME = "unsafe file name"
+FILE_NAME_NOT_UTF8 = "file name not valid UTF-8"
 DUPLICATE_IMAGE_ID = "duplicate image id"
 ID_OUT_OF_RANGE = "id does not fit in int64"
 IMAGE_MISSING = "image file missing"
@@ -115,10 +122,12 @@ class Problem:
     detail: str = ""
 
     def to_dict(self) -> dict:
-        out = {"file_name": self.file_name, "image_id": self.image_id, "annotation_id": self.annotation_id,
+        """The report entry; text is made valid UTF-8 (a name that is not is shown escaped)."""
+        file_name = None if self.file_name is None else storage.printable(self.file_name)
+        out = {"file_name": file_name, "image_id": self.image_id, "annotation_id": self.annotation_id,
                "reason": self.reason, "action": self.action}
         if self.detail:
-            out["detail"] = self.detail
+            out["detail"] = storage.printable(self.detail)
         return out
 
 
@@ -216,7 +225,7 @@ def _warn_duplicate_names(source: Source, id_to_name: dict[int, str]) -> None:
         name = id_to_name[cid]
         if name in first:
             source.warn(DUPLICATE_CATEGORY_NAME, detail=f"categories {first[name]} and {cid} are both named "
-                                                        f"{name!r}; kept as two classes"[:300])
+                                                        f"{brief(name)}; kept as two classes"[:300])
         else:
             first[name] = cid
 
@@ -261,7 +270,7 @@ def _require(path: str, where: str, record, key: str, check, expected: str, opti
         raise SourceError(f"{path}: {where}: missing required key '{key}'")
     value = record[key]
     if not check(value):
-        raise SourceError(f"{path}: {where}: '{key}' must be {expected}, got {value!r}"[:300])
+        raise SourceError(f"{path}: {where}: '{key}' must be {expected}, got {brief(value)}")
     return value
 
 
@@ -271,7 +280,7 @@ def _declared_size(img: dict, where: str) -> tuple[int | None, int | None, str]:
     width, height = img.get("width"), img.get("height")
     for key, value in (("width", width), ("height", height)):
         if value is not None and not (_is_int(value) and value > 0):
-            return None, None, f"{where}: '{key}' {value!r} is not a positive integer"[:200]
+            return None, None, f"{where}: '{key}' {brief(value)} is not a positive integer"
     if (width is None) != (height is None):  # one side alone cannot be compared with the file
         return None, None, f"{where}: only one of 'width'/'height' is declared"
     return width, height, ""
@@ -291,6 +300,8 @@ def _load_coco_json(path: str) -> dict:
         raise SourceError(str(exc)) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SourceError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:  # Python's parser recurses once per level
+        raise SourceError(f"{path}: not valid JSON (nested too deeply to parse)") from None
     if not isinstance(data, dict):
         raise SourceError(f"{path}: expected a JSON object with images/annotations/categories at the top level")
     for key in ("images", "annotations", "categories"):
@@ -319,7 +330,8 @@ class _CocoReader:
         for i, cat in enumerate(self.data["categories"]):
             where = f"categories[{i}]"
             cid = _require(self.path, where, cat, "id", _is_int, "an integer")
-            name = _require(self.path, where, cat, "name", lambda v: isinstance(v, str), "a string")
+            name = _require(self.path, where, cat, "name", lambda v: isinstance(v, str) and storage.is_utf8(v),
+                            "a string of valid Unicode text")
             if cid in self.id_to_name:
                 raise SourceError(f"{self.path}: {where}: duplicate category id {cid}")
             if not _fits_int64(cid):
@@ -343,6 +355,10 @@ class _CocoReader:
             elif is_unsafe_file_name(file_name):
                 self.source.skip_image(UNSAFE_FILE_NAME, file_name, image_id,
                                        "absolute or outside the image root; not read")
+                self.refused_ids.add(image_id)
+            elif not storage.is_utf8(file_name):
+                self.source.skip_image(FILE_NAME_NOT_UTF8, storage.printable(file_name, on_disk=False), image_id,
+                                       f"{where}: 'file_name' holds a lone surrogate escape; not read")
                 self.refused_ids.add(image_id)
             else:
                 self._add_image(img, where, image_id, file_name, by_name)
@@ -392,16 +408,16 @@ class _CocoReader:
         source, file_name, image_id = self.source, record.file_name, record.image_id
         reason = bbox_problem(ann["bbox"])
         if reason:
-            return source.drop_annotation(reason, ann_id, file_name, image_id, f"bbox {ann['bbox']!r}"[:200])
+            return source.drop_annotation(reason, ann_id, file_name, image_id, f"bbox {brief(ann['bbox'])}")
         iscrowd = 0 if ann.get("iscrowd") is None else ann["iscrowd"]  # absent or null: not a crowd
         # 0/1 or false/true (== 0/1 in Python); anything else has no agreed meaning (see the docstring).
         if iscrowd not in (0, 1):
-            return source.drop_annotation(ISCROWD_INVALID, ann_id, file_name, image_id, f"iscrowd {iscrowd!r}"[:200])
+            return source.drop_annotation(ISCROWD_INVALID, ann_id, file_name, image_id, f"iscrowd {brief(iscrowd)}")
         area = ann.get("area")
         area_value = float(area) if _is_number(area) and math.isfinite(area) and area > 0 else None
         if area is not None and area_value is None:
             source.problems.append(Problem(AREA_INVALID, USE_BOX_AREA, file_name, image_id, ann_id,
-                                           f"area {area!r}"[:200]))
+                                           f"area {brief(area)}"))
         record.annotations.append(Annotation(ann_id, category_id, [float(v) for v in ann["bbox"]], False,
                                              area_value, bool(iscrowd)))
 
@@ -447,6 +463,8 @@ def _load_data_yaml(yaml_path: str, split: str) -> dict:
         spec = yaml.safe_load(storage.read_text(yaml_path))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise SourceError(f"{yaml_path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except RecursionError:  # PyYAML recurses once per level
+        raise SourceError(f"{yaml_path}: not valid YAML (nested too deeply to parse)") from None
     except OSError as exc:
         raise SourceError(f"{yaml_path}: cannot read ({exc})") from None
     if not isinstance(spec, dict):
@@ -458,11 +476,15 @@ def _load_data_yaml(yaml_path: str, split: str) -> dict:
 
 
 def _yolo_names(yaml_path: str, names) -> dict[int, str]:
-    if isinstance(names, list) and all(isinstance(n, str) for n in names):
+    def is_name(value) -> bool:
+        return isinstance(value, str) and storage.is_utf8(value)
+
+    if isinstance(names, list) and all(is_name(n) for n in names):
         return dict(enumerate(names))
-    if isinstance(names, dict) and all(_is_int(k) and isinstance(v, str) for k, v in names.items()):
+    if isinstance(names, dict) and all(_is_int(k) and is_name(v) for k, v in names.items()):
         return dict(names)
-    raise SourceError(f"{yaml_path}: 'names' must be a list of names or a mapping {{index: name}}, got {names!r}"[:300])
+    raise SourceError(f"{yaml_path}: 'names' must be a list of names or a mapping {{index: name}} of valid Unicode "
+                      f"text, got {brief(names)}")
 
 
 def _under(base: str, relative: str) -> str:
@@ -480,10 +502,10 @@ def _yolo_image_root(yaml_path: str, spec: dict, split: str) -> str:
     if isinstance(spec.get("path"), str) and _info(_under(base, spec["path"])).kind == "dir":
         base = _under(base, spec["path"])  # relative `path:` resolved against the yaml's folder
     if not isinstance(spec[split], str):
-        raise SourceError(f"{yaml_path}: '{split}' must be one image directory, got {spec[split]!r}"[:300])
+        raise SourceError(f"{yaml_path}: '{split}' must be one image directory, got {brief(spec[split])}")
     image_root = _under(base, spec[split])
     if _info(image_root).kind != "dir":
-        raise SourceError(f"{yaml_path}: '{split}': image directory {spec[split]!r} not found under {base}")
+        raise SourceError(f"{yaml_path}: '{split}': image directory {brief(spec[split])} not found under {base}")
     return image_root
 
 
@@ -585,6 +607,9 @@ def _yolo_records(source: Source, layout: _YoloLayout) -> list[tuple[ImageRecord
     pairs = []
     for entry in layout.entries:
         file_name = _relative(layout.image_root, entry.path)
+        if not storage.is_utf8(file_name):  # its label file is not read either
+            source.skip_image(FILE_NAME_NOT_UTF8, file_name, None, "the name on disk is not UTF-8; not read")
+            continue
         if not _is_image(entry.path):
             extension = posixpath.splitext(entry.path)[1]
             source.skip_image(UNSUPPORTED_FILE, file_name, None, f"extension {extension!r} is not an image")

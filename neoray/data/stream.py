@@ -7,12 +7,34 @@ Each training worker builds its own stream, every epoch, from a plan that is a f
    (seed, epoch); their rows, concatenated in that order, are cut into one equal, contiguous range per
    rank (training drops the last ``rows % world_size`` rows, so every rank runs the same number of
    steps; evaluation gives every row to exactly one rank).
-2. ``chunk_dataset``: a Ray Data dataset with one row per chunk; ``map_batches`` reads the chunk's rows
-   from its Parquet file and decodes the JPEGs (``neoray.data.decode``), one Ray task per chunk, in
-   parallel on the cluster's CPUs. Rows leave in plan order (``preserve_order``).
-3. ``iter_train_batches`` / ``iter_eval_batches``, on the worker: pull the decoded chunks, mix the
-   images in a shuffle buffer seeded by (seed, epoch, rank), augment (``neoray.data.augment``, draws
-   seeded by (seed, epoch, rank, batch index)) and collate into a ``Batch``.
+2. ``encoded_dataset``: a Ray Data dataset with one row per chunk; ``map_batches`` reads the chunk's rows
+   from its Parquet file (``neoray.data.decode.read_encoded_chunk``), JPEGs still encoded, one Ray task
+   per chunk, in parallel on the cluster's CPUs. Rows leave in plan order (``preserve_order``).
+3. ``iter_train_batches``, on the worker: mix the rows (JPEG bytes and targets, a fraction of a decoded
+   image each) in a shuffle buffer seeded by (seed, epoch, rank), draw each batch's augmentation
+   (``neoray.data.augment.draw_batch``, seeded by (seed, epoch, rank, batch index)), move its boxes, and
+   have its pixels made where ``data.decode`` says:
+
+   ================================  ====================================  ==================================
+   work                              ``data.decode: cpu``                  ``data.decode: gpu``
+   ================================  ====================================  ==================================
+   read Parquet rows                 Ray Data tasks                        Ray Data tasks
+   shuffle buffer, draws, boxes      the training worker                   the training worker
+   JPEG decode                       one Ray task per batch (cv2)          the worker's device (nvJPEG)
+   multi-scale resize, flip, jitter  the same task (albumentations)        the worker's device (tensor ops)
+   collate into (B, 3, H, W) uint8   the same task                         the worker's device
+   ================================  ====================================  ==================================
+
+   The batch tasks run on the worker's node, up to ``decode_tasks`` at a time, their results taken in
+   order. ``iter_eval_batches``: with ``cpu`` the Ray Data tasks decode (``read_chunk``) and the worker
+   collates (and resizes, when asked); with ``gpu`` the worker decodes and resizes on its device.
+
+Why decoding moved out of the Ray Data tasks for training: at 1920x1080 a decoded image is 6 MB against
+0.2-0.4 MB of JPEG, and every decoded chunk went through the object store to the training worker, which
+then augmented and collated every image in its one process: one CPU core's worth of augmentation per
+worker, whatever the node had (README "Benchmarks" has the figures). A batch task does the decode, the
+augmentation and the CHW layout while each image is in cache, on any free core of the node, and only the
+finished batch crosses the object store; with ``gpu`` no decoded pixel crosses it at all.
 
 Why a plan of our own rather than Ray Train's dataset split: which rows reach which worker under
 ``streaming_split`` is decided at run time, and Ray Data's file shuffle is reseeded by how many passes a
@@ -26,18 +48,30 @@ boxes per image) and the train augmentation needs the whole batch at once to giv
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Iterator
 
 import numpy as np
 import ray
 import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from neoray import storage
 from neoray.config import DataConfig, parse_size
-from neoray.data.augment import TrainAugment, resize_factor, resize_image
-from neoray.data.decode import read_chunk
+from neoray.data.augment import (
+    BatchDraw,
+    augment_targets,
+    decode_augment_batch,
+    draw_batch,
+    resize_factor,
+    resize_image,
+    train_sizes,
+)
+from neoray.data.decode import check_targets, read_chunk, read_encoded_chunk
 from neoray.data.shards import read_manifest
+from neoray.data.tensor_augment import apply_draw, decode_jpegs, resize_images
 
 # Rows per read-and-decode task: big enough that task overhead stays small, small enough to use every
 # CPU and to start the first batch quickly.
@@ -126,12 +160,18 @@ def quiet_ray_data() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def chunk_dataset(chunks: list[dict]) -> ray.data.Dataset:
-    """The decoded rows of ``chunks``, in plan order, one Ray task per chunk."""
+def chunk_dataset(chunks: list[dict], read=read_chunk) -> ray.data.Dataset:
+    """The rows of ``chunks``, in plan order, one Ray task per chunk: decoded (``read_chunk``) or as stored
+    (``read_encoded_chunk``)."""
     ds = ray.data.from_items(chunks, override_num_blocks=max(1, len(chunks)))
-    ds = ds.map_batches(read_chunk, batch_format="numpy", batch_size=1)
+    ds = ds.map_batches(read, batch_format="numpy", batch_size=1)
     ds.context.execution_options.preserve_order = True  # rows leave in plan order
     return ds
+
+
+def encoded_dataset(chunks: list[dict]) -> ray.data.Dataset:
+    """The rows of ``chunks`` with their JPEGs still encoded, in plan order, one Ray task per chunk."""
+    return chunk_dataset(chunks, read_encoded_chunk)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -195,13 +235,9 @@ def _samples(columns: dict[str, np.ndarray]) -> list[dict]:
     return samples
 
 
-def collate(samples: list[dict]) -> Batch:
-    """Stack per-image samples (all one size) into a ``Batch``; scale/pad follow each sample's "factor"."""
-    shapes = {s["image"].shape for s in samples}
-    if len(shapes) != 1:
-        raise ValueError(f"collate: images of one batch must have one size, got {sorted(shapes)} "
-                         f"(image ids {[s['image_id'] for s in samples]})")
-    images = torch.from_numpy(np.stack([s["image"] for s in samples])).permute(0, 3, 1, 2).contiguous()
+def assemble(images: torch.Tensor, samples: list[dict]) -> Batch:
+    """A ``Batch`` of ``images`` (uint8 (B, 3, H, W), any device) and the samples' targets and mapping
+    (scale/pad follow each sample's "factor"); everything but the images stays on the CPU."""
     # torch.tensor copies: the per-image arrays may be read-only views of Ray's Arrow buffers.
     targets = [{
         "boxes": torch.tensor(s["boxes"], dtype=torch.float32).reshape(-1, 4),
@@ -219,10 +255,109 @@ def collate(samples: list[dict]) -> Batch:
     )
 
 
+def collate(samples: list[dict]) -> Batch:
+    """Stack per-image samples (all one size, "image" HWC uint8) into a ``Batch``."""
+    shapes = {s["image"].shape for s in samples}
+    if len(shapes) != 1:
+        raise ValueError(f"collate: images of one batch must have one size, got {sorted(shapes)} "
+                         f"(image ids {[s['image_id'] for s in samples]})")
+    images = torch.from_numpy(np.stack([s["image"] for s in samples])).permute(0, 3, 1, 2).contiguous()
+    return assemble(images, samples)
+
+
 def _iter_numpy(chunks: list[dict], batch_size: int | None, **options) -> Iterator[dict]:
     if not chunks:
         return iter(())
     return chunk_dataset(chunks).iter_batches(batch_size=batch_size, batch_format="numpy", **options)
+
+
+def _iter_encoded(chunks: list[dict], batch_size: int | None, **options) -> Iterator:
+    if not chunks:
+        return iter(())
+    return encoded_dataset(chunks).iter_batches(batch_size=batch_size, batch_format="pyarrow", **options)
+
+
+def _encoded_samples(table) -> list[dict]:
+    """Split one pyarrow batch of encoded rows into per-image dicts: the JPEG bytes, the row's size, the
+    targets (checked) and the letterbox mapping; "where" names the record in errors."""
+    columns = table.to_pydict()
+    samples = []
+    for i, image_id in enumerate(columns["image_id"]):
+        where = f"{columns['path'][i]}: image_id {image_id}"
+        samples.append({
+            "jpeg": columns["image"][i],
+            "width": int(columns["width"][i]),
+            "height": int(columns["height"][i]),
+            "where": where,
+            "boxes": check_targets(columns, i, where),
+            "labels": np.asarray(columns["labels"][i], dtype=np.int64).reshape(-1),
+            "iscrowd": np.asarray(columns["iscrowd"][i], dtype=bool).reshape(-1),
+            "areas": np.asarray(columns["areas"][i], dtype=np.float32).reshape(-1),
+            "image_id": int(image_id),
+            "scale": float(columns["scale"][i]),
+            "pad": (float(columns["pad_x"][i]), float(columns["pad_y"][i])),
+            "orig_size": (int(columns["orig_width"][i]), int(columns["orig_height"][i])),
+            "factor": 1.0,  # resize factor applied since the shard; scale and pad multiply by it
+        })
+    return samples
+
+
+def decode_on_device(samples: list[dict], device) -> torch.Tensor:
+    """The samples' JPEGs decoded as one batch on ``device`` (nvJPEG on CUDA): uint8 (B, 3, H, W)."""
+    decoded = decode_jpegs([s["jpeg"] for s in samples], device, [s["where"] for s in samples])
+    for sample, image in zip(samples, decoded):
+        if tuple(image.shape[1:]) != (sample["height"], sample["width"]):
+            raise ValueError(f"{sample['where']}: field 'image': decoded {image.shape[2]}x{image.shape[1]} but the "
+                             f"row says width x height = {sample['width']}x{sample['height']}")
+    if len({tuple(image.shape) for image in decoded}) > 1:
+        raise ValueError(f"{samples[0]['where']}: field 'image': images of one batch differ in size; a shard "
+                         "directory holds one size")
+    return torch.stack(decoded)
+
+
+def _device(device) -> torch.device:
+    """The device ``data.decode: gpu`` decodes on: the one given, else this process's GPU, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@lru_cache(maxsize=1)
+def _batch_task():
+    return ray.remote(decode_augment_batch)
+
+
+def decode_parallelism(workers_on_node: int = 1) -> int:
+    """Batch tasks one training stream keeps in flight (``data.decode: cpu``): this node's CPUs shared by
+    its ``workers_on_node`` training workers, plus one queued so that a core never waits for the next."""
+    if not ray.is_initialized():
+        ray.init()  # what Ray Data does on first use
+    here = ray.get_runtime_context().get_node_id()
+    cpus = next((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["NodeID"] == here), 2)
+    return max(2, int(cpus) // max(1, workers_on_node)) + 1
+
+
+def _task_batches(jobs: Iterator[tuple[list[dict], BatchDraw]], in_flight: int) -> Iterator[Batch]:
+    """``data.decode: cpu``: one Ray task per batch on this node, at most ``in_flight`` at once, in order."""
+    if not ray.is_initialized():
+        ray.init()  # what Ray Data does on first use
+    # Soft: on a node without a free CPU the task runs elsewhere rather than waiting.
+    task = _batch_task().options(num_cpus=1, scheduling_strategy=NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=True))
+    pending: deque = deque()
+    for samples, draw in jobs:
+        ref = task.remote([s["jpeg"] for s in samples], [(s["width"], s["height"]) for s in samples], draw,
+                          [s["where"] for s in samples])
+        pending.append((samples, ref))
+        if len(pending) >= in_flight:
+            yield _finished(*pending.popleft())
+    while pending:
+        yield _finished(*pending.popleft())
+
+
+def _finished(samples: list[dict], ref) -> Batch:
+    # np.array copies out of Ray's read-only shared memory: the batch is the caller's to modify.
+    return assemble(torch.from_numpy(np.array(ray.get(ref))), samples)
 
 
 def _shuffle_buffer(samples: Iterator[dict], size: int, rng: np.random.Generator) -> Iterator[dict]:
@@ -256,24 +391,39 @@ def _full_batches(samples: Iterator[dict], batch_size: int) -> Iterator[list[dic
             batch = []
 
 
+def _drawn_batches(samples: Iterator[dict], batch_size: int, data_cfg: DataConfig,
+                   seed_parts: tuple[int, int, int]) -> Iterator[tuple[list[dict], BatchDraw]]:
+    """Full batches with their draws (seeded by (seed, epoch, rank, batch index)) and moved targets."""
+    sizes = train_sizes(data_cfg)
+    for index, batch in enumerate(_full_batches(samples, batch_size)):
+        draw = draw_batch(sizes, data_cfg.hflip, data_cfg.color_jitter, len(batch),
+                          np.random.default_rng([*seed_parts, index]))
+        yield [augment_targets(s, draw.size, flip)[0] for s, flip in zip(batch, draw.flips)], draw
+
+
 def iter_train_batches(shard_set: ShardSet, batch_size: int, data_cfg: DataConfig, *, seed: int, epoch: int,
-                       rank: int = 0, world_size: int = 1, prefetch_batches: int = 2) -> Iterator[Batch]:
+                       rank: int = 0, world_size: int = 1, prefetch_batches: int = 2, device=None,
+                       decode_tasks: int | None = None) -> Iterator[Batch]:
     """Augmented training batches of this rank for this epoch (see the module docstring).
 
     Every rank yields ``(rows // world_size) // batch_size`` full batches (the rest is dropped). Rows
     are mixed by a shuffle buffer of ``data_cfg.shuffle_buffer`` rows seeded by (seed, epoch, rank); each
     batch is resized to one size drawn from ``data_cfg.multiscale`` and flipped/jittered per image with
-    draws seeded by (seed, epoch, rank, batch index)."""
-    augment = TrainAugment(data_cfg)
+    draws seeded by (seed, epoch, rank, batch index). ``data_cfg.decode``: ``cpu`` makes the pixels in
+    Ray tasks (``decode_tasks`` in flight, default ``decode_parallelism()``), ``gpu`` on ``device``
+    (default: this process's GPU, else the CPU), whose batches' images stay there."""
     chunks = epoch_plan(shard_set, epoch=epoch, rank=rank, world_size=world_size, seed=seed, equal=True,
                         max_rows=data_cfg.max_train_images)
-    blocks = _iter_numpy(chunks, None, prefetch_batches=prefetch_batches)  # whole decoded chunks, in plan order
-    samples = (sample for columns in blocks for sample in _samples(columns))
+    tables = _iter_encoded(chunks, None, prefetch_batches=prefetch_batches)  # whole chunks, in plan order
+    samples = (sample for table in tables for sample in _encoded_samples(table))
     mixed = _shuffle_buffer(samples, data_cfg.shuffle_buffer, np.random.default_rng(_seed(seed, epoch, rank)))
-    for index, batch in enumerate(_full_batches(mixed, batch_size)):
-        rng = np.random.default_rng([seed, epoch, rank, index])
-        augmented, _size, _dropped = augment(batch, rng)
-        yield collate(augmented)
+    jobs = _drawn_batches(mixed, batch_size, data_cfg, (seed, epoch, rank))
+    if data_cfg.decode == "gpu":
+        target = _device(device)
+        for batch, draw in jobs:
+            yield assemble(apply_draw(decode_on_device(batch, target), draw), batch)
+    else:
+        yield from _task_batches(jobs, decode_tasks or decode_parallelism())
 
 
 def train_rows_per_epoch(num_rows: int, max_rows: int = 0) -> int:
@@ -286,29 +436,48 @@ def train_batches_per_epoch(shard_set: ShardSet, batch_size: int, world_size: in
     return (train_rows_per_epoch(shard_set.num_rows, max_rows) // world_size) // batch_size
 
 
+def _resize_targets(samples: list[dict], target: tuple[int, int]) -> None:
+    """Evaluation at another size: each sample's boxes and "factor" follow the whole-image resize."""
+    for sample in samples:
+        h, w = sample["image"].shape[:2] if "image" in sample else (sample["height"], sample["width"])
+        sample["factor"] = resize_factor((w, h), target, sample["image_id"])
+        sample["boxes"] = sample["boxes"] * np.float32(sample["factor"])
+
+
 def iter_eval_batches(shard_set: ShardSet, batch_size: int, *, rank: int = 0, world_size: int = 1, size=None,
-                      prefetch_batches: int = 2) -> Iterator[Batch]:
+                      prefetch_batches: int = 2, decode: str = "cpu", device=None) -> Iterator[Batch]:
     """Evaluation batches of this rank: no augmentation, in manifest order, the last batch possibly short;
     over all ranks every image exactly once.
 
     Images keep the shard size unless ``size`` (W, H) is given: then the whole image is resized to it
     (16:9 to 16:9, a pure scale) and boxes, scale and pad follow, so ``(pixel - pad) / scale`` still maps
     back to original coordinates. No box is dropped: ground truth must stay complete for scoring.
+    ``decode``: ``cpu`` decodes in the Ray Data tasks; ``gpu`` on ``device`` (as in training), where the
+    images stay.
     """
     target = parse_size(size, "size") if size is not None else None
     chunks = epoch_plan(shard_set, epoch=0, rank=rank, world_size=world_size, seed=None, equal=False)
+    if decode == "gpu":
+        where = _device(device)
+        for table in _iter_encoded(chunks, batch_size, drop_last=False, prefetch_batches=prefetch_batches):
+            samples = _encoded_samples(table)
+            images = decode_on_device(samples, where)
+            if target is not None:
+                _resize_targets(samples, target)
+                images = resize_images(images, target)
+            yield assemble(images, samples)
+        return
     for columns in _iter_numpy(chunks, batch_size, drop_last=False, prefetch_batches=prefetch_batches):
         samples = _samples(columns)
         if target is not None:
+            _resize_targets(samples, target)
             for sample in samples:
-                h, w = sample["image"].shape[:2]
-                sample["factor"] = resize_factor((w, h), target, sample["image_id"])
                 sample["image"] = resize_image(sample["image"], target)
-                sample["boxes"] = sample["boxes"] * np.float32(sample["factor"])
         yield collate(samples)
 
 
 __all__ = [
-    "Batch", "ROWS_PER_TASK", "ShardSet", "chunk_dataset", "collate", "epoch_plan", "iter_eval_batches",
-    "iter_train_batches", "quiet_ray_data", "train_batches_per_epoch", "train_rows_per_epoch",
+    "Batch", "ROWS_PER_TASK", "ShardSet", "assemble", "chunk_dataset", "collate", "decode_on_device",
+    "decode_parallelism", "encoded_dataset", "epoch_plan", "iter_eval_batches", "iter_train_batches", "quiet_ray_data",
+    "train_batches_per_epoch", "train_rows_per_epoch",
 ]

@@ -213,7 +213,7 @@ def write_synthetic_dataset(out_dir, train: int = 256, val: int = 64, size=(320,
     """Write the dataset; returns ``{"root", "train_images", "train_annotations", "val_images",
     "val_annotations", "categories"}`` (paths: ``Path`` locally, ``str`` for a URI; and the COCO
     category list)."""
-    width, height = parse_size(size, "size", require_16_9=False)
+    width, height = parse_size(size, "size", require_16_9=False, bounded=True)
     if not 1 <= classes <= len(SHAPES):
         raise ValueError(f"classes must be between 1 and {len(SHAPES)}, got {classes}")
     if train < 0 or val < 0:

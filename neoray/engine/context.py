@@ -11,7 +11,6 @@ production runner), ``ReadyBatches`` hands out ready ``Batch``es (tests, benchma
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 from typing import Iterable, Protocol
@@ -21,15 +20,18 @@ import ray.train
 import ray.train.torch
 import torch
 
+from neoray import ray_compat
 from neoray.config import Config
 from neoray.data.stream import (
     ShardSet,
+    decode_parallelism,
     iter_eval_batches,
     iter_train_batches,
     quiet_ray_data,
     train_batches_per_epoch,
 )
 from neoray.distributed import barrier
+from neoray.engine.device import default_device
 
 
 class BatchSource(Protocol):
@@ -60,24 +62,34 @@ class TrainContext(Protocol):
 
 class ShardBatches:
     """This rank's batches from the config's shard directories (``neoray.data.stream``). The process
-    then runs Ray Data, whose progress output is kept out of its log (epochs, not data progress)."""
+    then runs Ray Data, whose progress output is kept out of its log (epochs, not data progress).
 
-    def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1):
+    ``device``: where ``data.decode: gpu`` decodes and augments (default: the device the loop trains on,
+    ``default_device``); ``workers_on_node``: the training workers sharing this node's CPUs for
+    ``data.decode: cpu``'s batch tasks."""
+
+    def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1, *, device: torch.device | None = None,
+                 workers_on_node: int = 1):
         quiet_ray_data()
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.device = device or default_device(cfg, 0)
+        self.workers_on_node = workers_on_node
         self.train_set = ShardSet.open(cfg.data.train)
         self.val_set = ShardSet.open(cfg.data.val) if cfg.data.val else None
         self.categories = self.train_set.categories
 
     def train(self, epoch: int) -> Iterable:
+        gpu = self.cfg.data.decode == "gpu"
         return iter_train_batches(self.train_set, self.cfg.train.batch_size, self.cfg.data, seed=self.cfg.train.seed,
-                                  epoch=epoch, rank=self.rank, world_size=self.world_size)
+                                  epoch=epoch, rank=self.rank, world_size=self.world_size, device=self.device,
+                                  decode_tasks=None if gpu else decode_parallelism(self.workers_on_node))
 
     def val(self) -> Iterable | None:
         if self.val_set is None:
             return None
         return iter_eval_batches(self.val_set, self.cfg.train.batch_size, rank=self.rank,
-                                 world_size=self.world_size, size=self.cfg.data.size)
+                                 world_size=self.world_size, size=self.cfg.data.size, decode=self.cfg.data.decode,
+                                 device=self.device)
 
     def micro_batches_per_epoch(self) -> int:
         return max(1, train_batches_per_epoch(self.train_set, self.cfg.train.batch_size, self.world_size,
@@ -105,15 +117,16 @@ class RayTrainContext:
     """``TrainContext`` on a Ray Train worker (``ray.train``)."""
 
     def __init__(self, cfg: Config):
-        # Ray Train logs two INFO lines per report from each worker (checkpoint created, result reported);
+        # Ray Train logs INFO lines and a TrainingReport(...) dump of every metric per report from each worker;
         # the run's log is one line per epoch (the controller's RunRecorder), warnings still pass.
-        logging.getLogger("ray.train").setLevel(logging.WARNING)
+        ray_compat.quiet_train_worker_logs()
         context = ray.train.get_context()
         self.world_rank = context.get_world_rank()
         self.world_size = context.get_world_size()
         self.local_rank = context.get_local_rank()
         self.device = ray.train.torch.get_device()
-        self.data = ShardBatches(cfg, self.world_rank, self.world_size)
+        self.data = ShardBatches(cfg, self.world_rank, self.world_size, device=self.device,
+                                 workers_on_node=context.get_local_world_size())
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None

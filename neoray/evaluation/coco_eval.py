@@ -264,9 +264,18 @@ class CocoEvaluator:
         if self.gt_json is None:
             return COCO(build_gt_dataset(merged, self.categories))
         try:
-            coco_gt = COCO(storage.read_json(self.gt_json))
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            gt = storage.read_json(self.gt_json)
+        except storage.JSONError as exc:  # names the file
+            raise ValueError(str(exc)) from None
+        except UnicodeDecodeError as exc:
             raise ValueError(f"{self.gt_json}: not a COCO annotation file ({exc})") from None
+        if not isinstance(gt, dict):
+            raise ValueError(f"{self.gt_json}: not a COCO annotation file (a JSON {type(gt).__name__}, not an object)")
+        try:
+            coco_gt = COCO(gt)
+        except (ValueError, KeyError, TypeError, AssertionError) as exc:
+            raise ValueError(f"{self.gt_json}: not a COCO annotation file ({type(exc).__name__}: "
+                             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
         missing = sorted(set(merged["images"][:, 0].tolist()) - set(coco_gt.getImgIds()))
         if missing:
             raise ValueError(f"{self.gt_json}: {len(missing)} evaluated image ids are not in the annotation file "

@@ -78,8 +78,8 @@ def make_anchors(
     anchors = torch.cat(anchors, dim=0)[None]
     eps = 0.01
     valid = ((anchors > eps) & (anchors < 1 - eps)).all(-1, keepdim=True)
-    valid &= anchors[..., 0:1] < valid_fraction[0]
-    valid &= anchors[..., 1:2] < valid_fraction[1]
+    # Out of place: ONNX export (TorchScript tracing) has no symbolic for the in-place aten::__iand_.
+    valid = valid & (anchors[..., 0:1] < valid_fraction[0]) & (anchors[..., 1:2] < valid_fraction[1])
     logits = torch.log(anchors / (1 - anchors))
     # Invalid anchors get a huge logit instead of inf so that arithmetic on them stays finite.
     logits = torch.where(valid, logits, torch.full_like(logits, math.log(1e4)))

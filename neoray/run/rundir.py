@@ -1,7 +1,10 @@
 """A run directory, local or on shared/object storage, and the files in it.
 
 ``OUTPUT/NAME`` (NAME: ``cfg.name``, or the config file's stem plus ``-2``, ``-3``... when that run
-already exists; an existing run is only continued with ``--resume``)::
+already exists; an existing run is only continued with ``--resume``). Two runs started at once never
+share a directory: a local one (a shared mount too) is created exclusively; object storage has no
+exclusive create, so each run writes a claim object of its own and keeps the name only when its claim
+is alone there (two runs that claim at once both move on)::
 
     config.yaml        the resolved config
     metrics.csv/.json  one row per reported epoch, rewritten after each report (metrics.json also keeps
@@ -21,6 +24,9 @@ import io
 import json
 import os
 import platform
+import random
+import time
+import uuid
 from typing import Any
 
 from neoray import storage
@@ -29,6 +35,8 @@ from neoray.engine import ranking
 from neoray.models.pretrained.checkpoint import read_pointers
 
 RAY_DIR = "ray"
+CLAIM_PREFIX = ".neoray-claim-"  # object storage: the marker a run writes to take a run directory's name
+MAX_NAMES = 10000  # stem, stem-2, ... stem-10000: then the config's name must be chosen
 
 
 class RunDirError(ValueError):
@@ -41,17 +49,43 @@ def new_run_dir(cfg: Config, config_path: str | None, output: str | None = None)
     root = storage.absolute(output or cfg.output)
     if cfg.name:
         run_dir = storage.join(root, cfg.name)
-        if storage.exists(run_dir):
+        if not _claim(run_dir):
             raise RunDirError(f"run directory {run_dir} already exists; continue it with --resume {run_dir} "
                               f"or choose another name=")
-    else:
-        stem = os.path.splitext(storage.basename(config_path))[0] if config_path else "run"
-        run_dir, counter = storage.join(root, stem), 1
-        while storage.exists(run_dir):
-            counter += 1
-            run_dir = storage.join(root, f"{stem}-{counter}")
-    storage.makedirs(run_dir)
-    return run_dir
+        return run_dir
+    stem = os.path.splitext(storage.basename(config_path))[0] if config_path else "run"
+    for counter in range(1, MAX_NAMES + 1):
+        run_dir = storage.join(root, stem if counter == 1 else f"{stem}-{counter}")
+        if _claim(run_dir):
+            return run_dir
+    raise RunDirError(f"{root} holds {MAX_NAMES} runs named {stem}, {stem}-2, ...; choose a name=")
+
+
+def _claim(run_dir: str) -> bool:
+    """Create ``run_dir`` for this run alone: True, or False when it exists or another run took it."""
+    local = storage.local_path(run_dir)
+    if local is not None:
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
+            os.mkdir(local)  # atomic, on a shared mount too: exactly one of two runs creates it
+        except FileExistsError:
+            if os.path.isdir(os.path.dirname(os.path.abspath(local))):
+                return False
+            raise storage.StorageError(f"{run_dir}: cannot create the run directory (a file is in the way)") from None
+        except OSError as exc:
+            raise storage.StorageError(f"{run_dir}: cannot create the run directory ({exc.strerror or exc})") from None
+        return True
+    if storage.exists(run_dir):
+        return False
+    claim = CLAIM_PREFIX + uuid.uuid4().hex
+    storage.write_bytes(storage.join(run_dir, claim), b"")
+    # Listings are strongly consistent (S3, GCS): of two runs that each see only their own claim, one would
+    # have listed before the other wrote, and the other would have seen both.
+    if [entry.name for entry in storage.list_dir(run_dir)] == [claim]:
+        return True
+    storage.remove(storage.join(run_dir, claim))
+    time.sleep(random.uniform(0.0, 0.2))  # two runs that collided then look at the next name at other times
+    return False
 
 
 def existing_run_dir(path: str) -> str:

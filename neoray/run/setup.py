@@ -2,10 +2,11 @@
 
 ``prepare_config``: every path a config names is made absolute against the caller's working directory
 (Ray workers and trials run elsewhere), and everything that can be checked without Ray is checked, each
-failure one line: the model name and options, the weight files, the shard manifests (training and
-validation from the same category list, a validation set with boxes to score). Pretrained weights bring
-their conventions (input normalisation, position embedding) into ``model.options``, so the resolved
-config, and every checkpoint made from it, rebuilds the model exactly.
+failure one line: the output folder (not a file), the model name and options, the weight files (read as
+the workers will read them: a truncated file or ``/dev/zero`` is refused here, not inside Ray), the shard
+manifests (training and validation from the same category list, a validation set with boxes to score).
+Pretrained weights bring their conventions (input normalisation, position embedding) into
+``model.options``, so the resolved config, and every checkpoint made from it, rebuilds the model exactly.
 
 ``check_cluster``: the run fits the connected cluster (neoray.cluster.plan_trials), and on a cluster of
 several nodes every path the workers need is one they can all reach.
@@ -13,24 +14,34 @@ several nodes every path the workers need is one they can all reach.
 
 from __future__ import annotations
 
+import os
+
 from neoray import storage
 from neoray.cluster import ClusterInfo, check_visible_on_all_nodes, plan_trials
-from neoray.config import Config, ConfigError, load_config
+from neoray.config import Config, ConfigError, brief, load_config
 from neoray.data.shards import ManifestError, read_manifest
 from neoray.data.stream import train_rows_per_epoch
-from neoray.models import PretrainedError, check_model, describe_pretrained, model_options
+from neoray.models import PretrainedError, check_model, describe_pretrained, model_options, read_torch_file
 from neoray.models.pretrained.checkpoint import CheckpointError, resolve_checkpoint
+from neoray.models.pretrained.files import check_safetensors, huggingface_files
 from neoray.models.pretrained.load import kept_class_names
 
 
-def prepare_config(cfg: Config, output: str | None = None) -> Config:
+def prepare_config(cfg: Config, output: str | None = None, *, resume: bool = False) -> Config:
     """A copy of ``cfg`` with absolute paths and pretrained conventions, checked (ConfigError, one line).
-    ``output``: the command line's ``--output``, which replaces ``cfg.output``."""
-    updates = {"output": storage.absolute(output or cfg.output),
+    ``output``: the command line's ``--output``, which replaces ``cfg.output``. ``resume``: the run
+    continues from a checkpoint, which brings every weight: ``model.backbone_weights`` is not read."""
+    out = storage.absolute(output or cfg.output)
+    check_output_dir(out, "--output" if output else "output")
+    updates = {"output": out,
                "data.train": storage.absolute(cfg.data.train), "data.val": storage.absolute(cfg.data.val)}
     weights = cfg.model.backbone_weights
     if weights not in ("", "none", "imagenet"):
-        updates["model.backbone_weights"] = _existing(weights, "model.backbone_weights")
+        if resume:
+            updates["model.backbone_weights"] = storage.absolute(weights)
+        else:
+            updates["model.backbone_weights"] = _existing(weights, "model.backbone_weights")
+            _check_backbone_file(updates["model.backbone_weights"])
     if cfg.model.init_from:
         try:
             updates["model.init_from"] = resolve_checkpoint(_existing(cfg.model.init_from, "model.init_from"))
@@ -39,7 +50,7 @@ def prepare_config(cfg: Config, output: str | None = None) -> Config:
     cfg = cfg.with_overrides(updates)
     _check_data(cfg)
     cfg = _with_pretrained_options(cfg)
-    _check_model(cfg)
+    _check_model(cfg, with_weights=not resume)
     return cfg
 
 
@@ -48,6 +59,37 @@ def _existing(path: str, key: str) -> str:
     if not storage.exists(path):
         raise ConfigError(f"{key}: {path} not found")
     return path
+
+
+def _check_backbone_file(path: str) -> None:
+    """Read ``model.backbone_weights`` as the workers will (weights-only; a Hugging Face model's safetensors
+    header), so that a file that cannot be read is one line here rather than a failed run inside Ray."""
+    try:
+        hf = huggingface_files(path)
+        if hf is not None:
+            check_safetensors(hf[0])
+        else:
+            read_torch_file(path)  # regular files of bounded size only: never /dev/zero or a FIFO
+    except (PretrainedError, OSError) as exc:
+        raise ConfigError(f"model.backbone_weights: {exc}") from None
+
+
+def check_output_dir(path: str, key: str = "--output") -> None:
+    """Refuse (ConfigError, one line) a local output folder that is a file or lies under one. Object
+    storage has no such conflict: a key and a prefix of the same name live side by side."""
+    local = storage.local_path(path)
+    if local is None:
+        return
+    probe = os.path.abspath(local)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            return
+        probe = parent
+    if os.path.isdir(probe):
+        return
+    where = "is a file" if probe == os.path.abspath(local) else f"is under {probe}, a file"
+    raise ConfigError(f"{key}: {path} {where}; give a folder for the runs")
 
 
 def _check_data(cfg: Config) -> None:
@@ -91,12 +133,14 @@ def check_resume(cfg: Config, run_dir: str, log=None) -> None:
     changed = sorted(key for key in saved.keys() | given.keys() if saved.get(key) != given.get(key))
     refused = [key for key in changed if key not in RESUMABLE_CHANGES]
     if refused:
-        shown = ", ".join(f"{key} ({saved.get(key)!r} -> {given.get(key)!r})" for key in refused[:3])
+        shown = ", ".join(f"{key} ({brief(saved.get(key), 200)} -> {brief(given.get(key), 200)})"
+                          for key in refused[:3])
         more = f" and {len(refused) - 3} more" if len(refused) > 3 else ""
         raise ConfigError(f"--resume: the config differs from the run's own {saved_path} in {shown}{more}; "
                           "resume with the run's config.yaml, or start a new run with model.init_from=RUN_DIR")
     if changed and log:
-        log("resuming with " + ", ".join(f"{key}={given.get(key)!r} (was {saved.get(key)!r})" for key in changed))
+        log("resuming with " + ", ".join(f"{key}={brief(given.get(key), 200)} (was {brief(saved.get(key), 200)})"
+                                         for key in changed))
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -124,9 +168,9 @@ def _label_ids(categories: list) -> list:
     return sorted((int(c["label"]), int(c["id"])) for c in categories)
 
 
-def _check_model(cfg: Config) -> None:
+def _check_model(cfg: Config, with_weights: bool = True) -> None:
     try:
-        check_model(cfg.model.name, model_options(cfg.model))
+        check_model(cfg.model.name, model_options(cfg.model, with_weights=with_weights))
     except ValueError as exc:
         raise ConfigError(f"model: {exc}") from None
 
@@ -155,29 +199,33 @@ def pretrained_class_rows(cfg: Config) -> list[str]:
     return kept_class_names(_describe(cfg.model.init_from), ours)
 
 
-def needed_everywhere(cfg: Config, output_dir: str) -> dict[str, str]:
+def needed_everywhere(cfg: Config, output_dir: str, resume: bool = False) -> dict[str, str]:
     """The paths every node must reach, by the key a user would change: what the workers read, and the
-    directory Ray Train stores checkpoints in."""
+    directory Ray Train stores checkpoints in. ``resume``: the run continues from a checkpoint, and its
+    workers do not read ``model.backbone_weights``."""
     paths = {"data.train": cfg.data.train, "data.val": cfg.data.val, "--output": output_dir,
              "model.init_from": cfg.model.init_from}
-    if cfg.model.backbone_weights not in ("", "none", "imagenet"):
+    if cfg.model.backbone_weights not in ("", "none", "imagenet") and not resume:
         paths["model.backbone_weights"] = cfg.model.backbone_weights
     return {key: path for key, path in paths.items() if path}
 
 
 def check_cluster(cfg: Config, info: ClusterInfo, output_dir: str, *, gpus_per_worker: float | None = None,
-                  max_concurrent: int | None = 1, autoscale: bool = False, sweep: bool = True):
+                  max_concurrent: int | None = 1, autoscale: bool = False, sweep: bool = True, resume: bool = False):
     """Refuse (ConfigError, one line) what cannot run on the connected cluster; returns the resource plan
-    (of each sweep trial, or of the one run of ``neoray train`` with ``sweep=False``)."""
+    (of each sweep trial, or of the one run of ``neoray train`` with ``sweep=False``). ``output_dir``, where
+    the run or the sweep writes, must not be a file or lie under one."""
+    check_output_dir(output_dir)
     plan = plan_trials(cfg, gpus_per_worker, max_concurrent, autoscale=autoscale, sweep=sweep)
     if info.nodes > 1:
-        check_visible_on_all_nodes(needed_everywhere(cfg, output_dir))
+        check_visible_on_all_nodes(needed_everywhere(cfg, output_dir, resume))
     return plan
 
 
 __all__ = [
     "check_batches",
     "check_cluster",
+    "check_output_dir",
     "check_resume",
     "needed_everywhere",
     "prepare_config",

@@ -34,6 +34,7 @@ from neoray.run.rundir import (
     write_summary,
 )
 from neoray.run.setup import pretrained_class_rows
+from neoray.run.tracking import RunTracker
 
 TENSORBOARD_DIR = "tensorboard"
 TENSORBOARD_KEYS = ("loss", "lr", "map", "map50", "images_per_s", "peak_mem_mb", ranking.SCORE)
@@ -42,12 +43,15 @@ TENSORBOARD_KEYS = ("loss", "lr", "map", "map50", "images_per_s", "peak_mem_mb",
 class RunRecorder(ray.train.UserCallback):
     """Ray Train callback (runs in the Train controller, on the driver's node): appends rank 0's
     aggregated metrics to the run's history, rewrites metrics.csv/json, records the latest and the
-    best checkpoint (ranking.best, the order Ray keeps them in), writes TensorBoard events and prints
-    one line per epoch."""
+    best checkpoint (ranking.best, the order Ray keeps them in), writes TensorBoard events, prints
+    one line per epoch and hands the row to the driver's experiment trackers (``feed``: a Ray queue that
+    neoray.run.tracking.RunTracker reads; this callback runs in the controller's process, the tracker runs
+    belong to the driver)."""
 
-    def __init__(self, run_dir: str, verbose: bool = True):
+    def __init__(self, run_dir: str, verbose: bool = True, feed=None):
         self.run_dir = run_dir
         self.verbose = verbose
+        self.feed = feed
         self._events_dir: str | None = None
         self._writer = None
 
@@ -59,6 +63,8 @@ class RunRecorder(ray.train.UserCallback):
         if checkpoint is not None:
             self._record_checkpoint(row, history, checkpoint.path)
         self._write_events(row)
+        if self.feed is not None:
+            self.feed.put(row)
         if self.verbose:
             print(epoch_line(row), flush=True)
 
@@ -108,24 +114,28 @@ def build_trainer(cfg: Config, storage_path: str, *, resume_from: str | None = N
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute=ranking.SCORE, checkpoint_score_order=ranking.MODE),
             callbacks=callbacks,
+            logging_config=ray_compat.train_logging_config(),  # Ray Train's INFO lines off the console
         ),
     )
 
 
 def train(cfg: Config, *, config_path: str | None = None, output: str | None = None,
-          resume_dir: str | None = None, hooks=None, verbose: bool = True) -> dict:
+          resume_dir: str | None = None, hooks=None, verbose: bool = True, track: list | None = None) -> dict:
     """Run ``cfg`` to the end on the connected Ray cluster; returns the summary (also written).
 
     ``cfg`` must have been through ``neoray.run.setup.prepare_config`` (absolute paths, checked
     files) and the cluster through ``setup.check_cluster``. ``resume_dir``: continue that run (its Ray
-    storage and its latest checkpoint) instead of a new one.
+    storage and its latest checkpoint) instead of a new one. ``track``: experiment trackers
+    (``neoray.run.tracking.parse_track``), whose runs get every epoch and the summary.
     """
     run_dir = existing_run_dir(resume_dir) if resume_dir else new_run_dir(cfg, config_path, output)
     save_config(cfg, storage.join(run_dir, "config.yaml"))
     if verbose:
         print(f"neoray train: run directory {run_dir}", flush=True)
+    tracker = RunTracker.start(track, run_dir, cfg, resume=bool(resume_dir)) if track else None
     latest = read_pointers(run_dir).get("latest") if resume_dir else None
-    trainer = build_trainer(cfg, run_dir, hooks=hooks, callbacks=[RunRecorder(run_dir, verbose)],
+    recorder = RunRecorder(run_dir, verbose, feed=tracker.feed if tracker else None)
+    trainer = build_trainer(cfg, run_dir, hooks=hooks, callbacks=[recorder],
                             resume_from=storage.join(run_dir, latest["path"]) if latest else None)
     start = time.perf_counter()
     error = None
@@ -143,6 +153,8 @@ def train(cfg: Config, *, config_path: str | None = None, output: str | None = N
         stop_reason = (history[-1].get("stop_reason") if history else "") or "completed"
     summary = write_summary(run_dir, cfg, history, time.perf_counter() - start, stop_reason,
                             pretrained_classes=_pretrained_classes(cfg))
+    if tracker is not None:
+        tracker.finish(summary)
     if error is not None:
         raise error
     return summary

@@ -56,7 +56,8 @@ def trial_ended(trial, asha_stopped: dict) -> bool:
     return trial.status == "ERROR" or str(trial) in asha_stopped or bool((trial.last_result or {}).get("done"))
 
 
-def _status(trial, asha_stopped: dict) -> str:
+def trial_status(trial, asha_stopped: dict) -> str:
+    """How a trial ended, as the results table and the trackers name it."""
     if trial.status == "ERROR":
         return "errored"
     if not trial_ended(trial, asha_stopped):
@@ -99,7 +100,7 @@ def collect_rows(trials: list, sweep_dir: str, space_params, meta: dict | None =
         name = str(trial)
         history = load_history(sweep_dir, name)
         last = history[-1] if history else {}
-        row = {"trial": name, "status": _status(trial, asha_stopped)}
+        row = {"trial": name, "status": trial_status(trial, asha_stopped)}
         for param in space_params:
             row[param] = trial.config.get(param)
         if (meta.get("lr_scaling") or {}).get("rule", "none") != "none":
@@ -303,5 +304,6 @@ def _params_from_text(row: dict, space_params: dict) -> dict | None:
 __all__ = [
     "TRUST_FILE", "asha_rungs", "best_row", "collect_rows", "export_best_config", "finite_number", "format_value",
     "load_history", "measure_trust", "read_asha_stopped", "read_asha_stopped_file", "read_sweep_record",
-    "read_trial_rows", "rows_to_csv", "rows_to_markdown", "sweep_interrupted", "trial_ended", "warm_start_record",
+    "read_trial_rows", "rows_to_csv", "rows_to_markdown", "sweep_interrupted", "trial_ended", "trial_status",
+    "warm_start_record",
 ]

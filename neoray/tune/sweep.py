@@ -10,6 +10,8 @@ storage (``--output s3://bucket/sweeps``)::
                           events, checkpoints; the per-epoch history that ``neoray report`` reads
     trials/trial_0001/    the TorchTrainer run of a multi-worker trial (its own checkpoints)
     asha_stopped.json     trials the ASHA scheduler stopped before max_t (its own decisions)
+    optuna.db             the Optuna study, written while the sweep runs (neoray.tune.study; not with
+                          --optuna-storage URL, whose database holds it)
     trials.csv, trials.md the results table; best_config.yaml the best trial as a training config (only
                           when every trial ended: an interrupted sweep writes a partial table, no best config)
 """
@@ -32,6 +34,7 @@ from neoray.data.demo import ensure_default_data
 from neoray.data.shards import read_manifest
 from neoray.engine import ranking
 from neoray.run.setup import check_batches, check_cluster, needed_everywhere, prepare_config
+from neoray.run.tracking import parse_track
 from neoray.tune.results import (
     asha_rungs,
     best_row,
@@ -57,6 +60,17 @@ from neoray.tune.space import (
     parse_batch,
     points_to_evaluate,
 )
+from neoray.tune.study import (
+    StudySearch,
+    check_resume_storage,
+    finish_study,
+    new_study,
+    redact,
+    resume_study,
+    searcher_arguments,
+    study_callbacks,
+)
+from neoray.tune.tracking import finish_tracking, resume_tracking, start_tracking, tracking_callbacks
 from neoray.tune.trainable import release_worker_pgs, sweep_trainable, trial_record_path
 
 SCORE, MODE = ranking.SCORE, ranking.MODE
@@ -82,6 +96,8 @@ class SweepOptions:
     reduction_factor: float | None = None
     max_failures: int = 2  # retries of a failed trial before it is reported as errored
     address: str | None = None  # the Ray cluster (neoray.cluster's policy)
+    track: list[str] = field(default_factory=list)  # experiment trackers (neoray.run.tracking.parse_track)
+    optuna_storage: str | None = None  # a database URL for the study (None: SWEEP_DIR/optuna.db)
     hooks: object = None  # a TrainHooks for every trial (tests); not recorded in sweep.json
 
     @property
@@ -222,17 +238,17 @@ def _setup(cfg: Config, opts: SweepOptions, meta: dict) -> dict:
             "hooks": opts.hooks}
 
 
-def _searcher(cfg: Config, space: SearchSpace, meta: dict) -> OptunaSearch:
+def _searcher(cfg: Config, space: SearchSpace, meta: dict, study: dict | None = None) -> OptunaSearch:
     """OptunaSearch with the space's sampler, seeded; the warm start's configurations first, then the
-    config's own values and the space file's points."""
+    config's own values and the space file's points. ``study``: its storage and study name (neoray.tune.study)."""
     if space.sampler == "random":
         sampler = optuna.samplers.RandomSampler(seed=space.seed)
     else:
         sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=space.startup_trials)
     own = points_to_evaluate(cfg, space)
     warm = [{**own[0], **w["params"]} for w in meta.get("warm_start", {}).get("trials", [])]
-    return OptunaSearch(space=optuna_distributions(space), metric=SCORE, mode=MODE, points_to_evaluate=warm + own,
-                        sampler=sampler)
+    return StudySearch(space=optuna_distributions(space), metric=SCORE, mode=MODE, points_to_evaluate=warm + own,
+                       sampler=sampler, **(study or {}))
 
 
 def _build_tuner(cfg: Config, space: SearchSpace, opts: SweepOptions, resources: TrialResources, meta: dict):
@@ -244,7 +260,8 @@ def _build_tuner(cfg: Config, space: SearchSpace, opts: SweepOptions, resources:
     return tune.Tuner(
         _trainable(resources, _setup(cfg, opts, meta)),
         tune_config=tune.TuneConfig(
-            metric=SCORE, mode=MODE, search_alg=_searcher(cfg, space, meta), scheduler=scheduler,
+            metric=SCORE, mode=MODE, scheduler=scheduler,
+            search_alg=_searcher(cfg, space, meta, searcher_arguments(sweep_dir, opts.name, opts.optuna_storage)),
             num_samples=space.num_samples, max_concurrent_trials=resources.max_concurrent,
             trial_name_creator=trial_name, trial_dirname_creator=trial_name,
             # Direct path: a finished trial's actor (imports done, Ray Data workers warm) runs the next
@@ -257,7 +274,8 @@ def _build_tuner(cfg: Config, space: SearchSpace, opts: SweepOptions, resources:
             name=opts.name, storage_path=storage.parent(sweep_dir),
             failure_config=tune.FailureConfig(max_failures=opts.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[ReleaseTrainPlacementGroups(sweep_dir), AnnounceTrials()],
+            callbacks=[ReleaseTrainPlacementGroups(sweep_dir), AnnounceTrials(),
+                       *study_callbacks(meta.get("optuna"), sweep_dir), *tracking_callbacks(meta, sweep_dir)],
             progress_reporter=_progress_reporter(space),
             verbose=1,  # the trial table and experiment messages, not every result of every trial
         ),
@@ -297,12 +315,16 @@ def _start(opts: SweepOptions):
         # The restored sweep keeps its own config, space and resources (Tune's saved state).
         meta = read_sweep_record(sweep_dir)
         cfg, resources = from_dict(meta.get("base_config")), _resources(meta, meta_path)
+        check_resume_storage(meta.get("optuna"), opts.optuna_storage)
+        resume_study(meta.get("optuna"), sweep_dir)  # before Tune restores the searcher that writes to it
+        resume_tracking(meta, opts.track)
         info = connect(opts.address, log=_log)
         if info.nodes > 1:
             check_visible_on_all_nodes(needed_everywhere(cfg, sweep_dir))
         tuner = tune.Tuner.restore(sweep_dir, trainable=_trainable(resources, _setup(cfg, opts, meta)),
                                    resume_unfinished=True, resume_errored=True)
         return cfg, resources, meta, tuner
+    track = parse_track(opts.track)  # a tracker that is not installed fails before anything starts
     cfg, space = resolve_config(opts), resolve_space(opts)
     check_space_against_config(space, cfg)
     _check_space_batches(cfg, space)
@@ -312,6 +334,9 @@ def _start(opts: SweepOptions):
     resources = check_cluster(cfg, info, sweep_dir, gpus_per_worker=opts.gpus_per_worker,
                               max_concurrent=opts.max_concurrent, autoscale=opts.autoscale)
     meta = _new_sweep_record(cfg, space, opts, resources)
+    meta["options"]["optuna_storage"] = redact(opts.optuna_storage)
+    meta["optuna"] = new_study(sweep_dir, opts.name, opts.optuna_storage)
+    meta["tracking"] = start_tracking(track, meta, sweep_dir)
     storage.write_json(meta_path, meta, indent=2)
     return cfg, resources, meta, _build_tuner(cfg, space, opts, resources, meta)
 
@@ -351,6 +376,8 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
          f"{cfg.train.workers} worker(s) per trial, {path}")
     _log(f"ASHA stops trials early on '{SCORE}' (max; {ranking.SCORE_DOC}) at {meta['asha']['time_attr']} "
          f"rungs {meta['rungs']}")
+    if meta.get("optuna"):
+        _log(f"Optuna study '{meta['optuna']['study_name']}', live: {meta['optuna']['dashboard']}")
     # Tune catches Ctrl-C itself and returns from fit() as if the sweep had ended (see trial_ended).
     trials = ray_compat.tune_trials(tuner.fit())
     asha_stopped = read_asha_stopped(sweep_dir)
@@ -364,7 +391,10 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
     storage.write_text(storage.join(sweep_dir, "trials.csv"), rows_to_csv(rows))
     storage.write_text(storage.join(sweep_dir, "trials.md"), table)
     print("\n" + table, flush=True)
-    return _finish(cfg, opts, meta, rows, interrupted)
+    result = _finish(cfg, opts, meta, rows, interrupted)
+    finish_study(meta.get("optuna"), sweep_dir, opts.optuna_storage, interrupted)
+    finish_tracking(meta, sweep_dir, rows, result.best, interrupted)
+    return result
 
 
 def _log_trust(sweep_dir: str, meta: dict, rows: list[dict]) -> None:

@@ -90,8 +90,10 @@ def read_pointers(run_dir: str) -> dict:
         pointers = storage.read_json(file)
     except FileNotFoundError:
         return {}
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise CheckpointError(f"{file}: not valid JSON ({type(exc).__name__})") from None
+    except storage.JSONError as exc:  # names the file
+        raise CheckpointError(str(exc)) from None
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{file}: not valid JSON ({exc})") from None
     return pointers if isinstance(pointers, dict) else {}
 
 

@@ -4,7 +4,8 @@ it needs, its classes) and its tensors under the format's own names (``Pretraine
 ``open_pretrained(path)`` tells the format from the file itself, never from its name: a Hugging Face
 folder (``model.safetensors`` + ``config.json``), a neoray checkpoint (``"format": "neoray-checkpoint"``)
 or a reference RT-DETR ``.pth`` (``{"model": ...}`` or ``{"ema": {"module": ...}}``). The preset and its
-options are inferred from the tensors' names and shapes (reference) or ``config.json`` (Hugging Face).
+options are inferred from the tensors' names and shapes (reference) or ``config.json`` (Hugging Face),
+whose every size is checked against ``HF_LIMITS`` before anything is built from it.
 """
 
 from __future__ import annotations
@@ -16,9 +17,16 @@ from dataclasses import dataclass, field
 import torch
 
 from neoray import storage
+from neoray.config import brief
 from neoray.models.pretrained.checkpoint import FILE_NAME, is_neoray_checkpoint
 from neoray.models.pretrained.coco import COCO_CATEGORIES, COCO_CLASS_NAMES
-from neoray.models.pretrained.files import PretrainedError, huggingface_files, read_safetensors, read_torch_file
+from neoray.models.pretrained.files import (
+    PretrainedError,
+    check_safetensors,
+    huggingface_files,
+    read_safetensors,
+    read_torch_file,
+)
 from neoray.models.registry import PRESETS, accepted_options
 
 FORMATS = ("neoray", "reference", "huggingface")
@@ -32,6 +40,18 @@ def placeholder_names(count: int) -> list[str]:
     """Names for classes a checkpoint does not name; never matched to the user's classes by name."""
     return [f"class_{i}" for i in range(count)]
 
+
+# The (least, largest) value config.json may declare for each size. The published RT-DETRs use d_model 256,
+# feed-forward widths of 1024-2048, 300 queries, 3-6 decoder layers, 8 heads, 4 points, 100 denoising
+# queries and 80 classes; the bounds leave ample room and still refuse what would allocate gigabytes when
+# the model is built (d_model 10^9 asks for 512 GB).
+HF_LIMITS = {
+    "d_model": (1, 4096), "encoder_hidden_dim": (1, 4096), "encoder_attention_heads": (1, 64),
+    "encoder_ffn_dim": (1, 16384), "num_queries": (1, 10000), "decoder_layers": (1, 64),
+    "decoder_attention_heads": (1, 64), "decoder_ffn_dim": (1, 16384), "decoder_n_points": (1, 64),
+    "num_denoising": (0, 10000), "num_labels": (1, 100000),
+}
+HF_FLOAT_LIMITS = {"hidden_expansion": (1e-3, 16.0), "label_noise_ratio": (0.0, 1.0), "box_noise_scale": (0.0, 100.0)}
 
 # PResNet depth from (blocks per stage, bottleneck?) as the tensors show them.
 _RESNET_VD = {((2, 2, 2, 2), False): 18, ((3, 4, 6, 3), False): 34, ((3, 4, 6, 3), True): 50,
@@ -215,29 +235,89 @@ def _open_reference(path: str, obj: dict) -> PretrainedFile:
 # --- Hugging Face -------------------------------------------------------------------------------------
 
 
-def _open_huggingface(path: str, weights: str, config_path: str, with_tensors: bool = True) -> PretrainedFile:
+def _hf_int(config_path: str, config: dict, key: str, default: int) -> int:
+    value = config.get(key, default)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PretrainedError(f"{config_path}: {key} must be an integer, got {brief(value)}")
+    low, high = HF_LIMITS[key]
+    if not low <= value <= high:
+        raise PretrainedError(f"{config_path}: {key} {value} is outside [{low}, {high}], what neoray builds")
+    return value
+
+
+def _hf_float(config_path: str, config: dict, key: str, default: float) -> float:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PretrainedError(f"{config_path}: {key} must be a number, got {brief(value)}")
+    low, high = HF_FLOAT_LIMITS[key]
+    if not low <= value <= high:  # NaN included
+        raise PretrainedError(f"{config_path}: {key} {value} is outside [{low}, {high}], what neoray builds")
+    return float(value)
+
+
+def _hf_object(config_path: str, value, key: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise PretrainedError(f"{config_path}: {key} must be an object, got {brief(value)}")
+    return value
+
+
+def _read_hf_config(config_path: str) -> dict:
     try:
         config = storage.read_json(config_path)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except storage.JSONError as exc:  # names the file
+        raise PretrainedError(str(exc)) from None
+    except UnicodeDecodeError as exc:
         raise PretrainedError(f"{config_path}: not valid JSON ({exc})") from None
-    if config.get("model_type") != "rt_detr":
-        raise PretrainedError(f"{config_path}: model_type {config.get('model_type')!r}; neoray imports 'rt_detr'")
-    backbone = config.get("backbone_config") or {}
-    if config.get("use_timm_backbone") or backbone.get("model_type") != "rt_detr_resnet":
-        raise PretrainedError(f"{config_path}: backbone {backbone.get('model_type') or config.get('backbone')!r}; "
-                              f"neoray imports the RT-DETR ResNet-vd backbone (rt_detr_resnet)")
-    depth = _RESNET_VD.get((tuple(backbone.get("depths") or ()), backbone.get("layer_type") == "bottleneck"))
+    return _hf_object(config_path, config, "the top level")
+
+
+def _hf_depth(config_path: str, backbone: dict) -> int:
+    depths = backbone.get("depths")
+    if not (isinstance(depths, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in depths)):
+        depths = None
+    depth = _RESNET_VD.get((tuple(depths or ()), backbone.get("layer_type") == "bottleneck"))
     if depth is None:
-        raise PretrainedError(f"{config_path}: ResNet depths {backbone.get('depths')} ({backbone.get('layer_type')}) "
-                              f"are not ResNet-vd 18/34/50/101")
-    d_model = int(config.get("d_model", 256))
-    encoder_dim = int(config.get("encoder_hidden_dim", d_model))
+        raise PretrainedError(f"{config_path}: ResNet depths {brief(backbone.get('depths'))} "
+                              f"({brief(backbone.get('layer_type'))}) are not ResNet-vd 18/34/50/101")
+    return depth
+
+
+def _hf_class_names(config_path: str, config: dict) -> list[str]:
+    id2label = _hf_object(config_path, config.get("id2label"), "id2label")
+    try:
+        names = [str(id2label[k]) for k in sorted(id2label, key=int)]
+    except ValueError:
+        raise PretrainedError(f"{config_path}: id2label keys must be class indices") from None
+    if not names:  # no id2label: only a count
+        names = placeholder_names(_hf_int(config_path, config, "num_labels", 0)) if "num_labels" in config else []
+    if not names:
+        raise PretrainedError(f"{config_path}: neither id2label nor num_labels: how many classes?")
+    if len(names) > HF_LIMITS["num_labels"][1]:
+        raise PretrainedError(f"{config_path}: id2label holds {len(names)} classes, over {HF_LIMITS['num_labels'][1]}")
+    return names
+
+
+def _open_huggingface(path: str, weights: str, config_path: str, with_tensors: bool = True) -> PretrainedFile:
+    config = _read_hf_config(config_path)
+    if config.get("model_type") != "rt_detr":
+        raise PretrainedError(f"{config_path}: model_type {brief(config.get('model_type'))}; neoray imports 'rt_detr'")
+    backbone = _hf_object(config_path, config.get("backbone_config"), "backbone_config")
+    if config.get("use_timm_backbone") or backbone.get("model_type") != "rt_detr_resnet":
+        raise PretrainedError(f"{config_path}: backbone {brief(backbone.get('model_type') or config.get('backbone'))}; "
+                              f"neoray imports the RT-DETR ResNet-vd backbone (rt_detr_resnet)")
+    depth = _hf_depth(config_path, backbone)
+    d_model = _hf_int(config_path, config, "d_model", 256)
+    encoder_dim = _hf_int(config_path, config, "encoder_hidden_dim", d_model)
     unsupported = {
         "encoder_layers": (config.get("encoder_layers", 1), 1),
-        "encode_proj_layers": (list(config.get("encode_proj_layers", [2])), [2]),
+        "encode_proj_layers": (config.get("encode_proj_layers", [2]), [2]),
         "num_feature_levels": (config.get("num_feature_levels", 3), 3),
-        "feat_strides": (list(config.get("feat_strides", [8, 16, 32])), [8, 16, 32]),
-        "decoder_in_channels": (list(config.get("decoder_in_channels", [encoder_dim] * 3)), [encoder_dim] * 3),
+        "feat_strides": (config.get("feat_strides", [8, 16, 32]), [8, 16, 32]),
+        "decoder_in_channels": (config.get("decoder_in_channels", [encoder_dim] * 3), [encoder_dim] * 3),
         "learn_initial_query": (bool(config.get("learn_initial_query", config.get("learnt_init_query", False))), False),
         "normalize_before": (bool(config.get("normalize_before", False)), False),
         "with_box_refine": (bool(config.get("with_box_refine", True)), True),
@@ -251,31 +331,23 @@ def _open_huggingface(path: str, weights: str, config_path: str, with_tensors: b
     }
     for key, (value, expected) in unsupported.items():
         if value != expected:
-            raise PretrainedError(f"{config_path}: {key}={value!r}; neoray's RT-DETR has {expected!r}")
-    id2label = config.get("id2label") or {}
-    try:
-        names = [str(id2label[k]) for k in sorted(id2label, key=int)]
-    except ValueError:
-        raise PretrainedError(f"{config_path}: id2label keys must be class indices") from None
-    if not names:  # no id2label: only a count
-        names = placeholder_names(int(config.get("num_labels", 0)))
-    if not names:
-        raise PretrainedError(f"{config_path}: neither id2label nor num_labels: how many classes?")
+            raise PretrainedError(f"{config_path}: {key}={brief(value)}; neoray's RT-DETR has {expected!r}")
+    names = _hf_class_names(config_path, config)
     num_classes = len(names)
     values = {
         "hidden_dim": d_model,
         "encoder_dim": encoder_dim,
-        "encoder_heads": int(config.get("encoder_attention_heads", 8)),
-        "encoder_ffn_dim": int(config.get("encoder_ffn_dim", 1024)),
-        "csp_expansion": float(config.get("hidden_expansion", 1.0)),
-        "num_queries": int(config.get("num_queries", 300)),
-        "num_decoder_layers": int(config.get("decoder_layers", 6)),
-        "decoder_heads": int(config.get("decoder_attention_heads", 8)),
-        "decoder_ffn_dim": int(config.get("decoder_ffn_dim", 1024)),
-        "num_points": int(config.get("decoder_n_points", 4)),
-        "num_denoising": int(config.get("num_denoising", 100)),
-        "label_noise_ratio": float(config.get("label_noise_ratio", 0.5)),
-        "box_noise_scale": float(config.get("box_noise_scale", 1.0)),
+        "encoder_heads": _hf_int(config_path, config, "encoder_attention_heads", 8),
+        "encoder_ffn_dim": _hf_int(config_path, config, "encoder_ffn_dim", 1024),
+        "csp_expansion": _hf_float(config_path, config, "hidden_expansion", 1.0),
+        "num_queries": _hf_int(config_path, config, "num_queries", 300),
+        "num_decoder_layers": _hf_int(config_path, config, "decoder_layers", 6),
+        "decoder_heads": _hf_int(config_path, config, "decoder_attention_heads", 8),
+        "decoder_ffn_dim": _hf_int(config_path, config, "decoder_ffn_dim", 1024),
+        "num_points": _hf_int(config_path, config, "decoder_n_points", 4),
+        "num_denoising": _hf_int(config_path, config, "num_denoising", 100),
+        "label_noise_ratio": _hf_float(config_path, config, "label_noise_ratio", 0.5),
+        "box_noise_scale": _hf_float(config_path, config, "box_noise_scale", 1.0),
     }
     name = f"rtdetr_r{depth}vd"
     options = {**_differing(name, values), **IMPORTED_CONVENTIONS, **_huggingface_normalization(weights, config_path)}
@@ -283,7 +355,10 @@ def _open_huggingface(path: str, weights: str, config_path: str, with_tensors: b
     if [n.lower() for n in names] == [n.lower() for n in COCO_CLASS_NAMES]:
         categories = [{"id": cid, "name": n, "label": i} for i, (cid, n) in enumerate(COCO_CATEGORIES)]
     info = PretrainedInfo("huggingface", path, name, options, names, categories, num_classes)
+    if not with_tensors:
+        check_safetensors(weights)  # described without its tensors, but never a file that cannot be read
     return PretrainedFile(info, read_safetensors(weights) if with_tensors else {}, [])
+
 
 def _huggingface_normalization(weights: str, config_path: str) -> dict:
     """The input normalisation of the model's image processor (preprocessor_config.json when present;
@@ -291,19 +366,25 @@ def _huggingface_normalization(weights: str, config_path: str) -> dict:
     processor = storage.join(storage.parent(config_path), "preprocessor_config.json")
     if not storage.is_file(processor):
         return {}
-    settings = storage.read_json(processor)
+    try:
+        settings = _hf_object(processor, storage.read_json(processor), "the top level")
+    except storage.JSONError as exc:
+        raise PretrainedError(str(exc)) from None
     if settings.get("do_rescale", True) is False:
         raise PretrainedError(f"{processor}: do_rescale is false; neoray feeds pixels scaled to [0, 1] or normalised")
     if not settings.get("do_normalize", False):
         return {}
-    mean = [round(float(v), 3) for v in settings.get("image_mean", [])]
-    std = [round(float(v), 3) for v in settings.get("image_std", [])]
+    try:
+        mean = [round(float(v), 3) for v in settings.get("image_mean", [])]
+        std = [round(float(v), 3) for v in settings.get("image_std", [])]
+    except (TypeError, ValueError):
+        raise PretrainedError(f"{processor}: image_mean and image_std must be lists of numbers") from None
     if mean == [0.485, 0.456, 0.406] and std == [0.229, 0.224, 0.225]:
         return {"input_normalization": "imagenet"}
     raise PretrainedError(f"{processor}: normalises with mean {mean} and std {std}; neoray has ImageNet's or none")
 
 
 __all__ = [
-    "CONVENTION_KEYS", "FORMATS", "IMPORTED_CONVENTIONS", "NEORAY_DEFAULT_CONVENTIONS", "PretrainedFile",
-    "PretrainedInfo", "describe_pretrained", "open_pretrained", "placeholder_names",
+    "CONVENTION_KEYS", "FORMATS", "HF_FLOAT_LIMITS", "HF_LIMITS", "IMPORTED_CONVENTIONS", "NEORAY_DEFAULT_CONVENTIONS",
+    "PretrainedFile", "PretrainedInfo", "describe_pretrained", "open_pretrained", "placeholder_names",
 ]
