@@ -1,0 +1,41 @@
+"""The search-quality benchmark's replay runs on the committed ground-truth tables (a short version of
+`python benchmarks/bench_search.py replay`), and its tables are what the replay reads."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from neoray.tune.replay import load_table
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA = REPO_ROOT / "benchmarks" / "data"
+
+
+@pytest.mark.parametrize("task", ["default", "dense"])
+def test_the_committed_ground_truth_is_a_full_design(task):
+    table = load_table(str(DATA / f"search_{task}.csv"), size="320x180")
+    assert len(table.points) >= 24 and table.epochs == 12
+    assert all(len(p.curve) == 12 for p in table.points.values())
+    record = json.loads((DATA / f"search_{task}.json").read_text())
+    assert record["320x180"]["commit"] and record["320x180"]["command"].startswith("python benchmarks/bench_search.py")
+
+
+@pytest.mark.slow
+def test_a_short_replay_runs_through_tune_on_the_committed_tables(tmp_path):
+    for name in ("search_default.csv", "search_default.json"):
+        (tmp_path / name).write_bytes((DATA / name).read_bytes())
+    out = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "bench_search.py"), "replay", "--tasks",
+                          "default", "--methods", "quick", "--seeds", "2", "--budget", "36", "--parallel", "2",
+                          "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((tmp_path / "replay_quick.json").read_text())["tasks"]["default"]
+    assert result["budgets"] == [12, 24, 36] and len(result["methods"]) == 3
+    for method in result["methods"].values():
+        assert len(method["budget_to_2pct_seeds"]) == 2 and len(method["regret"]) == 3
+        assert all(r["median"] >= 0 for r in method["regret"] if r["median"] == r["median"])
+    assert (tmp_path / "search_quality_quick.png").stat().st_size > 1000
