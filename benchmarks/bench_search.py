@@ -233,15 +233,21 @@ def replay(args) -> None:
         with ProcessPoolExecutor(args.parallel, mp_context=spawn, initializer=_connect_worker,
                                  initargs=(ray.get_runtime_context().gcs_address, 1)) as pool:
             futures = {pool.submit(_replay_one, table, m, seed, args.budget): (m, seed) for m, seed in jobs}
-            logs = {futures[f]: f.result() for f in as_completed(futures)}
+            logs = {}
+            for done, future in enumerate(as_completed(futures), 1):
+                logs[futures[future]] = future.result()
+                if done % 20 == 0 or done == len(jobs):
+                    print(f"{task}: {done}/{len(jobs)} runs replayed", flush=True)
         report[task] = _summarise_task(table, logs, args.budget)
         report[task]["seconds"] = round(time.perf_counter() - started)
         _print_task(task, table, report[task])
     out = Path(args.data_dir) / f"replay_{args.methods}.json"
-    storage.write_json(str(out), {"command": "python benchmarks/bench_search.py " + " ".join(sys.argv[1:]),
-                                  "commit": _git_commit(), "seeds": args.seeds, "budget": args.budget,
-                                  "tasks": report}, indent=1)
-    _plot(report, Path(args.data_dir) / f"search_quality_{args.methods}.png")
+    record = json.loads(out.read_text()) if out.exists() else {"tasks": {}}  # other tasks' results stay
+    for task in report:
+        record["tasks"][task] = {**report[task], "command": "python benchmarks/bench_search.py "
+                                 + " ".join(sys.argv[1:]), "commit": _git_commit(), "seeds": args.seeds}
+    storage.write_json(str(out), record, indent=1)
+    _plot(record["tasks"], Path(args.data_dir) / f"search_quality_{args.methods}.png")
     print(f"wrote {out}")
 
 
@@ -256,12 +262,19 @@ def _summarise_task(table, logs: dict, max_budget: int) -> dict:
                         if m == method]
         regrets = [regret_at(t, table, budgets) for t in trajectories]
         within = [budget_to_within(t, table) for t in trajectories]
-        out["methods"][method.name] = {
-            "regret": [summarise([r[i] for r in regrets]) for i in range(len(budgets))],
-            "budget_to_2pct": summarise(within), "budget_to_2pct_seeds": within,
-            "reached_2pct": sum(1 for w in within if w != float("inf")),
-        }
-    return out
+        out["methods"][method.name] = {"regret_seeds": regrets, "budget_to_2pct_seeds": within}
+    return _with_summaries(out)
+
+
+def _with_summaries(result: dict) -> dict:
+    """Median and quartiles over seeds of every method's regrets and budgets to within 2%."""
+    for m in result["methods"].values():
+        regrets, within = m.get("regret_seeds"), m["budget_to_2pct_seeds"]
+        if regrets is not None:
+            m["regret"] = [summarise([r[i] for r in regrets]) for i in range(len(result["budgets"]))]
+        m["budget_to_2pct"] = summarise(within)
+        m["reached_2pct"] = sum(1 for w in within if w != float("inf"))
+    return result
 
 
 def _print_task(task: str, table, result: dict) -> None:
@@ -311,6 +324,15 @@ def _plotted(result: dict) -> list[str]:
     return chosen or names
 
 
+def summary(args) -> None:
+    """The table and plot of a replay already run (its JSON keeps every seed's numbers)."""
+    path = Path(args.data_dir) / f"replay_{args.methods}.json"
+    record = json.loads(path.read_text())
+    for task, result in record["tasks"].items():
+        _print_task(task, None, _with_summaries(result))
+    _plot(record["tasks"], Path(args.data_dir) / f"search_quality_{args.methods}.png")
+
+
 def fidelity(args) -> None:
     """Do early rankings at half resolution agree with the full-resolution final ranking? Spearman's rank
     correlation at each early epoch, against the same at full resolution."""
@@ -348,12 +370,15 @@ def main(argv=None) -> int:
     rp.add_argument("--parallel", type=int, default=6, help="Tune runs at a time (each waits on its trials more "
                                                              "than it computes)")
     rp.add_argument("--data-dir", default=str(DATA_DIR))
+    sm = sub.add_parser("summary", help="the table and plot of a replay already run")
+    sm.add_argument("--methods", choices=("all", "quick"), default="all")
+    sm.add_argument("--data-dir", default=str(DATA_DIR))
     fd = sub.add_parser("fidelity", help="rank correlation of early epochs at a lower resolution")
     fd.add_argument("--tasks", nargs="+", default=sorted(TASKS), choices=sorted(TASKS))
     fd.add_argument("--low", default="160x90")
     fd.add_argument("--data-dir", default=str(DATA_DIR))
     args = parser.parse_args(argv)
-    {"ground-truth": ground_truth, "replay": replay, "fidelity": fidelity}[args.step](args)
+    {"ground-truth": ground_truth, "replay": replay, "summary": summary, "fidelity": fidelity}[args.step](args)
     return 0
 
 

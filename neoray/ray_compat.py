@@ -71,6 +71,9 @@ REPLAY_ENV_DEFAULTS = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "RAY_AIR_NEW_O
 def set_replay_defaults() -> None:
     for key, value in REPLAY_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    # Without those result files, the ResultGrid Tune builds at the end of fit() warns once per trial that
+    # it found none; the replay reads its results from its own stopper, not from the grid.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
 
 
 def quiet_sigterm_exit() -> None:

@@ -125,3 +125,11 @@ def test_asha_stops_trials_in_the_replay_and_the_budget_counts_epochs(ray_sessio
         lengths[trial_id] = epoch
     assert 12 <= sum(lengths.values()) <= 12 + 2  # the last report may overshoot by what is left of a trial
     assert any(length == 1 for length in list(lengths.values())[:-1])  # some trial stopped at the rung
+
+
+def test_quartiles_keep_a_budget_never_reached_as_larger_than_any():
+    from neoray.tune.replay import summarise
+
+    assert summarise([1.0, 2.0, 3.0, 4.0]) == {"median": 2.5, "q25": 1.5, "q75": 3.5}
+    assert summarise([1.0, 2.0, 3.0, math.inf]) == {"median": 2.5, "q25": 1.5, "q75": math.inf}
+    assert summarise([1.0, 2.0, math.inf, math.inf])["median"] == math.inf

@@ -29,7 +29,6 @@ import math
 import tempfile
 from dataclasses import dataclass, field
 
-import numpy as np
 import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from ray import tune
@@ -322,9 +321,16 @@ def budget_to_within(traj: Trajectory, table: CurveTable, within: float = WITHIN
 
 def summarise(values: list[float]) -> dict:
     """Median and quartiles over seeds; an inf (a budget never reached) counts as larger than any."""
-    array = np.asarray(values, dtype=float)
-    return {"median": float(np.median(array)), "q25": float(np.percentile(array, 25)),
-            "q75": float(np.percentile(array, 75))}
+    return {"median": _quantile(values, 0.5), "q25": _quantile(values, 0.25), "q75": _quantile(values, 0.75)}
+
+
+def _quantile(values: list[float], q: float) -> float:
+    """The q-quantile, halfway between the two nearest ranks where it falls between them. Written out
+    because NumPy interpolates as a + t * (b - a), which turns inf - inf into nan."""
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q
+    low, high = ordered[math.floor(position)], ordered[math.ceil(position)]
+    return float(low) if low == high else float((low + high) / 2)
 
 
 def rank_correlation(xs: list[float], ys: list[float]) -> float:
