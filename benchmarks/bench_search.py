@@ -63,7 +63,7 @@ TASKS = {
     "default": {"layout": "shapes", "train": 256, "val": 64},
     # many small objects per image (12-30 shapes of 7-22 px): the same detector on a harder task. Half the
     # images, each with ~6x the objects: at 256 images a configuration took 4x the default's time here
-    # (matching and losses grow with the objects), 6 hours for the design.
+    # (matching and losses grow with the objects); at 128 one takes 4-5 minutes, two at a time on 2 cores.
     "dense": {"layout": "dense", "train": 128, "val": 48},
 }
 # The design: 4 learning rates (a factor of 2 apart) x 2 warmups x 3 batch pairs = 24 configurations over
@@ -75,13 +75,14 @@ DESIGN_BATCHES = ("4x1", "4x2", "8x1")  # effective batches 4, 8 (accumulated) a
 EPOCHS = 12
 
 
-def design() -> list[dict]:
+def design(task: str = "default") -> list[dict]:
+    """The task's configurations: the full grid, or its first ``configs`` points."""
     points = []
     for batch in DESIGN_BATCHES:
         for warmup in DESIGN_WARMUPS:
             for lr in DESIGN_LRS:
                 points.append({"config": f"c{len(points) + 1:02d}", "lr": lr, "warmup_steps": warmup, "batch": batch})
-    return points
+    return points[:TASKS[task].get("configs")]
 
 
 class StopAfter(Exception):
@@ -157,7 +158,7 @@ def ground_truth(args) -> None:
     ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
     threads = max(1, cpus // args.parallel)
     started = time.time()
-    todo = [p for p in design()[:args.configs or None] if (p["config"], format_size(size)) not in done]
+    todo = [p for p in design(args.task)[:args.configs or None] if (p["config"], format_size(size)) not in done]
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.parallel, mp_context=spawn, initializer=_connect_worker,
                              initargs=(ray.get_runtime_context().gcs_address, threads)) as pool:
@@ -186,7 +187,7 @@ def _write_record(args, size, seconds: float, threads: int) -> None:
     record = json.loads(path.read_text()) if path.exists() else {}
     record[format_size(size)] = {
         "command": "python benchmarks/bench_search.py " + " ".join(sys.argv[1:]), "commit": _git_commit(),
-        "epochs": args.epochs, "stop_after": args.stop_after, "design": design(),
+        "epochs": args.epochs, "stop_after": args.stop_after, "design": design(args.task),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs; {args.parallel} configurations at a time, "
                    f"{threads} torch thread(s) each",
         "seconds_this_invocation": round(seconds),
@@ -205,9 +206,15 @@ SEARCHERS = [("random", 10), ("tpe", 10), ("tpe", 4)]  # (sampler, TPE start-up 
 
 def methods(which: str) -> list[Method]:
     """``all``: every searcher with no early stopping and with every ASHA setting, and the LR rules with
-    TPE; ``quick``: three methods for a smoke run (CI)."""
+    TPE; ``core``: the contenders the default task's ``all`` left (12 of the 22, for a second task at
+    half the cost); ``quick``: three methods for a smoke run (CI)."""
     if which == "quick":
         return [Method("random"), Method("tpe", 2, 3, startup_trials=4), Method("tpe", 2, 3, 4, lr_rule="sqrt")]
+    if which == "core":
+        return [*(Method(searcher, grace, rf, startup) for searcher, startup in (("random", 10), ("tpe", 4))
+                  for grace, rf in ((0, 2), (3, 3), (4, 2), (6, 2))),
+                Method("random", 1, 3, 10), Method("tpe", startup_trials=10), Method("tpe", 4, 2, 10),
+                Method("tpe", 4, 2, 4, lr_rule="sqrt")]
     out = []
     for searcher, startup in SEARCHERS:
         out.append(Method(searcher, startup_trials=startup))
@@ -334,19 +341,28 @@ def summary(args) -> None:
 
 
 def fidelity(args) -> None:
-    """Do early rankings at half resolution agree with the full-resolution final ranking? Spearman's rank
-    correlation at each early epoch, against the same at full resolution."""
+    """Do early rankings at a lower resolution agree with the full-resolution final ranking? Spearman's rank
+    correlation at each early epoch, against the same at full resolution, with each epoch's cost; the
+    tables go to stdout and to fidelity.md."""
+    lines = []
     for task in args.tasks:
         path = str(Path(args.data_dir) / f"search_{task}.csv")
-        full, half = load_table(path, size="320x180"), load_table(path, size=args.low)
-        keys = sorted(set(full.points) & set(half.points))
+        full, low = load_table(path, size="320x180"), load_table(path, size=args.low)
+        keys = sorted(set(full.points) & set(low.points))
         final = [full.points[k].final_score for k in keys]
-        print(f"\n## {task}: rank correlation with the full-resolution final score ({len(keys)} configurations)")
-        print(f"| epoch | full resolution (320x180) | {args.low} |\n|---|---|---|")
-        for epoch in range(1, half.epochs + 1):
+        lines += [f"\n## {task}: rank correlation with the full-resolution final score ({len(keys)} configurations)",
+                  f"| epoch | 320x180 | {args.low} | s/epoch 320x180 | s/epoch {args.low} |", "|---|---|---|---|---|"]
+        for epoch in range(1, low.epochs + 1):
             at_full = rank_correlation([full.points[k].curve[epoch - 1]["score"] for k in keys], final)
-            at_low = rank_correlation([half.points[k].curve[epoch - 1]["score"] for k in keys], final)
-            print(f"| {epoch} | {at_full:.2f} | {at_low:.2f} |")
+            at_low = rank_correlation([low.points[k].curve[epoch - 1]["score"] for k in keys], final)
+            lines.append(f"| {epoch} | {at_full:.2f} | {at_low:.2f} | {_mean_seconds(full, keys, epoch):.1f} | "
+                         f"{_mean_seconds(low, keys, epoch):.1f} |")
+    print("\n".join(lines))
+    storage.write_text(str(Path(args.data_dir) / "fidelity.md"), "\n".join(lines).lstrip() + "\n")
+
+
+def _mean_seconds(table, keys: list[str], epoch: int) -> float:
+    return sum(float(table.points[k].curve[epoch - 1].get("seconds") or 0) for k in keys) / len(keys)
 
 
 def main(argv=None) -> int:
@@ -366,12 +382,12 @@ def main(argv=None) -> int:
     rp.add_argument("--tasks", nargs="+", default=sorted(TASKS), choices=sorted(TASKS))
     rp.add_argument("--seeds", type=int, default=20)
     rp.add_argument("--budget", type=int, default=16 * EPOCHS, help="epochs per run, summed over trials")
-    rp.add_argument("--methods", choices=("all", "quick"), default="all")
+    rp.add_argument("--methods", choices=("all", "core", "quick"), default="all")
     rp.add_argument("--parallel", type=int, default=6, help="Tune runs at a time (each waits on its trials more "
                                                              "than it computes)")
     rp.add_argument("--data-dir", default=str(DATA_DIR))
     sm = sub.add_parser("summary", help="the table and plot of a replay already run")
-    sm.add_argument("--methods", choices=("all", "quick"), default="all")
+    sm.add_argument("--methods", choices=("all", "core", "quick"), default="all")
     sm.add_argument("--data-dir", default=str(DATA_DIR))
     fd = sub.add_parser("fidelity", help="rank correlation of early epochs at a lower resolution")
     fd.add_argument("--tasks", nargs="+", default=sorted(TASKS), choices=sorted(TASKS))

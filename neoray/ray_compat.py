@@ -6,6 +6,7 @@ Ray upgrade breaks one of them. Each entry says why neoray needs it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -68,12 +69,27 @@ def quiet_train_worker_logs() -> None:
 REPLAY_ENV_DEFAULTS = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "RAY_AIR_NEW_OUTPUT": "0"}
 
 
-def set_replay_defaults() -> None:
+@contextlib.contextmanager
+def replay_environment():
+    """REPLAY_ENV_DEFAULTS (where unset) for the duration of a replay, then the environment as it was:
+    a sweep later in the same process (or its child processes) needs Tune's result files."""
+    before = {key: os.environ.get(key) for key in REPLAY_ENV_DEFAULTS}
     for key, value in REPLAY_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     # Without those result files, the ResultGrid Tune builds at the end of fit() warns once per trial that
     # it found none; the replay reads its results from its own stopper, not from the grid.
-    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    analysis_logger = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = analysis_logger.level
+    analysis_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        analysis_logger.setLevel(level)
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def quiet_sigterm_exit() -> None:

@@ -172,7 +172,8 @@ def test_a_local_path_the_other_nodes_cannot_see_is_refused_in_one_line(cluster)
                               "--workers", "1"], env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
-    config = _config(cluster, str(local), "local", workers=2)
+    # three epochs: the default space's grace period (3) must fit the run, so that the data check is reached
+    config = _config(cluster, str(local), "local", workers=2, epochs=3)
     for command in (["train", config, "--output", str(cluster.root / "runs")],
                     ["sweep", "--config", config, "--output", str(cluster.root / "sweeps"), "--num-samples", "2"]):
         out = cluster.neoray(*command, timeout=300)

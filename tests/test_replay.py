@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 
@@ -117,9 +118,12 @@ def test_the_replay_trainable_reports_exactly_the_recorded_curve_through_tune(ra
 
 
 @pytest.mark.slow
-def test_asha_stops_trials_in_the_replay_and_the_budget_counts_epochs(ray_session):
+def test_asha_stops_trials_in_the_replay_and_the_budget_counts_epochs(ray_session, monkeypatch):
+    monkeypatch.delenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", raising=False)
     table = _table()
     log = run_method(table, Method("random", grace=1, reduction_factor=3), seed=1, budget=12)
+    # the replay's environment (no Tune result files) ends with it: a later sweep in this process needs them
+    assert "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS" not in os.environ
     lengths = {}
     for trial_id, epoch, _score, _point in log:
         lengths[trial_id] = epoch

@@ -95,7 +95,10 @@ def test_interrupted_sweep_exits_130_with_the_resume_command(monkeypatch, capsys
 
 
 @pytest.mark.slow
-def test_sweep_asha_retry_errors_best_config_and_report(ray_session, synthetic_shards, tmp_path):
+def test_sweep_asha_retry_errors_best_config_and_report(ray_session, synthetic_shards, tmp_path, monkeypatch):
+    # the sweep reads Tune's result files; a user's environment that turns Tune's automatic loggers off
+    # must not leave it without them
+    monkeypatch.setenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     config, space = _files(tmp_path, synthetic_shards)
     result = run_sweep(SweepOptions(
         config=config, space=space, output=str(tmp_path / "sweeps"), name="s", max_concurrent=1, max_failures=1,

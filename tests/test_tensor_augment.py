@@ -215,3 +215,12 @@ def test_a_bad_jpeg_in_training_names_file_record_and_field(ray_session, shard_d
     cfg = DataConfig(size=(W, H), decode=decode, shuffle_buffer=0)
     with pytest.raises(Exception, match=r"shard-00000\.parquet: image_id 1: field 'image': not a decodable JPEG"):
         list(iter_train_batches(ShardSet.open(str(bad)), 4, cfg, seed=0, epoch=0, device="cpu"))
+
+
+def test_data_decode_is_cpu_or_gpu():
+    from neoray.config import ConfigError, from_dict
+
+    assert from_dict({}).data.decode == "cpu"
+    assert from_dict({"data": {"decode": "gpu"}}).data.decode == "gpu"
+    with pytest.raises(ConfigError, match="data.decode must be cpu or gpu, got 'nvjpeg'"):
+        from_dict({"data": {"decode": "nvjpeg"}})

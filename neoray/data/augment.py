@@ -226,6 +226,9 @@ def decode_augment_batch(jpegs: list[bytes], shapes: list[tuple[int, int]], draw
     """Decode a batch's JPEGs (each of its row's ``shapes`` (W, H)), augment them as ``draw`` says and
     return them as one C-contiguous uint8 (B, 3, H', W') array. ``where`` names each record in errors
     ("shard file: image_id N")."""
+    # The task holds one CPU, and the node runs one such task per free core: OpenCV's own thread pool (one
+    # thread per core by default) would only oversubscribe it.
+    cv2.setNumThreads(1)
     width, height = draw.size
     out = np.empty((len(jpegs), 3, height, width), np.uint8)
     for i, data in enumerate(jpegs):

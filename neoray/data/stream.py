@@ -322,6 +322,10 @@ def _device(device) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+_EMPTY_DRAW = BatchDraw((16, 9), (), ())
+MAX_DECODE_TASKS = 16
+
+
 @lru_cache(maxsize=1)
 def _batch_task():
     return ray.remote(decode_augment_batch)
@@ -329,12 +333,13 @@ def _batch_task():
 
 def decode_parallelism(workers_on_node: int = 1) -> int:
     """Batch tasks one training stream keeps in flight (``data.decode: cpu``): this node's CPUs shared by
-    its ``workers_on_node`` training workers, plus one queued so that a core never waits for the next."""
+    its ``workers_on_node`` training workers, plus one queued so that a core never waits for the next; at
+    most ``MAX_DECODE_TASKS`` (each holds a finished batch in the object store until it is taken)."""
     if not ray.is_initialized():
         ray.init()  # what Ray Data does on first use
     here = ray.get_runtime_context().get_node_id()
     cpus = next((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["NodeID"] == here), 2)
-    return max(2, int(cpus) // max(1, workers_on_node)) + 1
+    return min(MAX_DECODE_TASKS, max(2, int(cpus) // max(1, workers_on_node)) + 1)
 
 
 def _task_batches(jobs: Iterator[tuple[list[dict], BatchDraw]], in_flight: int) -> Iterator[Batch]:
@@ -344,6 +349,9 @@ def _task_batches(jobs: Iterator[tuple[list[dict], BatchDraw]], in_flight: int) 
     # Soft: on a node without a free CPU the task runs elsewhere rather than waiting.
     task = _batch_task().options(num_cpus=1, scheduling_strategy=NodeAffinitySchedulingStrategy(
         ray.get_runtime_context().get_node_id(), soft=True))
+    # Empty tasks first, while Ray Data reads the first chunks: fresh worker processes pay their imports
+    # (albumentations brings torch: seconds) before the first real batch instead of after it.
+    warm = [task.remote([], [], _EMPTY_DRAW, []) for _ in range(in_flight)]
     pending: deque = deque()
     for samples, draw in jobs:
         ref = task.remote([s["jpeg"] for s in samples], [(s["width"], s["height"]) for s in samples], draw,
@@ -353,6 +361,7 @@ def _task_batches(jobs: Iterator[tuple[list[dict], BatchDraw]], in_flight: int) 
             yield _finished(*pending.popleft())
     while pending:
         yield _finished(*pending.popleft())
+    del warm  # held to the end: their results are never read, but they must run
 
 
 def _finished(samples: list[dict], ref) -> Batch:

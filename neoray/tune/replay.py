@@ -243,9 +243,8 @@ def run_method(table: CurveTable, method: Method, seed: int, budget: int) -> lis
     if method.lr_rule not in LR_RULES:
         raise ValueError(f"unknown lr rule {method.lr_rule!r}; expected one of {', '.join(LR_RULES)}")
     budget_log = EpochBudget(budget)
-    ray_compat.set_replay_defaults()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with tempfile.TemporaryDirectory(prefix="neoray-replay-") as tmp:
+    with ray_compat.replay_environment(), tempfile.TemporaryDirectory(prefix="neoray-replay-") as tmp:
         tuner = tune.Tuner(
             tune.with_parameters(replay_trainable, table=table, method=method),
             tune_config=tune.TuneConfig(

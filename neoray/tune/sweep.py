@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 import optuna
 from ray import tune
 from ray.tune import CLIReporter
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
@@ -274,12 +275,19 @@ def _build_tuner(cfg: Config, space: SearchSpace, opts: SweepOptions, resources:
             name=opts.name, storage_path=storage.parent(sweep_dir),
             failure_config=tune.FailureConfig(max_failures=opts.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[ReleaseTrainPlacementGroups(sweep_dir), AnnounceTrials(),
+            callbacks=[*result_file_loggers(), ReleaseTrainPlacementGroups(sweep_dir), AnnounceTrials(),
                        *study_callbacks(meta.get("optuna"), sweep_dir), *tracking_callbacks(meta, sweep_dir)],
             progress_reporter=_progress_reporter(space),
             verbose=1,  # the trial table and experiment messages, not every result of every trial
         ),
     )
+
+
+def result_file_loggers() -> list:
+    """Tune's result files, asked for explicitly: the summary, report and resume read each trial's
+    result.json, and Tune leaves all three loggers out when TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1 is set
+    in the environment."""
+    return [JsonLoggerCallback(), CSVLoggerCallback(), TBXLoggerCallback()]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -23,19 +23,20 @@ from __future__ import annotations
 import logging
 import time
 
-import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
-from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 from neoray import ray_compat, storage
 from neoray.config import Config, from_dict
 from neoray.engine.context import ShardBatches, checkpoint_location
 from neoray.engine.loop import run_training_loop
 from neoray.run.trainer import build_trainer
+from neoray.tune.pg_record import PG_RECORD, RecordPlacementGroupCallback, release_worker_pgs, trial_record_path
 from neoray.tune.space import trial_config
 
-PG_RECORD = "train_placement_groups.txt"  # ids of a trial's Train worker placement groups
+# PG_RECORD, RecordPlacementGroupCallback, release_worker_pgs and trial_record_path are re-exported (the sweep
+# driver imports them from here); they live in pg_record so that a trial TorchTrainer's controller, which
+# imports the module of every callback it is given, does not import this one.
 
 
 class TuneTrialContext:
@@ -58,44 +59,6 @@ class TuneTrialContext:
 
     def latest_checkpoint(self) -> str | None:
         return checkpoint_location(tune.get_checkpoint())
-
-
-def trial_record_path(sweep_dir: str, trial_name: str) -> str:
-    """Where a trial lists its Train worker placement groups: in the sweep's storage, which the driver
-    reads from any node (a trial's own directory lives on the node that ran it)."""
-    return storage.join(sweep_dir, "trials", trial_name, PG_RECORD)
-
-
-class RecordPlacementGroupCallback(ray_compat.worker_group_callback_base()):
-    """Appends the id of the trial's Train worker placement group to its record, for
-    ``release_worker_pgs`` (see ray_compat.worker_group_callback_base for why). Ray passes
-    non-UserCallback run_config callbacks to its controller for such workarounds."""
-
-    def __init__(self, record_path: str):
-        self.record_path = record_path
-
-    def after_worker_group_start(self, worker_group):
-        try:
-            known = storage.read_text(self.record_path)
-        except FileNotFoundError:
-            known = ""
-        pg_id = ray_compat.worker_group_placement_group_id(worker_group)
-        storage.write_text(self.record_path, known + pg_id + "\n")  # one line per worker-group (re)start
-
-
-def release_worker_pgs(record_path: str) -> int:
-    """Remove the placement groups listed in ``record_path`` that are still alive; returns how many."""
-    try:
-        ids = set(storage.read_text(record_path).split())
-    except FileNotFoundError:
-        return 0
-    removed = 0
-    for pg_id in ids:
-        pg = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id)))
-        if ray.util.placement_group_table(pg).get("state") not in (None, "REMOVED"):
-            remove_placement_group(pg)
-            removed += 1
-    return removed
 
 
 def _run_direct(cfg: Config, hooks) -> None:
