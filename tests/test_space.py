@@ -213,3 +213,63 @@ def test_space_values_the_config_would_refuse_are_refused_before_the_sweep(synth
     with pytest.raises(ConfigError, match="search.sampler must be one of tpe, random"):
         parse_space({"params": {"lr": {"distribution": "log_uniform", "low": 1e-4, "high": 1e-2}},
                      "search": {"sampler": "grid"}})
+
+
+def test_a_relative_lr_range_is_multiples_of_the_configs_lr():
+    from neoray.config import from_dict
+    from neoray.tune.space import relative_to_config
+
+    space = parse_space({"params": {"lr": {"distribution": "log_uniform", "low": 0.5, "high": 4, "relative": True},
+                                    "warmup_steps": {"distribution": "int_uniform", "low": 0, "high": 100}}})
+    with pytest.raises(ValueError, match="relative"):
+        optuna_distributions(space)  # never sampled as the raw multiples
+    for lr in (2e-3, 1e-4):
+        resolved = relative_to_config(space, from_dict({"train": {"lr": lr}}))
+        dist = optuna_distributions(resolved)["lr"]
+        assert (dist.low, dist.high, dist.log) == (pytest.approx(0.5 * lr), pytest.approx(4 * lr), True)
+        assert resolved.params["warmup_steps"] == space.params["warmup_steps"]
+    decay = parse_space({"params": {"weight_decay": {"distribution": "log_uniform", "low": 0.1, "high": 10,
+                                                     "relative": True}}})
+    with pytest.raises(ConfigError, match="relative to the config's train.weight_decay, which is 0"):
+        relative_to_config(decay, from_dict({"train": {"weight_decay": 0.0}}))
+
+
+@pytest.mark.parametrize("spec", [
+    {"distribution": "uniform", "low": 0.5, "high": 4, "relative": True},
+    {"distribution": "log_uniform", "low": 0.5, "high": 4, "relative": "yes"},
+])
+def test_relative_needs_a_log_uniform_range_and_true(spec):
+    with pytest.raises(ConfigError, match=r"params\.lr\.relative"):
+        parse_space({"params": {"lr": spec}})
+
+
+def test_a_fractional_grace_period_is_that_share_of_the_run():
+    from neoray.config import from_dict
+    from neoray.tune.space import relative_to_config
+
+    space = parse_space({"params": {"lr": {"distribution": "log_uniform", "low": 1e-4, "high": 1e-2}},
+                         "asha": {"grace_period": 0.33, "reduction_factor": 2}})
+    for epochs, grace in ((12, 4), (20, 7), (72, 24), (2, 1)):
+        assert relative_to_config(space, from_dict({"train": {"epochs": epochs}})).asha.grace_period == grace
+    assert space.asha.grace_period == 0.33  # the space itself is left as read
+    for bad in (1.5, 0.0, True, "1/3"):
+        with pytest.raises(ConfigError, match="asha.grace_period must be an integer >= 1"):
+            parse_space({"params": {"lr": {"distribution": "log_uniform", "low": 1e-4, "high": 1e-2}},
+                         "asha": {"grace_period": bad}})
+
+
+@pytest.mark.parametrize("space_file, config_file", [
+    ("space_default.yaml", "synthetic_cpu.yaml"),
+    ("space_coco.yaml", "coco_r50_8gpu.yaml"),
+    ("space_finetune.yaml", "coco_finetune_r50vd_1920x1080.yaml"),
+])
+def test_each_shipped_space_fits_the_config_it_is_written_for(space_file, config_file):
+    from neoray.configs import CONFIG_DIR
+    from neoray.tune.space import check_space_against_config, relative_to_config
+
+    cfg = load_config(CONFIG_DIR / config_file)
+    space = relative_to_config(load_space(CONFIG_DIR / space_file), cfg)
+    check_space_against_config(space, cfg)
+    lr = optuna_distributions(space)["lr"]
+    assert lr.low <= cfg.train.lr <= lr.high  # the config's own values are a point of the space
+    assert 1 <= space.asha.grace_period < cfg.train.epochs

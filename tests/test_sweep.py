@@ -206,3 +206,16 @@ def test_a_foreign_sweep_record_is_refused_in_one_line(tmp_path, monkeypatch, ca
     code = sweep_cmd.run(parser.parse_args(["--output", str(tmp_path / "sweeps"), "--name", "odd", "--resume"]))
     err = capsys.readouterr().err
     assert code == 1 and "not a neoray sweep record" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_sweep_says_whether_tpe_will_model_any_trial():
+    from neoray.tune.sweep import search_line
+
+    short = {"num_samples": 4, "search": {"sampler": "tpe", "startup_trials": 10}}
+    assert "all 4 trials fall in its start-up" in search_line(short) and "random search" in search_line(short)
+    long = {"num_samples": 16, "search": {"sampler": "tpe", "startup_trials": 4}}
+    assert search_line(long).endswith("then 12 trial(s) suggested from the results so far")
+    warm = {**long, "warm_start": {"trials": [{}] * 5}}  # 5 previous configurations + the config's own: 6 given
+    assert "6 given configuration(s)" in search_line(warm) and "then 10 trial(s)" in search_line(warm)
+    assert search_line({"num_samples": 3, "search": {"sampler": "random", "startup_trials": 4}}).startswith(
+        "search: random")

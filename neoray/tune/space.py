@@ -5,7 +5,7 @@ each, and the scheduler settings. Unknown keys are an error naming the key, so t
 silently searches nothing. Example (experiments/configs/space_default.yaml)::
 
     params:
-      lr: {distribution: log_uniform, low: 1.0e-5, high: 1.0e-3}
+      lr: {distribution: log_uniform, low: 1.0e-5, high: 1.0e-3}    # or low: 0.5, high: 4, relative: true
       warmup_steps: {distribution: int_uniform, low: 0, high: 100, step: 10}
       batch: {per_worker: [2, 4, 8], effective: 8}     # or: pairs: ["4x1", "2x2"]
     asha: {time_attr: epoch, grace_period: 1, reduction_factor: 2}
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ class AshaSettings:
     # "epoch" is the engine's count of epochs finished; unlike training_iteration it survives a TorchTrainer
     # trial's restart (Tune holds no checkpoint of its own for those trials).
     time_attr: str = "epoch"
-    grace_period: int = 1
+    grace_period: int | float = 1  # epochs, or a fraction (0, 1) of train.epochs until relative_to_config
     reduction_factor: int = 2
 
 
@@ -148,7 +148,7 @@ def _param_spec(name: str, spec: Any) -> dict:
             raise ConfigError(f"search space: {where}: no batch pairs given")
         return {"distribution": "choice", "values": [format_batch(b, a) for b, a in pairs]}
 
-    _check_keys(spec, ("distribution", "low", "high", "step", "values"), where + ".")
+    _check_keys(spec, ("distribution", "low", "high", "step", "values", "relative"), where + ".")
     dist = spec.get("distribution")
     if dist not in DISTRIBUTIONS:
         raise ConfigError(f"search space: {where}.distribution must be one of {', '.join(DISTRIBUTIONS)}, got {dist!r}")
@@ -166,6 +166,11 @@ def _param_spec(name: str, spec: Any) -> dict:
     out = {"distribution": dist, "low": low, "high": high}
     if "step" in spec:
         out["step"] = _number(spec, "step", where, integer)
+    if spec.get("relative", False) is not False:
+        if spec["relative"] is not True or dist != "log_uniform" or "step" in spec:
+            raise ConfigError(f"search space: {where}.relative: true (the only value) needs a log_uniform range "
+                              f"without step, got relative={spec['relative']!r} with {dist}")
+        out["relative"] = True
     return out
 
 
@@ -192,8 +197,11 @@ def _parse_asha(asha_raw: Any) -> AshaSettings:
         raise ConfigError(
             f"search space: asha.time_attr must be one of {', '.join(TIME_ATTRS)}, got {asha.time_attr!r}"
         )
-    if not isinstance(asha.grace_period, int) or asha.grace_period < 1:
-        raise ConfigError(f"search space: asha.grace_period must be an integer >= 1, got {asha.grace_period!r}")
+    grace = asha.grace_period
+    if isinstance(grace, bool) or not (isinstance(grace, int) and grace >= 1
+                                       or isinstance(grace, float) and 0 < grace < 1):
+        raise ConfigError(f"search space: asha.grace_period must be an integer >= 1 (epochs) or a fraction between "
+                          f"0 and 1 of train.epochs, got {grace!r}")
     if isinstance(asha.reduction_factor, bool) or not isinstance(asha.reduction_factor, (int, float)) \
             or not 1 < asha.reduction_factor < 1e6:
         raise ConfigError(f"search space: asha.reduction_factor must be a number > 1, got {asha.reduction_factor!r}")
@@ -249,10 +257,35 @@ def load_space(path: str | Path) -> SearchSpace:
         raise ConfigError(f"{path}: {exc}") from None
 
 
+def relative_to_config(space: SearchSpace, cfg: Config) -> SearchSpace:
+    """The space with every value given relative to the config made absolute, so that one space file fits
+    configs whose learning rates differ by 100x and whose runs last 12 or 72 epochs: a ``relative: true``
+    range's low and high are multiples of the config's own value (``lr: {low: 0.5, high: 4, relative:
+    true}`` searches 0.5x to 4x the config's lr), and a fractional ``asha.grace_period`` is that fraction
+    of ``train.epochs`` (rounded, at least 1)."""
+    asha = space.asha
+    if isinstance(asha.grace_period, float):
+        asha = replace(asha, grace_period=max(1, round(asha.grace_period * cfg.train.epochs)))
+    params = {}
+    for name, spec in space.params.items():
+        if not spec.get("relative"):
+            params[name] = spec
+            continue
+        value = float(getattr(cfg.train, PARAMS[name].split(".", 1)[1]))
+        if not value > 0:
+            raise ConfigError(f"search space: params.{name} is relative to the config's {PARAMS[name]}, which is "
+                              f"{value:g}; give it a positive value or an absolute range")
+        params[name] = {"distribution": spec["distribution"], "low": spec["low"] * value,
+                        "high": spec["high"] * value}
+    return replace(space, params=params, asha=asha)
+
+
 def optuna_distributions(space: SearchSpace) -> dict:
     """The space as Optuna distributions (OptunaSearch samples these with its seeded TPE sampler)."""
     out = {}
     for name, spec in space.params.items():
+        if spec.get("relative"):
+            raise ValueError(f"params.{name} is relative: resolve it with relative_to_config first")
         dist = spec["distribution"]
         if dist == "choice":
             out[name] = CategoricalDistribution(spec["values"])

@@ -60,6 +60,7 @@ from neoray.tune.space import (
     optuna_distributions,
     parse_batch,
     points_to_evaluate,
+    relative_to_config,
 )
 from neoray.tune.study import (
     StudySearch,
@@ -333,7 +334,8 @@ def _start(opts: SweepOptions):
                                    resume_unfinished=True, resume_errored=True)
         return cfg, resources, meta, tuner
     track = parse_track(opts.track)  # a tracker that is not installed fails before anything starts
-    cfg, space = resolve_config(opts), resolve_space(opts)
+    cfg = resolve_config(opts)
+    space = relative_to_config(resolve_space(opts), cfg)
     check_space_against_config(space, cfg)
     _check_space_batches(cfg, space)
     if storage.exists(storage.join(sweep_dir, "tuner.pkl")):
@@ -371,6 +373,21 @@ def _check_space_batches(cfg: Config, space: SearchSpace) -> None:
             raise ConfigError(f"search space: params.batch {value}: {exc}") from None
 
 
+def search_line(meta: dict) -> str:
+    """What the searcher will do with this sweep's trials, said plainly: Optuna's TPE samples at random
+    until it has ``startup_trials`` results, so a short sweep may never use its model."""
+    search, n = meta.get("search") or {"sampler": "tpe", "startup_trials": 10}, int(meta["num_samples"])
+    given = len(meta.get("warm_start", {}).get("trials", [])) + 1  # warm start, then the config's own values
+    if search["sampler"] == "random":
+        return f"search: random (seeded), after {given} given configuration(s)"
+    modelled = n - max(given, int(search["startup_trials"]))
+    if modelled <= 0:
+        return (f"search: Optuna TPE, but all {n} trials fall in its start-up ({search['startup_trials']} trials "
+                f"before it models results): this sweep is {given} given configuration(s) and random search")
+    return (f"search: Optuna TPE: {given} given configuration(s), random trials up to {search['startup_trials']} "
+            f"(its start-up), then {modelled} trial(s) suggested from the results so far")
+
+
 def _log(line: str) -> None:
     print(f"[neoray] {line}", flush=True)
 
@@ -384,6 +401,7 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
          f"{cfg.train.workers} worker(s) per trial, {path}")
     _log(f"ASHA stops trials early on '{SCORE}' (max; {ranking.SCORE_DOC}) at {meta['asha']['time_attr']} "
          f"rungs {meta['rungs']}")
+    _log(search_line(meta))
     if meta.get("optuna"):
         _log(f"Optuna study '{meta['optuna']['study_name']}', live: {meta['optuna']['dashboard']}")
     # Tune catches Ctrl-C itself and returns from fit() as if the sweep had ended (see trial_ended).
