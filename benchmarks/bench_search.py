@@ -377,7 +377,8 @@ def main(argv=None) -> int:
     gt.add_argument("--data-dir", default=str(DATA_DIR), help="where the tables go (default benchmarks/data)")
     gt.add_argument("--parallel", type=int, default=max(2, (os.cpu_count() or 1) // 2),
                     help="configurations trained at a time (default: half the CPUs, at least 2; on 2 cores two "
-                         "1-thread runs trained 1.3x faster than one 2-thread run)")
+                         "1-thread runs trained 1.3x faster than one 2-thread run at 320x180; at 160x90 they kept "
+                         "Ray starting and reaping idle workers, epochs stalled for up to 150 s: use 1 there)")
     rp = sub.add_parser("replay", help="replay the methods on the tables through Ray Tune")
     rp.add_argument("--tasks", nargs="+", default=sorted(TASKS), choices=sorted(TASKS))
     rp.add_argument("--seeds", type=int, default=20)

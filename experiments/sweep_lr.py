@@ -3,8 +3,9 @@
     python experiments/sweep_lr.py                      # synthetic data, ~10 minutes on a laptop CPU
     python experiments/sweep_lr.py --config my.yaml --num-samples 32 --workers-per-trial 4 --gpus-per-worker 1
     python experiments/sweep_lr.py --resume             # continue an interrupted sweep (Ctrl-C exits 130)
-    python experiments/sweep_lr.py --config experiments/configs/coco_r50_8gpu.yaml --workers-per-trial 8 \
-        --gpus-per-worker 1 --autoscale                 # on `ray up cluster.yaml`: trials wait for new nodes
+    python experiments/sweep_lr.py --config experiments/configs/coco_r50_8gpu.yaml \
+        --space experiments/configs/space_coco.yaml --workers-per-trial 8 --gpus-per-worker 1 \
+        --autoscale                                     # on `ray up cluster.yaml`: trials wait for new nodes
 
 The same as ``neoray sweep`` (same arguments). Results: sweeps/sweep_lr/{trials.md,trials.csv,
 best_config.yaml}; plots: ``neoray report sweeps/sweep_lr``.

@@ -3,7 +3,6 @@
 import re
 
 import pytest
-import yaml
 
 from neoray.cluster import plan as plan_resources
 from neoray.config import ConfigError, load_config
@@ -21,11 +20,14 @@ from neoray.tune.space import (
 def test_default_space_file_is_valid():
     space = load_space(DEFAULT_SPACE)
     assert {"lr", "warmup_steps", "batch"} <= set(space.params)
-    raw = yaml.safe_load(DEFAULT_SPACE.read_text())["params"]["batch"]
-    # Every per-worker batch becomes one "BxA" pair keeping the file's effective batch.
-    pairs = space.params["batch"]["values"]
-    assert [int(p.split("x")[0]) for p in pairs] == raw["per_worker"]
-    assert all(int(b) * int(a) == raw["effective"] for b, a in (p.split("x") for p in pairs))
+    assert space.params["batch"]["values"] == ["4x1", "4x2", "8x1"]  # the benchmark's design
+    assert space.params["lr"]["relative"] and space.asha.grace_period == 0.33
+    assert (space.sampler, space.startup_trials) == ("tpe", 4)
+
+
+def test_per_worker_batches_become_pairs_keeping_the_effective_batch():
+    space = parse_space({"params": {"batch": {"per_worker": [4, 2], "effective": 4}}})
+    assert space.params["batch"]["values"] == ["4x1", "2x2"]
 
 
 @pytest.mark.parametrize("raw, message", [
