@@ -217,5 +217,7 @@ def test_the_sweep_says_whether_tpe_will_model_any_trial():
     assert search_line(long).endswith("then 12 trial(s) suggested from the results so far")
     warm = {**long, "warm_start": {"trials": [{}] * 5}}  # 5 previous configurations + the config's own: 6 given
     assert "6 given configuration(s)" in search_line(warm) and "then 10 trial(s)" in search_line(warm)
+    points = {"num_samples": 16, "search": {"sampler": "tpe", "startup_trials": 4, "given": 3}}
+    assert "3 given configuration(s)" in search_line(points) and "then 12 trial(s)" in search_line(points)
     assert search_line({"num_samples": 3, "search": {"sampler": "random", "startup_trials": 4}}).startswith(
         "search: random")

@@ -303,7 +303,9 @@ def _new_sweep_record(cfg: Config, space: SearchSpace, opts: SweepOptions, resou
         "asha": {**asdict(space.asha), "max_t": max_t},
         "rungs": asha_rungs(space.asha.grace_period, space.asha.reduction_factor, max_t),
         "params": space.params, "seed": space.seed, "num_samples": space.num_samples,
-        "search": {"sampler": space.sampler, "startup_trials": space.startup_trials},
+        # given: configurations run before the sampler's own (the config's values and the space file's points)
+        "search": {"sampler": space.sampler, "startup_trials": space.startup_trials,
+                   "given": 1 + len(space.points_to_evaluate)},
         "lr_scaling": lr_scaling_record(space, cfg),
         "resources": asdict(resources),
         "options": {k: v for k, v in asdict(opts).items() if k != "hooks"},
@@ -377,7 +379,8 @@ def search_line(meta: dict) -> str:
     """What the searcher will do with this sweep's trials, said plainly: Optuna's TPE samples at random
     until it has ``startup_trials`` results, so a short sweep may never use its model."""
     search, n = meta.get("search") or {"sampler": "tpe", "startup_trials": 10}, int(meta["num_samples"])
-    given = len(meta.get("warm_start", {}).get("trials", [])) + 1  # warm start, then the config's own values
+    # the warm start's configurations, then the config's own values and the space file's points
+    given = len(meta.get("warm_start", {}).get("trials", [])) + int(search.get("given", 1))
     if search["sampler"] == "random":
         return f"search: random (seeded), after {given} given configuration(s)"
     modelled = n - max(given, int(search["startup_trials"]))
