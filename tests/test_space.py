@@ -239,6 +239,7 @@ def test_a_relative_lr_range_is_multiples_of_the_configs_lr():
 @pytest.mark.parametrize("spec", [
     {"distribution": "uniform", "low": 0.5, "high": 4, "relative": True},
     {"distribution": "log_uniform", "low": 0.5, "high": 4, "relative": "yes"},
+    {"distribution": "choice", "values": [1e-3, 2e-3], "relative": True},
 ])
 def test_relative_needs_a_log_uniform_range_and_true(spec):
     with pytest.raises(ConfigError, match=r"params\.lr\.relative"):

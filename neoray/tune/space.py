@@ -152,6 +152,10 @@ def _param_spec(name: str, spec: Any) -> dict:
     dist = spec.get("distribution")
     if dist not in DISTRIBUTIONS:
         raise ConfigError(f"search space: {where}.distribution must be one of {', '.join(DISTRIBUTIONS)}, got {dist!r}")
+    relative = spec.get("relative", False)
+    if relative is not False and (relative is not True or dist != "log_uniform" or "step" in spec):
+        raise ConfigError(f"search space: {where}.relative: true (the only value) needs a log_uniform range "
+                          f"without step, got relative={relative!r} with {dist}")
     if dist == "choice":
         values = spec.get("values")
         if not isinstance(values, list) or not values:
@@ -166,10 +170,7 @@ def _param_spec(name: str, spec: Any) -> dict:
     out = {"distribution": dist, "low": low, "high": high}
     if "step" in spec:
         out["step"] = _number(spec, "step", where, integer)
-    if spec.get("relative", False) is not False:
-        if spec["relative"] is not True or dist != "log_uniform" or "step" in spec:
-            raise ConfigError(f"search space: {where}.relative: true (the only value) needs a log_uniform range "
-                              f"without step, got relative={spec['relative']!r} with {dist}")
+    if relative:
         out["relative"] = True
     return out
 
@@ -257,6 +258,11 @@ def load_space(path: str | Path) -> SearchSpace:
         raise ConfigError(f"{path}: {exc}") from None
 
 
+def _config_value(cfg: Config, name: str):
+    """The config's own value of the searched parameter ``name`` (a ``train.*`` key; not ``batch``)."""
+    return getattr(cfg.train, PARAMS[name].split(".", 1)[1])
+
+
 def relative_to_config(space: SearchSpace, cfg: Config) -> SearchSpace:
     """The space with every value given relative to the config made absolute, so that one space file fits
     configs whose learning rates differ by 100x and whose runs last 12 or 72 epochs: a ``relative: true``
@@ -271,7 +277,7 @@ def relative_to_config(space: SearchSpace, cfg: Config) -> SearchSpace:
         if not spec.get("relative"):
             params[name] = spec
             continue
-        value = float(getattr(cfg.train, PARAMS[name].split(".", 1)[1]))
+        value = float(_config_value(cfg, name))
         if not value > 0:
             raise ConfigError(f"search space: params.{name} is relative to the config's {PARAMS[name]}, which is "
                               f"{value:g}; give it a positive value or an absolute range")
@@ -306,7 +312,7 @@ def config_values(cfg: Config, space: SearchSpace) -> dict:
         if name == "batch":
             values[name] = format_batch(cfg.train.batch_size, cfg.train.accumulate)
         else:
-            values[name] = getattr(cfg.train, PARAMS[name].split(".", 1)[1])
+            values[name] = _config_value(cfg, name)
     if "lr" in values:
         reference = space.lr_scaling.reference_batch or cfg.effective_batch
         values["lr"] = cfg.train.lr / scaled_lr(1.0, cfg.effective_batch, space.lr_scaling.rule, reference)
