@@ -36,6 +36,7 @@ from neoray.data.shards import read_manifest
 from neoray.engine import ranking
 from neoray.run.setup import check_batches, check_cluster, needed_everywhere, prepare_config
 from neoray.run.tracking import parse_track
+from neoray.tune.pg_record import release_worker_pgs, trial_record_path
 from neoray.tune.results import (
     asha_rungs,
     best_row,
@@ -73,7 +74,7 @@ from neoray.tune.study import (
     study_callbacks,
 )
 from neoray.tune.tracking import finish_tracking, resume_tracking, start_tracking, tracking_callbacks
-from neoray.tune.trainable import release_worker_pgs, sweep_trainable, trial_record_path
+from neoray.tune.trainable import sweep_trainable
 
 SCORE, MODE = ranking.SCORE, ranking.MODE
 # The live trial table's metric columns (result key -> header); Tune's default shows only the first 4 keys.
@@ -203,7 +204,7 @@ class AnnounceTrials(tune.Callback):
 
 class ReleaseTrainPlacementGroups(tune.Callback):
     """When a multi-worker trial ends, remove its Train worker placement group (listed by the trial, see
-    trainable.RecordPlacementGroupCallback). Tune ends a trial by killing its actor as soon as it
+    pg_record.RecordPlacementGroupCallback). Tune ends a trial by killing its actor as soon as it
     reports its last epoch or ASHA stops it, so the trial cannot clean up after its TorchTrainer."""
 
     def __init__(self, sweep_dir: str):

@@ -31,12 +31,8 @@ from neoray.config import Config, from_dict
 from neoray.engine.context import ShardBatches, checkpoint_location
 from neoray.engine.loop import run_training_loop
 from neoray.run.trainer import build_trainer
-from neoray.tune.pg_record import PG_RECORD, RecordPlacementGroupCallback, release_worker_pgs, trial_record_path
+from neoray.tune.pg_record import RecordPlacementGroupCallback, release_worker_pgs, trial_record_path
 from neoray.tune.space import trial_config
-
-# PG_RECORD, RecordPlacementGroupCallback, release_worker_pgs and trial_record_path are re-exported (the sweep
-# driver imports them from here); they live in pg_record so that a trial TorchTrainer's controller, which
-# imports the module of every callback it is given, does not import this one.
 
 
 class TuneTrialContext:
@@ -98,7 +94,4 @@ def sweep_trainable(params: dict, setup: dict) -> None:
     print(f"[neoray] {trial_name}: training took {time.perf_counter() - started:.1f} s", flush=True)
 
 
-__all__ = [
-    "PG_RECORD", "RecordPlacementGroupCallback", "TuneTrialContext", "release_worker_pgs", "sweep_trainable",
-    "trial_record_path",
-]
+__all__ = ["TuneTrialContext", "sweep_trainable"]
