@@ -53,7 +53,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from neoray.config import DataConfig, format_size, parse_size  # noqa: E402
-from neoray.data.augment import TrainAugment, decode_augment_batch, draw_batch, train_sizes  # noqa: E402
+from neoray.data.augment import TrainAugment, decode_augment_batch  # noqa: E402
+from neoray.data.draws import draw_batch, train_sizes  # noqa: E402
 from neoray.data.geometry import boxes_to_letterbox, letterbox_image, letterbox_params, xywh_to_xyxy  # noqa: E402
 
 # Imported here, before the DataLoader forks its workers, so that they do not each import Ray again.

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from neoray.config import ConfigError, DataConfig, is_16_9
-from neoray.data.augment import TrainAugment, resize_factor, resize_image, train_sizes
+from neoray.data.augment import TrainAugment, resize_image
+from neoray.data.draws import resize_factor, train_sizes
 
 
 def _image(w=320, h=180, seed=0):

@@ -28,7 +28,8 @@ from albumentations.augmentations.pixel import functional as fpixel
 from neoray import storage
 from neoray.config import DataConfig
 from neoray.data import tensor_augment as T
-from neoray.data.augment import BatchDraw, ColorDraw, apply_draw, draw_batch
+from neoray.data.augment import apply_draw
+from neoray.data.draws import BatchDraw, ColorDraw, draw_batch
 from neoray.data.shards import FORMAT, MANIFEST_NAME, VERSION, shard_name, write_shard
 from neoray.data.stream import ShardSet, iter_eval_batches, iter_train_batches
 

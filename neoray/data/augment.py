@@ -2,11 +2,11 @@
 
 A training batch is augmented in three steps, on every path the same:
 
-1. ``draw_batch``: every random number of the batch, drawn here from one numpy Generator seeded by the
-   caller with (seed, epoch, rank, batch index): ONE size from ``data.multiscale`` for the whole batch
-   (so its images stack), then per image a horizontal flip (probability ``data.hflip``) and colour
-   jitter factors with their order (strength ``data.color_jitter``), as a ``BatchDraw``.
-2. the boxes (``transform_boxes``, numpy, shared by both paths): scaled by the resize factor, mirrored by
+1. ``draw_batch`` (neoray.data.draws): every random number of the batch, drawn from one numpy Generator
+   seeded by the caller with (seed, epoch, rank, batch index): ONE size from ``data.multiscale`` for the
+   whole batch (so its images stack), then per image a horizontal flip (probability ``data.hflip``) and
+   colour jitter factors with their order (strength ``data.color_jitter``), as a ``BatchDraw``.
+2. the boxes (``draws.transform_boxes``, numpy, shared by both paths): scaled by the resize factor, mirrored by
    the flip, clipped to the image; boxes under ``MIN_BOX_SIDE`` px in width or height are dropped with
    their labels, iscrowd and areas (never passed on as zero-area targets) and counted.
 3. the pixels: ``data.decode: cpu`` applies the draw with albumentations here (``apply_draw``:
@@ -32,7 +32,6 @@ image is in cache, written straight into its CHW slot.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from functools import lru_cache
 
 # albumentations checks PyPI for a newer version on import; workers have no internet and need no nagging.
@@ -42,35 +41,13 @@ import albumentations as A  # noqa: E402
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from neoray.config import DataConfig, parse_size  # noqa: E402
+from neoray.config import DataConfig  # noqa: E402
 from neoray.data.decode import decode_jpeg  # noqa: E402
-
-MIN_BOX_SIDE = 1.0  # pixels; narrower or flatter boxes after augmentation are dropped
-# Hue is a fraction of the colour wheel and is kept gentler than the other factors (strength / 8): a hue
-# shift changes what colour an object is.
-HUE_SHARE = 1 / 8
-
+from neoray.data.draws import BatchDraw, ColorDraw, augment_targets, draw_batch, train_sizes  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------
-# Sizes
+# Resizing a whole image (evaluation)
 # ----------------------------------------------------------------------------------------------------
-
-
-def train_sizes(data_cfg: DataConfig) -> list[tuple[int, int]]:
-    """The (W, H) sizes a training batch may be resized to: ``data.multiscale``, or ``[data.size]``."""
-    raw = list(data_cfg.multiscale) or [data_cfg.size]
-    return [parse_size(s, "data.multiscale" if data_cfg.multiscale else "data.size") for s in raw]
-
-
-def resize_factor(image_size: tuple[int, int], target_size: tuple[int, int], image_id: int) -> float:
-    """The scale factor of a 16:9 -> 16:9 resize; an error naming the image when it would distort."""
-    (w, h), (tw, th) = image_size, target_size
-    if w * th != h * tw:
-        raise ValueError(
-            f"image_id {image_id}: image is {w}x{h}, which cannot be resized to {tw}x{th} without distortion "
-            "(shard images must be 16:9; re-run `neoray prepare`)"
-        )
-    return tw / w
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -80,82 +57,6 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         return image
     interpolation = cv2.INTER_AREA if size[0] < w else cv2.INTER_LINEAR
     return cv2.resize(image, tuple(size), interpolation=interpolation)
-
-
-# ----------------------------------------------------------------------------------------------------
-# The draws
-# ----------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ColorDraw:
-    """One image's colour jitter: torchvision-style factors (1 = unchanged; hue: a fraction of the colour
-    wheel, 0 = unchanged) and the order of the four operations (0 brightness, 1 contrast, 2 saturation,
-    3 hue), as albumentations' ``ColorJitter`` takes them."""
-
-    brightness: float
-    contrast: float
-    saturation: float
-    hue: float
-    order: tuple[int, int, int, int]
-
-
-@dataclass(frozen=True)
-class BatchDraw:
-    size: tuple[int, int]  # (W, H) of the whole batch
-    flips: tuple[bool, ...]  # per image
-    colors: tuple[ColorDraw | None, ...]  # per image; None: no colour jitter
-
-
-def draw_batch(sizes: list[tuple[int, int]], hflip: float, color_jitter: float, count: int,
-               rng: np.random.Generator) -> BatchDraw:
-    """Every random number of a batch of ``count`` images, in a fixed order from ``rng``."""
-    size = tuple(sizes[int(rng.integers(len(sizes)))])
-    flips, colors = [], []
-    low, high, hue = max(0.0, 1.0 - color_jitter), 1.0 + color_jitter, min(0.5, color_jitter * HUE_SHARE)
-    for _ in range(count):
-        flips.append(bool(rng.random() < hflip))
-        if color_jitter > 0:
-            b, c, s = (float(v) for v in rng.uniform(low, high, 3))
-            order = tuple(int(i) for i in rng.permutation(4))
-            colors.append(ColorDraw(b, c, s, float(rng.uniform(-hue, hue)), order))
-        else:
-            colors.append(None)
-    return BatchDraw(size, tuple(flips), tuple(colors))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Boxes (both paths)
-# ----------------------------------------------------------------------------------------------------
-
-
-def transform_boxes(boxes: np.ndarray, image_size: tuple[int, int], size: tuple[int, int],
-                    flip: bool) -> tuple[np.ndarray, np.ndarray]:
-    """xyxy boxes of an image of ``image_size`` (W, H) after the resize to ``size`` and the flip:
-    ``(boxes float32 (M, 4), kept row indices int64 (M,))``, clipped to the image, boxes under
-    ``MIN_BOX_SIDE`` px in either side dropped."""
-    (w, h), (tw, th) = image_size, size
-    out = np.asarray(boxes, np.float32).reshape(-1, 4).copy()
-    np.clip(out[:, 0::2], 0, w, out=out[:, 0::2])
-    np.clip(out[:, 1::2], 0, h, out=out[:, 1::2])
-    out *= np.float32(tw / w)
-    if flip:
-        out[:, [0, 2]] = np.float32(tw) - out[:, [2, 0]]
-    np.clip(out[:, 0::2], 0, tw, out=out[:, 0::2])
-    np.clip(out[:, 1::2], 0, th, out=out[:, 1::2])
-    keep = np.flatnonzero((out[:, 2] - out[:, 0] >= MIN_BOX_SIDE) & (out[:, 3] - out[:, 1] >= MIN_BOX_SIDE))
-    return out[keep], keep.astype(np.int64)
-
-
-def augment_targets(sample: dict, size: tuple[int, int], flip: bool) -> tuple[dict, int]:
-    """``sample`` with its boxes, labels, iscrowd and areas after the draw (pixels untouched) and its
-    "factor"; and the number of boxes dropped."""
-    width, height = sample["width"], sample["height"]
-    factor = resize_factor((width, height), size, sample["image_id"])
-    boxes, keep = transform_boxes(sample["boxes"], (width, height), size, flip)
-    out = {**sample, "boxes": boxes, "labels": sample["labels"][keep], "iscrowd": sample["iscrowd"][keep],
-           "areas": sample["areas"][keep], "factor": factor}
-    return out, len(sample["boxes"]) - len(keep)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -238,7 +139,4 @@ def decode_augment_batch(jpegs: list[bytes], shapes: list[tuple[int, int]], draw
     return out
 
 
-__all__ = [
-    "BatchDraw", "ColorDraw", "HUE_SHARE", "MIN_BOX_SIDE", "TrainAugment", "apply_draw", "augment_targets",
-    "decode_augment_batch", "draw_batch", "resize_factor", "resize_image", "train_sizes", "transform_boxes",
-]
+__all__ = ["TrainAugment", "apply_draw", "decode_augment_batch", "resize_image"]

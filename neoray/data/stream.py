@@ -12,7 +12,7 @@ Each training worker builds its own stream, every epoch, from a plan that is a f
    per chunk, in parallel on the cluster's CPUs. Rows leave in plan order (``preserve_order``).
 3. ``iter_train_batches``, on the worker: mix the rows (JPEG bytes and targets, a fraction of a decoded
    image each) in a shuffle buffer seeded by (seed, epoch, rank), draw each batch's augmentation
-   (``neoray.data.augment.draw_batch``, seeded by (seed, epoch, rank, batch index)), move its boxes, and
+   (``neoray.data.draws.draw_batch``, seeded by (seed, epoch, rank, batch index)), move its boxes, and
    have its pixels made where ``data.decode`` says:
 
    ================================  ====================================  ==================================
@@ -60,16 +60,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from neoray import storage
 from neoray.config import DataConfig, parse_size
-from neoray.data.augment import (
-    BatchDraw,
-    augment_targets,
-    decode_augment_batch,
-    draw_batch,
-    resize_factor,
-    resize_image,
-    train_sizes,
-)
+from neoray.data.augment import decode_augment_batch, resize_image
 from neoray.data.decode import check_targets, read_chunk, read_encoded_chunk
+from neoray.data.draws import BatchDraw, augment_targets, draw_batch, resize_factor, train_sizes
 from neoray.data.shards import read_manifest
 from neoray.data.tensor_augment import apply_draw, decode_jpegs, resize_images
 

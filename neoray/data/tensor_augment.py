@@ -2,7 +2,7 @@
 
 With ``data.decode: gpu`` the stream hands JPEG bytes to the training worker, which decodes a whole batch
 on its own GPU (torchvision's ``decode_jpeg`` with ``device="cuda"``: nvJPEG) and applies the batch's
-``BatchDraw`` (neoray.data.augment) here: the 16:9 multi-scale resize, the horizontal flip and the
+``BatchDraw`` (neoray.data.draws) here: the 16:9 multi-scale resize, the horizontal flip and the
 colour jitter. The same code runs on the CPU (``device="cpu"``: libjpeg-turbo through torchvision),
 which is how the tests hold it to the CPU path without a GPU.
 
@@ -17,7 +17,7 @@ the two paths give the same batch up to rounding (tests/test_tensor_augment.py s
   ``addWeighted`` with the grey image (one rounding, as its fused multiply-add), hue through OpenCV's
   8-bit HSV (integer RGB->HSV, a lookup table on H, float HSV->RGB truncated as its SIMD path).
 
-Boxes never come here: both paths transform them with the same numpy code (augment.transform_boxes).
+Boxes never come here: both paths transform them with the same numpy code (draws.transform_boxes).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from neoray.data.augment import BatchDraw, ColorDraw
+from neoray.data.draws import BatchDraw, ColorDraw
 
 # OpenCV's RGB -> grey for 8-bit images: (9798 R + 19235 G + 3735 B + 2^14) >> 15.
 _GREY = (9798, 19235, 3735)
