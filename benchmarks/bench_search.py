@@ -43,8 +43,9 @@ from neoray import storage  # noqa: E402
 from neoray.config import format_size, load_config, parse_size  # noqa: E402
 from neoray.configs import DEFAULT_CONFIG  # noqa: E402
 from neoray.data.demo import ensure_default_data  # noqa: E402
-from neoray.engine.context import LocalContext, ShardBatches  # noqa: E402
+from neoray.engine.context import LocalContext  # noqa: E402
 from neoray.engine.loop import run_training_loop  # noqa: E402
+from neoray.engine.shard_batches import ShardBatches  # noqa: E402
 from neoray.tune.replay import (  # noqa: E402
     TABLE_COLUMNS,
     Method,

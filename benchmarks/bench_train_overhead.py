@@ -42,8 +42,9 @@ def rate_and_startup(start: float, report_times: list[float], images_per_epoch: 
 
 
 def run_plain(cfg) -> tuple[list[float], float, float]:
-    from neoray.engine.context import LocalContext, ShardBatches
+    from neoray.engine.context import LocalContext
     from neoray.engine.loop import run_training_loop
+    from neoray.engine.shard_batches import ShardBatches
 
     class TimedContext(LocalContext):
         def report(self, metrics, checkpoint_dir):

@@ -54,9 +54,19 @@ def mean_over_ranks(value: float, device: torch.device | str = "cpu") -> float:
     return float(tensor.item()) / dist.get_world_size()
 
 
+def broadcast_module(module: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers copied into ``module`` on every rank, in place (what DDP's constructor
+    does), so that everything derived from the weights before DDP wraps them starts equal on every rank."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
 
 
-__all__ = ["any_flags", "barrier", "from_rank0", "gather", "is_distributed", "mean_over_ranks"]
+__all__ = ["any_flags", "barrier", "broadcast_module", "from_rank0", "gather", "is_distributed", "mean_over_ranks"]

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+from neoray.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from neoray.config import TrainConfig
 from neoray.engine.ema import ModelEMA
 from neoray.engine.optim import build_optimizer, build_scheduler
 from neoray.engine.seeding import capture_rng_state, restore_rng_state
-from neoray.models.pretrained.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 
 def _trained(seed: int):

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+from neoray.checkpoints import save_checkpoint
 from neoray.cli import main
 from neoray.config import load_config
-from neoray.evaluation import export
 from neoray.evaluation.inference import load_model
+from neoray.export import onnx as onnx_export
 from neoray.models import build_model
-from neoray.models.pretrained.checkpoint import save_checkpoint
 
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
@@ -55,7 +55,7 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
 
 @pytest.fixture(autouse=True)
 def fewer_latency_runs(monkeypatch):
-    monkeypatch.setattr(export, "LATENCY_RUNS", 3)  # the timing is printed, not tested
+    monkeypatch.setattr(onnx_export, "LATENCY_RUNS", 3)  # the timing is printed, not tested
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def exported(checkpoints, tmp_path_factory) -> dict[str, tuple[str, str]]:
     root = tmp_path_factory.mktemp("onnx")
     result = {}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(export, "LATENCY_RUNS", 3)
+        patch.setattr(onnx_export, "LATENCY_RUNS", 3)
         for name, batch in (("rtdetr_cpu", "dynamic"), ("rtdetr_r18vd", "1")):
             out = root / f"{name}.onnx"
             code, stdout, stderr = run_cli(["export", checkpoints[name], "--out", str(out), "--batch", batch])
@@ -87,13 +87,13 @@ def sorted_close(ort_out, torch_out, score_gap: float = 1e-5) -> None:
     boxes, scores, labels = ort_out
     for i, expected in enumerate(torch_out):
         ref_scores = expected["scores"].numpy()
-        np.testing.assert_allclose(scores[i], ref_scores, rtol=0, atol=export.SCORE_TOLERANCE)
+        np.testing.assert_allclose(scores[i], ref_scores, rtol=0, atol=onnx_export.SCORE_TOLERANCE)
         gaps = np.abs(np.diff(ref_scores))
         clear = np.minimum(np.r_[np.inf, gaps], np.r_[gaps, np.inf]) > score_gap
         assert clear.sum() >= 5, "too few separated scores to compare boxes"
         np.testing.assert_array_equal(labels[i][clear], expected["labels"].numpy()[clear])
         np.testing.assert_allclose(boxes[i][clear], expected["boxes"].numpy()[clear], rtol=0,
-                                   atol=export.BOX_TOLERANCE_PX)
+                                   atol=onnx_export.BOX_TOLERANCE_PX)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -102,7 +102,7 @@ def test_onnxruntime_gives_the_pytorch_detections_of_the_checkpoint(name, checkp
     assert "max |boxes| difference" in stdout and "max |scores| difference" in stdout
     assert "onnxruntime CPU latency" in stdout and " ms " in stdout
     model, _ = load_model(checkpoints[name])
-    images = export.sample_images(SIZE, 2, seed=5)
+    images = onnx_export.sample_images(SIZE, 2, seed=5)
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     batches = [images] if name == "rtdetr_cpu" else [images[:1], images[1:]]  # dynamic / fixed batch of 1
     with torch.no_grad():
@@ -131,9 +131,9 @@ def test_the_onnx_model_takes_uint8_frames_of_the_export_size_and_names_its_clas
 
 def test_the_export_wrapper_returns_what_predict_returns_as_fixed_shape_tensors(checkpoints):
     model, _ = load_model(checkpoints["rtdetr_cpu"])
-    images = export.sample_images(SIZE, 2, seed=3)
+    images = onnx_export.sample_images(SIZE, 2, seed=3)
     with torch.no_grad():
-        boxes, scores, labels = export.DetectionsAsTensors(model, SIZE, model.max_detections)(images)
+        boxes, scores, labels = onnx_export.DetectionsAsTensors(model, SIZE, model.max_detections)(images)
         expected = model(images)
     for i, detections in enumerate(expected):  # score_threshold 0: predict keeps every top-k detection
         assert torch.equal(boxes[i], detections["boxes"]) and torch.equal(scores[i], detections["scores"])
@@ -183,7 +183,7 @@ def test_without_onnx_installed_the_command_says_how_to_install_it(checkpoints, 
 
 def test_an_export_that_differs_from_pytorch_is_refused_and_nothing_is_written(checkpoints, tmp_path,
                                                                                monkeypatch):
-    monkeypatch.setattr(export, "BOX_TOLERANCE_PX", -1.0)  # every export now "differs"
+    monkeypatch.setattr(onnx_export, "BOX_TOLERANCE_PX", -1.0)  # every export now "differs"
     out = tmp_path / "m.onnx"
     code, _, stderr = run_cli(["export", checkpoints["rtdetr_cpu"], "--out", str(out)])
     assert_one_line_refusal(code, stderr, "differs from PyTorch", "nothing written")

@@ -7,12 +7,12 @@ from __future__ import annotations
 import torch
 from test_train_loop import CATEGORIES, TinyDetector, make_batches, tiny_config
 
+from neoray.checkpoints import save_checkpoint
 from neoray.config import from_dict
 from neoray.engine.context import LocalContext, ReadyBatches
 from neoray.engine.ema import ModelEMA
 from neoray.engine.loop import run_training_loop
 from neoray.models import build_model
-from neoray.models.pretrained.checkpoint import save_checkpoint
 from neoray.models.pretrained.keymaps import reference_key_map
 
 

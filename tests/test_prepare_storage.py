@@ -293,8 +293,8 @@ def test_a_ray_checkpoint_on_s3_is_read_in_place_not_downloaded(tmp_path, s3_buc
     import ray.train
     import torch
 
-    from neoray.engine.context import checkpoint_location
-    from neoray.models.pretrained.checkpoint import load_checkpoint, save_checkpoint
+    from neoray.checkpoints import load_checkpoint, save_checkpoint
+    from neoray.engine.ray_context import checkpoint_location
 
     save_checkpoint(tmp_path / "ckpt", {"epoch": 3, "model": {"w": torch.ones(2)}})
     uri = _upload(str(tmp_path / "ckpt"), f"{s3_bucket}/run/ray/checkpoint_000002")

@@ -146,7 +146,7 @@ def test_eval_stream_reproduces_every_shard_row_once(ray_session, shard_dir):
 
 def test_eval_resized_to_another_size_still_maps_back_to_original_boxes(ray_session, shard_dir):
     seen = 0
-    for batch in iter_eval_batches(shards(shard_dir), 8, size=(320, 180)):
+    for batch in iter_eval_batches(shards(shard_dir), 8, DataConfig(size=(320, 180))):
         assert batch.images.shape[2:] == (180, 320)
         np.testing.assert_allclose(batch.scale.numpy(), SCALE * 2, rtol=1e-6)
         np.testing.assert_allclose(batch.pad.numpy(), [[PAD_X * 2, PAD_Y * 2]] * len(batch), rtol=1e-6)
@@ -328,7 +328,7 @@ def test_synthetic_shards_stream_end_to_end(ray_session, synthetic_shards):
     for ann in coco["annotations"]:
         source[ann["image_id"]].append(ann["bbox"])
     seen = []
-    for batch in iter_eval_batches(shards(synthetic_shards["val"]), 3, size=(320, 180)):
+    for batch in iter_eval_batches(shards(synthetic_shards["val"]), 3, DataConfig(size=(320, 180))):
         _check_batch_types(batch)
         for i, image_id in enumerate(batch.image_ids.tolist()):
             seen.append(image_id)

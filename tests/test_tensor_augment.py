@@ -196,8 +196,8 @@ def test_train_batches_match_between_cpu_and_gpu_decode(ray_session, shard_dir):
 
 def test_eval_batches_match_between_cpu_and_gpu_decode(ray_session, shard_dir):
     for size in (None, (256, 144), (480, 270)):
-        a = list(iter_eval_batches(shard_dir, 5, size=size))
-        b = list(iter_eval_batches(shard_dir, 5, size=size, decode="gpu", device="cpu"))
+        a = list(iter_eval_batches(shard_dir, 5, DataConfig(size=size)))
+        b = list(iter_eval_batches(shard_dir, 5, DataConfig(size=size, decode="gpu"), device="cpu"))
         assert [len(x) for x in a] == [len(x) for x in b] == [5, 5, 5, 5, 4]
         for batch_a, batch_b in zip(a, b):
             _assert_same_batch(batch_a, batch_b)

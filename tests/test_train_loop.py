@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 from fault_hooks import Faults
 from torch import nn
 
+from neoray.checkpoints import load_checkpoint, read_pointers
 from neoray.config import from_dict
 from neoray.engine import ranking
 from neoray.engine import step as step_module
@@ -25,7 +26,6 @@ from neoray.engine.loop import run_training_loop
 from neoray.engine.optim import build_optimizer, build_scheduler, lr_at
 from neoray.engine.state import TrainState
 from neoray.engine.step import EpochStats, finish_update, train_one_epoch
-from neoray.models.pretrained.checkpoint import load_checkpoint, read_pointers
 
 CATEGORIES = [{"id": 1, "name": "a", "label": 0}, {"id": 2, "name": "b", "label": 1}]
 

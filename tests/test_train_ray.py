@@ -10,10 +10,10 @@ import pytest
 import yaml
 from fault_hooks import Faults
 
+from neoray.checkpoints import load_checkpoint, read_pointers
 from neoray.cli import main as neoray_main
 from neoray.config import from_dict
 from neoray.engine.optim import lr_at
-from neoray.models.pretrained.checkpoint import load_checkpoint, read_pointers
 
 TINY_MODEL = {"hidden_dim": 32, "num_queries": 20, "num_denoising": 10}
 

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from neoray import storage
 from neoray.cluster import ClusterError, add_address_argument, connect
 from neoray.commands import EXIT_FAILED, EXIT_OK
-from neoray.config import format_size
+from neoray.config import DataConfig, format_size
 from neoray.data.stream import ShardSet, iter_eval_batches, quiet_ray_data
 from neoray.evaluation.coco_eval import CocoEvaluator, format_metrics_table, json_safe, run_evaluator
 from neoray.evaluation.inference import load_model
@@ -75,11 +75,11 @@ def run(args) -> int:
         shard_set = ShardSet.open(storage.absolute(args.data))
         _check_categories(args.data, shard_set.categories, meta["categories"])
         # Evaluate at the size the model trained at; the stream rescales and the Batch's scale/pad follow.
-        size = meta["size"] if meta["size"] and tuple(meta["size"]) != shard_set.size else None
+        data_cfg = DataConfig(size=tuple(meta["size"])) if meta["size"] else None
         evaluator = CocoEvaluator(shard_set.categories, score_threshold=args.score_threshold, gt_json=args.gt_json)
         connect(args.address, log=None)
         quiet_ray_data()
-        batches = _progress(iter_eval_batches(shard_set, args.batch_size, size=size), shard_set.num_rows)
+        batches = _progress(iter_eval_batches(shard_set, args.batch_size, data_cfg), shard_set.num_rows)
         run_evaluator(model, batches, evaluator, args.device)
         metrics = evaluator.summarize()
         out = storage.absolute(args.out) if args.out else default_metrics_path(meta["file"])
@@ -88,7 +88,8 @@ def run(args) -> int:
         record = {
             **json_safe(metrics),
             "checkpoint": meta["file"], "weights": meta["weights"], "epoch": meta["epoch"], "data": str(args.data),
-            "gt_json": str(args.gt_json) if args.gt_json else None, "eval_size": format_size(size or shard_set.size),
+            "gt_json": str(args.gt_json) if args.gt_json else None,
+            "eval_size": format_size(data_cfg.size if data_cfg else shard_set.size),
             "detections_file": storage.basename(dets_out),
         }
         storage.write_json(out, record)

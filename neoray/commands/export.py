@@ -2,7 +2,7 @@
 
 CHECKPOINT is anything ``neoray predict`` takes (a run directory, a checkpoint, a reference RT-DETR
 ``.pth``, a Hugging Face folder). The model, its contract, the verification and the tolerances are
-neoray.evaluation.export's; this module parses, prints and turns failures into one line.
+neoray.export.onnx's; this module parses, prints and turns failures into one line.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import sys
 from neoray import storage
 from neoray.commands import EXIT_FAILED, EXIT_OK
 from neoray.config import ConfigError, format_size
-from neoray.evaluation.export import (
+from neoray.evaluation.inference import CheckpointError, load_model
+from neoray.export.onnx import (
     BOX_TOLERANCE_PX,
     SCORE_TOLERANCE,
     ExportError,
@@ -21,7 +22,6 @@ from neoray.evaluation.export import (
     import_runtime,
     parse_batch,
 )
-from neoray.evaluation.inference import CheckpointError, load_model
 
 DEFAULT_SIZE = (1920, 1080)  # for weights that record no training size (a reference .pth, Hugging Face)
 

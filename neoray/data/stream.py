@@ -25,9 +25,10 @@ Each training worker builds its own stream, every epoch, from a plan that is a f
    collate into (B, 3, H, W) uint8   the same task                         the worker's device
    ================================  ====================================  ==================================
 
-   The batch tasks run on the worker's node, up to ``decode_tasks`` at a time, their results taken in
-   order. ``iter_eval_batches``: with ``cpu`` the Ray Data tasks decode (``read_chunk``) and the worker
-   collates (and resizes, when asked); with ``gpu`` the worker decodes and resizes on its device.
+   The batch tasks run on the worker's node, up to ``decode_parallelism(workers on the node)`` at a time,
+   their results taken in order. ``iter_eval_batches``: with ``cpu`` the Ray Data tasks decode
+   (``read_chunk``) and the worker collates (and resizes, when asked); with ``gpu`` the worker decodes and
+   resizes on its device.
 
 Why decoding moved out of the Ray Data tasks for training: at 1920x1080 a decoded image is 6 MB against
 0.2-0.4 MB of JPEG, and every decoded chunk went through the object store to the training worker, which
@@ -405,15 +406,16 @@ def _drawn_batches(samples: Iterator[dict], batch_size: int, data_cfg: DataConfi
 
 def iter_train_batches(shard_set: ShardSet, batch_size: int, data_cfg: DataConfig, *, seed: int, epoch: int,
                        rank: int = 0, world_size: int = 1, prefetch_batches: int = 2, device=None,
-                       decode_tasks: int | None = None) -> Iterator[Batch]:
+                       workers_on_node: int = 1) -> Iterator[Batch]:
     """Augmented training batches of this rank for this epoch (see the module docstring).
 
     Every rank yields ``(rows // world_size) // batch_size`` full batches (the rest is dropped). Rows
     are mixed by a shuffle buffer of ``data_cfg.shuffle_buffer`` rows seeded by (seed, epoch, rank); each
     batch is resized to one size drawn from ``data_cfg.multiscale`` and flipped/jittered per image with
     draws seeded by (seed, epoch, rank, batch index). ``data_cfg.decode``: ``cpu`` makes the pixels in
-    Ray tasks (``decode_tasks`` in flight, default ``decode_parallelism()``), ``gpu`` on ``device``
-    (default: this process's GPU, else the CPU), whose batches' images stay there."""
+    Ray tasks (``decode_parallelism(workers_on_node)`` in flight: this node's CPUs shared by the training
+    workers on it), ``gpu`` on ``device`` (default: this process's GPU, else the CPU), whose batches'
+    images stay there."""
     chunks = epoch_plan(shard_set, epoch=epoch, rank=rank, world_size=world_size, seed=seed, equal=True,
                         max_rows=data_cfg.max_train_images)
     tables = _iter_encoded(chunks, None, prefetch_batches=prefetch_batches)  # whole chunks, in plan order
@@ -425,7 +427,7 @@ def iter_train_batches(shard_set: ShardSet, batch_size: int, data_cfg: DataConfi
         for batch, draw in jobs:
             yield assemble(apply_draw(decode_on_device(batch, target), draw), batch)
     else:
-        yield from _task_batches(jobs, decode_tasks or decode_parallelism())
+        yield from _task_batches(jobs, decode_parallelism(workers_on_node))
 
 
 def train_rows_per_epoch(num_rows: int, max_rows: int = 0) -> int:
@@ -446,18 +448,27 @@ def _resize_targets(samples: list[dict], target: tuple[int, int]) -> None:
         sample["boxes"] = sample["boxes"] * np.float32(sample["factor"])
 
 
-def iter_eval_batches(shard_set: ShardSet, batch_size: int, *, rank: int = 0, world_size: int = 1, size=None,
-                      prefetch_batches: int = 2, decode: str = "cpu", device=None) -> Iterator[Batch]:
+def _eval_size(shard_set: ShardSet, data_cfg: DataConfig | None) -> tuple[int, int] | None:
+    """The size evaluation resizes to: the config's, when it differs from the shards' own (None: keep)."""
+    if data_cfg is None:
+        return None
+    size = parse_size(data_cfg.size, "data.size")
+    return None if size == tuple(shard_set.size) else size
+
+
+def iter_eval_batches(shard_set: ShardSet, batch_size: int, data_cfg: DataConfig | None = None, *, rank: int = 0,
+                      world_size: int = 1, prefetch_batches: int = 2, device=None) -> Iterator[Batch]:
     """Evaluation batches of this rank: no augmentation, in manifest order, the last batch possibly short;
     over all ranks every image exactly once.
 
-    Images keep the shard size unless ``size`` (W, H) is given: then the whole image is resized to it
-    (16:9 to 16:9, a pure scale) and boxes, scale and pad follow, so ``(pixel - pad) / scale`` still maps
-    back to original coordinates. No box is dropped: ground truth must stay complete for scoring.
-    ``decode``: ``cpu`` decodes in the Ray Data tasks; ``gpu`` on ``device`` (as in training), where the
-    images stay.
+    ``data_cfg`` (None: the shards as they are, decoded by Ray Data's tasks): the images are resized to
+    ``data_cfg.size`` when the shards hold another size (16:9 to 16:9, a pure scale; boxes, scale and pad
+    follow, so ``(pixel - pad) / scale`` still maps back to original coordinates), and decoded where
+    ``data_cfg.decode`` says: ``cpu`` in the Ray Data tasks, ``gpu`` on ``device`` (as in training), where
+    the images stay. No box is dropped: ground truth must stay complete for scoring.
     """
-    target = parse_size(size, "size") if size is not None else None
+    decode = data_cfg.decode if data_cfg is not None else "cpu"
+    target = _eval_size(shard_set, data_cfg)
     chunks = epoch_plan(shard_set, epoch=0, rank=rank, world_size=world_size, seed=None, equal=False)
     if decode == "gpu":
         where = _device(device)

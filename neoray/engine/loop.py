@@ -1,7 +1,8 @@
 """The per-worker training function: one loop for Ray Train (DDP), Ray Tune and a plain process.
 
 The loop talks to its runner only through a ``TrainContext`` (rank, batches, report, restore; see
-context.py), so the same code runs under ``TorchTrainer``, inside a Tune trial and in a plain process.
+context.py), so the same code runs under ``TorchTrainer`` (ray_context.py), inside a Tune trial and in a
+plain process; nothing here imports Ray.
 It keeps no global mutable state, so several trials can share a process.
 
 Per epoch, every rank calls ``ctx.report`` exactly once (Ray's report is a barrier), with metrics
@@ -19,22 +20,19 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from neoray import ray_compat
-from neoray.config import Config, from_dict
-from neoray.distributed import from_rank0, gather
+from neoray.checkpoints import load_checkpoint, save_checkpoint
+from neoray.config import Config
+from neoray.distributed import broadcast_module, from_rank0, gather
 from neoray.engine import guards, ranking
-from neoray.engine.context import RayTrainContext, TrainContext
+from neoray.engine.context import TrainContext
 from neoray.engine.device import default_device, device_name, node_id, peak_memory_mb
 from neoray.engine.hooks import TrainHooks
 from neoray.engine.optim import optimizer_steps_per_epoch
 from neoray.engine.seeding import capture_rng_state, restore_rng_state, seed_everything
 from neoray.engine.state import TrainState
-from neoray.engine.step import EpochStats, train_one_epoch
+from neoray.engine.step import EpochStats, Log, train_one_epoch
 from neoray.evaluation.coco_eval import evaluate
 from neoray.models import build_model_from_config
-from neoray.models.pretrained.checkpoint import load_checkpoint, save_checkpoint
-
-Log = Callable[[str], None] | None
 
 
 def run_training_loop(cfg: Config, ctx: TrainContext, *, hooks: TrainHooks | None = None,
@@ -48,7 +46,7 @@ def run_training_loop(cfg: Config, ctx: TrainContext, *, hooks: TrainHooks | Non
     """
     hooks = hooks or TrainHooks()
     log = log if ctx.world_rank == 0 else None
-    state = _start(cfg, ctx, model_fn, resume_from, log)
+    state = _build_state(cfg, ctx, model_fn, resume_from, log)
     first_epoch_of_process = True
     while state.epoch < cfg.train.epochs:
         state.set_backbone_frozen(state.epoch < cfg.train.freeze_backbone_until_epoch)
@@ -78,7 +76,7 @@ def run_training_loop(cfg: Config, ctx: TrainContext, *, hooks: TrainHooks | Non
             return
 
 
-def _start(cfg: Config, ctx: TrainContext, model_fn, resume_from: str | None, log: Log) -> TrainState:
+def _build_state(cfg: Config, ctx: TrainContext, model_fn, resume_from: str | None, log: Log) -> TrainState:
     """Seed, build the model and the training state, and continue a checkpoint or start from
     pretrained weights; wrap DDP; start the EMA from the weights every rank trains."""
     seed_everything(cfg.train.seed + ctx.world_rank)  # different augmentations per rank, reproducible
@@ -101,9 +99,9 @@ def _start(cfg: Config, ctx: TrainContext, model_fn, resume_from: str | None, lo
     elif cfg.model.init_from:
         names = [c["name"] for c in sorted(categories, key=lambda c: c["label"])]
         state.init_from(cfg.model.init_from, names, log)
-    # DDP's constructor broadcasts rank 0's weights; the EMA must start from those (a checkpoint's EMA is
-    # kept), not from this rank's own random initialisation.
-    state.set_backbone_frozen(state.epoch < cfg.train.freeze_backbone_until_epoch)
+    # Every rank trains rank 0's weights (DDP would broadcast them when the first epoch wraps the model); the
+    # EMA must start from those (a checkpoint's EMA is kept), not from this rank's own random initialisation.
+    broadcast_module(state.model)
     if state.ema is not None and not checkpoint:
         state.ema.reset(state.model)
     return state
@@ -209,13 +207,4 @@ def _main_lr(optimizer: torch.optim.Optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
-    """What ``TorchTrainer`` runs on each worker. ``loop_config``: {"config": Config.to_dict(),
-    "resume_from": str | None, "hooks": TrainHooks | None}."""
-    ray_compat.quiet_sigterm_exit()
-    cfg = from_dict(loop_config["config"])
-    run_training_loop(cfg, RayTrainContext(cfg), hooks=loop_config.get("hooks"),
-                      resume_from=loop_config.get("resume_from"))
-
-
-__all__ = ["run_training_loop", "train_loop_per_worker"]
+__all__ = ["Log", "run_training_loop"]

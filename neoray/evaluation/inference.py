@@ -19,17 +19,12 @@ import numpy as np
 import torch
 
 from neoray import storage
+from neoray.checkpoints.files import is_huggingface, read_torch_file
+from neoray.checkpoints.format import FILE_NAME, CheckpointError, check_checkpoint, is_neoray_checkpoint
+from neoray.checkpoints.locate import resolve_checkpoint
 from neoray.config import parse_size
 from neoray.data.geometry import boxes_from_letterbox, clip_boxes, letterbox_image, letterbox_params
 from neoray.models import PretrainedError, build_model_from_config, build_pretrained
-from neoray.models.pretrained.checkpoint import (
-    FILE_NAME,
-    CheckpointError,
-    check_checkpoint,
-    is_neoray_checkpoint,
-    resolve_checkpoint,
-)
-from neoray.models.pretrained.files import is_huggingface, read_torch_file
 from neoray.models.weights import unwrap_state_dict
 
 # Keys load_model needs beyond what check_checkpoint checks (format and version).

@@ -7,10 +7,10 @@ neoray.models.pretrained): load_pretrained(model, path, class_names), describe_p
 build_pretrained(path, device), read_torch_file(path).
 """
 
+from neoray.checkpoints.files import PretrainedError, read_torch_file
 from neoray.models.base import Detector, check_targets
 from neoray.models.from_config import build_model_from_config, model_options
 from neoray.models.pretrained.build import build_pretrained
-from neoray.models.pretrained.files import PretrainedError, read_torch_file
 from neoray.models.pretrained.formats import PretrainedInfo, describe_pretrained
 from neoray.models.pretrained.load import PretrainedLoad, load_pretrained
 from neoray.models.registry import build_model, check_model, list_models

@@ -1,6 +1,6 @@
 """Backbone weights (``backbone_weights``: "none", "imagenet" or a file).
 
-Every file is read weights-only (``neoray.models.pretrained.files.read_torch_file``): a pickle that would run
+Every file is read weights-only (``neoray.checkpoints.files.read_torch_file``): a pickle that would run
 code is refused. Where the backbone's tensors come from in a file, by what the file is:
 
 * a detector checkpoint: a neoray checkpoint (``"format": "neoray-checkpoint"``; its EMA weights when
@@ -29,9 +29,9 @@ from torch import nn
 from torch.hub import download_url_to_file, get_dir
 
 from neoray import storage
-from neoray.models.pretrained.checkpoint import is_neoray_checkpoint
-from neoray.models.pretrained.files import is_huggingface, read_torch_file
-from neoray.models.pretrained.keymaps import huggingface_backbone_tensors
+from neoray.checkpoints.files import huggingface_files, is_huggingface, read_safetensors, read_torch_file
+from neoray.checkpoints.format import is_neoray_checkpoint
+from neoray.models.presnet_names import huggingface_trunk_name
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,14 @@ def extract_by_suffix(state: dict[str, torch.Tensor], reference: dict[str, torch
         and key[len(prefix) :] in reference
         and reference[key[len(prefix) :]].shape == tensor.shape
     }
+
+
+def huggingface_backbone_tensors(path, reference: dict) -> dict:
+    """The tensors of a PResNet trunk (``reference`` = its state dict) read from a Hugging Face RT-DETR."""
+    weights, _config = huggingface_files(str(path))
+    tensors = read_safetensors(weights)
+    names = {key: huggingface_trunk_name(key) for key in reference}
+    return {key: tensors[name] for key, name in names.items() if name in tensors}
 
 
 def _detector_state(obj) -> dict[str, torch.Tensor] | None:

@@ -30,9 +30,9 @@ import uuid
 from typing import Any
 
 from neoray import storage
+from neoray.checkpoints import read_pointers
 from neoray.config import Config
 from neoray.engine import ranking
-from neoray.models.pretrained.checkpoint import read_pointers
 
 RAY_DIR = "ray"
 CLAIM_PREFIX = ".neoray-claim-"  # object storage: the marker a run writes to take a run directory's name

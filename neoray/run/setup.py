@@ -17,13 +17,13 @@ from __future__ import annotations
 import os
 
 from neoray import storage
+from neoray.checkpoints import CheckpointError, resolve_checkpoint
+from neoray.checkpoints.files import check_safetensors, huggingface_files
 from neoray.cluster import ClusterInfo, check_visible_on_all_nodes, plan_trials
 from neoray.config import Config, ConfigError, brief, load_config
 from neoray.data.shards import ManifestError, read_manifest
 from neoray.data.stream import train_rows_per_epoch
 from neoray.models import PretrainedError, check_model, describe_pretrained, model_options, read_torch_file
-from neoray.models.pretrained.checkpoint import CheckpointError, resolve_checkpoint
-from neoray.models.pretrained.files import check_safetensors, huggingface_files
 from neoray.models.pretrained.load import kept_class_names
 
 

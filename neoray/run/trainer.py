@@ -19,10 +19,10 @@ from ray.train.torch import TorchTrainer
 from tensorboardX import SummaryWriter
 
 from neoray import ray_compat, storage
+from neoray.checkpoints import read_pointers, write_pointers
 from neoray.config import Config, save_config
 from neoray.engine import ranking
-from neoray.engine.loop import train_loop_per_worker
-from neoray.models.pretrained.checkpoint import read_pointers, write_pointers
+from neoray.engine.ray_context import train_loop_per_worker
 from neoray.run.rundir import (
     RAY_DIR,
     RunDirError,

@@ -28,8 +28,9 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from neoray import ray_compat, storage
 from neoray.config import Config, from_dict
-from neoray.engine.context import ShardBatches, checkpoint_location
 from neoray.engine.loop import run_training_loop
+from neoray.engine.ray_context import checkpoint_location
+from neoray.engine.shard_batches import ShardBatches
 from neoray.run.trainer import build_trainer
 from neoray.tune.pg_record import RecordPlacementGroupCallback, release_worker_pgs, trial_record_path
 from neoray.tune.space import trial_config

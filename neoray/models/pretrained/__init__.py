@@ -35,18 +35,19 @@ user's ``class_names`` differ, the class-dependent tensors (the score heads, the
 the denoising label embedding) keep their fresh initialisation except the rows of classes whose name
 equals a checkpoint class name (case-insensitive), which are copied: those classes start trained.
 
-Every file is read weights-only (``read_torch_file``): a pickle that would need to run code is refused.
+Every file is read weights-only (``neoray.checkpoints.files.read_torch_file``): a pickle that would need to
+run code is refused. Reading bytes into objects and neoray's own checkpoint format live one layer down, in
+``neoray.checkpoints``; this package is the layer above the model registry.
 
 The package, in the order a file flows through it:
 
-* ``files``       reading bytes into objects: torch files weights-only, safetensors, Hugging Face folders
-* ``checkpoint``  the neoray checkpoint format, defined once: writing it, reading it, finding it in a run
 * ``coco``        COCO's 80 categories (the reference checkpoints' classes)
 * ``keymaps``     neoray name -> the reference / Hugging Face name, one explicit table per format
 * ``formats``     each format read into a ``PretrainedInfo`` (preset, options, classes) and its tensors
 * ``load``        ``load_pretrained``: tensors into a built model, class rows by name, conventions
 * ``build``       ``build_pretrained``: a model rebuilt from a file alone (eval, predict, export)
 
-``neoray.models`` re-exports the public names. Only ``formats``, ``load`` and ``build`` know the model
-registry; the modules below them do not, so that a backbone reads its weights file through them.
+``neoray.models`` re-exports the public names. The whole package sits above the model registry (the import
+contracts in pyproject.toml hold it there); a backbone reads its own weights file through
+``neoray.models.weights`` and ``neoray.checkpoints``, below the registry.
 """

@@ -4,7 +4,7 @@ Hugging Face folder."""
 
 from __future__ import annotations
 
-from neoray.models.pretrained.files import PretrainedError
+from neoray.checkpoints.files import PretrainedError
 from neoray.models.pretrained.formats import describe_pretrained
 from neoray.models.pretrained.load import load_pretrained
 from neoray.models.registry import build_model

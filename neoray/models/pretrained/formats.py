@@ -17,16 +17,16 @@ from dataclasses import dataclass, field
 import torch
 
 from neoray import storage
-from neoray.config import brief
-from neoray.models.pretrained.checkpoint import FILE_NAME, is_neoray_checkpoint
-from neoray.models.pretrained.coco import COCO_CATEGORIES, COCO_CLASS_NAMES
-from neoray.models.pretrained.files import (
+from neoray.checkpoints.files import (
     PretrainedError,
     check_safetensors,
     huggingface_files,
     read_safetensors,
     read_torch_file,
 )
+from neoray.checkpoints.format import FILE_NAME, is_neoray_checkpoint
+from neoray.config import brief
+from neoray.models.pretrained.coco import COCO_CATEGORIES, COCO_CLASS_NAMES
 from neoray.models.registry import PRESETS, accepted_options
 
 FORMATS = ("neoray", "reference", "huggingface")

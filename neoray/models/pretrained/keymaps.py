@@ -11,9 +11,7 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-import torch
-
-from neoray.models.pretrained.files import huggingface_files, read_safetensors
+from neoray.models.presnet_names import huggingface_trunk_name
 
 Rule = tuple[str, Callable[[re.Match], str]]
 _PART = {"0": "conv", "1": "norm"}  # a ConvNormAct's children in neoray -> the reference's names
@@ -59,29 +57,12 @@ REFERENCE_RULES: list[Rule] = [
      lambda m: f"decoder.dec_bbox_head.{m[1]}.layers.{m[2]}.{m[3]}"),
 ]
 
-_STAGE_BRANCH = {"a": 0, "b": 1, "c": 2}
-_HF_BACKBONE = "model.backbone.model"
 # reference -> Hugging Face, as transformers' convert_rt_detr_original_pytorch_checkpoint_to_hf.py renames
 # (create_rename_keys). Each value is a list of alternatives (the first present in the file is read); the
-# score and box heads are saved both under model.decoder.* and at the top level (tied modules).
-HF_RULES: list[tuple[str, Callable[[re.Match], list[str]]]] = [
-    (r"backbone\.conv1\.conv1_([123])\.conv\.weight",
-     lambda m: [f"{_HF_BACKBONE}.embedder.embedder.{int(m[1]) - 1}.convolution.weight"]),
-    (r"backbone\.conv1\.conv1_([123])\.norm\.(weight|bias|running_mean|running_var)",
-     lambda m: [f"{_HF_BACKBONE}.embedder.embedder.{int(m[1]) - 1}.normalization.{m[2]}"]),
-    (r"backbone\.res_layers\.(\d+)\.blocks\.(\d+)\.branch2([abc])\.conv\.weight",
-     lambda m: [f"{_HF_BACKBONE}.encoder.stages.{m[1]}.layers.{m[2]}.layer.{_STAGE_BRANCH[m[3]]}.convolution.weight"]),
-    (r"backbone\.res_layers\.(\d+)\.blocks\.(\d+)\.branch2([abc])\.norm\.(weight|bias|running_mean|running_var)",
-     lambda m: [f"{_HF_BACKBONE}.encoder.stages.{m[1]}.layers.{m[2]}.layer.{_STAGE_BRANCH[m[3]]}"
-                f".normalization.{m[4]}"]),
-    (r"backbone\.res_layers\.(\d+)\.blocks\.0\.short\.conv\.weight",
-     lambda m: [f"{_HF_BACKBONE}.encoder.stages.{m[1]}.layers.0.shortcut.convolution.weight"]),
-    (r"backbone\.res_layers\.(\d+)\.blocks\.0\.short\.norm\.(weight|bias|running_mean|running_var)",
-     lambda m: [f"{_HF_BACKBONE}.encoder.stages.{m[1]}.layers.0.shortcut.normalization.{m[2]}"]),
-    (r"backbone\.res_layers\.(\d+)\.blocks\.0\.short\.conv\.conv\.weight",
-     lambda m: [f"{_HF_BACKBONE}.encoder.stages.{m[1]}.layers.0.shortcut.1.convolution.weight"]),
-    (r"backbone\.res_layers\.(\d+)\.blocks\.0\.short\.conv\.norm\.(weight|bias|running_mean|running_var)",
-     lambda m: [f"{_HF_BACKBONE}.encoder.stages.{m[1]}.layers.0.shortcut.1.normalization.{m[2]}"]),
+# score and box heads are saved both under model.decoder.* and at the top level (tied modules). The backbone's
+# names are the ResNet-vd trunk's (neoray.models.presnet_names, which backbone weights read too).
+HF_RULES: list[tuple[str, Callable[[re.Match], list[str] | None]]] = [
+    (r"backbone\.(.+)", lambda m: _trunk(m[1])),
     (r"encoder\.input_proj\.(\d+)\.([01])\.(weight|bias|running_mean|running_var)",
      lambda m: [f"model.encoder_input_proj.{m[1]}.{m[2]}.{m[3]}"]),
     (r"encoder\.encoder\.(\d+)\.layers\.0\.self_attn\.out_proj\.(weight|bias)",
@@ -128,6 +109,11 @@ _HF_IN_PROJ = [
 ]
 
 
+def _trunk(key: str) -> list[str] | None:
+    name = huggingface_trunk_name(key)
+    return [name] if name else None
+
+
 def _apply(rules, key: str):
     for pattern, build in rules:
         match = re.fullmatch(pattern, key)
@@ -160,22 +146,6 @@ def huggingface_key_map(model) -> dict[str, list[tuple[str, ...]] | None]:
     return out
 
 
-def huggingface_backbone_tensors(path, reference: dict) -> dict:
-    """For ``backbone_weights``: the tensors of a PResNet trunk (``reference`` = its state dict, names without
-    the detector's ``backbone.`` prefix) read from a Hugging Face RT-DETR."""
-    weights, _config = huggingface_files(str(path))
-    tensors = read_safetensors(weights)
-    out = {}
-    for key in reference:
-        sources = reference_to_huggingface(f"backbone.{key}") or []
-        for parts in sources:
-            if all(p in tensors for p in parts):
-                out[key] = torch.cat([tensors[p] for p in parts]) if len(parts) > 1 else tensors[parts[0]]
-                break
-    return out
-
-
 __all__ = [
-    "HF_RULES", "REFERENCE_RULES", "huggingface_backbone_tensors", "huggingface_key_map", "reference_key_map",
-    "reference_to_huggingface",
+    "HF_RULES", "REFERENCE_RULES", "huggingface_key_map", "reference_key_map", "reference_to_huggingface",
 ]

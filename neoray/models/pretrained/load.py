@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from neoray.models.pretrained.files import PretrainedError
+from neoray.checkpoints.files import PretrainedError
 from neoray.models.pretrained.formats import PretrainedFile, PretrainedInfo, open_pretrained, placeholder_names
 from neoray.models.pretrained.keymaps import huggingface_key_map, reference_key_map
 
