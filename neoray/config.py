@@ -137,7 +137,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     optimizer: str = "adamw"  # adamw | sgd
     momentum: float = 0.9  # sgd only
-    schedule: str = "cosine"  # cosine | multistep | onecycle | constant
+    schedule: str = "cosine"  # cosine | flat_cosine | multistep | onecycle | constant
+    flat_fraction: float = 0.5  # flat_cosine: share of the run at the full LR (after warmup) before the cosine
     milestones: list = field(default_factory=list)  # multistep: fractions of total steps or step numbers
     gamma: float = 0.1
     min_lr_ratio: float = 0.01
@@ -191,6 +192,7 @@ class Config:
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+SCHEDULES = ("cosine", "flat_cosine", "multistep", "onecycle", "constant")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -307,8 +309,8 @@ def _validate(cfg: Config) -> None:
         (t.workers >= 1, "train.workers must be >= 1"),
         (t.placement in ("pack", "spread"), f"train.placement must be pack or spread, got {brief(t.placement)}"),
         (t.optimizer in ("adamw", "sgd"), f"train.optimizer must be adamw or sgd, got {brief(t.optimizer)}"),
-        (t.schedule in ("cosine", "multistep", "onecycle", "constant"),
-         f"train.schedule must be cosine, multistep, onecycle or constant, got {brief(t.schedule)}"),
+        (t.schedule in SCHEDULES, f"train.schedule must be one of {', '.join(SCHEDULES)}, got {brief(t.schedule)}"),
+        (0.0 <= t.flat_fraction < 1.0, "train.flat_fraction must be in [0, 1)"),
         (t.amp in ("auto", "bf16", "fp16", "off"), f"train.amp must be auto, bf16, fp16 or off, got {brief(t.amp)}"),
         (0.0 <= t.max_skipped_fraction <= 1.0, "train.max_skipped_fraction must be in [0, 1]"),
         (0.0 < t.ema_decay < 1.0, "train.ema_decay must be in (0, 1)"),

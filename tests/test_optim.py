@@ -80,6 +80,17 @@ def test_warmup_then_cosine():
     assert lr_at(train, 110, 500) == pytest.approx(1e-5)  # clamped past the end
 
 
+def test_flat_cosine_holds_the_full_lr_then_decays_over_the_rest():
+    train = TrainConfig(lr=1e-3, warmup_steps=10, schedule="flat_cosine", flat_fraction=0.5, min_lr_ratio=0.01)
+    assert lr_at(train, 110, 4) == pytest.approx(5e-4)  # the same warmup
+    assert lr_at(train, 110, 10) == lr_at(train, 110, 59) == pytest.approx(1e-3)  # flat for half of 100 steps
+    assert lr_at(train, 110, 85) == pytest.approx(1e-3 * (0.01 + 0.99 * 0.5))  # halfway down the cosine
+    assert lr_at(train, 110, 110) == pytest.approx(1e-5)
+    no_flat = TrainConfig(lr=1e-3, warmup_steps=10, schedule="flat_cosine", flat_fraction=0.0)
+    cosine = TrainConfig(lr=1e-3, warmup_steps=10, schedule="cosine")
+    assert [lr_at(no_flat, 110, s) for s in range(0, 111, 7)] == [lr_at(cosine, 110, s) for s in range(0, 111, 7)]
+
+
 def test_multistep_fractions_and_step_numbers():
     fractions = TrainConfig(lr=1.0, schedule="multistep", milestones=[0.5, 0.75], gamma=0.1)
     assert [lr_at(fractions, 100, s) for s in (49, 50, 74, 75)] == pytest.approx([1.0, 0.1, 0.1, 0.01])

@@ -95,11 +95,12 @@ class Schedule:
     min_lr_ratio: float = 0.01
     milestones: tuple = ()
     gamma: float = 0.1
+    flat_fraction: float = 0.5
 
     @classmethod
     def from_config(cls, train: TrainConfig, total_steps: int) -> "Schedule":
         return cls(train.schedule, max(1, total_steps), train.warmup_steps, train.min_lr_ratio,
-                   tuple(train.milestones), train.gamma)
+                   tuple(train.milestones), train.gamma, train.flat_fraction)
 
     def milestone_steps(self) -> list[int]:
         """Milestones below 1 are fractions of the total steps, the others are step numbers."""
@@ -122,10 +123,14 @@ def lr_factor(schedule: Schedule, step: int) -> float:
         return 1.0
     if s.kind == "multistep":
         return s.gamma ** sum(1 for m in s.milestone_steps() if step >= m)
-    if s.kind == "cosine":
-        progress = min(1.0, (step - s.warmup_steps) / max(1, s.total_steps - s.warmup_steps))
+    if s.kind in ("cosine", "flat_cosine"):
+        # flat_cosine (DEIM's FlatCosine): the full LR for flat_fraction of the steps after warmup, then the
+        # cosine over the rest; with flat_fraction 0 it is the cosine.
+        flat = s.flat_fraction if s.kind == "flat_cosine" else 0.0
+        start = s.warmup_steps + int(flat * (s.total_steps - s.warmup_steps))
+        progress = min(1.0, max(0, step - start) / max(1, s.total_steps - start))
         return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    raise ValueError(f"unknown schedule {s.kind!r}; expected cosine, multistep, onecycle or constant")
+    raise ValueError(f"unknown schedule {s.kind!r}; expected cosine, flat_cosine, multistep, onecycle or constant")
 
 
 def lr_at(train: TrainConfig, total_steps: int, step: int) -> float:

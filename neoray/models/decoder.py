@@ -186,6 +186,16 @@ class RTDETRDecoder(nn.Module):
             "enc_logits": enc_logits,
             "enc_boxes": enc_box_logits.sigmoid(),
         }
+        if self.training:
+            # Every token's proposal, for one-to-many supervision of the query-selection head (criterion.py).
+            out.update(token_logits=token_logits, token_boxes=token_boxes.sigmoid(), token_valid=valid[0, :, 0],
+                       token_centres=anchors[0, :, :2].float().sigmoid(), token_levels=_levels(shapes, memory.device))
         if denoising is not None:
             out.update(dn_logits=logits[:, :, :n], dn_boxes=boxes[:, :, :n])
         return out
+
+
+def _levels(shapes: list[tuple[int, int]], device) -> torch.Tensor:
+    """The feature level of every token in flatten order (fine to coarse)."""
+    return torch.cat([torch.full((h * w,), level, dtype=torch.int64, device=device)
+                      for level, (h, w) in enumerate(shapes)])

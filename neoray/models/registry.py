@@ -17,6 +17,7 @@ from types import MappingProxyType
 from neoray import storage
 from neoray.models.backbone import backbone_names
 from neoray.models.base import INPUT_NORMALIZATIONS, Detector
+from neoray.models.criterion import CLS_LOSSES
 from neoray.models.position import POSITION_ORDERS
 from neoray.models.rtdetr import RTDETR
 from neoray.models.torchvision_detectors import TorchvisionDetector
@@ -63,6 +64,7 @@ def accepted_options(cls) -> set[str]:
 _CHOICES = {
     "input_normalization": INPUT_NORMALIZATIONS,
     "position_order": POSITION_ORDERS,
+    "cls_loss": CLS_LOSSES,
 }
 
 
@@ -97,6 +99,9 @@ def check_model(name: str, options: dict | None = None) -> None:
             wrong = sorted(set(options[key]) - set(valid))
             if wrong:
                 raise ValueError(f"{name}: {key}: unknown key(s) {wrong}; valid: {list(valid)}")
+    if "dense_o2m" in options and (not isinstance(options["dense_o2m"], int) or options["dense_o2m"] < 0):
+        raise ValueError(f"{name}: dense_o2m must be an integer >= 0 (positives per object), "
+                         f"got {options['dense_o2m']!r}")
     if "freeze_at" in options and (not isinstance(options["freeze_at"], int) or options["freeze_at"] < -1):
         raise ValueError(f"{name}: freeze_at must be an integer >= -1, got {options['freeze_at']!r}")
     weights = options.get("backbone_weights", "none")

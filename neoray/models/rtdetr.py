@@ -10,7 +10,9 @@ Options that record conventions (so that a config or a checkpoint carries them):
 ("imagenet" | "unit", base.py) and ``position_order`` ("xy" | "yx", position.py). Options of the
 reference's training recipe: ``freeze_norm`` / ``freeze_at`` (backbone, norm.py), ``look_forward_twice``
 and ``reference_init`` (decoder.py), ``encoder_dim`` (the hybrid encoder's width when it differs from the decoder's
-``hidden_dim``: 384 vs 256 in the reference's r101vd).
+``hidden_dim``: 384 vs 256 in the reference's r101vd). Options that speed up training from few images of many
+small objects, off by default (the reference's recipe): ``cls_loss="mal"`` (DEIM's matchability-aware loss) and
+``dense_o2m=k`` (k positives per object for the encoder's proposals), criterion.py.
 """
 
 from __future__ import annotations
@@ -59,6 +61,10 @@ class RTDETR(Detector):
         reference_init: bool = True,
         input_normalization: str = "imagenet",
         position_order: str = "xy",
+        cls_loss: str = "vfl",
+        mal_gamma: float = 1.5,
+        dense_o2m: int = 0,
+        dense_o2m_weight: float = 1.0,
     ):
         super().__init__(num_classes, max_detections, score_threshold, input_normalization)
         self.backbone = make_backbone(backbone, backbone_weights, freeze_norm=freeze_norm, freeze_at=freeze_at)
@@ -78,7 +84,8 @@ class RTDETR(Detector):
             if key not in costs:
                 raise ValueError(f"matcher_costs: unknown cost {key!r}; valid: {sorted(costs)}")
             costs[key] = float(value)
-        self.criterion = RTDETRCriterion(num_classes, HungarianMatcher(**costs), loss_weights)
+        self.criterion = RTDETRCriterion(num_classes, HungarianMatcher(**costs), loss_weights, cls_loss=cls_loss,
+                                         mal_gamma=mal_gamma, dense_o2m=dense_o2m, dense_o2m_weight=dense_o2m_weight)
         self.num_denoising, self.label_noise_ratio = num_denoising, label_noise_ratio
         self.box_noise_scale = box_noise_scale
 
