@@ -2,7 +2,7 @@
 
 Measured as hyperparameter-optimisation research measures searchers (tabular benchmarks): a fixed design of
 configurations is trained once to full length with neoray's own training function, recording every epoch,
-and every method is replayed on the recorded curves through Ray Tune (neoray.tune.replay).
+and every method is replayed on the recorded curves through Ray Tune (benchmarks/search_replay.py).
 
     # 1. ground truth (about an hour per task on 2 cores; resumable: finished configurations are kept)
     python benchmarks/bench_search.py ground-truth --task default
@@ -35,18 +35,11 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-
-from neoray import storage  # noqa: E402
-from neoray.config import format_size, load_config, parse_size  # noqa: E402
-from neoray.configs import DEFAULT_CONFIG  # noqa: E402
-from neoray.data.demo import ensure_default_data  # noqa: E402
-from neoray.engine.context import LocalContext  # noqa: E402
-from neoray.engine.loop import run_training_loop  # noqa: E402
-from neoray.engine.shard_batches import ShardBatches  # noqa: E402
-from neoray.tune.replay import (  # noqa: E402
+from search_replay import (  # noqa: E402
     TABLE_COLUMNS,
     Method,
     budget_to_within,
@@ -58,32 +51,50 @@ from neoray.tune.replay import (  # noqa: E402
     trajectory,
 )
 
+from neoray import storage  # noqa: E402
+from neoray.config import format_size, load_config, parse_size  # noqa: E402
+from neoray.data.demo import ensure_default_data  # noqa: E402
+from neoray.engine.context import LocalContext  # noqa: E402
+from neoray.engine.loop import run_training_loop  # noqa: E402
+from neoray.engine.shard_batches import ShardBatches  # noqa: E402
+
 DATA_DIR = Path(__file__).resolve().parent / "data"
+RECIPE = Path(__file__).resolve().parent / "configs" / "search_v2.yaml"  # the recipe the v2 tables were made with
 TASKS = {
-    # the README's default sweep: its synthetic data (256 training, 64 validation images), model and config
+    # the README's default sweep: its synthetic data (256 training, 64 validation images), model and recipe
     "default": {"layout": "shapes", "train": 256, "val": 64},
     # many small objects per image (12-30 shapes of 7-22 px): the same detector on a harder task. Half the
     # images, each with ~6x the objects: at 256 images a configuration took 4x the default's time here
     # (matching and losses grow with the objects); at 128 one takes 4-5 minutes, two at a time on 2 cores.
     "dense": {"layout": "dense", "train": 128, "val": 48},
 }
-# The design: 4 learning rates (a factor of 2 apart) x 2 warmups x 3 batch pairs = 24 configurations over
-# the default space, every one trained to the full budget of EPOCHS epochs. (A batch of 2 was left out: on
-# 2 cores it trains 1.4x slower per image than 4, and lr 4e-3 at batch 2 reached mAP50 0.22 in 16 epochs.)
-DESIGN_LRS = (1e-3, 2e-3, 4e-3, 8e-3)
-DESIGN_WARMUPS = (20, 100)
-DESIGN_BATCHES = ("4x1", "4x2", "8x1")  # effective batches 4, 8 (accumulated) and 8
 EPOCHS = 12
+# The v2 design: for each batch pair, 16 points of a scrambled Sobol sequence over the shipped space's two
+# continuous parameters (log-uniform lr from 0.5x to 8x the recipe's 2e-3; warmup 20-100 steps): 48
+# configurations, balanced over the pairs (16 = 2^4 keeps each pair's Sobol points balanced).
+DESIGN_BATCHES = ("4x1", "4x2", "8x1")  # effective batches 4, 8 (accumulated) and 8
+DESIGN_LR = (1e-3, 1.6e-2)
+DESIGN_WARMUP = (20, 100)
+POINTS_PER_BATCH = 16
+DESIGN_SEED = 2026
+# Training-seed noise: the best configurations of seed 0 trained again with these seeds.
+REPEAT_CONFIGS = 8
+REPEAT_SEEDS = (1, 2)
 
 
 def design(task: str = "default") -> list[dict]:
-    """The task's configurations: the full grid, or its first ``configs`` points."""
+    """The task's 48 configurations (the same design on every task: tables compare the tasks, not designs)."""
+    from scipy.stats import qmc
+
     points = []
-    for batch in DESIGN_BATCHES:
-        for warmup in DESIGN_WARMUPS:
-            for lr in DESIGN_LRS:
-                points.append({"config": f"c{len(points) + 1:02d}", "lr": lr, "warmup_steps": warmup, "batch": batch})
-    return points[:TASKS[task].get("configs")]
+    for i, batch in enumerate(DESIGN_BATCHES):
+        unit = qmc.Sobol(d=2, scramble=True, seed=DESIGN_SEED + i).random(POINTS_PER_BATCH)
+        for u_lr, u_warmup in unit:
+            lr = DESIGN_LR[0] * (DESIGN_LR[1] / DESIGN_LR[0]) ** float(u_lr)
+            warmup = round(DESIGN_WARMUP[0] + (DESIGN_WARMUP[1] - DESIGN_WARMUP[0]) * float(u_warmup))
+            points.append({"config": f"c{len(points) + 1:02d}", "lr": float(f"{lr:.4g}"), "warmup_steps": warmup,
+                           "batch": batch})
+    return points
 
 
 class StopAfter(Exception):
@@ -112,13 +123,15 @@ def _connect_worker(address: str, threads: int) -> None:
     ray.init(address=address, configure_logging=False, log_to_driver=False)
 
 
-def train_point(point: dict, shards: dict, size: tuple[int, int], epochs: int, stop_after: int) -> list[dict]:
-    """One configuration trained with neoray's own training function; its per-epoch rows."""
+def train_point(point: dict, shards: dict, size: tuple[int, int], epochs: int, stop_after: int,
+                seed: int = 0) -> list[dict]:
+    """One configuration trained with neoray's own training function (the recipe of RECIPE, training seed
+    ``seed``); its per-epoch rows."""
     batch_size, accumulate = (int(v) for v in point["batch"].split("x"))
-    cfg = load_config(DEFAULT_CONFIG, {
+    cfg = load_config(str(RECIPE), {
         "data.train": str(shards["train"]), "data.val": str(shards["val"]), "data.size": format_size(size),
         "train.lr": point["lr"], "train.warmup_steps": point["warmup_steps"], "train.batch_size": batch_size,
-        "train.accumulate": accumulate, "train.epochs": epochs, "train.eval_every": 1,
+        "train.accumulate": accumulate, "train.epochs": epochs, "train.eval_every": 1, "train.seed": seed,
     })
     ctx = RecordingContext(ShardBatches(cfg), stop_after)
     try:
@@ -149,37 +162,56 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
 
 
 def ground_truth(args) -> None:
+    """Train the design (seed 0), then the REPEAT_CONFIGS best of it again with REPEAT_SEEDS; every finished
+    run is written at once, and a rerun trains only what the table lacks (it accumulates over sessions)."""
     size = parse_size(args.size or "320x180", "--size")
     path = Path(args.data_dir) / f"search_{args.task}.csv"
     rows = _read_rows(path)
-    done = {(r["config"], r["size"]) for r in rows}
     task = TASKS[args.task]
     shards = ensure_default_data(train=task["train"], val=task["val"], layout=task["layout"])
     cpus = os.cpu_count() or 1
     ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
     threads = max(1, cpus // args.parallel)
     started = time.time()
-    todo = [p for p in design(args.task)[:args.configs or None] if (p["config"], format_size(size)) not in done]
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.parallel, mp_context=spawn, initializer=_connect_worker,
                              initargs=(ray.get_runtime_context().gcs_address, threads)) as pool:
-        futures = {pool.submit(train_point, p, shards, size, args.epochs, args.stop_after): p for p in todo}
-        for future in as_completed(futures):
-            _record_point(args, size, futures[future], future.result(), rows, path)
+        for todo in (_runs_to_do(args, rows, size, repeats=False), _runs_to_do(args, rows, size, repeats=True)):
+            futures = {pool.submit(train_point, p, shards, size, args.epochs, args.stop_after, seed): (p, seed)
+                       for p, seed in todo}
+            for future in as_completed(futures):
+                point, seed = futures[future]
+                _record_point(args, size, point, seed, future.result(), rows, path)
     _write_record(args, size, time.time() - started, threads)
 
 
-def _record_point(args, size, point: dict, epochs: list[dict], rows: list[dict], path: Path) -> None:
-    """Add one configuration's rows to the table and rewrite it (a killed run keeps what it finished)."""
+def _runs_to_do(args, rows: list[dict], size, repeats: bool) -> list[tuple[dict, int]]:
+    """The (configuration, seed) runs the table lacks: the design at seed 0, or (``repeats``, once the design
+    is complete) its REPEAT_CONFIGS best final scores at REPEAT_SEEDS."""
+    points = design(args.task)[:args.configs or None]
+    done = {(r["config"], int(r.get("seed") or 0)) for r in rows if r["size"] == format_size(size)}
+    if not repeats:
+        return [(p, 0) for p in points if (p["config"], 0) not in done]
+    if args.stop_after or any((p["config"], 0) not in done for p in points):
+        return []
+    finals = {r["config"]: float(r["score"]) for r in rows if int(r.get("seed") or 0) == 0
+              and r["size"] == format_size(size) and int(r["epoch"]) == args.epochs}
+    best = sorted(points, key=lambda p: -finals.get(p["config"], float("-inf")))[:REPEAT_CONFIGS]
+    return [(p, seed) for seed in REPEAT_SEEDS for p in best if (p["config"], seed) not in done]
+
+
+def _record_point(args, size, point: dict, seed: int, epochs: list[dict], rows: list[dict], path: Path) -> None:
+    """Add one run's rows to the table and rewrite it (a killed run keeps what it finished)."""
     for m in epochs:
-        rows.append({"task": args.task, **point, "size": format_size(size), "epoch": m["epoch"], "score": m["score"],
-                     "loss": m.get("loss", ""), "map": m.get("map", ""), "map50": m.get("map50", ""),
-                     "seconds": m["seconds"]})
+        rows.append({"task": args.task, **point, "seed": seed, "size": format_size(size), "epoch": m["epoch"],
+                     "score": m["score"], "loss": m.get("loss", ""), "map": m.get("map", ""),
+                     "map50": m.get("map50", ""), "seconds": m["seconds"]})
     _write_rows(path, rows)
     last = epochs[-1]
-    print(f"{args.task} {format_size(size)} {point['config']} lr {point['lr']:g} warmup {point['warmup_steps']} "
-          f"batch {point['batch']}: {len(epochs)} epochs in {sum(m['seconds'] for m in epochs):.0f} s, final mAP "
-          f"{last.get('map', float('nan')):.4f} mAP50 {last.get('map50', float('nan')):.4f}", flush=True)
+    print(f"{args.task} {format_size(size)} {point['config']} seed {seed} lr {point['lr']:g} warmup "
+          f"{point['warmup_steps']} batch {point['batch']}: {len(epochs)} epochs in "
+          f"{sum(m['seconds'] for m in epochs):.0f} s, final mAP {last.get('map', float('nan')):.4f} mAP50 "
+          f"{last.get('map50', float('nan')):.4f}", flush=True)
 
 
 def _write_record(args, size, seconds: float, threads: int) -> None:
@@ -189,11 +221,146 @@ def _write_record(args, size, seconds: float, threads: int) -> None:
     record[format_size(size)] = {
         "command": "python benchmarks/bench_search.py " + " ".join(sys.argv[1:]), "commit": _git_commit(),
         "epochs": args.epochs, "stop_after": args.stop_after, "design": design(args.task),
+        "recipe": str(RECIPE.relative_to(RECIPE.parents[2])), "repeat_configs": REPEAT_CONFIGS,
+        "repeat_seeds": list(REPEAT_SEEDS),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs; {args.parallel} configurations at a time, "
                    f"{threads} torch thread(s) each",
         "seconds_this_invocation": round(seconds),
     }
     storage.write_json(str(path), record, indent=2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The cost of an epoch, measured one run at a time
+# ----------------------------------------------------------------------------------------------------
+
+
+def cost(args) -> None:
+    """Seconds per epoch of each batch pair, each trained alone for ``--epochs`` epochs (the second and later
+    epochs count: the first pays the start-up) with one torch thread, as a sweep's trial runs."""
+    task = TASKS[args.task]
+    shards = ensure_default_data(train=task["train"], val=task["val"], layout=task["layout"])
+    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    spawn = multiprocessing.get_context("spawn")
+    out = {}
+    for batch in DESIGN_BATCHES:
+        point = {"config": f"cost-{batch}", "lr": 2e-3, "warmup_steps": 20, "batch": batch}
+        with ProcessPoolExecutor(1, mp_context=spawn, initializer=_connect_worker,
+                                 initargs=(ray.get_runtime_context().gcs_address, 1)) as pool:
+            rows = pool.submit(train_point, point, shards, (320, 180), EPOCHS, args.epochs).result()
+        out[batch] = round(sum(r["seconds"] for r in rows[1:]) / max(1, len(rows) - 1), 2)
+        print(f"{args.task} {batch}: {out[batch]} s per epoch (epochs 2-{len(rows)}, alone, 1 thread)", flush=True)
+    path = Path(args.data_dir) / f"search_cost_{args.task}.json"
+    storage.write_json(str(path), {"seconds_per_epoch": out, "epochs": args.epochs, "commit": _git_commit(),
+                                   "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, alone, 1 thread",
+                                   "command": "python benchmarks/bench_search.py " + " ".join(sys.argv[1:])},
+                       indent=2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The simulated sweeps (v2: benchmarks/search_sim.py)
+# ----------------------------------------------------------------------------------------------------
+
+# Budgets in full-length trainings (12 epochs each) at which the success rate is read.
+BUDGETS_FULL_RUNS = (4, 6, 8, 12, 16, 24)
+SELECT_SEEDS = range(0, 500)  # defaults are chosen on this block of search seeds ...
+REPORT_SEEDS = range(1000, 1500)  # ... and the headline is read on this one
+
+
+def policies(which: str) -> list:
+    from search_sim import Policy
+
+    if which == "quick":
+        return [Policy("random", scheduler="none"), Policy("tpe", 4, "asha", 4, 2)]
+    out = []
+    for sampler, startup in (("random", 10), ("tpe", 4), ("tpe", 10)):
+        out.append(Policy(sampler, startup))
+        out += [Policy(sampler, startup, "asha", g, rf) for g, rf in ((1, 3), (2, 2), (4, 2), (6, 2))]
+        out += [Policy(sampler, startup, "promotion", g, rf) for g, rf in ((1, 3), (2, 2))]
+    out.append(Policy("tpe", 4, "asha", 4, 2, tell_stopped="complete"))  # before neoray told Optuna the truth
+    out.append(Policy("tpe", 4, "asha", 1, 3, tell_stopped="complete"))
+    if which == "all":
+        out += [Policy("gp", 4), Policy("gp", 4, "asha", 4, 2), Policy("gp", 4, "promotion", 1, 3)]
+    return out
+
+
+def _simulate_seed(job) -> tuple:
+    from search_sim import simulate, success_at
+
+    table, policy, seed, budgets_epochs, budgets_seconds = job
+    events = simulate(table, policy, seed, max_epochs=int(max(budgets_epochs)))
+    return (policy.name, seed, success_at(table, events, budgets_epochs, "epochs"),
+            success_at(table, events, budgets_seconds, "seconds"))
+
+
+def simulate_step(args) -> None:
+    """Every policy x search seed on each task's table, both seed blocks; success at each budget in epochs and in
+    seconds, written to benchmarks/data/sim_<task>.json with every seed's outcome (for paired comparisons)."""
+
+    seeds = list(SELECT_SEEDS)[:args.seeds] + list(REPORT_SEEDS)[:args.seeds]
+    for task in args.tasks:
+        table = _table_for(task, args.data_dir)
+        full_run_seconds = table.epochs * float(np.median(list(table.seconds_per_epoch.values())))
+        budgets_epochs = [k * table.epochs for k in BUDGETS_FULL_RUNS]
+        budgets_seconds = [k * full_run_seconds for k in BUDGETS_FULL_RUNS]
+        jobs = [(table, p, seed, budgets_epochs, budgets_seconds) for p in policies(args.policies) for seed in seeds]
+        started = time.perf_counter()
+        outcomes: dict = {}
+        with ProcessPoolExecutor(args.parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for done, (name, seed, by_epochs, by_seconds) in enumerate(pool.map(_simulate_seed, jobs, chunksize=8), 1):
+                outcomes.setdefault(name, {})[seed] = {"epochs": by_epochs, "seconds": by_seconds}
+                if done % 500 == 0:
+                    print(f"{task}: {done}/{len(jobs)} sweeps simulated", flush=True)
+        record = {"task": task, "configs": len(table.configs), "epochs": table.epochs, "best": table.best.key,
+                  "best_score": table.best.true_score, "margin": table.margin, "noise_sigma": table.noise_sigma,
+                  "seconds_per_epoch": table.seconds_per_epoch, "budgets_full_runs": list(BUDGETS_FULL_RUNS),
+                  "budgets_epochs": budgets_epochs, "budgets_seconds": budgets_seconds,
+                  "select_seeds": [s for s in seeds if s in SELECT_SEEDS],
+                  "report_seeds": [s for s in seeds if s in REPORT_SEEDS],
+                  "outcomes": outcomes, "seconds": round(time.perf_counter() - started),
+                  "command": "python benchmarks/bench_search.py " + " ".join(sys.argv[1:]), "commit": _git_commit()}
+        storage.write_json(str(Path(args.data_dir) / f"sim_{task}.json"), record)
+        print_success(record)
+
+
+def _table_for(task: str, data_dir: str):
+    from search_sim import load_table
+
+    costs_path = Path(data_dir) / f"search_cost_{task}.json"
+    costs = json.loads(costs_path.read_text())["seconds_per_epoch"] if costs_path.exists() else None
+    return load_table((Path(data_dir) / f"search_{task}.csv").read_text(), task, costs)
+
+
+def print_success(record: dict, block: str = "report_seeds") -> None:
+    """Success rate (95% interval) at each budget, in epochs and in seconds, on one block of seeds; the paired
+    difference to random search without early stopping at the same seeds."""
+    from search_sim import wilson
+
+    seeds = record[block]
+    base = record["outcomes"].get("random+no-ES")
+    print(f"\n## {record['task']}: {record['configs']} configurations, best {record['best']} "
+          f"({record['best_score']:.4f}), margin {record['margin']:.4f}; {len(seeds)} seeds ({block})")
+    for unit in ("epochs", "seconds"):
+        print(f"\nsuccess rate by budget in {unit} (full-run equivalents "
+              f"{', '.join(str(b) for b in record['budgets_full_runs'])}); [95% interval]; paired vs random+no-ES")
+        ranked = sorted(record["outcomes"].items(), key=lambda kv: -sum(sum(_outcome(kv[1], s)[unit]) for s in seeds))
+        for name, by_seed in ranked:
+            cells = []
+            for i in range(len(record["budgets_full_runs"])):
+                wins = [bool(_outcome(by_seed, s)[unit][i]) for s in seeds]
+                low, high = wilson(sum(wins), len(wins))
+                diff = ""
+                if base is not None and name != "random+no-ES":
+                    base_wins = [bool(_outcome(base, s)[unit][i]) for s in seeds]
+                    better = sum(w and not b for w, b in zip(wins, base_wins))
+                    worse = sum(b and not w for w, b in zip(wins, base_wins))
+                    diff = f" {better - worse:+d}"
+                cells.append(f"{sum(wins) / len(wins):.2f} [{low:.2f},{high:.2f}]{diff}")
+            print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def _outcome(by_seed: dict, seed: int) -> dict:
+    return by_seed[str(seed)] if str(seed) in by_seed else by_seed[seed]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -395,8 +562,20 @@ def main(argv=None) -> int:
     fd.add_argument("--tasks", nargs="+", default=sorted(TASKS), choices=sorted(TASKS))
     fd.add_argument("--low", default="160x90")
     fd.add_argument("--data-dir", default=str(DATA_DIR))
+    co = sub.add_parser("cost", help="seconds per epoch of each batch pair, one run at a time (a quiet machine)")
+    co.add_argument("--task", choices=sorted(TASKS), required=True)
+    co.add_argument("--epochs", type=int, default=4, help="epochs per pair (the first is not counted)")
+    co.add_argument("--data-dir", default=str(DATA_DIR))
+    si = sub.add_parser("simulate", help="the v2 replay: every policy x seed on the tables (benchmarks/search_sim.py)")
+    si.add_argument("--tasks", nargs="+", default=sorted(TASKS), choices=sorted(TASKS))
+    si.add_argument("--seeds", type=int, default=500, help="search seeds per block (two blocks)")
+    si.add_argument("--policies", choices=("all", "core", "quick"), default="core")
+    si.add_argument("--parallel", type=int, default=max(1, os.cpu_count() or 1))
+    si.add_argument("--data-dir", default=str(DATA_DIR))
     args = parser.parse_args(argv)
-    {"ground-truth": ground_truth, "replay": replay, "summary": summary, "fidelity": fidelity}[args.step](args)
+    steps = {"ground-truth": ground_truth, "replay": replay, "summary": summary, "fidelity": fidelity, "cost": cost,
+             "simulate": simulate_step}
+    steps[args.step](args)
     return 0
 
 

@@ -26,10 +26,12 @@ from __future__ import annotations
 import csv
 import io
 import math
+import sys
 import tempfile
 from dataclasses import dataclass, field
 
 import optuna
+import ray.cloudpickle
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from ray import tune
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
@@ -40,7 +42,6 @@ from neoray import ray_compat, storage
 from neoray.engine import ranking
 from neoray.tune.space import LR_RULES, scaled_lr
 
-SCORE, MODE = ranking.SCORE, ranking.MODE
 WITHIN = 0.02  # "close to the best": a final score within 2% (relative) of the design's best
 
 
@@ -54,7 +55,7 @@ class DesignPoint:
 
     @property
     def final_score(self) -> float:
-        return float(self.curve[-1][SCORE])
+        return float(self.curve[-1][ranking.SCORE])
 
     @property
     def effective_batch(self) -> int:
@@ -104,7 +105,7 @@ def _grid_step(values: list[float]) -> float:
     return min(gaps) if gaps else 1.0
 
 
-TABLE_COLUMNS = ["task", "config", "lr", "warmup_steps", "batch", "size", "epoch", "score", "loss", "map",
+TABLE_COLUMNS = ["task", "config", "lr", "warmup_steps", "batch", "seed", "size", "epoch", "score", "loss", "map",
                  "map50", "seconds"]
 
 
@@ -113,19 +114,19 @@ def load_table(path: str, size: str | None = None) -> CurveTable:
     rows = list(csv.DictReader(io.StringIO(storage.read_text(path))))
     if not rows:
         raise ValueError(f"{path}: no rows")
-    missing = [c for c in TABLE_COLUMNS if c not in rows[0]]
+    missing = [c for c in TABLE_COLUMNS if c not in rows[0] and c != "seed"]  # v1 tables: one seed, no column
     if missing:
         raise ValueError(f"{path}: missing columns {missing}")
     size = size or rows[0]["size"]
     curves: dict[str, list[dict]] = {}
     params: dict[str, dict] = {}
     for row in rows:
-        if row["size"] != size:
+        if row["size"] != size or int(row.get("seed") or 0) != 0:
             continue
         key = row["config"]
         params[key] = {"lr": float(row["lr"]), "warmup_steps": int(row["warmup_steps"]), "batch": row["batch"]}
         curves.setdefault(key, []).append({
-            "epoch": int(row["epoch"]), SCORE: float(row["score"]), "loss": _number(row["loss"]),
+            "epoch": int(row["epoch"]), ranking.SCORE: float(row["score"]), "loss": _number(row["loss"]),
             "map": _number(row["map"]), "map50": _number(row["map50"]), "seconds": _number(row["seconds"]),
         })
     points = {key: DesignPoint(key, **params[key], curve=tuple(sorted(curve, key=lambda r: r["epoch"])))
@@ -197,7 +198,7 @@ def replay_trainable(params: dict, table: CurveTable, method: Method) -> None:
     point = design_point_for(params, table, method)
     for epoch in report_epochs(method, table.epochs):
         row = point.curve[epoch - 1]
-        tune.report({"epoch": row["epoch"], SCORE: row[SCORE], "design_point": point.key})
+        tune.report({"epoch": row["epoch"], ranking.SCORE: row[ranking.SCORE], "design_point": point.key})
 
 
 class EpochBudget(tune.Stopper):
@@ -214,7 +215,7 @@ class EpochBudget(tune.Stopper):
         if self._last_epoch.get(trial_id) != epoch:  # a finished trial's last result comes again, done
             self.used += epoch - self._last_epoch.get(trial_id, 0)
             self._last_epoch[trial_id] = epoch
-            self.rows.append((trial_id, epoch, float(result[SCORE]), str(result["design_point"])))
+            self.rows.append((trial_id, epoch, float(result[ranking.SCORE]), str(result["design_point"])))
         return False
 
     def stop_all(self) -> bool:
@@ -228,7 +229,7 @@ def _searcher(table: CurveTable, method: Method, seed: int) -> OptunaSearch:
         sampler = optuna.samplers.RandomSampler(seed=seed)
     else:
         raise ValueError(f"unknown searcher {method.searcher!r}; expected tpe or random")
-    return OptunaSearch(space=search_space(table), metric=SCORE, mode=MODE, sampler=sampler)
+    return OptunaSearch(space=search_space(table), metric=ranking.SCORE, mode=ranking.MODE, sampler=sampler)
 
 
 def _scheduler(table: CurveTable, method: Method):
@@ -244,11 +245,13 @@ def run_method(table: CurveTable, method: Method, seed: int, budget: int) -> lis
         raise ValueError(f"unknown lr rule {method.lr_rule!r}; expected one of {', '.join(LR_RULES)}")
     budget_log = EpochBudget(budget)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # This module lives in benchmarks/, which Ray's workers cannot import: its trainable and tables travel by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     with ray_compat.replay_environment(), tempfile.TemporaryDirectory(prefix="neoray-replay-") as tmp:
         tuner = tune.Tuner(
             tune.with_parameters(replay_trainable, table=table, method=method),
             tune_config=tune.TuneConfig(
-                metric=SCORE, mode=MODE, search_alg=_searcher(table, method, seed),
+                metric=ranking.SCORE, mode=ranking.MODE, search_alg=_searcher(table, method, seed),
                 scheduler=_scheduler(table, method), num_samples=max(1, budget // max(1, method.grace or 1)),
                 max_concurrent_trials=1, reuse_actors=True,
             ),
@@ -295,7 +298,7 @@ def trajectory(log: list[tuple[str, int, float, str]], table: CurveTable) -> Tra
     out, spent, best = Trajectory(), 0, None  # best: (standing, design point)
     for _trial, epoch, point in ends:
         spent += epoch
-        standing = max(row[SCORE] for row in table.points[point].curve[:epoch])
+        standing = max(row[ranking.SCORE] for row in table.points[point].curve[:epoch])
         if best is None or standing > best[0]:
             best = (standing, point)
         out.spent.append(spent)

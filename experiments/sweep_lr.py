@@ -14,6 +14,7 @@ best_config.yaml}; plots: ``neoray report sweeps/sweep_lr``.
 import argparse
 import sys
 
+from neoray.commands import EXIT_INTERRUPTED
 from neoray.commands import sweep as sweep_cmd
 
 
@@ -24,7 +25,7 @@ def main(argv=None) -> int:
         return sweep_cmd.run(parser.parse_args(argv))
     except KeyboardInterrupt:
         print("sweep_lr: interrupted; continue with --resume", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

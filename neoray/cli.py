@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from neoray.commands import EXIT_FAILED, EXIT_INTERRUPTED
+
 COMMANDS = {
     "synth": ("neoray.commands.synth", "write the embedded synthetic COCO dataset"),
     "prepare": ("neoray.commands.prepare", "COCO or YOLO -> validated 16:9 Parquet shards"),
@@ -42,13 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
-        return 1
+        return EXIT_FAILED
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:
         print("neoray: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -140,12 +140,25 @@ def optuna_search_trials(searcher) -> dict:
     return searcher._ot_trials
 
 
+def optuna_search_study(searcher):
+    """The ``optuna.Study`` an ``OptunaSearch`` tells its trials' ends to (its ``_ot_study``). OptunaSearch tells
+    every trial that ends with a score COMPLETE, one that ASHA stopped included, with its rung score as if it
+    were a final one; neoray's searcher tells those trials PRUNED instead (neoray.tune.study.StudySearch)."""
+    return searcher._ot_study
+
+
+def optuna_search_completed(searcher) -> set:
+    """The Tune trial ids whose end an ``OptunaSearch`` has told its study (its ``_completed_trials``): neoray's
+    searcher tells a pruned trial's end itself and must add it there, or OptunaSearch would tell it again."""
+    return searcher._completed_trials
+
+
 def wandb_logging_actor_base():
     """Ray's W&B logging actor class (``_WandbLoggingActor``: one process per trial that owns the trial's W&B
     run), which ``WandbLoggerCallback`` builds from its ``_logger_actor_cls`` class attribute. Ray kills that
     actor as soon as its ``run()`` returns, and with wandb 0.31 ``finish()`` returns before W&B's service has
     written the run's last records: an offline run of a trial that errored at once was left with none. neoray's
-    actor (neoray.tune.tracking) waits for the service (``wandb.teardown()``) before returning."""
+    actor (neoray.tune.sweep_tracking) waits for the service (``wandb.teardown()``) before returning."""
     from ray.air.integrations.wandb import _WandbLoggingActor  # noqa: PLC0415 - optional dependency (neoray[wandb])
 
     return _WandbLoggingActor
@@ -168,6 +181,8 @@ __all__ = [
     "CHECKED_RAY_VERSION",
     "TRAIN_REPORT_LOGGER",
     "mlflow_trial_runs",
+    "optuna_search_completed",
+    "optuna_search_study",
     "optuna_search_trials",
     "quiet_sigterm_exit",
     "quiet_train_worker_logs",

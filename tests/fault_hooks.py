@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +91,20 @@ class TrialFailures(TrainHooks):
             with open(counter, "w") as handle:
                 handle.write(str(done + 1))
             raise RuntimeError(f"injected failure {done + 1} of {name}")
+
+
+@dataclass
+class SlowTrial(TrainHooks):
+    """Delays every epoch of one sweep trial by ``seconds``: a trial that a loaded machine slows down."""
+
+    trial: str
+    seconds: float
+
+    def epoch_start(self, epoch: int, rank: int) -> None:
+        from ray import tune
+
+        if tune.get_context().get_trial_name() == self.trial:
+            time.sleep(self.seconds)
 
 
 @dataclass

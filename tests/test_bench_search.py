@@ -9,11 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from neoray.tune.replay import load_table
+from search_replay import load_table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA = REPO_ROOT / "benchmarks" / "data"
+DATA = REPO_ROOT / "benchmarks" / "data" / "v1"
 
 
 @pytest.mark.parametrize("task", ["default", "dense"])

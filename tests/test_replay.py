@@ -1,4 +1,4 @@
-"""The search-quality replay (neoray.tune.replay): recorded curves replayed through Ray Tune, and regret."""
+"""The search-quality replay (benchmarks/search_replay.py): recorded curves replayed through Ray Tune, and regret."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import math
 import os
 
 import pytest
-
-from neoray.tune.replay import (
+from search_replay import (
     CurveTable,
     DesignPoint,
     Method,
@@ -132,7 +131,7 @@ def test_asha_stops_trials_in_the_replay_and_the_budget_counts_epochs(ray_sessio
 
 
 def test_quartiles_keep_a_budget_never_reached_as_larger_than_any():
-    from neoray.tune.replay import summarise
+    from search_replay import summarise
 
     assert summarise([1.0, 2.0, 3.0, 4.0]) == {"median": 2.5, "q25": 1.5, "q75": 3.5}
     assert summarise([1.0, 2.0, 3.0, math.inf]) == {"median": 2.5, "q25": 1.5, "q75": math.inf}

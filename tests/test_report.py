@@ -8,17 +8,20 @@ from pathlib import Path
 import pytest
 
 from neoray.config import ConfigError
+from neoray.tune.asha import AshaSettings
+from neoray.tune.record import SweepRecord, read_record
 from neoray.tune.report import param_importances, rebuild_study, write_report
 
 
 def test_study_rebuilt_from_rows_gives_importances():
-    meta = {"params": {"lr": {"distribution": "log_uniform", "low": 1e-4, "high": 1e-2},
-                       "batch": {"distribution": "choice", "values": ["4x1", "2x2"]}}}
+    record = SweepRecord(name="s", asha=AshaSettings(max_t=4), num_samples=6,
+                         params={"lr": {"distribution": "log_uniform", "low": 1e-4, "high": 1e-2},
+                                 "batch": {"distribution": "choice", "values": ["4x1", "2x2"]}})
     rows = [{"trial": f"trial_{i:04d}", "lr": str(lr), "batch": b, "best_map": str(m), "best_score": str(m)}
             for i, (lr, b, m) in enumerate([(1e-3, "4x1", 0.30), (3.0, "2x2", 0.0), (2e-4, "4x1", 0.10),
                                             (5e-3, "2x2", 0.25), (1e-4, "4x1", 0.05)])]
     rows.append({"trial": "trial_0009", "lr": "1e-3", "batch": "4x1", "best_map": "", "best_score": ""})  # errored
-    study = rebuild_study(meta, rows)
+    study = rebuild_study(record, rows)
     assert len(study.trials) == 5  # lr=3.0 lies outside the space and is still kept; the errored row is not
     assert study.best_trial.params == {"lr": 1e-3, "batch": "4x1"}
     importances = param_importances(study)
@@ -51,7 +54,7 @@ def test_numeric_choice_read_back_from_csv(tmp_path):
             for i, (wd, w, m) in enumerate([(0.01, 0, 0.3), (1e-05, 50, 0.1), (0.1, 0, 0.2)], start=1)]
     _fake_sweep(tmp_path, rows, params)
     with open(tmp_path / "trials.csv", newline="") as handle:
-        study = rebuild_study(json.loads((tmp_path / "sweep.json").read_text()), list(csv.DictReader(handle)))
+        study = rebuild_study(read_record(str(tmp_path)), list(csv.DictReader(handle)))
     assert study.best_trial.params == {"weight_decay": 0.01, "warmup_steps": 0}
     assert {t.params["weight_decay"] for t in study.trials} == {1e-05, 0.01, 0.1}
     assert Path(write_report(tmp_path)).exists()

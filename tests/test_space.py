@@ -7,7 +7,7 @@ import pytest
 from neoray.cluster import plan as plan_resources
 from neoray.config import ConfigError, load_config
 from neoray.configs import DEFAULT_SPACE
-from neoray.tune.results import asha_rungs
+from neoray.tune.asha import asha_rungs
 from neoray.tune.space import (
     load_space,
     optuna_distributions,
@@ -162,7 +162,10 @@ def test_a_space_batch_that_leaves_a_worker_without_a_step_is_refused(synthetic_
 
 def test_lr_scaling_sets_each_trials_lr_from_its_effective_batch_and_the_table_shows_both(tmp_path):
     from neoray.config import load_config
-    from neoray.tune.results import collect_rows, export_best_config
+    from neoray.tune.asha import AshaSettings
+    from neoray.tune.best_config import export_best_config
+    from neoray.tune.record import SweepRecord
+    from neoray.tune.results import collect_rows
     from neoray.tune.space import lr_scaling_record, parse_space, trial_config
 
     space = parse_space({"params": {"lr": {"distribution": "log_uniform", "low": 1e-4, "high": 1e-2},
@@ -188,8 +191,9 @@ def test_lr_scaling_sets_each_trials_lr_from_its_effective_batch_and_the_table_s
         def __str__(self):
             return "trial_0001"
 
-    meta = {"lr_scaling": scaling, "base_config": base.to_dict()}
-    [row] = collect_rows([Trial()], str(tmp_path), ["lr", "batch"], meta)
+    record = SweepRecord(name="s", asha=AshaSettings(max_t=10), params=space.params, num_samples=1,
+                         lr_scaling=scaling, base_config=base)
+    [row] = collect_rows([Trial()], str(tmp_path), record)
     assert row["lr"] == 1e-3 and row["lr_trial"] == pytest.approx(1e-3 * 8 ** 0.5)
     best = export_best_config(base, row, str(tmp_path / "best.yaml"), "s", scaling)
     assert best.train.lr == pytest.approx(1e-3 * 8 ** 0.5) and best.train.accumulate == 4

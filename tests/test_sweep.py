@@ -5,14 +5,17 @@ the pieces that decide what a sweep reports (score, interrupted or ended, exit c
 import argparse
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
 import yaml
-from fault_hooks import TrialFailures
+from fault_hooks import SlowTrial, TrialFailures
 
 from neoray.commands import sweep as sweep_cmd
 from neoray.config import load_config
+from neoray.tune.asha import AshaSettings
+from neoray.tune.record import SearchSettings, SweepRecord, WarmStart
 from neoray.tune.results import collect_rows, sweep_interrupted
 from neoray.tune.sweep import SweepOptions, SweepResult, run_sweep
 
@@ -74,7 +77,9 @@ def test_collect_rows_names_how_each_trial_ended(tmp_path):
     trials = [_FakeTrial("trial_0001", done=False), _FakeTrial("trial_0002", done=False),
               _FakeTrial("trial_0003", status="PENDING", done=False), _FakeTrial("trial_0004"),
               _FakeTrial("trial_0005", status="ERROR", done=False)]
-    rows = collect_rows(trials, str(tmp_path), ["lr"])
+    record = SweepRecord(name="s", asha=AshaSettings(max_t=2), num_samples=5,
+                         params={"lr": {"distribution": "log_uniform", "low": 0.01, "high": 1.0}})
+    rows = collect_rows(trials, str(tmp_path), record)
     assert [r["status"] for r in rows] == ["stopped early (ASHA)", "interrupted", "interrupted", "finished", "errored"]
 
 
@@ -160,6 +165,9 @@ def test_two_worker_trial_after_an_asha_stopped_one_still_runs(ray_session, synt
     header = [line for line in out.splitlines() if line.startswith("| Trial name")][-1]  # the final table
     assert [c.strip() for c in header.strip("|").split("|")] == [
         "Trial name", "status", "loc", "lr", "epoch", "loss", "score", "mAP", "mAP50", "lr now"]
+    # Its best-trial line names trials as every neoray line does, never by Ray's trial id (e.g. 6e1cdf21).
+    best_lines = [line for line in out.splitlines() if line.startswith("Current best trial:")]
+    assert best_lines and all(re.match(r"Current best trial: trial_000\d with score=", line) for line in best_lines)
     assert "[neoray] ASHA stopped trial_0002 at epoch 1" in out
     assert out.index("[neoray] ASHA stopped trial_0002") < out.index("[neoray] trial_0003 started: lr=")
 
@@ -211,13 +219,47 @@ def test_a_foreign_sweep_record_is_refused_in_one_line(tmp_path, monkeypatch, ca
 def test_the_sweep_says_whether_tpe_will_model_any_trial():
     from neoray.tune.sweep import search_line
 
-    short = {"num_samples": 4, "search": {"sampler": "tpe", "startup_trials": 10}}
+    def record(num_samples, search, warm_start=None):
+        return SweepRecord(name="s", asha=AshaSettings(max_t=2), params={}, num_samples=num_samples, search=search,
+                           warm_start=warm_start)
+
+    short = record(4, SearchSettings("tpe", 10))
     assert "all 4 trials fall in its start-up" in search_line(short) and "random search" in search_line(short)
-    long = {"num_samples": 16, "search": {"sampler": "tpe", "startup_trials": 4}}
+    long = record(16, SearchSettings("tpe", 4))
     assert search_line(long).endswith("then 12 trial(s) suggested from the results so far")
-    warm = {**long, "warm_start": {"trials": [{}] * 5}}  # 5 previous configurations + the config's own: 6 given
+    # 5 previous configurations + the config's own: 6 given
+    warm = record(16, SearchSettings("tpe", 4), WarmStart("before", ({},) * 5))
     assert "6 given configuration(s)" in search_line(warm) and "then 10 trial(s)" in search_line(warm)
-    points = {"num_samples": 16, "search": {"sampler": "tpe", "startup_trials": 4, "given": 3}}
+    points = record(16, SearchSettings("tpe", 4, given=3))
     assert "3 given configuration(s)" in search_line(points) and "then 12 trial(s)" in search_line(points)
-    assert search_line({"num_samples": 3, "search": {"sampler": "random", "startup_trials": 4}}).startswith(
-        "search: random")
+    assert search_line(record(3, SearchSettings("random", 4))).startswith("search: random")
+
+
+def _stops_and_study(sweep_dir: Path) -> tuple[dict, dict]:
+    import optuna
+
+    stopped = json.loads((sweep_dir / "asha_stopped.json").read_text())
+    study = optuna.load_study(study_name=sweep_dir.name, storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    return {name: entry["epoch"] for name, entry in stopped.items()}, {t.number: t for t in study.trials}
+
+
+@pytest.mark.slow
+def test_a_delayed_trial_changes_nothing_asha_decides_and_stopped_trials_are_pruned_in_the_study(
+        ray_session, synthetic_shards, tmp_path):
+    """Two trials at a time. Undelayed, trial_0001 (the config's lr) reaches the epoch-1 rung before trial_0002
+    (lr=3) and ASHA stops trial_0002. With trial_0001 slowed down, trial_0002 gets to the rung first: Ray's own
+    ASHA, comparing it with nobody, let it run on; neoray's waits for trial_0001 and stops the same trials."""
+    config, space = _files(tmp_path, synthetic_shards, epochs=3)
+    outcomes = {}
+    for name, hooks in (("plain", None), ("delayed", SlowTrial("trial_0001", 6.0))):
+        result = run_sweep(SweepOptions(config=config, space=space, output=str(tmp_path / "sweeps"), name=name,
+                                        num_samples=4, max_concurrent=2, hooks=hooks))
+        assert not result.interrupted
+        outcomes[name] = _stops_and_study(Path(result.sweep_dir))
+    (stopped, study), (delayed_stopped, _) = outcomes["plain"], outcomes["delayed"]
+    assert "trial_0002" in stopped and delayed_stopped == stopped
+    # Optuna is told the truth: a stopped trial is PRUNED with its scores up to the rung, not COMPLETE with
+    # a 1-epoch score standing beside 3-epoch ones.
+    pruned = study[1]  # Optuna numbers trials from 0: trial_0002
+    assert pruned.state.name == "PRUNED" and max(pruned.intermediate_values) == 1
+    assert study[0].state.name == "COMPLETE" and max(study[0].intermediate_values) == 3

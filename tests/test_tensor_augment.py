@@ -196,6 +196,7 @@ def test_train_batches_match_between_cpu_and_gpu_decode(ray_session, shard_dir):
 
 def test_eval_batches_match_between_cpu_and_gpu_decode(ray_session, shard_dir):
     for size in (None, (256, 144), (480, 270)):
+        size = size or shard_dir.size  # the shards' own size: no resize
         a = list(iter_eval_batches(shard_dir, 5, DataConfig(size=size)))
         b = list(iter_eval_batches(shard_dir, 5, DataConfig(size=size, decode="gpu"), device="cpu"))
         assert [len(x) for x in a] == [len(x) for x in b] == [5, 5, 5, 5, 4]

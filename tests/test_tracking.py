@@ -21,7 +21,7 @@ from test_sweep import _files
 from neoray import storage
 from neoray.cli import main as neoray_main
 from neoray.config import ConfigError
-from neoray.run import tracking
+from neoray.run import run_tracking
 from neoray.tune import study
 from neoray.tune.sweep import SweepOptions, run_sweep
 
@@ -112,24 +112,25 @@ def _steps(client, run_id: str, key: str) -> list[int]:
 
 def test_track_values_are_parsed_and_checked(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    specs = tracking.parse_track(["mlflow:sqlite:///runs/mlflow.db", "wandb"])
-    assert specs == [tracking.TrackSpec("mlflow", "sqlite:///runs/mlflow.db"), tracking.TrackSpec("wandb", None)]
+    specs = run_tracking.parse_track(["mlflow:sqlite:///runs/mlflow.db", "wandb"])
+    assert specs == [run_tracking.TrackSpec("mlflow", "sqlite:///runs/mlflow.db"),
+                     run_tracking.TrackSpec("wandb", None)]
     with pytest.raises(ConfigError, match="unknown tracker"):
-        tracking.parse_track(["neptune"])
+        run_tracking.parse_track(["neptune"])
     with pytest.raises(ConfigError, match="given twice"):
-        tracking.parse_track(["mlflow", "mlflow:http://localhost:5000"])
-    monkeypatch.setattr(tracking, "installed", lambda package: package != "wandb")
+        run_tracking.parse_track(["mlflow", "mlflow:http://localhost:5000"])
+    monkeypatch.setattr(run_tracking, "installed", lambda package: package != "wandb")
     with pytest.raises(ConfigError) as err:
-        tracking.parse_track(["wandb:proj"])
+        run_tracking.parse_track(["wandb:proj"])
     assert str(err.value) == '--track wandb needs the wandb package: pip install "neoray[wandb]"'
 
 
 def test_tracking_uris_and_study_urls_mean_the_same_from_any_directory(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    assert tracking.absolute_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path}/mlflow.db"
-    assert tracking.absolute_uri("mlruns") == str(tmp_path / "mlruns")
-    assert tracking.absolute_uri("file:./mlruns") == f"file://{tmp_path}/mlruns"
-    assert tracking.absolute_uri("http://mlflow:5000") == "http://mlflow:5000"
+    assert run_tracking.absolute_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path}/mlflow.db"
+    assert run_tracking.absolute_uri("mlruns") == str(tmp_path / "mlruns")
+    assert run_tracking.absolute_uri("file:./mlruns") == f"file://{tmp_path}/mlruns"
+    assert run_tracking.absolute_uri("http://mlflow:5000") == "http://mlflow:5000"
     assert study.redact("postgresql://neo:secret@db:5432/optuna") == "postgresql://neo:***@db:5432/optuna"
     assert study.staging_path("s3://b/sweeps/a") == study.staging_path("s3://b/sweeps/a") != study.staging_path(
         "s3://b/sweeps/b")
@@ -137,7 +138,7 @@ def test_tracking_uris_and_study_urls_mean_the_same_from_any_directory(monkeypat
 
 @pytest.mark.parametrize("command", ["sweep", "train"])
 def test_a_tracker_that_is_not_installed_is_one_line_and_exit_1(command, monkeypatch, capsys):
-    monkeypatch.setattr(tracking, "installed", lambda package: package != "mlflow")
+    monkeypatch.setattr(run_tracking, "installed", lambda package: package != "mlflow")
     args = ["--config", "missing.yaml"] if command == "sweep" else ["missing.yaml"]
     assert neoray_main([command, *args, "--track", "mlflow"]) == 1
     prefix = "neoray sweep: error:" if command == "sweep" else "neoray train:"
@@ -312,7 +313,7 @@ def test_train_run_tracked_in_mlflow_and_wandb_and_resumed_into_the_same_runs(ra
     track = ["--track", f"mlflow:{uri}", "--track", "wandb:neoray-test"]
     assert neoray_main(["train", config, "--output", str(runs), *track]) == 0
     run_dir = runs / "tracked_run"
-    record = json.loads((run_dir / tracking.RECORD_FILE).read_text())
+    record = json.loads((run_dir / run_tracking.RECORD_FILE).read_text())
     client, run_id = _mlflow(uri), record["mlflow"]["run_id"]
     run = client.get_run(run_id)
     assert run.info.run_name == "tracked_run" and run.info.status == "FINISHED"
@@ -332,5 +333,5 @@ def test_train_run_tracked_in_mlflow_and_wandb_and_resumed_into_the_same_runs(ra
 
     # --resume for a third epoch: the same MLflow run, RUNNING again, then FINISHED with epoch 3.
     assert neoray_main(["train", config, "train.epochs=3", "--resume", str(run_dir), *track]) == 0
-    assert json.loads((run_dir / tracking.RECORD_FILE).read_text()) == record
+    assert json.loads((run_dir / run_tracking.RECORD_FILE).read_text()) == record
     assert _steps(client, run_id, "loss") == [1, 2, 3] and client.get_run(run_id).info.status == "FINISHED"

@@ -9,7 +9,7 @@ from pathlib import Path
 from neoray.cluster import ClusterError, add_address_argument
 from neoray.commands import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
 from neoray.config import ConfigError
-from neoray.run.tracking import add_track_argument
+from neoray.run.run_tracking import add_track_argument
 from neoray.storage import StorageError
 from neoray.tune.sweep import SweepOptions, run_sweep
 

@@ -20,9 +20,9 @@ from neoray.cluster import ClusterError, add_address_argument, connect
 from neoray.commands import EXIT_FAILED, EXIT_OK
 from neoray.config import ConfigError, load_config
 from neoray.data.shards import ManifestError
+from neoray.run.run_tracking import add_track_argument, parse_track
 from neoray.run.rundir import RunDirError
 from neoray.run.setup import check_cluster, check_resume, prepare_config
-from neoray.run.tracking import add_track_argument, parse_track
 from neoray.run.trainer import train
 from neoray.storage import StorageError
 

@@ -162,29 +162,33 @@ class CocoEvaluator:
         self._images.append(np.stack([image_ids, orig[:, 0], orig[:, 1]], axis=1))
         self._num_images += n
 
-        counts = np.array([len(o["scores"]) for o in outputs], dtype=np.int64)
-        if counts.sum():
-            index = np.repeat(np.arange(n), counts)
-            boxes = _cat_rows([o["boxes"] for o in outputs], np.float64, 4)
+        rows = self._flat_rows(outputs, "scores", image_ids, scale, pad, orig, "prediction")
+        if rows is not None:
+            index, category, xywh = rows
             scores = _cat_rows([o["scores"] for o in outputs], np.float64)
-            labels = _cat_rows([o["labels"] for o in outputs], np.int64)
-            category = self._category_ids(labels, image_ids[index], "prediction")
-            xywh = _letterbox_to_orig(boxes, index, scale, pad, orig)
             self._dets.append(np.column_stack([occurrence[index], category, xywh, scores]))
 
         if self.gt_json is None:  # GT comes from the stream; with gt_json the file is the truth
             targets = batch.targets
-            counts = np.array([len(t["labels"]) for t in targets], dtype=np.int64)
-            if counts.sum():
-                index = np.repeat(np.arange(n), counts)
-                boxes = _cat_rows([t["boxes"] for t in targets], np.float64, 4)
-                labels = _cat_rows([t["labels"] for t in targets], np.int64)
+            rows = self._flat_rows(targets, "labels", image_ids, scale, pad, orig, "target")
+            if rows is not None:
+                index, category, xywh = rows
                 areas = _cat_rows([t["areas"] for t in targets], np.float64)
                 crowd = _cat_rows([t["iscrowd"] for t in targets], np.float64)
-                category = self._category_ids(labels, image_ids[index], "target")
-                xywh = _letterbox_to_orig(boxes, index, scale, pad, orig)
                 self._gts.append(np.column_stack([occurrence[index], category, xywh, areas, crowd]))
         self._merged = None
+
+    def _flat_rows(self, per_image: list[dict], count_key: str, image_ids, scale, pad, orig, what: str):
+        """Per-image boxes and labels (predictions or targets) flattened into one row each: (image index,
+        category id, xywh in original pixels); None when the batch has none."""
+        counts = np.array([len(item[count_key]) for item in per_image], dtype=np.int64)
+        if not counts.sum():
+            return None
+        index = np.repeat(np.arange(len(per_image)), counts)
+        boxes = _cat_rows([item["boxes"] for item in per_image], np.float64, 4)
+        labels = _cat_rows([item["labels"] for item in per_image], np.int64)
+        category = self._category_ids(labels, image_ids[index], what)
+        return index, category, _letterbox_to_orig(boxes, index, scale, pad, orig)
 
     def _category_ids(self, labels: np.ndarray, image_ids: np.ndarray, what: str) -> np.ndarray:
         bad = (labels < 0) | (labels >= len(self._label_to_id))

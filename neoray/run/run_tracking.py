@@ -1,7 +1,7 @@
 """Experiment trackers, opt-in: ``--track mlflow[:URI]`` and ``--track wandb[:PROJECT]`` on ``neoray train`` and
 ``neoray sweep``, through Ray's own integrations (``ray.air.integrations.mlflow`` / ``.wandb``).
 
-This module parses ``--track`` for both commands and tracks ``neoray train``; neoray.tune.tracking tracks a
+This module parses ``--track`` for both commands and tracks ``neoray train``; neoray.tune.sweep_tracking tracks a
 sweep with Tune's logger callbacks. Neither tracker is a dependency of neoray: one asked for and not installed
 is a ``ConfigError`` naming the extra to install (``pip install "neoray[mlflow]"``), raised before Ray starts.
 

@@ -23,6 +23,7 @@ from neoray.checkpoints import read_pointers, write_pointers
 from neoray.config import Config, save_config
 from neoray.engine import ranking
 from neoray.engine.ray_context import train_loop_per_worker
+from neoray.run.run_tracking import RunTracker
 from neoray.run.rundir import (
     RAY_DIR,
     RunDirError,
@@ -34,7 +35,6 @@ from neoray.run.rundir import (
     write_summary,
 )
 from neoray.run.setup import pretrained_class_rows
-from neoray.run.tracking import RunTracker
 
 TENSORBOARD_DIR = "tensorboard"
 TENSORBOARD_KEYS = ("loss", "lr", "map", "map50", "images_per_s", "peak_mem_mb", ranking.SCORE)
@@ -45,7 +45,7 @@ class RunRecorder(ray.train.UserCallback):
     aggregated metrics to the run's history, rewrites metrics.csv/json, records the latest and the
     best checkpoint (ranking.best, the order Ray keeps them in), writes TensorBoard events, prints
     one line per epoch and hands the row to the driver's experiment trackers (``feed``: a Ray queue that
-    neoray.run.tracking.RunTracker reads; this callback runs in the controller's process, the tracker runs
+    neoray.run.run_tracking.RunTracker reads; this callback runs in the controller's process, the tracker runs
     belong to the driver)."""
 
     def __init__(self, run_dir: str, verbose: bool = True, feed=None):
@@ -126,7 +126,7 @@ def train(cfg: Config, *, config_path: str | None = None, output: str | None = N
     ``cfg`` must have been through ``neoray.run.setup.prepare_config`` (absolute paths, checked
     files) and the cluster through ``setup.check_cluster``. ``resume_dir``: continue that run (its Ray
     storage and its latest checkpoint) instead of a new one. ``track``: experiment trackers
-    (``neoray.run.tracking.parse_track``), whose runs get every epoch and the summary.
+    (``neoray.run.run_tracking.parse_track``), whose runs get every epoch and the summary.
     """
     run_dir = existing_run_dir(resume_dir) if resume_dir else new_run_dir(cfg, config_path, output)
     save_config(cfg, storage.join(run_dir, "config.yaml"))

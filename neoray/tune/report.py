@@ -22,9 +22,12 @@ from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvalu
 
 from neoray import storage
 from neoray.config import ConfigError
-from neoray.tune.results import finite_number, load_history, measure_trust, read_sweep_record, read_trial_rows
+from neoray.engine import ranking
+from neoray.tune.best_config import FILE_NAME as BEST_CONFIG
+from neoray.tune.record import SweepRecord, read_record
+from neoray.tune.results import TABLE_MARKDOWN, finite_number, load_history, read_trial_rows
+from neoray.tune.rung_trust import EXPLANATION, measure_trust
 from neoray.tune.space import optuna_distributions, parse_space
-from neoray.tune.trust import EXPLANATION
 
 STATUS_COLOURS = {"finished": "tab:green", "stopped early (ASHA)": "tab:orange", "errored": "tab:red",
                   "interrupted": "tab:gray"}
@@ -100,10 +103,10 @@ def plot_learning_curves(sweep_dir: str, rows: list[dict], rungs: list[float], t
     return True
 
 
-def rebuild_study(meta: dict, rows: list[dict]):
+def rebuild_study(record: SweepRecord, rows: list[dict]):
     """An Optuna study holding one completed trial per sweep trial that reported a result (value: best mAP,
     or best score for trials that never evaluated), so that Optuna's evaluators work without the searcher."""
-    distributions = optuna_distributions(parse_space({"params": _space_params(meta["params"])}))
+    distributions = optuna_distributions(parse_space({"params": _space_params(record.params)}))
     distributions = _widened(distributions, rows)
     study = optuna.create_study(direction="maximize")
     for row in rows:
@@ -209,8 +212,8 @@ def plot_importances(importances: dict, path: str) -> bool:
 MIN_TRIALS_FOR_IMPORTANCES = 10
 
 
-def _importances_section(meta: dict, rows: list[dict], sweep_dir: str) -> list[str]:
-    study = rebuild_study(meta, rows)
+def _importances_section(record: SweepRecord, rows: list[dict], sweep_dir: str) -> list[str]:
+    study = rebuild_study(record, rows)
     importances = param_importances(study)
     if not plot_importances(importances, storage.join(sweep_dir, "importances.png")):
         return ["## Parameter importances", "", "Not available: too few completed trials, or no evaluator could run "
@@ -225,43 +228,41 @@ def _importances_section(meta: dict, rows: list[dict], sweep_dir: str) -> list[s
 
 def write_report(sweep_dir) -> str:
     sweep_dir = storage.absolute(sweep_dir)
-    meta, rows = read_sweep_record(sweep_dir), read_trial_rows(sweep_dir)
-    asha = meta["asha"]
-    lines = [f"# Sweep report: {meta['name']}", ""]
-    if len(rows) < meta["num_samples"] or any(r["status"] == "interrupted" for r in rows):
-        lines += [f"**Partial: the sweep was interrupted ({len(rows)} of {meta['num_samples']} trials started); "
+    record, rows = read_record(sweep_dir), read_trial_rows(sweep_dir)
+    asha = record.asha
+    lines = [f"# Sweep report: {record.name}", ""]
+    if len(rows) < record.num_samples or any(r["status"] == "interrupted" for r in rows):
+        lines += [f"**Partial: the sweep was interrupted ({len(rows)} of {record.num_samples} trials started); "
                   f"continue it with --resume, then run neoray report again.**", ""]
+    sampler = "random search" if record.search.sampler == "random" else "TPE"
     lines += [f"- trials: {len(rows)} ({', '.join(sorted({r['status'] for r in rows}))})",
-              f"- ASHA drives on `{meta['metric']}` ({meta['mode']}; {meta['metric_doc']}), time attribute "
-              f"`{asha['time_attr']}`, grace period {asha['grace_period']}, reduction factor "
-              f"{asha['reduction_factor']}, max_t {asha['max_t']}, rungs {meta['rungs']}",
-              f"- search: OptunaSearch (TPE, seed {meta['seed']}), the config's own values evaluated first", ""]
-    best_path = storage.join(sweep_dir, "best_config.yaml")
+              f"- ASHA drives on `{record.metric}` ({record.mode}; {ranking.SCORE_DOC}), time attribute "
+              f"`{asha.time_attr}`, grace period {asha.grace_period}, reduction factor "
+              f"{asha.reduction_factor}, max_t {asha.max_t}, rungs {record.rungs}",
+              f"- search: OptunaSearch ({sampler}, seed {record.seed}), the config's own values evaluated first", ""]
+    best_path = storage.join(sweep_dir, BEST_CONFIG)
     if storage.exists(best_path):
         lines += [f"Best configuration, ready for a full run: `neoray train {best_path} train.epochs=N`", ""]
-    trials_md = storage.join(sweep_dir, "trials.md")
+    trials_md = storage.join(sweep_dir, TABLE_MARKDOWN)
     lines += ["## Trials", "", storage.read_text(trials_md) if storage.exists(trials_md) else "", ""]
     if plot_map_vs_lr(rows, storage.join(sweep_dir, "map_vs_lr.png")):
         lines += ["## mAP against learning rate", "", "![mAP against learning rate](map_vs_lr.png)", ""]
-    if plot_learning_curves(
-        sweep_dir, rows, meta["rungs"], asha["time_attr"], storage.join(sweep_dir, "learning_curves.png")
-    ):
+    if plot_learning_curves(sweep_dir, rows, record.rungs, asha.time_attr,
+                            storage.join(sweep_dir, "learning_curves.png")):
         lines += ["## Learning curves", "", "Dotted lines: ASHA rungs, where trials below the top "
-                  f"1/{asha['reduction_factor']} are stopped.", "", "![learning curves](learning_curves.png)", ""]
-    lines += _trust_section(meta, rows, sweep_dir)
-    lines += _importances_section(meta, rows, sweep_dir)
+                  f"1/{asha.reduction_factor} are stopped.", "", "![learning curves](learning_curves.png)", ""]
+    lines += _trust_section(record, rows, sweep_dir)
+    lines += _importances_section(record, rows, sweep_dir)
     return storage.write_text(storage.join(sweep_dir, "report.md"), "\n".join(lines))
 
 
-def _trust_section(meta: dict, rows: list[dict], sweep_dir: str) -> list[str]:
-    """How far the early stopping can be trusted, from the sweep's own trials (neoray.tune.trust)."""
+def _trust_section(record: SweepRecord, rows: list[dict], sweep_dir: str) -> list[str]:
+    """How far the early stopping can be trusted, from the sweep's own trials (neoray.tune.rung_trust)."""
     lines = ["## Can the early stopping be trusted?", ""]
-    if not meta["rungs"]:
+    if not record.rungs:
         return lines + ["No ASHA rung before the last epoch: no trial could be stopped early.", ""]
-    trust, advice = measure_trust(sweep_dir, meta, rows)
-    rf = float(meta["asha"]["reduction_factor"])
+    trust, verdict = measure_trust(sweep_dir, record, rows)
+    rf = float(record.asha.reduction_factor)
     lines += [EXPLANATION, ""] + [f"- {rung.line(rf)}" for rung in trust] + [""]
-    return lines + [f"**{advice}**" if advice else "Every rung held: its ranking agreed with the final one and "
-                    "the eventual best stood above the cut.", ""]
-
-
+    flagged = any(not rung.trusted for rung in trust)
+    return lines + [f"**{verdict}**" if flagged else verdict, ""]

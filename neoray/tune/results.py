@@ -1,5 +1,5 @@
-"""A sweep's results, read and written without Ray: the trial table, the best trial and its config, each
-trial's per-epoch history, and ASHA's recorded decisions.
+"""A sweep's trial table, read and written without Ray: one row per trial from Tune's trial state and each
+trial's per-epoch history, the best trial, and the table as CSV and Markdown (``trials.csv``, ``trials.md``).
 
 ``neoray report`` and the end of ``run_sweep`` both use it. The trial objects it reads are Tune's
 ``Trial`` (``status``, ``config``, ``last_result``, ``num_failures``, ``local_path``), used by attribute
@@ -12,26 +12,15 @@ import csv
 import io
 import json
 import math
-import os
 
 from neoray import storage
-from neoray.config import Config, ConfigError, from_dict, save_config
+from neoray.config import ConfigError
 from neoray.engine import ranking
-from neoray.tune.space import PARAMS, trial_config
-from neoray.tune.trust import RungTrust, advice, rung_trust, trust_record
+from neoray.tune import asha
+from neoray.tune.record import SweepRecord
+from neoray.tune.space import trial_config
 
-SCORE = ranking.SCORE
-
-
-def asha_rungs(grace_period: int, reduction_factor: float, max_t: int) -> list[float]:
-    """The milestones at which ASHA compares trials: grace_period * rf^k below max_t."""
-    rungs, t = [], float(grace_period)
-    while t < max_t:
-        rungs.append(t)
-        t *= reduction_factor
-    return rungs
-
-
+TABLE_CSV, TABLE_MARKDOWN = "trials.csv", "trials.md"
 
 
 def load_history(sweep_dir: str, trial: str) -> list[dict]:
@@ -65,17 +54,6 @@ def trial_status(trial, asha_stopped: dict) -> str:
     return "stopped early (ASHA)" if str(trial) in asha_stopped else "finished"
 
 
-def read_asha_stopped_file(path: str) -> dict:
-    try:
-        return storage.read_json(path)
-    except FileNotFoundError:
-        return {}
-
-
-def read_asha_stopped(sweep_dir: str) -> dict:
-    return read_asha_stopped_file(storage.join(sweep_dir, "asha_stopped.json"))
-
-
 def sweep_interrupted(trials: list, asha_stopped: dict, num_samples: int) -> bool:
     """True when fit() returned before the sweep's end: a trial that has not ended on its own terms, or
     trials the searcher never created (Ctrl-C between two trials)."""
@@ -88,23 +66,23 @@ def _best_metric(history: list[dict], key: str) -> float | None:
     return max(values) if values else None
 
 
-def collect_rows(trials: list, sweep_dir: str, space_params, meta: dict | None = None) -> list[dict]:
-    """One row per trial, from Tune's trial state and each trial's history in the sweep's storage. With
-    the sweep's record (``meta``): the learning rate each trial trained with when the space scales it
-    (``lr_trial``), and which trials the warm start chose (``warm_start``)."""
-    meta = meta or {}
-    asha_stopped = read_asha_stopped(sweep_dir)
-    warm = {f"trial_{i:04d}": w["trial"] for i, w in enumerate(meta.get("warm_start", {}).get("trials", []), 1)}
+def collect_rows(trials: list, sweep_dir: str, record: SweepRecord) -> list[dict]:
+    """One row per trial, from Tune's trial state and each trial's history in the sweep's storage: its searched
+    parameters, the learning rate it trained with when the space scales it (``lr_trial``), which trials the
+    warm start chose (``warm_start``), its best metrics, epochs, failures and time."""
+    asha_stopped = asha.read_stopped(sweep_dir)
+    warm_trials = record.warm_start.trials if record.warm_start else ()
+    warm = {f"trial_{i:04d}": w["trial"] for i, w in enumerate(warm_trials, 1)}
     rows = []
     for trial in trials:
         name = str(trial)
         history = load_history(sweep_dir, name)
         last = history[-1] if history else {}
         row = {"trial": name, "status": trial_status(trial, asha_stopped)}
-        for param in space_params:
+        for param in record.params:
             row[param] = trial.config.get(param)
-        if (meta.get("lr_scaling") or {}).get("rule", "none") != "none":
-            row["lr_trial"] = trial_config(from_dict(meta["base_config"]), trial.config, meta["lr_scaling"]).train.lr
+        if record.lr_scaling.get("rule", "none") != "none":
+            row["lr_trial"] = trial_config(record.base_config, trial.config, record.lr_scaling).train.lr
         if warm:
             row["warm_start"] = warm.get(name, "")
         row.update({
@@ -137,7 +115,7 @@ def _short_error(trial) -> str:
 def best_row(rows: list[dict]) -> dict | None:
     """The trial with the highest best score (ranking.best over the trials' best epochs); on a tie the
     earlier trial (ranking.best keeps the later of its input, so the trials go in reversed)."""
-    scored = [{**row, SCORE: row["best_score"]} for row in sorted(rows, key=lambda r: r["trial"], reverse=True)]
+    scored = [{**row, ranking.SCORE: row["best_score"]} for row in sorted(rows, key=lambda r: r["trial"], reverse=True)]
     chosen = ranking.best(scored)
     return next(row for row in rows if row["trial"] == chosen["trial"]) if chosen else None
 
@@ -172,100 +150,12 @@ def rows_to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def export_best_config(base: Config, row: dict, path: str, sweep_name: str, lr_scaling: dict | None = None,
-                       cwd: str | None = None) -> Config:
-    """The best trial's config (its parameters on the base config, its lr as it trained): ready for
-    `neoray train BEST_CONFIG`. Local paths under ``cwd`` (the sweep's working directory) are written
-    relative to it, as configs name them, so the file works in a teammate's checkout too."""
-    params = {k: row[k] for k in PARAMS if k in row and row[k] not in (None, "")}
-    cfg = trial_config(base, params, lr_scaling).with_overrides({"name": f"{sweep_name}_best"})
-    cfg = cfg.with_overrides(_relative_paths(cfg, cwd or os.getcwd()))
-    save_config(cfg, path)
-    return cfg
-
-
-PATH_KEYS = ("data.train", "data.val", "output", "model.init_from", "model.backbone_weights")
-
-
-def _relative_paths(cfg: Config, cwd: str) -> dict:
-    flat = {"data.train": cfg.data.train, "data.val": cfg.data.val, "output": cfg.output,
-            "model.init_from": cfg.model.init_from, "model.backbone_weights": cfg.model.backbone_weights}
-    out = {}
-    for key in PATH_KEYS:
-        path = flat[key]
-        if path and not storage.is_uri(path) and os.path.isabs(path) and os.path.commonpath([path, cwd]) == cwd:
-            out[key] = os.path.relpath(path, cwd)
-    return out
-
-
-
-TRUST_FILE = "rung_trust.json"
-
-
-def measure_trust(sweep_dir: str, meta: dict, rows: list[dict]) -> tuple[list[RungTrust], str | None]:
-    """How far the sweep's ASHA rungs can be trusted (neoray.tune.trust), from every trial's history;
-    written to SWEEP_DIR/rung_trust.json. Returns the rungs and the one-line advice (None: all held)."""
-    asha = meta["asha"]
-    histories = {row["trial"]: load_history(sweep_dir, row["trial"]) for row in rows}
-    trust = rung_trust(histories, meta["rungs"], float(asha["reduction_factor"]), int(asha["max_t"]),
-                       asha.get("time_attr", "epoch"))
-    line = advice(trust, int(asha["grace_period"]), float(asha["reduction_factor"]), int(asha["max_t"]))
-    storage.write_json(storage.join(sweep_dir, TRUST_FILE), {"rungs": trust_record(trust), "advice": line}, indent=2)
-    return trust, line
-
-
-# What neoray reads back from a sweep.json (anything else may be missing from older or foreign records).
-RECORD_FIELDS = {"name": str, "metric": str, "mode": str, "asha": dict, "rungs": list, "params": dict,
-                 "num_samples": int}
-
-
-def read_sweep_record(sweep_dir: str) -> dict:
-    """SWEEP_DIR/sweep.json, checked (``ConfigError``, one line, for a folder without one or a record that
-    is not a neoray sweep's)."""
-    path = storage.join(sweep_dir, "sweep.json")
-    if not storage.is_file(path):
-        raise ConfigError(f"{sweep_dir}: not a sweep directory (no sweep.json)")
-    try:
-        record = storage.read_json(path)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise ConfigError(f"{path}: not valid JSON ({type(exc).__name__})") from None
-    if not isinstance(record, dict):
-        raise ConfigError(f"{path}: not a neoray sweep record (expected a mapping)")
-    for key, kind in RECORD_FIELDS.items():
-        if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
-            raise ConfigError(f"{path}: not a neoray sweep record (field '{key}' is missing or not a {kind.__name__})")
-    asha = record["asha"]
-    if not all(isinstance(asha.get(k), (int, float)) for k in ("grace_period", "reduction_factor", "max_t")):
-        raise ConfigError(f"{path}: not a neoray sweep record (field 'asha' lacks grace_period, reduction_factor "
-                          "or max_t)")
-    return record
-
-
 def read_trial_rows(sweep_dir: str) -> list[dict]:
     """SWEEP_DIR/trials.csv (the table every sweep writes when it ends or is interrupted)."""
-    path = storage.join(sweep_dir, "trials.csv")
+    path = storage.join(sweep_dir, TABLE_CSV)
     if not storage.is_file(path):
         raise ConfigError(f"{sweep_dir}: no trials.csv; the sweep has not finished (continue it with --resume)")
     return list(csv.DictReader(io.StringIO(storage.read_text(path))))
-
-
-def warm_start_record(previous_dir: str, space_params: dict, limit: int) -> dict:
-    """The ``limit`` best trials of a previous sweep, best first, as points of the new space:
-    ``{"from": dir, "trials": [{"trial", "params", "best_score"}]}``. A trial whose value of a categorical
-    parameter is not one of the new choices is left out; parameters the new space does not search are
-    dropped (the new base config's values stand in for the ones it adds)."""
-    previous_dir = storage.absolute(previous_dir)
-    read_sweep_record(previous_dir)
-    scored = [r for r in read_trial_rows(previous_dir) if finite_number(r.get("best_score")) is not None]
-    scored.sort(key=lambda r: (-finite_number(r["best_score"]), r["trial"]))
-    trials = []
-    for row in scored:
-        params = _params_from_text(row, space_params)
-        if params is not None:
-            trials.append({"trial": row["trial"], "params": params, "best_score": finite_number(row["best_score"])})
-    if not trials:
-        raise ConfigError(f"--warm-start {previous_dir}: no trial of that sweep has a score in the new space")
-    return {"from": previous_dir, "trials": trials[:max(1, limit)]}
 
 
 def finite_number(text) -> float | None:
@@ -277,33 +167,7 @@ def finite_number(text) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _same_choice(value, text: str) -> bool:
-    """A categorical value read back from CSV text: the same string, or the same number (0.01 vs 1e-2)."""
-    number = finite_number(text)
-    return str(value) == text or (number is not None and finite_number(value) == number)
-
-
-def _params_from_text(row: dict, space_params: dict) -> dict | None:
-    """A trials.csv row's parameters (text) as the values ``space_params`` draws; None when one cannot be."""
-    params = {}
-    for name, spec in space_params.items():
-        text = row.get(name)
-        if text in (None, ""):
-            continue
-        if spec["distribution"] == "choice":
-            matches = [v for v in spec["values"] if _same_choice(v, text)]
-            if not matches:
-                return None
-            params[name] = matches[0]
-        elif spec["distribution"] == "int_uniform":
-            params[name] = int(float(text))
-        else:
-            params[name] = float(text)
-    return params
-
 __all__ = [
-    "TRUST_FILE", "asha_rungs", "best_row", "collect_rows", "export_best_config", "finite_number", "format_value",
-    "load_history", "measure_trust", "read_asha_stopped", "read_asha_stopped_file", "read_sweep_record",
+    "TABLE_CSV", "TABLE_MARKDOWN", "best_row", "collect_rows", "finite_number", "format_value", "load_history",
     "read_trial_rows", "rows_to_csv", "rows_to_markdown", "sweep_interrupted", "trial_ended", "trial_status",
-    "warm_start_record",
 ]

@@ -12,7 +12,9 @@ rung's ranking is a forecast of the final one. Two numbers per rung say how good
   trial recorded at that rung. Negative: a trial that good, arriving later, would have been stopped.
 
 A rung is flagged when its correlation is below ``MIN_CORRELATION`` or the eventual best's margin is
-negative; the flag suggests a later grace period or a gentler cut. Nothing here imports Ray.
+negative; the flag suggests a later grace period or a gentler cut. ``verdict`` says in one line what held,
+what did not and what could not be measured; ``measure_trust`` writes it all to ``SWEEP_DIR/rung_trust.json``.
+Nothing here imports Ray.
 """
 
 from __future__ import annotations
@@ -23,10 +25,15 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy.stats import spearmanr
 
+from neoray import storage
 from neoray.engine import ranking
+from neoray.tune.asha import AshaSettings
+from neoray.tune.record import SweepRecord
+from neoray.tune.results import load_history
 
 MIN_CORRELATION = 0.5  # below this a rung's ranking is a weak forecast of the final one
 MIN_FINISHED = 3  # fewer trials at the end than this: no correlation is computed
+TRUST_FILE = "rung_trust.json"
 
 
 @dataclass
@@ -39,6 +46,11 @@ class RungTrust:
     best_rank: int | None  # its rank at the rung (1 = first), among trials_at_rung
     best_margin: float | None  # its score at the rung minus the cut
     trusted: bool
+
+    @property
+    def measured(self) -> bool:
+        """Whether anything was measured at this rung: the ranking, or where the eventual best stood."""
+        return self.correlation is not None or self.best_margin is not None
 
     def line(self, reduction_factor: float) -> str:
         corr = (f"rank correlation with the final standing {self.correlation:.2f} over {self.finished} trials that "
@@ -87,14 +99,27 @@ def rung_trust(histories: dict[str, list[dict]], rungs: list[float], reduction_f
     return out
 
 
-def advice(trust: list[RungTrust], grace_period: int, reduction_factor: float, max_t: int) -> str | None:
-    """One line when a rung is not trustworthy, with the fix; None when every rung held."""
+def verdict(trust: list[RungTrust], asha: AshaSettings) -> str:
+    """One line on every rung: the first to distrust and the fix; else, rung by rung, what was measured and
+    held and what could not be measured."""
     weak = [t for t in trust if not t.trusted]
-    if not weak:
-        return None
-    first = weak[0]
-    later = min(max_t - 1, max(grace_period * 2, int(first.rung) + 1))
-    gentler = " or a gentler cut (--reduction-factor 2 keeps half)" if reduction_factor > 2 else ""
+    if weak:
+        return _advice(weak[0], asha)
+    return " ".join(_held(t) for t in trust)
+
+
+def _held(t: RungTrust) -> str:
+    ranking_part = (f"its ranking agreed with the final one (rank correlation {t.correlation:.2f})"
+                    if t.correlation is not None else
+                    f"its ranking was not measured ({t.finished} trial(s) reached the end; {MIN_FINISHED} needed)")
+    best_part = ("the eventual best stood above the cut" if t.best_margin is not None
+                 else "where the eventual best stood was not measured (it never reached the rung)")
+    return f"Rung at epoch {t.rung:g}: {ranking_part}; {best_part}."
+
+
+def _advice(first: RungTrust, asha: AshaSettings) -> str:
+    later = min(asha.max_t - 1, max(int(asha.grace_period) * 2, int(first.rung) + 1))
+    gentler = " or a gentler cut (--reduction-factor 2 keeps half)" if asha.reduction_factor > 2 else ""
     why = []
     if first.correlation is not None and first.correlation < MIN_CORRELATION:
         why.append(f"its ranking predicted the final one poorly (rank correlation {first.correlation:.2f})")
@@ -102,6 +127,18 @@ def advice(trust: list[RungTrust], grace_period: int, reduction_factor: float, m
         why.append(f"the eventual best, {first.best_trial}, stood below the cut there")
     return (f"ASHA's rung at epoch {first.rung:g} is not to be trusted here: {' and '.join(why)}. Sweep again with a "
             f"later grace period (--grace-period {later}){gentler}, or more epochs per trial.")
+
+
+def measure_trust(sweep_dir: str, record: SweepRecord, rows: list[dict]) -> tuple[list[RungTrust], str]:
+    """How far the sweep's ASHA rungs can be trusted, from every trial's history; written to
+    SWEEP_DIR/rung_trust.json. Returns the rungs and the verdict line."""
+    asha = record.asha
+    histories = {row["trial"]: load_history(sweep_dir, row["trial"]) for row in rows}
+    trust = rung_trust(histories, asha.rungs, float(asha.reduction_factor), int(asha.max_t), asha.time_attr)
+    line = verdict(trust, asha)
+    storage.write_json(storage.join(sweep_dir, TRUST_FILE), {"rungs": trust_record(trust), "verdict": line},
+                       indent=2)
+    return trust, line
 
 
 def trust_record(trust: list[RungTrust]) -> list[dict]:
@@ -117,4 +154,5 @@ EXPLANATION = (
 )
 
 
-__all__ = ["EXPLANATION", "MIN_CORRELATION", "RungTrust", "advice", "rung_trust", "score_at", "trust_record"]
+__all__ = ["EXPLANATION", "MIN_CORRELATION", "TRUST_FILE", "RungTrust", "measure_trust", "rung_trust", "score_at",
+           "trust_record", "verdict"]

@@ -28,6 +28,7 @@ from typing import Any
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from neoray.config import Config, ConfigError, read_yaml_mapping
+from neoray.tune.asha import TIME_ATTRS, AshaSettings
 
 # Searchable parameter -> the config key(s) it sets. ``batch`` sets two keys from one "BxA" value.
 PARAMS = {
@@ -41,19 +42,9 @@ DISTRIBUTIONS = ("log_uniform", "uniform", "int_uniform", "choice")
 # How a searched learning rate given per reference batch becomes a trial's: unchanged, in proportion to the
 # effective batch (linear: Goyal et al.), or to its square root (sqrt: the usual rule for Adam).
 LR_RULES = ("none", "linear", "sqrt")
-TIME_ATTRS = ("epoch", "training_iteration")
 TOP_KEYS = ("params", "asha", "search", "lr_scaling", "points_to_evaluate")
 SAMPLERS = ("tpe", "random")
 MAX_SEED = 2**32 - 1  # Optuna's samplers take a NumPy seed
-
-
-@dataclass
-class AshaSettings:
-    # "epoch" is the engine's count of epochs finished; unlike training_iteration it survives a TorchTrainer
-    # trial's restart (Tune holds no checkpoint of its own for those trials).
-    time_attr: str = "epoch"
-    grace_period: int | float = 1  # epochs, or a fraction (0, 1) of train.epochs until relative_to_config
-    reduction_factor: int = 2
 
 
 @dataclass
@@ -268,10 +259,8 @@ def relative_to_config(space: SearchSpace, cfg: Config) -> SearchSpace:
     configs whose learning rates differ by 100x and whose runs last 12 or 72 epochs: a ``relative: true``
     range's low and high are multiples of the config's own value (``lr: {low: 0.5, high: 4, relative:
     true}`` searches 0.5x to 4x the config's lr), and a fractional ``asha.grace_period`` is that fraction
-    of ``train.epochs`` (rounded, at least 1)."""
-    asha = space.asha
-    if isinstance(asha.grace_period, float):
-        asha = replace(asha, grace_period=max(1, round(asha.grace_period * cfg.train.epochs)))
+    of ``train.epochs`` (rounded, at least 1; ``AshaSettings.resolved``)."""
+    asha = space.asha.resolved(cfg.train.epochs)
     params = {}
     for name, spec in space.params.items():
         if not spec.get("relative"):

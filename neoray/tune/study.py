@@ -3,8 +3,11 @@ and after the sweep.
 
 Ray Tune's ``OptunaSearch`` writes to it (``storage=``, ``study_name=`` = the sweep's name; ``StudySearch``
 below): each trial's parameters when the searcher proposes it, one intermediate value per epoch (``score`` at
-Tune's ``training_iteration``: ``trial.report`` on every result, the last one included) and its end (COMPLETE
-with its last score, also when ASHA stopped it; FAIL when it errored; RUNNING while it runs).
+Tune's ``training_iteration``: ``trial.report`` on every result, the last one included) and its end: COMPLETE
+with its last score when it ran to the end; PRUNED when ASHA stopped it (its intermediate values end at the
+rung), which is what Optuna's samplers expect of a stopped trial: TPE then ranks it below the complete trials
+by how far it got, instead of comparing a 4-epoch score with 12-epoch ones; FAIL when it errored; RUNNING
+while it runs.
 
 Where the study lives:
 
@@ -41,7 +44,8 @@ from ray.tune.search.optuna import OptunaSearch
 
 from neoray import ray_compat, storage
 from neoray.config import ConfigError
-from neoray.run.tracking import absolute_uri
+from neoray.run.run_tracking import absolute_uri
+from neoray.tune import asha
 
 STUDY_FILE = "optuna.db"
 SQLITE_TIMEOUT_S = 30  # how long a write waits for a reader (optuna-dashboard) to let go of the file
@@ -154,7 +158,13 @@ def finish_study(record: dict | None, sweep_dir: str, url: str | None, interrupt
 class StudySearch(OptunaSearch):
     """Ray Tune's OptunaSearch, whose study also gets the result that ends a trial as an intermediate value
     (the last epoch, or the rung where ASHA stopped it): Tune passes that result to ``on_trial_complete`` only
-    (see ray_compat.optuna_search_trials), so OptunaSearch alone leaves it out of the per-epoch values."""
+    (see ray_compat.optuna_search_trials), so OptunaSearch alone leaves it out of the per-epoch values; and
+    whose study is told PRUNED for a trial the scheduler stopped (SWEEP_DIR/asha_stopped.json names it by
+    Tune's trial id), where OptunaSearch would tell COMPLETE with the rung score."""
+
+    def __init__(self, *args, sweep_dir: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sweep_dir = sweep_dir
 
     def on_trial_result(self, trial_id: str, result: dict):
         try:
@@ -168,13 +178,29 @@ class StudySearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         ot_trial = ray_compat.optuna_search_trials(self).get(trial_id)
         value, step = (result or {}).get(self.metric), (result or {}).get(TRAINING_ITERATION)
+        completed = ray_compat.optuna_search_completed(self)
         if (ot_trial is not None and not error and isinstance(value, (int, float)) and isinstance(step, int)
-                and step != self._reported_steps().get(trial_id) and trial_id not in self._completed_trials):
+                and step != self._reported_steps().get(trial_id) and trial_id not in completed):
             try:
                 ot_trial.report(value, step)
             except UpdateFinishedTrialError:
                 pass  # as in on_trial_result
+        if ot_trial is not None and not error and self._stopped_by_scheduler(trial_id):
+            self._tell_pruned(trial_id, ot_trial)
+            return
         super().on_trial_complete(trial_id, result, error)
+
+    def _stopped_by_scheduler(self, trial_id: str) -> bool:
+        if self.sweep_dir is None or trial_id in ray_compat.optuna_search_completed(self):
+            return False
+        return any(entry.get("trial_id") == trial_id for entry in asha.read_stopped(self.sweep_dir).values())
+
+    def _tell_pruned(self, trial_id: str, ot_trial) -> None:
+        try:
+            ray_compat.optuna_search_study(self).tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+        except UpdateFinishedTrialError:
+            pass  # ended in the study before a killed sweep's --resume ran it on (as in on_trial_result)
+        ray_compat.optuna_search_completed(self).add(trial_id)
 
     def _reported_steps(self) -> dict:
         # An attribute of this object, so Tune's saved searcher state (its __dict__) keeps it across --resume.

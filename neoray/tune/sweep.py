@@ -5,54 +5,55 @@
 A sweep directory (``OUTPUT/NAME``; Tune's experiment directory) may be local, a shared mount or object
 storage (``--output s3://bucket/sweeps``)::
 
-    sweep.json            what ran: options, space, ASHA settings, the metric that drives ASHA
+    sweep.json            the sweep record (neoray.tune.record): options, space, ASHA settings, the metric
     trial_0001/ ...       Tune's trial directories: params.json, progress.csv, result.json, TensorBoard
                           events, checkpoints; the per-epoch history that ``neoray report`` reads
     trials/trial_0001/    the TorchTrainer run of a multi-worker trial (its own checkpoints)
     asha_stopped.json     trials the ASHA scheduler stopped before max_t (its own decisions)
     optuna.db             the Optuna study, written while the sweep runs (neoray.tune.study; not with
                           --optuna-storage URL, whose database holds it)
+    rung_trust.json       how far the rungs forecast the final ranking (neoray.tune.rung_trust)
     trials.csv, trials.md the results table; best_config.yaml the best trial as a training config (only
                           when every trial ended: an interrupted sweep writes a partial table, no best config)
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import optuna
 from ray import tune
 from ray.tune import CLIReporter
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
-from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from neoray import ray_compat, storage
 from neoray.cluster import TrialResources, check_visible_on_all_nodes, connect
-from neoray.config import Config, ConfigError, from_dict, load_config
+from neoray.config import Config, ConfigError, load_config
 from neoray.configs import DEFAULT_CONFIG, DEFAULT_SPACE
 from neoray.data.demo import ensure_default_data
 from neoray.data.shards import read_manifest
 from neoray.engine import ranking
+from neoray.run.run_tracking import parse_track
 from neoray.run.setup import check_batches, check_cluster, needed_everywhere, prepare_config
-from neoray.run.tracking import parse_track
-from neoray.tune.pg_record import release_worker_pgs, trial_record_path
+from neoray.tune import asha as asha_record
+from neoray.tune.best_config import FILE_NAME as BEST_CONFIG
+from neoray.tune.best_config import export_best_config
+from neoray.tune.placement_groups import release_worker_pgs, trial_record_path
+from neoray.tune.record import SearchSettings, SweepRecord, read_record, record_path, write_record
 from neoray.tune.results import (
-    asha_rungs,
+    TABLE_CSV,
+    TABLE_MARKDOWN,
     best_row,
     collect_rows,
-    export_best_config,
     format_value,
-    measure_trust,
-    read_asha_stopped,
-    read_asha_stopped_file,
-    read_sweep_record,
     rows_to_csv,
     rows_to_markdown,
     sweep_interrupted,
     trial_ended,
-    warm_start_record,
 )
+from neoray.tune.rung_trust import measure_trust
+from neoray.tune.scheduler import OrderedASHA
 from neoray.tune.space import (
     SearchSpace,
     check_space_against_config,
@@ -73,12 +74,13 @@ from neoray.tune.study import (
     searcher_arguments,
     study_callbacks,
 )
-from neoray.tune.tracking import finish_tracking, resume_tracking, start_tracking, tracking_callbacks
+from neoray.tune.sweep_tracking import finish_tracking, resume_tracking, start_tracking, tracking_callbacks
 from neoray.tune.trainable import sweep_trainable
+from neoray.tune.warm_start import warm_start_record
 
-SCORE, MODE = ranking.SCORE, ranking.MODE
 # The live trial table's metric columns (result key -> header); Tune's default shows only the first 4 keys.
-TABLE_METRICS = {"epoch": "epoch", "loss": "loss", SCORE: SCORE, "map": "mAP", "map50": "mAP50", "lr": "lr now"}
+TABLE_METRICS = {"epoch": "epoch", "loss": "loss", ranking.SCORE: ranking.SCORE, "map": "mAP", "map50": "mAP50",
+                 "lr": "lr now"}
 
 
 @dataclass
@@ -99,7 +101,7 @@ class SweepOptions:
     reduction_factor: float | None = None
     max_failures: int = 2  # retries of a failed trial before it is reported as errored
     address: str | None = None  # the Ray cluster (neoray.cluster's policy)
-    track: list[str] = field(default_factory=list)  # experiment trackers (neoray.run.tracking.parse_track)
+    track: list[str] = field(default_factory=list)  # experiment trackers (neoray.run.run_tracking.parse_track)
     optuna_storage: str | None = None  # a database URL for the study (None: SWEEP_DIR/optuna.db)
     hooks: object = None  # a TrainHooks for every trial (tests); not recorded in sweep.json
 
@@ -154,11 +156,7 @@ def resolve_space(opts: SweepOptions) -> SearchSpace:
         if opts.num_samples < 1:
             raise ConfigError("--num-samples must be >= 1")
         space.num_samples = opts.num_samples
-    if opts.grace_period is not None:
-        space.asha.grace_period = opts.grace_period
-    if opts.reduction_factor is not None:
-        space.asha.reduction_factor = opts.reduction_factor
-    return space
+    return replace(space, asha=space.asha.with_overrides(opts.grace_period, opts.reduction_factor))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -172,27 +170,6 @@ def trial_name(trial) -> str:
     return f"trial_{ray_compat.trial_index(trial):04d}"
 
 
-class RecordingASHA(AsyncHyperBandScheduler):
-    """ASHA that writes down the trials it stops before max_t: Tune marks both those and the trials
-    that ran to the end TERMINATED, and the results table must tell them apart. The record is ASHA's
-    own decision, written atomically as it is made (it survives a killed driver)."""
-
-    def __init__(self, record: str, *, time_attr: str, max_t: int, **kwargs):
-        super().__init__(time_attr=time_attr, max_t=max_t, **kwargs)
-        self.record, self.record_time_attr, self.record_max_t = record, time_attr, max_t
-
-    def on_trial_result(self, tune_controller, trial, result):
-        action = super().on_trial_result(tune_controller, trial, result)
-        t = result.get(self.record_time_attr)
-        if action == TrialScheduler.STOP and t is not None and t < self.record_max_t:
-            stopped = read_asha_stopped_file(self.record)
-            stopped[str(trial)] = {self.record_time_attr: t, SCORE: result.get(SCORE)}
-            storage.write_json(self.record, stopped, indent=2)
-            score = format_value(result.get(SCORE))
-            print(f"[neoray] ASHA stopped {trial} at {self.record_time_attr} {t} ({SCORE} {score})", flush=True)
-        return action
-
-
 class AnnounceTrials(tune.Callback):
     """One line when a trial starts (or restarts), with its parameters: the live table Tune prints every
     30 s (see _progress_reporter) says nothing about starts."""
@@ -204,7 +181,7 @@ class AnnounceTrials(tune.Callback):
 
 class ReleaseTrainPlacementGroups(tune.Callback):
     """When a multi-worker trial ends, remove its Train worker placement group (listed by the trial, see
-    pg_record.RecordPlacementGroupCallback). Tune ends a trial by killing its actor as soon as it
+    placement_groups.RecordPlacementGroupCallback). Tune ends a trial by killing its actor as soon as it
     reports its last epoch or ASHA stops it, so the trial cannot clean up after its TorchTrainer."""
 
     def __init__(self, sweep_dir: str):
@@ -222,13 +199,32 @@ class ReleaseTrainPlacementGroups(tune.Callback):
         self._release(trial)
 
 
-def _progress_reporter(space: SearchSpace):
+class TrialTable(CLIReporter):
     """Tune's live trial table with the columns that matter (TABLE_METRICS) and the searched parameters
-    (shown by the legacy console output, see ray_compat.TUNE_ENV_DEFAULTS)."""
-    # print_intermediate_tables: its default follows Tune's global verbosity when the reporter is made,
-    # which the previous fit() in this process left at 1 (no table at all).
-    return CLIReporter(metric_columns=dict(TABLE_METRICS), parameter_columns=list(space.params),
-                       max_report_frequency=30, sort_by_metric=False, print_intermediate_tables=True)
+    (shown by the legacy console output, see ray_compat.TUNE_ENV_DEFAULTS), whose "current best trial" line
+    names the trial as every neoray line does (trial_0004), not by Ray's trial id."""
+
+    def __init__(self, params: list[str]):
+        # print_intermediate_tables: its default follows Tune's global verbosity when the reporter is made,
+        # which the previous fit() in this process left at 1 (no table at all).
+        super().__init__(metric_columns=dict(TABLE_METRICS), parameter_columns=params, max_report_frequency=30,
+                         sort_by_metric=False, print_intermediate_tables=True)
+
+    def set_search_properties(self, metric, mode) -> bool:
+        # Without a metric the base class writes no best-trial line of its own (it names Ray's trial id).
+        return True
+
+    def report(self, trials, done: bool, *sys_info: str):
+        super().report(trials, done, *sys_info, *_best_trial_line(trials))
+
+
+def _best_trial_line(trials) -> list[str]:
+    scored = sorted((str(t), t.last_result[ranking.SCORE]) for t in trials
+                    if isinstance((t.last_result or {}).get(ranking.SCORE), (int, float)))
+    if not scored:
+        return []
+    name, score = max(scored, key=lambda pair: pair[1])  # the first (earliest trial) of equal scores
+    return [f"Current best trial: {name} with {ranking.SCORE}={format_value(score)} (its last report)"]
 
 
 def _trainable(resources: TrialResources, setup: dict):
@@ -236,12 +232,13 @@ def _trainable(resources: TrialResources, setup: dict):
     return tune.with_resources(tune.with_parameters(sweep_trainable, setup=setup), resources.tune_request)
 
 
-def _setup(cfg: Config, opts: SweepOptions, meta: dict) -> dict:
-    return {"base": cfg.to_dict(), "sweep_dir": opts.sweep_dir, "lr_scaling": meta.get("lr_scaling"),
+def _setup(record: SweepRecord, opts: SweepOptions) -> dict:
+    return {"base": record.base_config.to_dict(), "sweep_dir": opts.sweep_dir, "lr_scaling": record.lr_scaling,
             "hooks": opts.hooks}
 
 
-def _searcher(cfg: Config, space: SearchSpace, meta: dict, study: dict | None = None) -> OptunaSearch:
+def _searcher(cfg: Config, space: SearchSpace, record: SweepRecord, record_dir: str,
+              study: dict | None = None) -> OptunaSearch:
     """OptunaSearch with the space's sampler, seeded; the warm start's configurations first, then the
     config's own values and the space file's points. ``study``: its storage and study name (neoray.tune.study)."""
     if space.sampler == "random":
@@ -249,23 +246,20 @@ def _searcher(cfg: Config, space: SearchSpace, meta: dict, study: dict | None = 
     else:
         sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=space.startup_trials)
     own = points_to_evaluate(cfg, space)
-    warm = [{**own[0], **w["params"]} for w in meta.get("warm_start", {}).get("trials", [])]
-    return StudySearch(space=optuna_distributions(space), metric=SCORE, mode=MODE, points_to_evaluate=warm + own,
-                       sampler=sampler, **(study or {}))
+    warm = [{**own[0], **w["params"]} for w in (record.warm_start.trials if record.warm_start else ())]
+    return StudySearch(space=optuna_distributions(space), metric=ranking.SCORE, mode=ranking.MODE,
+                       points_to_evaluate=warm + own, sampler=sampler, sweep_dir=record_dir, **(study or {}))
 
 
-def _build_tuner(cfg: Config, space: SearchSpace, opts: SweepOptions, resources: TrialResources, meta: dict):
-    sweep_dir = opts.sweep_dir
-    asha = space.asha
-    scheduler = RecordingASHA(storage.join(sweep_dir, "asha_stopped.json"), time_attr=asha.time_attr,
-                              max_t=cfg.train.epochs, grace_period=asha.grace_period,
-                              reduction_factor=asha.reduction_factor)
+def _build_tuner(cfg: Config, space: SearchSpace, opts: SweepOptions, record: SweepRecord):
+    sweep_dir, resources = opts.sweep_dir, record.resources
     return tune.Tuner(
-        _trainable(resources, _setup(cfg, opts, meta)),
+        _trainable(resources, _setup(record, opts)),
         tune_config=tune.TuneConfig(
-            metric=SCORE, mode=MODE, scheduler=scheduler,
-            search_alg=_searcher(cfg, space, meta, searcher_arguments(sweep_dir, opts.name, opts.optuna_storage)),
-            num_samples=space.num_samples, max_concurrent_trials=resources.max_concurrent,
+            metric=ranking.SCORE, mode=ranking.MODE, scheduler=OrderedASHA(sweep_dir, record.asha, log=_log_raw),
+            search_alg=_searcher(cfg, space, record, sweep_dir,
+                                 searcher_arguments(sweep_dir, opts.name, opts.optuna_storage)),
+            num_samples=record.num_samples, max_concurrent_trials=resources.max_concurrent,
             trial_name_creator=trial_name, trial_dirname_creator=trial_name,
             # Direct path: a finished trial's actor (imports done, Ray Data workers warm) runs the next
             # trial, since the training function keeps no global state; measured 6.4 -> 2.5 s of
@@ -278,8 +272,8 @@ def _build_tuner(cfg: Config, space: SearchSpace, opts: SweepOptions, resources:
             failure_config=tune.FailureConfig(max_failures=opts.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             callbacks=[*result_file_loggers(), ReleaseTrainPlacementGroups(sweep_dir), AnnounceTrials(),
-                       *study_callbacks(meta.get("optuna"), sweep_dir), *tracking_callbacks(meta, sweep_dir)],
-            progress_reporter=_progress_reporter(space),
+                       *study_callbacks(record.optuna, sweep_dir), *tracking_callbacks(record, sweep_dir)],
+            progress_reporter=TrialTable(list(space.params)),
             verbose=1,  # the trial table and experiment messages, not every result of every trial
         ),
     )
@@ -297,45 +291,23 @@ def result_file_loggers() -> list:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _new_sweep_record(cfg: Config, space: SearchSpace, opts: SweepOptions, resources: TrialResources) -> dict:
-    max_t = cfg.train.epochs  # both time attributes count epochs (one report per epoch)
-    record = {
-        "name": opts.name, "metric": SCORE, "mode": MODE, "metric_doc": ranking.SCORE_DOC,
-        "asha": {**asdict(space.asha), "max_t": max_t},
-        "rungs": asha_rungs(space.asha.grace_period, space.asha.reduction_factor, max_t),
-        "params": space.params, "seed": space.seed, "num_samples": space.num_samples,
+def _new_record(cfg: Config, space: SearchSpace, opts: SweepOptions, resources: TrialResources) -> SweepRecord:
+    options = {k: v for k, v in asdict(opts).items() if k != "hooks"}
+    options["optuna_storage"] = redact(opts.optuna_storage)
+    return SweepRecord(
+        name=opts.name, asha=space.asha, params=space.params, num_samples=space.num_samples, seed=space.seed,
         # given: configurations run before the sampler's own (the config's values and the space file's points)
-        "search": {"sampler": space.sampler, "startup_trials": space.startup_trials,
-                   "given": 1 + len(space.points_to_evaluate)},
-        "lr_scaling": lr_scaling_record(space, cfg),
-        "resources": asdict(resources),
-        "options": {k: v for k, v in asdict(opts).items() if k != "hooks"},
-        "base_config": cfg.to_dict(),
-    }
-    if opts.warm_start:
-        record["warm_start"] = warm_start_record(opts.warm_start, space.params, max(1, space.num_samples // 2))
-    return record
+        search=SearchSettings(space.sampler, space.startup_trials, 1 + len(space.points_to_evaluate)),
+        lr_scaling=lr_scaling_record(space, cfg), resources=resources, base_config=cfg, track=list(opts.track),
+        options=options,
+        warm_start=(warm_start_record(opts.warm_start, space.params, max(1, space.num_samples // 2))
+                    if opts.warm_start else None),
+    )
 
 
-def _start(opts: SweepOptions):
-    """(config, resources, the sweep record, the Tuner) for a new sweep or a resumed one."""
+def _new_sweep(opts: SweepOptions) -> tuple[SweepRecord, tune.Tuner]:
+    """A new sweep: config and space checked, the cluster planned, the record written, the Tuner built."""
     sweep_dir = opts.sweep_dir
-    meta_path = storage.join(sweep_dir, "sweep.json")
-    if opts.resume:
-        if not tune.Tuner.can_restore(sweep_dir) or not storage.is_file(meta_path):
-            raise ConfigError(f"{sweep_dir}: no sweep to resume there")
-        # The restored sweep keeps its own config, space and resources (Tune's saved state).
-        meta = read_sweep_record(sweep_dir)
-        cfg, resources = from_dict(meta.get("base_config")), _resources(meta, meta_path)
-        check_resume_storage(meta.get("optuna"), opts.optuna_storage)
-        resume_study(meta.get("optuna"), sweep_dir)  # before Tune restores the searcher that writes to it
-        resume_tracking(meta, opts.track)
-        info = connect(opts.address, log=_log)
-        if info.nodes > 1:
-            check_visible_on_all_nodes(needed_everywhere(cfg, sweep_dir))
-        tuner = tune.Tuner.restore(sweep_dir, trainable=_trainable(resources, _setup(cfg, opts, meta)),
-                                   resume_unfinished=True, resume_errored=True)
-        return cfg, resources, meta, tuner
     track = parse_track(opts.track)  # a tracker that is not installed fails before anything starts
     cfg = resolve_config(opts)
     space = relative_to_config(resolve_space(opts), cfg)
@@ -346,20 +318,31 @@ def _start(opts: SweepOptions):
     info = connect(opts.address, log=_log)
     resources = check_cluster(cfg, info, sweep_dir, gpus_per_worker=opts.gpus_per_worker,
                               max_concurrent=opts.max_concurrent, autoscale=opts.autoscale)
-    meta = _new_sweep_record(cfg, space, opts, resources)
-    meta["options"]["optuna_storage"] = redact(opts.optuna_storage)
-    meta["optuna"] = new_study(sweep_dir, opts.name, opts.optuna_storage)
-    meta["tracking"] = start_tracking(track, meta, sweep_dir)
-    storage.write_json(meta_path, meta, indent=2)
-    return cfg, resources, meta, _build_tuner(cfg, space, opts, resources, meta)
+    record = _new_record(cfg, space, opts, resources)
+    record.optuna = new_study(sweep_dir, opts.name, opts.optuna_storage)
+    record.tracking = start_tracking(track, record, sweep_dir)
+    write_record(sweep_dir, record)
+    return record, _build_tuner(cfg, space, opts, record)
 
 
-def _resources(meta: dict, meta_path: str) -> TrialResources:
-    try:
-        return TrialResources(**meta["resources"])
-    except (KeyError, TypeError):
-        raise ConfigError(f"{meta_path}: not a neoray sweep record (field 'resources' does not describe trial "
-                          "resources)") from None
+def _resumed_sweep(opts: SweepOptions) -> tuple[SweepRecord, tune.Tuner]:
+    """A sweep continued with --resume: its own config, space and resources (Tune's saved state)."""
+    sweep_dir = opts.sweep_dir
+    if not tune.Tuner.can_restore(sweep_dir) or not storage.is_file(record_path(sweep_dir)):
+        raise ConfigError(f"{sweep_dir}: no sweep to resume there")
+    record = read_record(sweep_dir)
+    if record.resources is None or record.base_config is None:
+        raise ConfigError(f"{record_path(sweep_dir)}: not a neoray sweep record (no trial resources or base config "
+                          "to resume with)")
+    check_resume_storage(record.optuna, opts.optuna_storage)
+    resume_study(record.optuna, sweep_dir)  # before Tune restores the searcher that writes to it
+    resume_tracking(record, opts.track)
+    info = connect(opts.address, log=_log)
+    if info.nodes > 1:
+        check_visible_on_all_nodes(needed_everywhere(record.base_config, sweep_dir))
+    tuner = tune.Tuner.restore(sweep_dir, trainable=_trainable(record.resources, _setup(record, opts)),
+                               resume_unfinished=True, resume_errored=True)
+    return record, tuner
 
 
 def _check_space_batches(cfg: Config, space: SearchSpace) -> None:
@@ -376,19 +359,19 @@ def _check_space_batches(cfg: Config, space: SearchSpace) -> None:
             raise ConfigError(f"search space: params.batch {value}: {exc}") from None
 
 
-def search_line(meta: dict) -> str:
+def search_line(record: SweepRecord) -> str:
     """What the searcher will do with this sweep's trials, said plainly: Optuna's TPE samples at random
     until it has ``startup_trials`` results, so a short sweep may never use its model."""
-    search, n = meta.get("search") or {"sampler": "tpe", "startup_trials": 10}, int(meta["num_samples"])
+    search, n = record.search, record.num_samples
     # the warm start's configurations, then the config's own values and the space file's points
-    given = len(meta.get("warm_start", {}).get("trials", [])) + int(search.get("given", 1))
-    if search["sampler"] == "random":
+    given = len(record.warm_start.trials if record.warm_start else ()) + search.given
+    if search.sampler == "random":
         return f"search: random (seeded), after {given} given configuration(s)"
-    modelled = n - max(given, int(search["startup_trials"]))
+    modelled = n - max(given, search.startup_trials)
     if modelled <= 0:
-        return (f"search: Optuna TPE, but all {n} trials fall in its start-up ({search['startup_trials']} trials "
+        return (f"search: Optuna TPE, but all {n} trials fall in its start-up ({search.startup_trials} trials "
                 f"before it models results): this sweep is {given} given configuration(s) and random search")
-    return (f"search: Optuna TPE: {given} given configuration(s), random trials up to {search['startup_trials']} "
+    return (f"search: Optuna TPE: {given} given configuration(s), random trials up to {search.startup_trials} "
             f"(its start-up), then {modelled} trial(s) suggested from the results so far")
 
 
@@ -396,64 +379,67 @@ def _log(line: str) -> None:
     print(f"[neoray] {line}", flush=True)
 
 
+def _log_raw(line: str) -> None:
+    print(line, flush=True)
+
+
 def run_sweep(opts: SweepOptions) -> SweepResult:
     ray_compat.set_tune_defaults()
-    cfg, resources, meta, tuner = _start(opts)
-    sweep_dir, num_samples = opts.sweep_dir, meta["num_samples"]
+    record, tuner = _resumed_sweep(opts) if opts.resume else _new_sweep(opts)
+    sweep_dir, resources, cfg = opts.sweep_dir, record.resources, record.base_config
     path = "direct (training loop inside the trial)" if resources.direct else "TorchTrainer per trial"
-    _log(f"sweep {sweep_dir}: {num_samples} trials, up to {resources.max_concurrent} at a time, "
+    _log(f"sweep {sweep_dir}: {record.num_samples} trials, up to {resources.max_concurrent} at a time, "
          f"{cfg.train.workers} worker(s) per trial, {path}")
-    _log(f"ASHA stops trials early on '{SCORE}' (max; {ranking.SCORE_DOC}) at {meta['asha']['time_attr']} "
-         f"rungs {meta['rungs']}")
-    _log(search_line(meta))
-    if meta.get("optuna"):
-        _log(f"Optuna study '{meta['optuna']['study_name']}', live: {meta['optuna']['dashboard']}")
+    _log(f"ASHA stops trials early on '{ranking.SCORE}' (max; {ranking.SCORE_DOC}) at {record.asha.time_attr} "
+         f"rungs {record.rungs}")
+    _log(search_line(record))
+    if record.optuna:
+        _log(f"Optuna study '{record.optuna['study_name']}', live: {record.optuna['dashboard']}")
     # Tune catches Ctrl-C itself and returns from fit() as if the sweep had ended (see trial_ended).
     trials = ray_compat.tune_trials(tuner.fit())
-    asha_stopped = read_asha_stopped(sweep_dir)
-    interrupted = sweep_interrupted(trials, asha_stopped, num_samples)
-    rows = collect_rows(trials, sweep_dir, list(meta["params"]), meta)
+    asha_stopped = asha_record.read_stopped(sweep_dir)
+    interrupted = sweep_interrupted(trials, asha_stopped, record.num_samples)
+    rows = collect_rows(trials, sweep_dir, record)
     table = rows_to_markdown(rows)
     if interrupted:
         ended = sum(trial_ended(t, asha_stopped) for t in trials)
-        table = (f"**Partial results: the sweep was interrupted with {ended} of {num_samples} trials ended; "
+        table = (f"**Partial results: the sweep was interrupted with {ended} of {record.num_samples} trials ended; "
                  f"continue it with --resume.**\n\n") + table
-    storage.write_text(storage.join(sweep_dir, "trials.csv"), rows_to_csv(rows))
-    storage.write_text(storage.join(sweep_dir, "trials.md"), table)
+    storage.write_text(storage.join(sweep_dir, TABLE_CSV), rows_to_csv(rows))
+    storage.write_text(storage.join(sweep_dir, TABLE_MARKDOWN), table)
     print("\n" + table, flush=True)
-    result = _finish(cfg, opts, meta, rows, interrupted)
-    finish_study(meta.get("optuna"), sweep_dir, opts.optuna_storage, interrupted)
-    finish_tracking(meta, sweep_dir, rows, result.best, interrupted)
+    result = _finish(opts, record, rows, interrupted)
+    finish_study(record.optuna, sweep_dir, opts.optuna_storage, interrupted)
+    finish_tracking(record, sweep_dir, rows, result.best, interrupted)
     return result
 
 
-def _log_trust(sweep_dir: str, meta: dict, rows: list[dict]) -> None:
-    """The end-of-sweep summary of how far ASHA's rungs can be trusted (neoray.tune.trust)."""
-    trust, line = measure_trust(sweep_dir, meta, rows)
+def _log_trust(sweep_dir: str, record: SweepRecord, rows: list[dict]) -> None:
+    """The end-of-sweep summary of how far ASHA's rungs can be trusted (neoray.tune.rung_trust)."""
+    trust, line = measure_trust(sweep_dir, record, rows)
     for rung in trust:
-        _log(rung.line(float(meta["asha"]["reduction_factor"])))
-    if line:
-        _log(line)
+        _log(rung.line(float(record.asha.reduction_factor)))
+    _log(line)
 
 
-def _finish(cfg: Config, opts: SweepOptions, meta: dict, rows: list[dict], interrupted: bool) -> SweepResult:
+def _finish(opts: SweepOptions, record: SweepRecord, rows: list[dict], interrupted: bool) -> SweepResult:
     sweep_dir, best = opts.sweep_dir, best_row(rows)
     if interrupted:
         # Not a result yet: best_config.yaml is written only when every trial has ended.
         if best is not None:
             _log(f"best trial so far {_best_text(best)}; no best_config.yaml until the sweep ends")
-        _log(f"sweep interrupted; partial results: {sweep_dir}/trials.md")
+        _log(f"sweep interrupted; partial results: {sweep_dir}/{TABLE_MARKDOWN}")
         return SweepResult(sweep_dir, rows, best, None, interrupted=True)
     best_path = None
-    if meta["rungs"]:
-        _log_trust(sweep_dir, meta, rows)
+    if record.rungs:
+        _log_trust(sweep_dir, record, rows)
     if best is not None:
-        best_path = storage.join(sweep_dir, "best_config.yaml")
-        export_best_config(cfg, best, best_path, opts.name, meta.get("lr_scaling"))
+        best_path = storage.join(sweep_dir, BEST_CONFIG)
+        export_best_config(record.base_config, best, best_path, opts.name, record.lr_scaling)
         _log(f"best trial {_best_text(best)}; its config: {best_path}")
     else:
         _log("no trial reported a result; no best config written")
-    _log(f"results: {sweep_dir}/trials.md; plots: neoray report {sweep_dir}; "
+    _log(f"results: {sweep_dir}/{TABLE_MARKDOWN}; plots: neoray report {sweep_dir}; "
          f"TensorBoard: tensorboard --logdir {sweep_dir}")
     return SweepResult(sweep_dir, rows, best, best_path)
 

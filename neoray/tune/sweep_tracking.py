@@ -1,4 +1,4 @@
-"""Experiment trackers for a sweep (``--track``, parsed and resolved by neoray.run.tracking).
+"""Experiment trackers for a sweep (``--track``, parsed and resolved by neoray.run.run_tracking).
 
 Ray Tune's own logger callbacks log the trials, ``MLflowLoggerCallback`` and ``WandbLoggerCallback``: each trial
 is a run with its searched parameters and every result Tune gets (one per epoch: loss and each named loss, lr,
@@ -33,8 +33,8 @@ from ray.air.integrations.mlflow import MLflowLoggerCallback, setup_mlflow
 from ray.air.integrations.wandb import WandbLoggerCallback, setup_wandb
 
 from neoray import ray_compat, storage
-from neoray.config import ConfigError, from_dict
-from neoray.run.tracking import (
+from neoray.config import ConfigError
+from neoray.run.run_tracking import (
     TrackSpec,
     artifact_location,
     artifact_name,
@@ -46,7 +46,9 @@ from neoray.run.tracking import (
     wandb_run_id,
     wandb_settings,
 )
-from neoray.tune.results import read_asha_stopped, trial_status
+from neoray.tune import asha
+from neoray.tune.record import SweepRecord
+from neoray.tune.results import trial_status
 
 SWEEP_FILES = ("best_config.yaml", "trials.md", "trials.csv", "sweep.json", "report.md")
 STATUS_TAG = "neoray.status"  # MLflow tag of a trial's run
@@ -56,7 +58,7 @@ BEST_KEYS = ("best_map", "best_map50", "best_score")
 
 def ended_as(trial, failed: bool, sweep_dir: str) -> str:
     """A trial's status when Tune reports its end (``failed``: Tune's own flag, set before the trial's state)."""
-    return "errored" if failed else trial_status(trial, read_asha_stopped(sweep_dir))
+    return "errored" if failed else trial_status(trial, asha.read_stopped(sweep_dir))
 
 
 class SweepMLflowLogger(MLflowLoggerCallback):
@@ -122,43 +124,41 @@ class SweepWandbLogger(WandbLoggerCallback):
         super().log_trial_end(trial, failed)
 
 
-def _sweep_params(meta: dict) -> dict:
-    asha = meta.get("asha", {})
-    params = {"num_samples": meta.get("num_samples"), "metric": meta.get("metric"), "mode": meta.get("mode"),
-              "seed": meta.get("seed"), "searched": ", ".join(meta.get("params", {})),
-              **{f"asha.{k}": v for k, v in asha.items()}}
-    if meta.get("base_config"):
-        params.update({f"base.{k}": v for k, v in flat_config(from_dict(meta["base_config"])).items()})
+def _sweep_params(record: SweepRecord) -> dict:
+    params = {"num_samples": record.num_samples, "metric": record.metric, "mode": record.mode, "seed": record.seed,
+              "searched": ", ".join(record.params), **{f"asha.{k}": v for k, v in record.asha.to_dict().items()}}
+    if record.base_config is not None:
+        params.update({f"base.{k}": v for k, v in flat_config(record.base_config).items()})
     return params
 
 
-def start_tracking(specs: list[TrackSpec], meta: dict, sweep_dir: str) -> dict:
+def start_tracking(specs: list[TrackSpec], record: SweepRecord, sweep_dir: str) -> dict:
     """A new sweep's tracker record (sweep.json "tracking"); opens the MLflow parent run."""
-    record = {}
+    trackers = {}
     for spec in specs:
         if spec.kind == "mlflow":
             settings = mlflow_settings(spec)
-            module = setup_mlflow(_sweep_params(meta), tracking_uri=settings["tracking_uri"],
-                                  experiment_name=settings["experiment"], run_name=meta["name"],
+            module = setup_mlflow(_sweep_params(record), tracking_uri=settings["tracking_uri"],
+                                  experiment_name=settings["experiment"], run_name=record.name,
                                   artifact_location=artifact_location(settings["tracking_uri"]),
                                   create_experiment_if_not_exists=True,
                                   tags={"neoray.command": "sweep", "neoray.sweep_dir": sweep_dir})
-            record["mlflow"] = {**settings, "parent_run_id": module.active_run().info.run_id}
+            trackers["mlflow"] = {**settings, "parent_run_id": module.active_run().info.run_id}
         else:
-            record["wandb"] = {**wandb_settings(spec), "group": meta["name"],
-                               "sweep_run_id": wandb_run_id(meta["name"])}
-    return record
+            trackers["wandb"] = {**wandb_settings(spec), "group": record.name,
+                                 "sweep_run_id": wandb_run_id(record.name)}
+    return trackers
 
 
-def resume_tracking(meta: dict, track: list[str] | None) -> None:
+def resume_tracking(record: SweepRecord, track: list[str] | None) -> None:
     """A resumed sweep keeps the trackers it started with (Tune restores their callbacks); reopens the MLflow
     parent run (RUNNING again)."""
-    started = (meta.get("options") or {}).get("track") or []
+    started = record.track
     if track and list(track) != list(started):
         raise ConfigError(f"--resume continues with the trackers the sweep started with ({', '.join(started) or 'none'}"
                           "; sweep.json: tracking); drop --track or give the same ones")
     parse_track(started)  # still installed (and W&B still logged in): one line now, not a traceback from Tune
-    parent = (meta.get("tracking") or {}).get("mlflow")
+    parent = record.tracking.get("mlflow")
     if parent:
         import mlflow  # noqa: PLC0415 - optional dependency (neoray[mlflow])
 
@@ -166,14 +166,14 @@ def resume_tracking(meta: dict, track: list[str] | None) -> None:
         mlflow.start_run(run_id=parent["parent_run_id"])
 
 
-def tracking_callbacks(meta: dict, sweep_dir: str) -> list:
-    record = meta.get("tracking") or {}
+def tracking_callbacks(record: SweepRecord, sweep_dir: str) -> list:
+    trackers = record.tracking
     callbacks = []
-    if "mlflow" in record:
-        mlflow_record = record["mlflow"]
-        callbacks.append(SweepMLflowLogger(sweep_dir, mlflow_record, mlflow_record["parent_run_id"], meta["name"]))
-    if "wandb" in record:
-        callbacks.append(SweepWandbLogger(sweep_dir, record["wandb"]["project"], record["wandb"]["group"]))
+    if "mlflow" in trackers:
+        mlflow_record = trackers["mlflow"]
+        callbacks.append(SweepMLflowLogger(sweep_dir, mlflow_record, mlflow_record["parent_run_id"], record.name))
+    if "wandb" in trackers:
+        callbacks.append(SweepWandbLogger(sweep_dir, trackers["wandb"]["project"], trackers["wandb"]["group"]))
     return callbacks
 
 
@@ -181,23 +181,24 @@ def _best_numbers(best: dict | None) -> dict:
     return {k: float(best[k]) for k in BEST_KEYS if best and isinstance(best.get(k), (int, float))}
 
 
-def finish_tracking(meta: dict, sweep_dir: str, rows: list[dict], best: dict | None, interrupted: bool) -> None:
+def finish_tracking(record: SweepRecord, sweep_dir: str, rows: list[dict], best: dict | None,
+                    interrupted: bool) -> None:
     """The sweep's results to its tracker entities (see the module docstring); errors are one warning line."""
-    record = meta.get("tracking") or {}
-    if not record:
+    trackers = record.tracking
+    if not trackers:
         return
     with tempfile.TemporaryDirectory(prefix="neoray-track-") as tmp:
         files = [os.path.join(tmp, f) for f in copy_files(sweep_dir, SWEEP_FILES, tmp)]
         for kind, finish in (("mlflow", _finish_mlflow), ("wandb", _finish_wandb)):
-            if kind in record:
+            if kind in trackers:
                 try:
-                    finish(record[kind], meta, sweep_dir, rows, best, interrupted, tmp, files)
+                    finish(trackers[kind], record, sweep_dir, rows, best, interrupted, tmp, files)
                 except Exception as exc:  # the sweep's results are on disk whatever a tracker does
                     print(f"[neoray] warning: {kind}: the sweep's results were not logged ({type(exc).__name__}: "
                           f"{exc})", flush=True)
 
 
-def _finish_mlflow(settings, meta, sweep_dir, rows, best, interrupted, files_dir, files) -> None:
+def _finish_mlflow(settings, record, sweep_dir, rows, best, interrupted, files_dir, files) -> None:
     import mlflow  # noqa: PLC0415 - optional dependency (neoray[mlflow])
 
     parent = settings["parent_run_id"]
@@ -217,19 +218,19 @@ def _finish_mlflow(settings, meta, sweep_dir, rows, best, interrupted, files_dir
           f"{settings['tracking_uri']}", flush=True)
 
 
-def _finish_wandb(settings, meta, sweep_dir, rows, best, interrupted, files_dir, files) -> None:
+def _finish_wandb(settings, record, sweep_dir, rows, best, interrupted, files_dir, files) -> None:
     import wandb  # noqa: PLC0415 - optional dependency (neoray[wandb])
 
     env = wandb_env_args()
     if "dir" not in env and storage.local_path(sweep_dir):
         env["dir"] = sweep_dir  # the sweep's own W&B files next to its results
-    run = setup_wandb(_sweep_params(meta), trial_id=settings["sweep_run_id"], trial_name=meta["name"],
+    run = setup_wandb(_sweep_params(record), trial_id=settings["sweep_run_id"], trial_name=record.name,
                       project=settings["project"], group=settings["group"], job_type="sweep", resume="allow", **env)
     columns = list(rows[0]) if rows else []
     run.log({"trials": wandb.Table(columns=columns, data=[[_cell(r.get(c)) for c in columns] for r in rows])})
     run.summary.update({**_best_numbers(best), "best_trial": best["trial"] if best else None,
                         "interrupted": interrupted})
-    artifact = wandb.Artifact(artifact_name(f"{meta['name']}-results"), type="sweep-results")
+    artifact = wandb.Artifact(artifact_name(f"{record.name}-results"), type="sweep-results")
     for path in files:
         artifact.add_file(path)
     run.log_artifact(artifact)

@@ -32,7 +32,7 @@ from neoray.engine.loop import run_training_loop
 from neoray.engine.ray_context import checkpoint_location
 from neoray.engine.shard_batches import ShardBatches
 from neoray.run.trainer import build_trainer
-from neoray.tune.pg_record import RecordPlacementGroupCallback, release_worker_pgs, trial_record_path
+from neoray.tune.placement_groups import RecordPlacementGroupCallback, release_worker_pgs, trial_record_path
 from neoray.tune.space import trial_config
 
 

@@ -1,0 +1,376 @@
+"""The search-quality simulator: neoray's sweep policies replayed on recorded learning curves, without Ray.
+
+A ground-truth table (benchmarks/bench_search.py ground-truth) holds, for every configuration of a design, the
+score of every epoch of a full-length training, for one or several training seeds. A simulated sweep runs
+exactly the policies the shipped sweep runs, on a simulated clock:
+
+* the searcher is Optuna's own sampler (random, TPE or GP) asked and told through Optuna's ask/tell API, with
+  the config's own values enqueued first, over the shipped space (log-uniform lr, warmup in steps of 10, the
+  batch pairs); a suggestion trains the design configuration nearest to it (log-lr and warmup scaled by the
+  design's span, the batch pair exactly), and a trial of a configuration with several recorded seeds draws one
+  of them, so a rerun of the same configuration does not give the same curve;
+* ``workers`` trials run at a time; an epoch costs the seconds measured for its batch pair (one run at a time,
+  bench_search.py cost); a trial's reports reach the scheduler in the order of the simulated clock;
+* the scheduler is none, or ASHA as neoray.tune.scheduler.OrderedASHA decides it (a trial's cut at a rung from
+  the trials before it in trial order; paused until they have been heard from), or promotion ASHA (a trial
+  pauses at each rung and continues only once it ranks in the top 1/rf of that rung, which it may do later,
+  resumed from its checkpoint); trials ASHA stops are told to Optuna PRUNED with their intermediate values
+  (``tell_stopped="complete"`` replays the old behaviour, COMPLETE with the rung's score);
+* the pick at any point is the trial with the best reported score so far (as ``neoray sweep`` picks its best
+  trial), and its quality is its configuration's true final score: the mean over the recorded seeds.
+
+``simulate`` returns the sweep's events; ``success_curve`` says at which costs (epochs, seconds) the pick was
+within the task's margin of the best configuration: max(2% of the best, 2 standard deviations of the training
+seed noise measured on the repeated configurations).
+"""
+
+from __future__ import annotations
+
+import csv
+import heapq
+import io
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import optuna
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+WITHIN = 0.02  # relative: within 2% of the best configuration's true score
+NOISE_SIGMAS = 2.0  # ... or within this many standard deviations of the training-seed noise, if that is wider
+
+
+# ----------------------------------------------------------------------------------------------------
+# The table
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Configuration:
+    key: str
+    lr: float
+    warmup_steps: int
+    batch: str
+    curves: dict  # training seed -> tuple of per-epoch scores
+
+    @property
+    def true_score(self) -> float:
+        """The configuration's quality: its final score, averaged over the recorded seeds."""
+        return float(np.mean([curve[-1] for curve in self.curves.values()]))
+
+
+@dataclass
+class Table:
+    task: str
+    configs: dict[str, Configuration]
+    seconds_per_epoch: dict[str, float]  # batch pair -> seconds one epoch takes (one run at a time)
+    lr_range: tuple[float, float] = (1e-3, 1.6e-2)
+    warmup_range: tuple[int, int] = (20, 100)
+    warmup_step: int = 10
+    batches: tuple[str, ...] = ("4x1", "4x2", "8x1")
+    own: dict = field(default_factory=lambda: {"lr": 2e-3, "warmup_steps": 20, "batch": "4x1"})
+
+    @property
+    def epochs(self) -> int:
+        return min(len(curve) for c in self.configs.values() for curve in c.curves.values())
+
+    @property
+    def best(self) -> Configuration:
+        return max(self.configs.values(), key=lambda c: (c.true_score, c.key))
+
+    @property
+    def noise_sigma(self) -> float:
+        """The training-seed noise of the final score: the pooled standard deviation over the configurations
+        trained with several seeds (0 when none was)."""
+        repeated = [[curve[-1] for curve in c.curves.values()] for c in self.configs.values() if len(c.curves) > 1]
+        if not repeated:
+            return 0.0
+        variances = [np.var(scores, ddof=1) for scores in repeated]
+        return float(math.sqrt(np.mean(variances)))
+
+    @property
+    def margin(self) -> float:
+        return max(WITHIN * self.best.true_score, NOISE_SIGMAS * self.noise_sigma)
+
+    def succeeds(self, key: str) -> bool:
+        return self.configs[key].true_score >= self.best.true_score - self.margin
+
+    def nearest(self, lr: float, warmup_steps: float, batch: str) -> Configuration:
+        """The design configuration nearest to a suggestion: log-lr and warmup each scaled by the space's span,
+        the batch pair exactly; ties to the smaller key."""
+        log_span = math.log(self.lr_range[1] / self.lr_range[0])
+        warmup_span = self.warmup_range[1] - self.warmup_range[0]
+
+        def distance(c: Configuration) -> tuple[float, str]:
+            return (math.hypot(math.log(c.lr / lr) / log_span, (c.warmup_steps - warmup_steps) / warmup_span), c.key)
+
+        return min((c for c in self.configs.values() if c.batch == batch), key=distance)
+
+    def distributions(self) -> dict:
+        return {"lr": FloatDistribution(*self.lr_range, log=True),
+                "warmup_steps": IntDistribution(*self.warmup_range, step=self.warmup_step),
+                "batch": CategoricalDistribution(list(self.batches))}
+
+
+def load_table(text: str, task: str, seconds_per_epoch: dict[str, float] | None = None,
+               size: str = "320x180", epochs: int | None = None) -> Table:
+    """A ground-truth CSV (bench_search.py's columns) as a Table; configurations without a complete seed-0
+    curve are left out. ``seconds_per_epoch`` defaults to the table's own median seconds per batch pair."""
+    rows = [r for r in csv.DictReader(io.StringIO(text)) if r["size"] == size]
+    params, curves, seconds = {}, {}, {}
+    for r in rows:
+        seed = int(r.get("seed") or 0)
+        params[r["config"]] = (float(r["lr"]), int(r["warmup_steps"]), r["batch"])
+        curves.setdefault(r["config"], {}).setdefault(seed, {})[int(r["epoch"])] = float(r["score"])
+        seconds.setdefault(r["batch"], []).append(float(r["seconds"] or "nan"))
+    full = epochs or max((max(c[0]) for c in curves.values() if 0 in c), default=0)
+    configs = {}
+    for key, by_seed in curves.items():
+        complete = {s: tuple(v[e] for e in range(1, full + 1)) for s, v in by_seed.items()
+                    if all(e in v for e in range(1, full + 1))}
+        if 0 in complete:
+            configs[key] = Configuration(key, *params[key], curves=complete)
+    costs = seconds_per_epoch or {b: float(np.nanmedian(v)) for b, v in seconds.items()}
+    return Table(task, configs, costs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Policies
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Policy:
+    sampler: str = "tpe"  # random | tpe | gp
+    startup: int = 10  # TPE's / GP's random start-up trials
+    scheduler: str = "none"  # none | asha (stopping, in trial order) | promotion (pause and resume)
+    grace: int = 1
+    rf: float = 2.0
+    workers: int = 2
+    tell_stopped: str = "pruned"  # pruned | complete (what Ray's OptunaSearch told before neoray's fix)
+
+    @property
+    def name(self) -> str:
+        searcher = self.sampler if self.sampler == "random" else f"{self.sampler}{self.startup}"
+        if self.scheduler == "none":
+            return f"{searcher}+no-ES"
+        told = "" if self.tell_stopped == "pruned" else ",told-complete"
+        kind = "asha" if self.scheduler == "asha" else "promo"
+        return f"{searcher}+{kind}(g{self.grace},rf{self.rf:g}{told})"
+
+    def rungs(self, max_t: int) -> list[int]:
+        if self.scheduler == "none":
+            return []
+        rungs, t = [], float(self.grace)
+        while t < max_t:
+            rungs.append(int(round(t)))
+            t *= self.rf
+        return rungs
+
+
+def make_sampler(policy: Policy, seed: int) -> optuna.samplers.BaseSampler:
+    if policy.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if policy.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=policy.startup)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=policy.startup)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The simulated sweep
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SimTrial:
+    index: int
+    config: Configuration
+    curve: tuple
+    optuna_trial: object
+    epoch: int = 0  # epochs trained
+    rung_scores: dict = field(default_factory=dict)
+    state: str = "running"  # running | paused (at a rung: its decision or its promotion is due) | ended
+    best: float = -math.inf
+
+
+@dataclass
+class Event:
+    """One report: at simulated ``seconds``, after ``epochs`` epochs trained over all trials, ``trial`` reported
+    ``score`` at its epoch ``epoch``."""
+
+    seconds: float
+    epochs: int
+    trial: int
+    epoch: int
+    score: float
+    config: str
+
+
+class Simulation:
+    def __init__(self, table: Table, policy: Policy, seed: int, max_trials: int = 200, max_epochs: int = 0):
+        self.table, self.policy, self.seed = table, policy, seed
+        self.max_t = table.epochs
+        self.max_trials = max_trials
+        self.max_epochs = max_epochs or 40 * self.max_t
+        self.rungs = policy.rungs(self.max_t)
+        self.rng = np.random.default_rng([seed, 7])
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.study = optuna.create_study(direction="maximize", sampler=make_sampler(policy, seed))
+        self.study.enqueue_trial(dict(table.own))
+        self.trials: list[SimTrial] = []
+        self.events: list[Event] = []
+        self.clock, self.spent = 0.0, 0
+        self.running: list[tuple[float, int]] = []  # heap of (time of the next report, trial index)
+        self.ready: list[int] = []  # paused trials allowed to continue, in the order they may resume
+
+    # ---- trials
+
+    def _new_trial(self) -> None:
+        trial = self.study.ask(self.table.distributions())
+        p = trial.params
+        config = self.table.nearest(p["lr"], p["warmup_steps"], p["batch"])
+        seeds = sorted(config.curves)
+        curve = config.curves[seeds[int(self.rng.integers(len(seeds)))]]
+        self.trials.append(SimTrial(len(self.trials) + 1, config, curve, trial))
+        self._start(self.trials[-1])
+
+    def _start(self, trial: SimTrial) -> None:
+        trial.state = "running"
+        self._next_report(trial)
+
+    def _fill_slots(self) -> None:
+        while len(self.running) < self.policy.workers:
+            if self.ready:
+                self._start(self.trials[self.ready.pop(0) - 1])
+            elif len(self.trials) < self.max_trials and not self._held():
+                self._new_trial()
+            else:
+                return
+
+    def _held(self) -> bool:
+        """Tune's concurrency limit counts OrderedASHA's paused trials as live: no new trial while a worker's
+        worth of trials wait for their decisions (promotion ASHA starts new trials beside paused ones)."""
+        paused = sum(1 for t in self.trials if t.state == "paused")
+        return self.policy.scheduler == "asha" and len(self.running) + paused >= self.policy.workers
+
+    def _end(self, trial: SimTrial, stopped: bool) -> None:
+        trial.state = "ended"
+        if stopped and self.policy.tell_stopped == "pruned":
+            self.study.tell(trial.optuna_trial, state=TrialState.PRUNED)
+        else:
+            self.study.tell(trial.optuna_trial, trial.curve[trial.epoch - 1])
+
+    # ---- the scheduler
+
+    def _decide(self, trial: SimTrial, rung: int) -> None:
+        """OrderedASHA at ``rung``: the cut from the trials before this one there; while one of them has not been
+        heard from at the rung, the trial stays paused. A trial decided while paused joins the resume queue."""
+        earlier = [t for t in self.trials if t.index < trial.index]
+        if any(rung not in t.rung_scores and not (t.state == "ended" and t.epoch < rung) for t in earlier):
+            trial.state = "paused"
+            return
+        scores = [t.rung_scores[rung] for t in earlier if rung in t.rung_scores]
+        cut = float(np.nanpercentile(scores, (1 - 1 / self.policy.rf) * 100)) if scores else -math.inf
+        if trial.rung_scores[rung] < cut:
+            self._end(trial, stopped=True)
+        elif trial.state == "paused":
+            self.ready.append(trial.index)
+        else:
+            self._next_report(trial)
+
+    def _settle_paused(self) -> None:
+        for trial in self.trials:
+            if trial.state == "paused" and trial.index not in self.ready:
+                self._decide(trial, max(trial.rung_scores))
+
+    def _promote(self) -> None:
+        """Promotion ASHA: a paused trial resumes once it ranks in the top 1/rf of its rung's scores."""
+        for trial in self.trials:
+            if trial.state != "paused" or trial.index in self.ready:
+                continue
+            rung = max(trial.rung_scores)
+            at_rung = sorted((t.rung_scores[rung] for t in self.trials if rung in t.rung_scores), reverse=True)
+            keep = int(len(at_rung) / self.policy.rf)
+            if keep >= 1 and trial.rung_scores[rung] >= at_rung[keep - 1]:
+                self.ready.append(trial.index)
+
+    # ---- the loop
+
+    def run(self) -> list[Event]:
+        self._fill_slots()
+        while self.running and self.spent < self.max_epochs:
+            self.clock, index = heapq.heappop(self.running)
+            self._report(self.trials[index - 1])
+            if self.policy.scheduler == "asha":
+                self._settle_paused()
+            elif self.policy.scheduler == "promotion":
+                self._promote()
+            self._fill_slots()
+        return self.events
+
+    def _next_report(self, trial: SimTrial) -> None:
+        heapq.heappush(self.running, (self.clock + self.table.seconds_per_epoch[trial.config.batch], trial.index))
+
+    def _report(self, trial: SimTrial) -> None:
+        trial.epoch += 1
+        self.spent += 1
+        score = trial.curve[trial.epoch - 1]
+        trial.best = max(trial.best, score)
+        trial.optuna_trial.report(score, trial.epoch)
+        self.events.append(Event(self.clock, self.spent, trial.index, trial.epoch, score, trial.config.key))
+        if trial.epoch >= self.max_t:
+            self._end(trial, stopped=False)
+        elif trial.epoch not in self.rungs:
+            self._next_report(trial)
+        else:
+            trial.rung_scores[trial.epoch] = score
+            if self.policy.scheduler == "asha":
+                self._decide(trial, trial.epoch)
+            else:  # promotion: every trial pauses at a rung until it ranks high enough there
+                trial.state = "paused"
+
+
+def simulate(table: Table, policy: Policy, seed: int, max_epochs: int = 0) -> list[Event]:
+    return Simulation(table, policy, seed, max_epochs=max_epochs).run()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Measures
+# ----------------------------------------------------------------------------------------------------
+
+
+def picks(events: list[Event]) -> list[tuple[int, float, str]]:
+    """(epochs spent, seconds, picked configuration) after every report: the best reported score so far."""
+    best, out = -math.inf, []
+    pick = None
+    for e in events:
+        if e.score > best:
+            best, pick = e.score, e.config
+        out.append((e.epochs, e.seconds, pick))
+    return out
+
+
+def success_at(table: Table, events: list[Event], budgets: list[float], by: str = "epochs") -> list[bool]:
+    """Whether the pick was within the margin of the best configuration once ``budgets`` (in epochs or seconds)
+    were spent; a budget the sweep did not reach counts as its last pick."""
+    trace = picks(events)
+    out = []
+    for budget in budgets:
+        spent = [p for p in trace if (p[0] if by == "epochs" else p[1]) <= budget]
+        out.append(bool(spent) and table.succeeds(spent[-1][2]))
+    return out
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson interval of a success rate."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+__all__ = ["Configuration", "Event", "Policy", "Simulation", "Table", "load_table", "make_sampler", "picks",
+           "simulate", "success_at", "wilson"]
