@@ -169,6 +169,17 @@ def detections_to_coco(image_id: int, boxes_xyxy, scores, classes, cat_ids: list
     return out
 
 
+def results_to_coco(results, image_ids: dict[str, int], cat_ids: list[int]) -> list[dict]:
+    """Ultralytics ``Results`` (boxes in the original image's pixels) as COCO results; ``image_ids``: file
+    name -> COCO image id."""
+    out = []
+    for result in results:
+        boxes = result.boxes
+        out += detections_to_coco(image_ids[Path(result.path).name], boxes.xyxy.tolist(), boxes.conf.tolist(),
+                                  boxes.cls.tolist(), cat_ids)
+    return out
+
+
 def coco_scores(gt_json: str | Path, detections: list[dict]) -> dict:
     """pycocotools' bbox mAP and mAP50 of ``detections`` on every image of ``gt_json`` (no detection at
     all: 0.0, as COCO counts it)."""
@@ -524,13 +535,9 @@ def yolo_arm_child(spec_path: str) -> None:
     images = [str(Path(spec["val_images"]) / name) for name in sorted(ids)]
     rows = []
     for path in sorted(weights.glob("epoch*.pt"), key=lambda p: int(p.stem[5:])):
-        detections = []
-        for result in YOLO(str(path)).predict(images, conf=YOLO_CONF, max_det=MAX_DETS, imgsz=spec["imgsz"],
-                                              device="cpu", stream=True, verbose=False, batch=YOLO_BATCH):
-            boxes = result.boxes
-            detections += detections_to_coco(ids[Path(result.path).name], boxes.xyxy.tolist(), boxes.conf.tolist(),
-                                              boxes.cls.tolist(), cat_ids)
-        scores = coco_scores(spec["val_json"], detections)
+        results = YOLO(str(path)).predict(images, conf=YOLO_CONF, max_det=MAX_DETS, imgsz=spec["imgsz"], device="cpu",
+                                          stream=True, verbose=False, batch=YOLO_BATCH)
+        scores = coco_scores(spec["val_json"], results_to_coco(results, ids, cat_ids))
         rows.append({"epoch": int(path.stem[5:]) + 1, "elapsed_s": round(path.stat().st_mtime - spec["launched"], 1),
                      **scores})
         print(f"epoch {rows[-1]['epoch']}: mAP {scores['map']:.4f} mAP50 {scores['map50']:.4f}", flush=True)

@@ -101,6 +101,25 @@ def test_yolo_detections_become_coco_results_with_category_ids_and_xywh():
     assert bench.detections_to_coco(1, [], [], [], [1]) == []
 
 
+@pytest.mark.slow  # importing Ultralytics takes seconds
+def test_ultralytics_results_become_coco_results_of_their_image(monkeypatch, tmp_path):
+    monkeypatch.setenv("YOLO_CONFIG_DIR", str(tmp_path / "settings"))
+    monkeypatch.setenv("YOLO_OFFLINE", "1")
+    pytest.importorskip("ultralytics")
+    import torch
+    from ultralytics.engine.results import Results
+
+    image = np.zeros((180, 320, 3), np.uint8)
+    results = [
+        Results(image, "/data/val/000002.jpg", {0: "a", 1: "b"},
+                boxes=torch.tensor([[10.0, 20.0, 50.0, 40.0, 0.75, 1.0], [0.0, 0.0, 8.0, 6.0, 0.5, 0.0]])),
+        Results(image, "/data/val/000009.jpg", {0: "a", 1: "b"}, boxes=torch.zeros((0, 6))),
+    ]
+    out = bench.results_to_coco(results, {"000002.jpg": 2, "000009.jpg": 9}, [3, 7])
+    assert out == [{"image_id": 2, "category_id": 7, "bbox": [10.0, 20.0, 40.0, 20.0], "score": 0.75},
+                   {"image_id": 2, "category_id": 3, "bbox": [0.0, 0.0, 8.0, 6.0], "score": 0.5}]
+
+
 def test_pycocotools_scores_perfect_shifted_and_missing_detections(dataset):
     gt_json = dataset / "annotations" / "instances_val.json"
     coco = json.loads(gt_json.read_text())

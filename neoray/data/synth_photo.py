@@ -17,8 +17,9 @@ What an image holds (sizes are given at 640x360 and scale with the short side):
   hide more is not drawn there). Its box is the whole object's (amodal, as aerial sets such as
   VisDrone annotate), tight on the object's pixels; shadows are never part of a box; no object is cut
   by the frame;
-- counts: heavy-tailed, log-normal around 18 objects (10% of images under 6, 10% over 55, at most
-  ``MAX_OBJECTS``); the caller marks some images empty (no object of any kind; the writer: one in 16);
+- counts: heavy-tailed, log-normal around 18 objects of every kind (10% of images under 6, 10% over 55, at
+  most ``MAX_OBJECTS``; fewer where they do not fit), about three quarters of them cars; the caller marks
+  some images empty (no object of any kind; the writer: one in 16);
 - photometry per image: cloud shadows, an illumination gradient, haze, contrast and brightness, a colour
   cast, blur, sensor noise, and a JPEG quality between 35 and 95.
 
