@@ -640,10 +640,13 @@ def run_benchmark(args) -> dict:
 
 
 def _warn_unequal_budgets(record: dict) -> None:
-    budgets = {name: arm.get("T_s") for name, arm in record["arms"].items() if not name.startswith("sweep")}
-    if record.get("T_s") and any(t and abs(t - record["T_s"]) > 1 for t in budgets.values()):
+    if not record.get("T_s"):
+        return
+    other = {name: arm["T_s"] for name, arm in record["arms"].items()
+             if not name.startswith("sweep") and arm.get("T_s") and abs(arm["T_s"] - record["T_s"]) > 1}
+    if other:
         print(f"note: arms recorded at another T than {record['T_s']:.0f} s: "
-              + ", ".join(f"{n} {t:.0f} s" for n, t in budgets.items() if t), flush=True)
+              + ", ".join(f"{name} {t:.0f} s" for name, t in other.items()), flush=True)
 
 
 def parse_args(argv=None):
