@@ -7,7 +7,8 @@ system work without finding a dataset first. Layout::
     CACHE/synthetic_320x180_t256_v64_c6/shards/{train,val}                (neoray.data.prepare)
 
 The search benchmark's harder task is the same call with ``layout="dense"`` (many small objects per
-image), cached beside it (``..._c6_dense``).
+image), cached beside it (``..._c6_dense``); the quality benchmark (benchmarks/bench_quality.py) also
+uses ``layout="photo"`` (small vehicles in cluttered aerial-like scenes, ``..._c1_photo``).
 
 CACHE is ``$NEORAY_CACHE`` or ``./.neoray_cache``. A lock file makes concurrent first uses wait for one
 another instead of writing the same files twice.
@@ -22,11 +23,10 @@ from pathlib import Path
 
 from neoray.config import format_size, parse_size
 from neoray.data.prepare import prepare_coco
-from neoray.data.synth import write_synthetic_dataset
+from neoray.data.synth import default_classes, write_synthetic_dataset
 
 DEFAULT_TRAIN_IMAGES = 256
 DEFAULT_VAL_IMAGES = 64
-DEFAULT_CLASSES = 6
 COMPLETE_MARKER = ".complete"
 
 
@@ -46,9 +46,11 @@ def _locked(path: Path):
 
 
 def ensure_default_data(size=(320, 180), train: int = DEFAULT_TRAIN_IMAGES, val: int = DEFAULT_VAL_IMAGES,
-                        classes: int = DEFAULT_CLASSES, root: str | Path | None = None, layout: str = "shapes") -> dict:
-    """Make (once) and return ``{"train": shard_dir, "val": shard_dir, "dataset": dataset_dir}``."""
+                        classes: int | None = None, root: str | Path | None = None, layout: str = "shapes") -> dict:
+    """Make (once) and return ``{"train": shard_dir, "val": shard_dir, "dataset": dataset_dir}``.
+    ``classes``: None is the layout's default (6 shapes; 1 kind for ``photo``)."""
     size = parse_size(size, "data.size")
+    classes = default_classes(layout) if classes is None else classes
     base = Path(root) if root is not None else cache_dir()
     suffix = "" if layout == "shapes" else f"_{layout}"
     home = base / f"synthetic_{format_size(size)}_t{train}_v{val}_c{classes}{suffix}"

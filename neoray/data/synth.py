@@ -4,6 +4,10 @@ Each image has a textured background (a two-colour gradient, faint clutter lines
 coloured shapes; the class is the *shape* (colour is random), sizes span COCO's small/medium/large
 area ranges, and shapes may partly overlap. The ``dense`` layout puts 12-30 small shapes in each image
 instead (many small objects, as in traffic or aerial footage: the harder task of the search benchmark).
+The ``photo`` layout (neoray.data.synth_photo, whose docstring says why it resembles real data and where
+it does not) draws small vehicles and structures seen from above in cluttered, photographed-looking
+scenes at 8-64 px, with occlusion, heavy-tailed counts and photometric variation; its validation images
+come from "another site" (other palette and textures). Its classes are object kinds, not shapes.
 One image in 16 is empty, as in real video. Category ids are
 deliberately non-contiguous (1, 3, 7, 8, ...), so the contiguous label mapping downstream is exercised.
 
@@ -35,6 +39,7 @@ import numpy as np
 
 from neoray import storage
 from neoray.config import parse_size
+from neoray.data import synth_photo
 
 # (id, name): non-contiguous ids on purpose. ``classes=K`` uses the first K.
 SHAPES = [
@@ -65,6 +70,21 @@ LAYOUTS = {
     # (7-22 pixels at 320x180, COCO "small"), a harder task for the same detector.
     "dense": Layout(12, 30, 0.04, 0.12, 0.035),
 }
+PHOTO = "photo"  # drawn by neoray.data.synth_photo
+LAYOUT_NAMES = (*LAYOUTS, PHOTO)
+DEFAULT_CLASSES = {"shapes": 6, "dense": 6, PHOTO: 1}  # photo: one labelled kind, as the held-out real set
+SHAPES_JPEG_QUALITY = 92  # photo: synth_photo draws each image's quality (35-95)
+
+
+def categories_of(layout: str, classes: int) -> list[tuple[int, str, str]]:
+    """(id, name, supercategory) of the layout's first ``classes`` categories."""
+    if layout == PHOTO:
+        return list(synth_photo.KINDS[:classes])
+    return [(cid, name, "shape") for cid, name in SHAPES[:classes]]
+
+
+def default_classes(layout: str) -> int:
+    return DEFAULT_CLASSES[layout]
 
 
 def _bgr(hue: int, sat: int, val: int) -> tuple[int, int, int]:
@@ -171,17 +191,27 @@ def _make_image(rng, w: int, h: int, shapes: list[tuple[int, str]], empty: bool,
     return img, objects
 
 
-def _write_split(root: str, split: str, split_index: int, count: int, size, shapes, seed: int, aspect_mix: bool,
-                 layout: Layout):
+def _render(rng, w: int, h: int, split: str, categories, empty: bool, layout: str):
+    """(image, [(category id, box)], JPEG quality) of one image."""
+    if layout == PHOTO:
+        scene = synth_photo.render(rng, w, h, synth_photo.SITES[split], len(categories), empty=empty)
+        return scene.image, scene.labelled(), scene.jpeg_quality
+    shapes = [(cid, name) for cid, name, _super in categories]
+    img, objects = _make_image(rng, w, h, shapes, empty=empty, layout=LAYOUTS[layout])
+    return img, objects, SHAPES_JPEG_QUALITY
+
+
+def _write_split(root: str, split: str, split_index: int, count: int, size, categories, seed: int, aspect_mix: bool,
+                 layout: str):
     image_dir = storage.join(root, split)
     storage.makedirs(image_dir)
     images, annotations = [], []
     for i in range(count):
         rng = np.random.default_rng([seed, split_index, i])
         w, h = _image_size(i, size, aspect_mix)
-        img, objects = _make_image(rng, w, h, shapes, empty=(i % EMPTY_EVERY == 7), layout=layout)
+        img, objects, quality = _render(rng, w, h, split, categories, (i % EMPTY_EVERY == 7), layout)
         file_name = f"{i + 1:06d}.jpg"
-        ok, encoded = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 92])
+        ok, encoded = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])
         if not ok:  # pragma: no cover - cv2 always encodes a uint8 BGR array
             raise RuntimeError(f"cv2 could not encode {file_name}")
         storage.write_bytes(storage.join(image_dir, file_name), encoded.tobytes())
@@ -193,10 +223,10 @@ def _write_split(root: str, split: str, split_index: int, count: int, size, shap
                 "area": float((x2 - x1) * (y2 - y1)), "iscrowd": 0,
             })
     coco = {
-        "info": {"description": f"neoray synthetic shapes ({split}, seed {seed})"},
+        "info": {"description": f"neoray synthetic {'photo' if layout == PHOTO else 'shapes'} ({split}, seed {seed})"},
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": cid, "name": name, "supercategory": "shape"} for cid, name in shapes],
+        "categories": [{"id": cid, "name": name, "supercategory": sup} for cid, name, sup in categories],
     }
     ann_path = storage.join(root, "annotations", f"instances_{split}.json")
     storage.write_bytes(ann_path, json.dumps(coco, indent=1).encode())
@@ -208,26 +238,28 @@ def _as_given(path: str):
     return path if storage.is_uri(path) else Path(path)
 
 
-def write_synthetic_dataset(out_dir, train: int = 256, val: int = 64, size=(320, 180), classes: int = 6,
+def write_synthetic_dataset(out_dir, train: int = 256, val: int = 64, size=(320, 180), classes: int | None = None,
                             seed: int = 0, aspect_mix: bool = False, layout: str = "shapes") -> dict:
     """Write the dataset; returns ``{"root", "train_images", "train_annotations", "val_images",
     "val_annotations", "categories"}`` (paths: ``Path`` locally, ``str`` for a URI; and the COCO
-    category list)."""
+    category list). ``classes``: None is the layout's default (``DEFAULT_CLASSES``)."""
     width, height = parse_size(size, "size", require_16_9=False, bounded=True)
-    if not 1 <= classes <= len(SHAPES):
-        raise ValueError(f"classes must be between 1 and {len(SHAPES)}, got {classes}")
+    if layout not in LAYOUT_NAMES:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUT_NAMES)}, got {layout!r}")
+    classes = default_classes(layout) if classes is None else classes
+    available = len(synth_photo.KINDS) if layout == PHOTO else len(SHAPES)
+    if not 1 <= classes <= available:
+        raise ValueError(f"classes must be between 1 and {available} for layout {layout}, got {classes}")
     if train < 0 or val < 0:
         raise ValueError(f"image counts must be >= 0, got train={train} val={val}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if min(width, height) < 32:
         raise ValueError(f"size {width}x{height} is too small for shapes (need at least 32 pixels per side)")
     root = os.fspath(out_dir)
-    shapes = SHAPES[:classes]
-    result: dict = {"root": _as_given(root), "categories": [{"id": c, "name": n} for c, n in shapes]}
+    categories = categories_of(layout, classes)
+    result: dict = {"root": _as_given(root), "categories": [{"id": c, "name": n} for c, n, _sup in categories]}
     for split_index, (split, count) in enumerate((("train", train), ("val", val))):
-        image_dir, ann_path = _write_split(root, split, split_index, count, (width, height), shapes, seed, aspect_mix,
-                                           LAYOUTS[layout])
+        image_dir, ann_path = _write_split(root, split, split_index, count, (width, height), categories, seed,
+                                           aspect_mix, layout)
         result[f"{split}_images"], result[f"{split}_annotations"] = _as_given(image_dir), _as_given(ann_path)
     return result
 
