@@ -2,7 +2,8 @@
 
 Offline, once per dataset (``neoray synth``, ``neoray prepare``, ``neoray check``):
 
-* ``synth``        the synthetic COCO datasets (shapes, dense small objects, photo-like scenes)
+* ``synth``        the synthetic COCO datasets (shapes, dense small objects; ``synth_photo``: photo-like
+                   aerial scenes)
 * ``sources``      COCO and YOLO sources read and validated record by record
 * ``image_files``  safe image reading: regular files only, bounded size and pixels, EXIF orientation
 * ``prepare``      letterboxed 16:9 Parquet shards, the manifest and the problem report
@@ -19,7 +20,7 @@ Online, every epoch on every worker (the stream Ray Data feeds):
 * ``augment``         the CPU path's pixels (albumentations) and its Ray task
 * ``tensor_augment``  the device path's pixels (tensor ops; nvJPEG on CUDA)
 
-One package rather than two: the halves share the shard format and the geometry, and thirteen modules read
+One package rather than two: the halves share the shard format and the geometry, and fourteen modules read
 well with this map. The import contracts in pyproject.toml keep the halves apart (the stream never imports
 the prepare path, nor the reverse).
 """
