@@ -214,7 +214,6 @@ class Simulation:
         self.max_trials = max_trials
         self.max_epochs = max_epochs or 40 * self.max_t
         self.rungs = policy.rungs(self.max_t)
-        self.rng = np.random.default_rng([seed, 7])
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.study = optuna.create_study(direction="maximize", sampler=make_sampler(policy, seed))
         self.study.enqueue_trial(dict(table.own))
@@ -230,9 +229,8 @@ class Simulation:
         trial = self.study.ask(self.table.distributions())
         p = trial.params
         config = self.table.nearest(p["lr"], p["warmup_steps"], p["batch"])
-        seeds = sorted(config.curves)
-        curve = config.curves[seeds[int(self.rng.integers(len(seeds)))]]
-        self.trials.append(SimTrial(len(self.trials) + 1, config, curve, trial))
+        index = len(self.trials) + 1
+        self.trials.append(SimTrial(index, config, drawn_curve(config, self.seed, index), trial))
         self._start(self.trials[-1])
 
     def _start(self, trial: SimTrial) -> None:
@@ -331,6 +329,13 @@ class Simulation:
                 trial.state = "paused"
 
 
+def drawn_curve(config: Configuration, search_seed: int, trial_index: int) -> tuple:
+    """The training seed's curve a trial of ``config`` gets: one of the recorded seeds, drawn from (search seed,
+    trial index) alone, so that the Tune replay (search_tune_check.py) draws the same."""
+    seeds = sorted(config.curves)
+    return config.curves[seeds[int(np.random.default_rng([search_seed, trial_index]).integers(len(seeds)))]]
+
+
 def simulate(table: Table, policy: Policy, seed: int, max_epochs: int = 0) -> list[Event]:
     return Simulation(table, policy, seed, max_epochs=max_epochs).run()
 
@@ -372,5 +377,5 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-__all__ = ["Configuration", "Event", "Policy", "Simulation", "Table", "load_table", "make_sampler", "picks",
-           "simulate", "success_at", "wilson"]
+__all__ = ["Configuration", "Event", "Policy", "Simulation", "Table", "drawn_curve", "load_table", "make_sampler",
+           "picks", "simulate", "success_at", "wilson"]

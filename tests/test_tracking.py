@@ -202,7 +202,7 @@ def _check_study_during_and_after(during: list[dict], study_url: str, name: str,
     assert during[0]["params"]["lr"] == pytest.approx(1e-3) and sorted(during[0]["intermediate"]) == ["1", "2"]
     assert during[1]["params"] == ({"lr": 3.0} if second == "RUNNING" else {}) and during[1]["intermediate"] == {}
     trials = optuna.load_study(study_name=name, storage=study_url).trials
-    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "FAIL"]  # finished, ASHA-stopped, errored
+    assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED", "FAIL"]  # finished, ASHA-stopped, errored
     assert [sorted(t.intermediate_values) for t in trials] == [[1, 2], [1], []]
     assert trials[0].params["lr"] == pytest.approx(1e-3) and trials[1].params["lr"] == 3.0
     assert trials[0].value == pytest.approx(trials[0].intermediate_values[2])
