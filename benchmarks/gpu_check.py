@@ -1,7 +1,7 @@
 """The first call on a GPU: everything worth learning there, section by section, each row on disk the moment it is
 measured.
 
-    python benchmarks/gpu_check.py --out DIR --budget-s 420 --only core   # CUDA: the sections that need no Ray
+    python benchmarks/gpu_check.py --out DIR --budget-s 330 --only core   # CUDA: the sections that need no Ray
     python benchmarks/gpu_check.py --out DIR --budget-s 240 --only ray    # after benchmarks/stage_gpu_wheels.py
     python benchmarks/gpu_check.py --device cpu --tiny --out DIR          # CI: the same script on a CPU, 160x90
 
@@ -121,8 +121,8 @@ def settings(tiny: bool) -> dict:
 
 # Rough seconds per section on one H100 (full) or CI's CPU (tiny): a section starts only when this much of
 # --budget-s is left. Rows inside a section check the budget again.
-SECTION_COST_S = {"models": (90, 30), "amp": (25, 20), "decode": (40, 15), "engine": (90, 40), "maxbatch": (60, 20),
-                  "layout": (40, 10), "ddp": (15, 15), "stream": (60, 60), "train": (200, 150)}
+SECTION_COST_S = {"models": (60, 30), "amp": (20, 20), "decode": (30, 15), "engine": (60, 40), "maxbatch": (60, 20),
+                  "layout": (30, 10), "ddp": (15, 15), "stream": (60, 60), "train": (150, 150)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -288,7 +288,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=device.type == "cuda")
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
         self.dtype, self.device, self.channels_last = AMP_DTYPES[amp], device, channels_last
-        self.scaler_skips = 0
+        self.steps_run, self.scaler_skips = 0, 0
 
     def step(self, images, targets) -> None:
         with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
@@ -298,8 +298,15 @@ class Trainer:
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self.steps_run += 1
         if scale is not None and self.scaler.get_scale() < scale:
             self.scaler_skips += 1  # an inf/NaN gradient: the scaler skipped the step and halved its scale
+
+    def forget_step(self) -> None:
+        """After an out-of-memory step: no gradients, and a scaler without that step's half-done state."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=self.scaler.get_scale(),
+                                           enabled=self.scaler.is_enabled())
 
     def rate(self, batch: int, size: tuple[int, int], warmup: int, steps: int) -> dict:
         """Training images/s, seconds per step and peak memory at ``batch`` (after ``warmup`` steps)."""
@@ -316,7 +323,7 @@ class Trainer:
         out = {"images_per_s": batch / seconds, "step_s": seconds, "peak_mib": _peak_mib(self.device)}
         if self.scaler.is_enabled():
             out.update(grad_scale=self.scaler.get_scale(), scaler_skipped_steps=self.scaler_skips,
-                       steps_run=warmup + steps)
+                       steps_run=self.steps_run)
         return out
 
 
@@ -398,14 +405,18 @@ def true_fp32():
     """IEEE fp32 for convolutions and matmuls: CUDA lets cuDNN run fp32 convolutions in TF32 by default (10 bits
     of mantissa, close to bf16's 8), which would make a poor reference for AMP."""
     knobs = [torch.backends.cudnn.conv, torch.backends.cuda.matmul]
-    before = [knob.fp32_precision for knob in knobs]
+    if not all(hasattr(knob, "fp32_precision") for knob in knobs):  # torch before 2.9: the older switches
+        knobs, attr, ieee = [torch.backends.cudnn, torch.backends.cuda.matmul], "allow_tf32", False
+    else:
+        attr, ieee = "fp32_precision", "ieee"
+    before = [getattr(knob, attr) for knob in knobs]
     for knob in knobs:
-        knob.fp32_precision = "ieee"
+        setattr(knob, attr, ieee)
     try:
         yield
     finally:
         for knob, value in zip(knobs, before):
-            knob.fp32_precision = value
+            setattr(knob, attr, value)
 
 
 def _loss_and_grad(model, images, targets, dtype, device) -> tuple[float, torch.Tensor]:
@@ -613,6 +624,8 @@ def section_decode(ctx: Context) -> Iterator[dict]:
         return
     batch, count = s["data_batch"], len(samples) // s["data_batch"]
 
+    decode_jpegs([x["jpeg"] for x in samples[:batch]], device)  # the decoder's start-up is not its rate
+
     def decode_only() -> int:
         for i in range(count):
             decode_jpegs([x["jpeg"] for x in samples[i * batch:(i + 1) * batch]], device)
@@ -813,7 +826,7 @@ def search_batch(name: str, amp: str, ctx: Context) -> dict:
             return True
         except torch.OutOfMemoryError:
             pass
-        trainer.optimizer.zero_grad(set_to_none=True)  # outside the except: its traceback holds the step's tensors
+        trainer.forget_step()  # outside the except: its traceback holds the step's tensors
         free(device)
         return False
 
