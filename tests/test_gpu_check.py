@@ -229,3 +229,23 @@ def test_gpu_check_refuses_to_start_without_cuda_in_one_line(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0 and "no CUDA device" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_an_out_of_memory_probe_is_a_no_and_the_search_goes_on(tmp_path, monkeypatch):
+    forgotten = []
+
+    def rate(self, batch, size, warmup, steps):
+        if batch > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return {"images_per_s": 10.0 * batch, "peak_mib": 100.0 * batch}
+
+    original_forget = gpu_check.Trainer.forget_step
+    monkeypatch.setattr(gpu_check.Trainer, "rate", rate)
+    monkeypatch.setattr(gpu_check.Trainer, "forget_step",
+                        lambda self: (forgotten.append(self.scaler.get_scale()), original_forget(self)))
+    ctx, _ = _context(tmp_path, 600)
+    ctx.s.update(maxbatch_start=1, maxbatch_cap=16, maxbatch_probes=6)
+    row = gpu_check.search_batch("rtdetr_cpu", "fp16", ctx)
+    assert row["largest_batch"] == 3 and row["first_too_large"] == 4
+    assert row["images_per_s"] == 30.0 and row["peak_mib"] == 300.0  # measured at the largest batch
+    assert row["probes"] == ["1:ok", "2:ok", "4:oom", "3:ok"] and len(forgotten) == 1
