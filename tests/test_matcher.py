@@ -59,3 +59,25 @@ def test_images_without_objects_get_empty_matches():
     empty = {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}
     (rows, cols), = matcher(torch.randn(1, 4, 2), random_boxes(4)[None], [empty])
     assert len(rows) == 0 and len(cols) == 0
+
+
+def test_nonfinite_costs_are_matched_instead_of_refused():
+    # A diverged model's NaN logits or inf boxes: scipy refuses NaN/inf costs (ValueError, which killed the
+    # worker); the matcher matches those predictions instead, so their values reach the loss.
+    matcher = HungarianMatcher()
+    logits = torch.randn(1, 6, 3)
+    boxes = random_boxes(6)[None]
+    logits[0, 4] = float("nan")
+    boxes[0, 1, 2] = float("inf")
+    target = {"labels": torch.tensor([0, 2]), "boxes": random_boxes(2)}
+    (rows, cols), = matcher(logits, boxes, [target])
+    assert sorted(rows.tolist()) == [1, 4] and sorted(cols.tolist()) == [0, 1]
+
+
+def test_all_nan_predictions_still_get_a_full_matching():
+    matcher = HungarianMatcher()
+    logits = torch.full((1, 5, 3), float("nan"))
+    boxes = torch.full((1, 5, 4), float("nan"))
+    target = {"labels": torch.tensor([0, 1, 2]), "boxes": random_boxes(3)}
+    (rows, cols), = matcher(logits, boxes, [target])
+    assert len(set(rows.tolist())) == 3 and sorted(cols.tolist()) == [0, 1, 2]

@@ -38,6 +38,11 @@ _HSV_SHIFT = 12
 def decode_jpegs(jpegs: list[bytes], device: torch.device | str, where: list[str] | None = None) -> list[torch.Tensor]:
     """JPEG bytes -> uint8 (3, H, W) RGB tensors on ``device``, decoded as one batch (nvJPEG on CUDA).
     A JPEG that does not decode is an error naming its record (``where``)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        # torchvision's CUDA decode allocates its outputs on this stream but nvJPEG writes them from its own
+        # stream, without waiting: memory just freed here may still be read by queued kernels. Let them finish.
+        torch.cuda.current_stream(device).synchronize()
     sizes = [len(data) for data in jpegs]
     flat = torch.empty(sum(sizes), dtype=torch.uint8)  # one host buffer: one allocation, no read-only views
     view, offset, inputs = flat.numpy(), 0, []
@@ -111,8 +116,13 @@ def _linear_taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray]:
     return index, weight
 
 
-def _taps(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(array).to(device, non_blocking=True)
+@lru_cache(maxsize=256)
+def _on_device(make, args: tuple, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The numpy arrays ``make(*args)`` returns (one or a tuple), uploaded to ``device`` once and kept there:
+    an upload from pageable host memory waits for the stream, and a batch would make about 30 of them."""
+    arrays = make(*args)
+    arrays = arrays if isinstance(arrays, tuple) else (arrays,)
+    return tuple(torch.from_numpy(array).to(device) for array in arrays)
 
 
 def _area(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -125,8 +135,7 @@ def _area(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return torch.round(sums.float() * np.float32(1.0 / (k * k))).clamp_(0, 255).to(torch.uint8)
     x = images.float()
     for dim, (src, dst) in ((3, (src_w, width)), (2, (src_h, height))):
-        index, weight = _area_taps(src, dst)
-        index, weight = _taps(index, x.device), _taps(weight, x.device)
+        index, weight = _on_device(_area_taps, (src, dst), x.device)
         shape = [1, 1, 1, 1]
         shape[dim] = dst
         acc = x.index_select(dim, index[0]) * weight[0].view(shape)
@@ -139,9 +148,9 @@ def _area(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def _linear(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     (width, height), (_, _, src_h, src_w) = size, images.shape
     x = images.to(torch.int32)
-    index, weight = (_taps(a, x.device) for a in _linear_taps(src_w, width))
+    index, weight = _on_device(_linear_taps, (src_w, width), x.device)
     rows = x.index_select(3, index[0]) * weight[0] + x.index_select(3, index[1]) * weight[1]
-    index, weight = (_taps(a, x.device) for a in _linear_taps(src_h, height))
+    index, weight = _on_device(_linear_taps, (src_h, height), x.device)
     top, bottom = rows.index_select(2, index[0]), rows.index_select(2, index[1])
     b0, b1 = weight[0].view(1, 1, -1, 1), weight[1].view(1, 1, -1, 1)
     # OpenCV's vertical pass (VResizeLinearVec_32s8u): 16-bit multiply-high of (row >> 4) by each weight,
@@ -178,8 +187,14 @@ def _brightness(image: torch.Tensor, factor: float) -> torch.Tensor:
         return torch.zeros_like(image)
     if factor == 1:
         return image
-    table = np.clip(np.arange(256, dtype=np.float32) * np.float32(factor), 0, 255).astype(np.uint8)
-    return _lookup(image, _taps(table, image.device))
+    return _lookup(image, _brightness_table(factor, image.device))
+
+
+def _brightness_table(factor: float, device: torch.device) -> torch.Tensor:
+    """uint8 (256,): ``clip(i * float32(factor), 0, 255)`` truncated, as numpy computes it in float32; made on
+    ``device`` (a product of two float32 values rounds to the same float32 in float32 or float64 arithmetic)."""
+    table = torch.arange(256, dtype=torch.float32, device=device) * float(np.float32(factor))
+    return table.clamp_(0, 255).to(torch.uint8)
 
 
 def _contrast(image: torch.Tensor, factor: float) -> torch.Tensor:
@@ -219,7 +234,7 @@ def _hsv_tables() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _rgb_to_hsv(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    sdiv, hdiv = (_taps(t, image.device) for t in _hsv_tables())
+    sdiv, hdiv = _on_device(_hsv_tables, (), image.device)
     r, g, b = image.to(torch.int32).unbind(0)
     v = torch.maximum(torch.maximum(r, g), b)
     diff = v - torch.minimum(torch.minimum(r, g), b)
@@ -248,22 +263,29 @@ def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tens
     sector = pre - torch.trunc(pre * np.float32(1.0 / 6.0)) * 6
     # (r, g, b) = tab[SECTORS[sector]]; sector 0..5 as in OpenCV's sector_data (b, g, r order reversed)
     pick = torch.stack(tab)  # (4, H, W)
-    table = _taps(np.array([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]]), h.device)
+    table, = _on_device(_hsv_sectors, (), h.device)
     which = table[sector.long()].permute(2, 0, 1)  # (3, H, W): tab index of r, g, b
     rgb = torch.gather(pick, 0, which)
     return torch.trunc(rgb * np.float32(255.0)).clamp_(0, 255).to(torch.uint8)
 
 
-@lru_cache(maxsize=1024)
-def _hue_table(factor: float) -> np.ndarray:
-    return np.mod(np.arange(0, 256, dtype=np.int16) + 180 * factor, 180).astype(np.uint8)
+def _hsv_sectors() -> np.ndarray:
+    return np.array([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]])
+
+
+def _hue_table(factor: float, device: torch.device) -> torch.Tensor:
+    """uint8 (256,): ``np.mod(i + 180 * factor, 180)`` truncated, in float64 on ``device`` (numpy's mod: fmod,
+    plus the divisor when negative)."""
+    shifted = torch.arange(256, dtype=torch.float64, device=device) + 180 * factor
+    mod = torch.fmod(shifted, 180.0)
+    return torch.where(mod < 0, mod + 180.0, mod).to(torch.uint8)
 
 
 def _hue(image: torch.Tensor, factor: float) -> torch.Tensor:
     if factor == 0:
         return image
     h, s, v = _rgb_to_hsv(image)
-    h = _taps(_hue_table(factor), image.device)[h.long()]
+    h = _hue_table(factor, image.device)[h.long()]
     return _hsv_to_rgb(h, s, v)
 
 
@@ -285,9 +307,8 @@ def apply_draw(images: torch.Tensor, draw: BatchDraw) -> torch.Tensor:
     if flips or any(color is not None for color in draw.colors):
         # Edited in place below: never the caller's tensor.
         images = resized.clone() if resized is images else resized
-        if flips:
-            index = torch.tensor(flips, device=images.device)
-            images[index] = images[index].flip(-1)
+        for i in flips:  # one by one: an index tensor would be another upload
+            images[i] = images[i].flip(-1)
         for i, color in enumerate(draw.colors):
             if color is not None:
                 images[i] = color_jitter(images[i], color)

@@ -1,11 +1,11 @@
-"""The device a worker trains on, its mixed precision, and what it reports about itself."""
+"""The device a worker trains on, its mixed precision, and what it reports about itself (without Ray: the
+Ray-free core, e.g. benchmarks/gpu_check.py on a machine without Ray, imports this module)."""
 
 from __future__ import annotations
 
 import resource
 import sys
 
-import ray
 import torch
 
 from neoray.config import Config
@@ -42,9 +42,13 @@ def device_name(device: torch.device) -> str:
 
 
 def node_id() -> str:
-    """The Ray node this process runs on ("" outside Ray): which machine each worker used."""
+    """The Ray node this process runs on ("" outside Ray): which machine each worker used.
+
+    Ray is looked up, not imported: a process that runs under Ray has imported it already, and the rest of
+    this module (the engine's device and AMP choice) must work where Ray is not installed."""
+    ray = sys.modules.get("ray")
     try:
-        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+        return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else ""
     except Exception:  # noqa: BLE001 - a diagnostic only; never fail a run for it
         return ""
 

@@ -135,8 +135,10 @@ class RTDETRDecoder(nn.Module):
         maps = [proj(f) for proj, f in zip(self.input_proj, features)]
         shapes = [(m.shape[2], m.shape[3]) for m in maps]
         memory = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=1)  # (B, S, C)
+        # Anchors, proposals and reference boxes stay float32 under AMP, as in the reference: a bf16 box has
+        # 8 bits of mantissa, up to about 4 px at 1920 wide. bf16/fp16 head outputs + float32 anchors promote
+        # to float32, and so do the boxes refined from them, layer after layer.
         anchors, valid = make_anchors(shapes, valid_fraction, device=memory.device)
-        anchors = anchors.to(memory.dtype)
 
         # --- query selection ---
         tokens = self.enc_output(memory * valid.to(memory.dtype))
@@ -154,7 +156,8 @@ class RTDETRDecoder(nn.Module):
         attn_mask = None
         if denoising is not None:
             content = torch.cat([denoising.content.to(content.dtype), content], dim=1)
-            reference_logits = torch.cat([denoising.reference_logits.to(content.dtype), reference_logits], dim=1)
+            reference_logits = torch.cat([denoising.reference_logits.to(reference_logits.dtype), reference_logits],
+                                         dim=1)
             attn_mask = denoising.attn_mask
             # The top-k may be smaller than num_queries on tiny inputs; trim the mask to the real count.
             size = denoising.count + k

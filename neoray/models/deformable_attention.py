@@ -35,9 +35,9 @@ def deformable_sampling(
         level_value = per_level[level].permute(0, 2, 3, 1).reshape(batch * heads, head_dim, height, width)
         # (B, Q, heads, points, 2) -> (B*heads, Q, points, 2)
         level_grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
-        samples.append(
-            F.grid_sample(level_value, level_grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        )  # (B*heads, d, Q, points)
+        # In the grid's precision (float32 from MSDeformableAttention), whatever autocast did to the values.
+        samples.append(F.grid_sample(level_value.to(level_grid.dtype), level_grid, mode="bilinear",
+                                     padding_mode="zeros", align_corners=False))  # (B*heads, d, Q, points)
     stacked = torch.stack(samples, dim=-2).flatten(-2)  # (B*heads, d, Q, levels*points)
     w = weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels * points)
     out = (stacked * w).sum(-1)  # (B*heads, d, Q)
@@ -83,8 +83,11 @@ class MSDeformableAttention(nn.Module):
         offsets = self.sampling_offsets(query).view(batch, queries, self.heads, self.levels, self.points, 2)
         weights = self.attention_weights(query).view(batch, queries, self.heads, self.levels * self.points)
         weights = weights.softmax(-1).view(batch, queries, self.heads, self.levels, self.points)
-        # Offsets are relative to the reference box: a point moves at most about half the box size.
-        centre = reference_boxes[:, :, None, None, None, :2]
-        size = reference_boxes[:, :, None, None, None, 2:]
-        locations = centre + offsets / self.points * size * 0.5
+        # Offsets are relative to the reference box: a point moves at most about half the box size. The sampling
+        # locations are float32 under AMP too (as in the reference; a bf16 grid is off by up to a few pixels at
+        # 1080p): the float32 grid makes grid_sample run in float32 (CUDA autocast promotes it to its widest
+        # input, CPU autocast always runs it in float32).
+        centre = reference_boxes[:, :, None, None, None, :2].float()
+        size = reference_boxes[:, :, None, None, None, 2:].float()
+        locations = centre + offsets.float() / self.points * size * 0.5
         return self.output_proj(deformable_sampling(value, shapes, locations, weights))

@@ -3,6 +3,11 @@
 The cost of giving object j to query i is a weighted sum of a focal-style class cost, the L1 distance of
 the normalised cxcywh boxes and minus their GIoU; scipy's linear_sum_assignment finds the assignment
 with the lowest total cost, image by image, on the CPU.
+
+A diverged model (NaN or inf logits or boxes) gives non-finite costs, which scipy refuses with a ValueError
+that would kill the worker. Those entries are made cheaper than every finite one instead
+(``assignable_cost``): the non-finite predictions are then matched, so their values reach the loss, which
+is non-finite, and the engine skips the update as it skips any non-finite loss (neoray.engine.guards).
 """
 
 from __future__ import annotations
@@ -13,6 +18,16 @@ from torch import nn
 from torchvision.ops import generalized_box_iou
 
 from neoray.models.box_ops import cxcywh_to_xyxy
+
+
+def assignable_cost(cost: torch.Tensor) -> torch.Tensor:
+    """``cost`` with every NaN/inf entry replaced by a value below all finite ones (see the module docstring);
+    ``cost`` itself when it is all finite."""
+    finite = torch.isfinite(cost)
+    if bool(finite.all()):
+        return cost
+    lowest = cost[finite].min() - 1.0 if bool(finite.any()) else cost.new_zeros(())
+    return torch.where(finite, cost, lowest)
 
 
 class HungarianMatcher(nn.Module):
@@ -56,6 +71,6 @@ class HungarianMatcher(nn.Module):
                 matches.append((empty, empty))
                 continue
             cost = self.matching_cost(logits[i].float(), boxes[i].float(), target["labels"], target["boxes"].float())
-            rows, cols = linear_sum_assignment(cost.cpu().numpy())
+            rows, cols = linear_sum_assignment(assignable_cost(cost.cpu()).numpy())
             matches.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
         return matches
