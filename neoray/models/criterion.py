@@ -27,7 +27,7 @@ from torch import nn
 
 from neoray.models.box_ops import cxcywh_to_xyxy, paired_iou_and_giou
 from neoray.models.dense_assign import assign_one_to_many
-from neoray.models.matcher import HungarianMatcher
+from neoray.models.matcher import HungarianMatcher, assignable_cost
 
 DEFAULT_LOSS_WEIGHTS = {"vfl": 1.0, "bbox": 5.0, "giou": 2.0}
 CLS_LOSSES = ("vfl", "mal")
@@ -143,7 +143,7 @@ class RTDETRCriterion(nn.Module):
             return empty, empty
         cost = self.matcher.matching_cost(logits.float(), boxes.float(), target["labels"], target["boxes"].float())
         tokens, objects = assign_one_to_many(
-            torch.nan_to_num(cost, nan=1e6, posinf=1e6, neginf=-1e6), outputs["token_centres"],
+            assignable_cost(cost), outputs["token_centres"],
             outputs["token_levels"], outputs["token_valid"], target["boxes"][:, :2], self.dense_o2m,
             O2M_CANDIDATES_PER_LEVEL)
         return tokens.cpu(), objects.cpu()
