@@ -29,7 +29,7 @@ def replay_trainable(params: dict, table: Table) -> None:
     index = int(tune.get_context().get_trial_name().rsplit("_", 1)[1])
     search_seed = int(tune.get_context().get_trial_name().split("_")[1])
     for epoch, score in enumerate(drawn_curve(config, search_seed, index), 1):
-        tune.report({"epoch": epoch, ranking.SCORE: score, "config": config.key})
+        tune.report({"epoch": epoch, ranking.SCORE: score, "design_point": config.key})
 
 
 class Budget(tune.Stopper):
@@ -40,7 +40,7 @@ class Budget(tune.Stopper):
 
     def __call__(self, trial_id, result) -> bool:
         if not self.rows or self.rows[-1][:2] != (str(trial_id), result["epoch"]):
-            self.rows.append((str(trial_id), result["epoch"], result[ranking.SCORE], result["config"]))
+            self.rows.append((str(trial_id), result["epoch"], result[ranking.SCORE], result["design_point"]))
         return False
 
     def stop_all(self) -> bool:
