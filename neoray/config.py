@@ -125,6 +125,13 @@ class DataConfig:
     # training worker's own device (torchvision's decode_jpeg, nvJPEG on CUDA, + tensor ops; the same
     # batches up to rounding). neoray.data.stream says which work runs where.
     decode: str = "cpu"
+    # Strong augmentations, per output image (neoray.data.draws says how; all off by default):
+    mosaic: float = 0.0  # probability: four images of the batch around a random centre, at their own scale
+    mixup: float = 0.0  # probability: blended with a second image of the batch, the boxes of both kept
+    zoom: list = field(default_factory=list)  # [min, max] scale: < 1 shrinks onto grey, > 1 crops in; [] = off
+    # Mosaic, mixup and zoom only in epochs < N: an epoch number >= 1, or a fraction in (0, 1) of
+    # train.epochs (rounded); 0 = in every epoch.
+    strong_aug_until: float = 0.0
 
 
 @dataclass
@@ -283,10 +290,38 @@ def _milestones(values: list) -> list:
     return out
 
 
+MAX_ZOOM = 4.0  # the largest data.zoom: an image enlarged 4x is already 16x the pixels of the batch's size
+
+
+def _zoom(values: list) -> list:
+    """data.zoom as [min, max] floats with 0 < min <= max <= MAX_ZOOM, or [] (off). Command-line lists
+    arrive as strings."""
+    if not values:
+        return []
+    try:
+        low, high = (float(v) for v in values)
+    except (TypeError, ValueError):
+        low = high = float("nan")
+    if any(isinstance(v, bool) for v in values) or not 0 < low <= high <= MAX_ZOOM:
+        raise ConfigError(f"data.zoom: expected [min, max] scale factors with 0 < min <= max <= {MAX_ZOOM:g} "
+                          f"(e.g. [0.5, 1.5]; [] turns it off), got {brief(values)}")
+    return [low, high]
+
+
+def _strong_aug_until(value: float) -> float:
+    """data.strong_aug_until: 0, a fraction of the run in (0, 1), or an epoch number >= 1 (an integer)."""
+    if value < 0 or (value >= 1 and not value.is_integer()):
+        raise ConfigError(f"data.strong_aug_until: {brief(value)} is neither 0 (every epoch), a fraction of "
+                          "train.epochs in (0, 1) nor an epoch number >= 1")
+    return value
+
+
 def _validate(cfg: Config) -> None:
     d, t, m = cfg.data, cfg.train, cfg.model
     d.size = parse_size(d.size, "data.size")
     d.multiscale = [parse_size(s, "data.multiscale") for s in d.multiscale]
+    d.zoom = _zoom(d.zoom)
+    d.strong_aug_until = _strong_aug_until(d.strong_aug_until)
     t.milestones = _milestones(t.milestones)
     checks = [
         (t.epochs >= 1, "train.epochs must be >= 1"),
@@ -318,6 +353,8 @@ def _validate(cfg: Config) -> None:
         (0.0 <= d.hflip <= 1.0, "data.hflip must be in [0, 1]"),
         (d.color_jitter >= 0.0, "data.color_jitter must be >= 0"),
         (d.decode in ("cpu", "gpu"), f"data.decode must be cpu or gpu, got {brief(d.decode)}"),
+        (0.0 <= d.mosaic <= 1.0, "data.mosaic must be in [0, 1] (a probability per image)"),
+        (0.0 <= d.mixup <= 1.0, "data.mixup must be in [0, 1] (a probability per image)"),
         (m.max_detections >= 1, "model.max_detections must be >= 1"),
     ]
     for ok, message in checks:
@@ -413,8 +450,8 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 __all__ = [
-    "Config", "ConfigError", "DataConfig", "MAX_SIZE", "ModelConfig", "TrainConfig", "apply_overrides", "brief",
-    "format_size",
+    "Config", "ConfigError", "DataConfig", "MAX_SIZE", "MAX_ZOOM", "ModelConfig", "TrainConfig", "apply_overrides",
+    "brief", "format_size",
     "from_dict", "is_16_9", "load_config", "nearest_16_9", "parse_override", "parse_size", "read_yaml_mapping",
     "save_config",
 ]

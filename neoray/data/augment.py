@@ -6,33 +6,44 @@ A training batch is augmented in three steps, on every path the same:
    seeded by the caller with (seed, epoch, rank, batch index): ONE size from ``data.multiscale`` for the
    whole batch (so its images stack), then per image a horizontal flip (probability ``data.hflip``) and
    colour jitter factors with their order (strength ``data.color_jitter``), as a ``BatchDraw``.
-2. the boxes (``draws.transform_boxes``, numpy, shared by both paths): scaled by the resize factor, mirrored by
-   the flip, clipped to the image; boxes under ``MIN_BOX_SIDE`` px in width or height are dropped with
-   their labels, iscrowd and areas (never passed on as zero-area targets) and counted.
+2. the boxes (``draws.batch_targets``, numpy, shared by both paths): scaled by the resize factor, mirrored
+   by the flip, clipped to the image; boxes under ``MIN_BOX_SIDE`` px in width or height are dropped with
+   their labels, iscrowd and areas (never passed on as zero-area targets) and counted. With strong
+   augmentations each piece's boxes move with it and are clipped to its part of the canvas
+   (``draws.layout_targets``).
 3. the pixels: ``data.decode: cpu`` applies the draw with albumentations here (``apply_draw``:
    ``Resize`` -> ``HorizontalFlip`` -> ``ColorJitter``, each transform's ``apply`` given the drawn
    parameters); ``data.decode: gpu`` applies the very same draw with tensor ops on the training worker's
    device (``neoray.data.tensor_augment``), numerically matched to these albumentations/OpenCV kernels.
+   With strong augmentations (mosaic, mixup, zoom: the draw's ``Layout``s) ``compose`` first builds each
+   output from the batch's images: each piece resized as above (``Resize``), pasted on a grey canvas by
+   slicing, a mixup layer blended in integers; flip and jitter then apply to the composed image. The
+   pasting and the blend are exact, so both paths stay as close as their resize and jitter kernels.
+   albumentations' own ``Mosaic`` is not used: it draws its own numbers (the GPU path could not repeat
+   them) and fits every tile into its cell, shrinking the objects that mosaic must keep at their size.
 
 Drawing the numbers in neoray rather than inside albumentations is what lets the two paths produce the
 same batch: the pixels differ by the decoders' and kernels' rounding only (tests/test_tensor_augment.py).
 
 Resizing 16:9 to 16:9 is a pure scale (W is a multiple of 16 and H of 9 for every 16:9 size, so
-W'/W == H'/H exactly): area averaging to shrink (no aliasing), bilinear to grow. Nothing is cropped or
-padded, so the letterbox mapping of the shard stays affine: ``scale`` and ``pad`` just multiply by the
-resize factor. A horizontal flip mirrors x, which that mapping does not describe: ``orig = (pixel - pad) /
-scale`` holds for UNFLIPPED images only. Training does not need the mapping (targets are already in the
-tensor's pixels); evaluation never flips.
+W'/W == H'/H exactly): area averaging to shrink (no aliasing), bilinear to grow. Without strong
+augmentations nothing is cropped or padded, so the letterbox mapping of the shard stays affine: ``scale``
+and ``pad`` just multiply by the resize factor (a zoomed or mosaic output's mapping also adds its anchor
+piece's offset to ``pad``, and holds for that piece only). A horizontal flip mirrors x, which that mapping
+does not describe: ``orig = (pixel - pad) / scale`` holds for UNFLIPPED images only. Training does not
+need the mapping (targets are already in the tensor's pixels); evaluation never flips.
 
 ``decode_augment_batch`` is the CPU path's Ray task: JPEG bytes of one batch in, the augmented batch out
 as one (B, 3, H, W) uint8 array, decoded, resized, flipped and jittered image by image while each
-image is in cache, written straight into its CHW slot.
+image is in cache, written straight into its CHW slot (with layouts the whole batch is decoded first: an
+output takes pieces of several images).
 """
 
 from __future__ import annotations
 
 import os
 from functools import lru_cache
+from typing import Iterable, Iterator
 
 # albumentations checks PyPI for a newer version on import; workers have no internet and need no nagging.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -43,7 +54,19 @@ import numpy as np  # noqa: E402
 
 from neoray.config import DataConfig  # noqa: E402
 from neoray.data.decode import decode_jpeg  # noqa: E402
-from neoray.data.draws import BatchDraw, ColorDraw, augment_targets, draw_batch, train_sizes  # noqa: E402
+from neoray.data.draws import (  # noqa: E402
+    FILL,
+    MIX_UNIT,
+    BatchDraw,
+    ColorDraw,
+    Layout,
+    Piece,
+    batch_targets,
+    draw_batch,
+    strong_augment,
+    train_sizes,
+    visible_rect,
+)
 
 # ----------------------------------------------------------------------------------------------------
 # Resizing a whole image (evaluation)
@@ -64,7 +87,7 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=32)
+@lru_cache(maxsize=256)  # zoom draws sizes on the 16x9 grid: up to one per 16 px of width
 def _resize(size: tuple[int, int]) -> A.Resize:
     width, height = size
     return A.Resize(height=height, width=width, interpolation=cv2.INTER_LINEAR, area_for_downscale="image")
@@ -75,9 +98,8 @@ _FLIP = A.HorizontalFlip(p=1.0)
 _JITTER = A.ColorJitter(p=1.0)
 
 
-def apply_draw(image: np.ndarray, size: tuple[int, int], flip: bool, color: ColorDraw | None) -> np.ndarray:
-    """One HWC uint8 RGB image resized to ``size``, flipped and colour-jittered as drawn (albumentations)."""
-    image = _resize(tuple(size)).apply(image)
+def finish(image: np.ndarray, flip: bool, color: ColorDraw | None) -> np.ndarray:
+    """An image at the batch's size flipped and colour-jittered as drawn (albumentations)."""
     if flip:
         image = _FLIP.apply(image)
     if color is not None:
@@ -86,34 +108,90 @@ def apply_draw(image: np.ndarray, size: tuple[int, int], flip: bool, color: Colo
     return image
 
 
+def apply_draw(image: np.ndarray, size: tuple[int, int], flip: bool, color: ColorDraw | None) -> np.ndarray:
+    """One HWC uint8 RGB image resized to ``size``, flipped and colour-jittered as drawn (albumentations)."""
+    return finish(_resize(tuple(size)).apply(image), flip, color)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Layouts: mosaic, mixup, zoom (neoray.data.draws)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _scaled(images: list[np.ndarray], piece: Piece, size: tuple[int, int], kept: dict) -> np.ndarray:
+    """The piece's image at the piece's size; those at the batch's ``size`` are ``kept`` for the batch's
+    other layouts (a mosaic uses every image four times)."""
+    if piece.size != tuple(size):
+        return _resize(piece.size).apply(images[piece.source])
+    if piece.source not in kept:
+        kept[piece.source] = _resize(piece.size).apply(images[piece.source])
+    return kept[piece.source]
+
+
+def _paste(images: list[np.ndarray], pieces: tuple[Piece, ...], size: tuple[int, int], kept: dict) -> np.ndarray:
+    canvas = np.full((size[1], size[0], 3), FILL, np.uint8)
+    for piece in pieces:
+        (ox, oy), (x0, y0, x1, y1) = piece.offset, visible_rect(piece, size)
+        if x1 > x0 and y1 > y0:
+            canvas[y0:y1, x0:x1] = _scaled(images, piece, size, kept)[y0 - oy:y1 - oy, x0 - ox:x1 - ox]
+    return canvas
+
+
+def blend(a: np.ndarray, b: np.ndarray, weight: int) -> np.ndarray:
+    """uint8 ``a`` and ``b`` mixed as ``(a * (MIX_UNIT - weight) + b * weight) / MIX_UNIT``, rounded half up."""
+    mixed = a.astype(np.uint16) * (MIX_UNIT - weight) + b.astype(np.uint16) * weight + MIX_UNIT // 2
+    return (mixed // MIX_UNIT).astype(np.uint8)
+
+
+def compose(images: list[np.ndarray], layout: Layout, size: tuple[int, int], kept: dict | None = None) -> np.ndarray:
+    """A layout's HWC uint8 pixels at ``size``: its pieces resized (as ``apply_draw``) and pasted on a grey
+    canvas, the mix layer blended in. ``kept``: images resized to ``size``, shared by a batch's layouts."""
+    kept = {} if kept is None else kept
+    canvas = _paste(images, layout.pieces, size, kept)
+    if layout.mix:
+        canvas = blend(canvas, _paste(images, layout.mix, size, kept), layout.mix_weight)
+    return canvas
+
+
+def augment_images(images: Iterable[np.ndarray], draw: BatchDraw) -> Iterator[np.ndarray]:
+    """A batch's HWC uint8 images augmented as ``draw`` says, one by one. Without layouts each image is taken
+    only when its turn comes (a decode can run just before its augmentation); with layouts all are needed."""
+    if not draw.layouts:
+        for image, flip, color in zip(images, draw.flips, draw.colors):
+            yield apply_draw(image, draw.size, flip, color)
+        return
+    images, kept = list(images), {}
+    for layout, flip, color in zip(draw.layouts, draw.flips, draw.colors):
+        yield finish(compose(images, layout, draw.size, kept), flip, color)
+
+
 class TrainAugment:
     """Augment one batch of decoded samples: one drawn size for all images, flip and colour jitter per
-    image (albumentations), boxes following."""
+    image, and the strong augmentations on in ``epoch`` of ``epochs`` (albumentations), boxes following."""
 
-    def __init__(self, data_cfg: DataConfig):
+    def __init__(self, data_cfg: DataConfig, epoch: int = 0, epochs: int | None = None):
         self.sizes = train_sizes(data_cfg)
         self.hflip = float(data_cfg.hflip)
         self.color_jitter = float(data_cfg.color_jitter)
+        self.strong = strong_augment(data_cfg, epoch, epochs)
 
     def draw(self, count: int, rng: np.random.Generator) -> BatchDraw:
-        return draw_batch(self.sizes, self.hflip, self.color_jitter, count, rng)
+        return draw_batch(self.sizes, self.hflip, self.color_jitter, count, rng, self.strong)
 
     def __call__(self, samples: list[dict], rng: np.random.Generator) -> tuple[list[dict], tuple[int, int], int]:
         """Augment ``samples`` (dicts with "image" HWC uint8, "boxes" float32 (N, 4) xyxy, "labels",
         "iscrowd", "areas", "image_id"; other keys are passed through) with draws from ``rng``.
 
         Returns ``(augmented samples, (W, H) of the batch, number of boxes dropped)``. Each returned sample
-        also has "factor": the resize factor applied to its image (scale and pad multiply by it).
+        also has "factor": the resize factor applied to its image (scale and pad multiply by it), and with
+        strong augmentations "offset" (added to pad; see neoray.data.draws).
         """
         draw = self.draw(len(samples), rng)
-        out, dropped = [], 0
-        for sample, flip, color in zip(samples, draw.flips, draw.colors):
-            height, width = sample["image"].shape[:2]
-            moved, lost = augment_targets({**sample, "width": width, "height": height}, draw.size, flip)
-            moved["image"] = apply_draw(sample["image"], draw.size, flip, color)
-            del moved["width"], moved["height"]
-            out.append(moved)
-            dropped += lost
+        sized = [{**s, "width": s["image"].shape[1], "height": s["image"].shape[0]} for s in samples]
+        out, dropped = batch_targets(sized, draw)
+        for sample, image in zip(out, augment_images([s["image"] for s in samples], draw)):
+            sample["image"] = image
+            del sample["width"], sample["height"]
         return out, draw.size, dropped
 
 
@@ -132,11 +210,12 @@ def decode_augment_batch(jpegs: list[bytes], shapes: list[tuple[int, int]], draw
     cv2.setNumThreads(1)
     width, height = draw.size
     out = np.empty((len(jpegs), 3, height, width), np.uint8)
-    for i, data in enumerate(jpegs):
-        image = apply_draw(decode_jpeg(data, shapes[i], where[i]), draw.size, draw.flips[i], draw.colors[i])
+    decoded = (decode_jpeg(data, shapes[i], where[i]) for i, data in enumerate(jpegs))
+    for i, image in enumerate(augment_images(decoded, draw)):
         # One strided copy turns HWC into the batch's CHW slot (no intermediate per-image array).
         np.copyto(out[i], image.transpose(2, 0, 1))
     return out
 
 
-__all__ = ["TrainAugment", "apply_draw", "decode_augment_batch", "resize_image"]
+__all__ = ["TrainAugment", "apply_draw", "augment_images", "blend", "compose", "decode_augment_batch", "finish",
+           "resize_image"]

@@ -63,7 +63,7 @@ from neoray import storage
 from neoray.config import DataConfig, parse_size
 from neoray.data.augment import decode_augment_batch, resize_image
 from neoray.data.decode import check_targets, read_chunk, read_encoded_chunk
-from neoray.data.draws import BatchDraw, augment_targets, draw_batch, resize_factor, train_sizes
+from neoray.data.draws import BatchDraw, batch_targets, draw_batch, resize_factor, strong_augment, train_sizes
 from neoray.data.shards import read_manifest
 from neoray.data.tensor_augment import apply_draw, decode_jpegs, resize_images
 
@@ -244,7 +244,8 @@ def assemble(images: torch.Tensor, samples: list[dict]) -> Batch:
         targets=targets,
         image_ids=torch.tensor([s["image_id"] for s in samples], dtype=torch.int64),
         scale=torch.tensor([s["scale"] * s["factor"] for s in samples], dtype=torch.float32),
-        pad=torch.tensor([[p * s["factor"] for p in s["pad"]] for s in samples], dtype=torch.float32).reshape(-1, 2),
+        pad=torch.tensor([[p * s["factor"] + o for p, o in zip(s["pad"], s.get("offset", (0, 0)))] for s in samples],
+                         dtype=torch.float32).reshape(-1, 2),
         orig_sizes=torch.tensor([s["orig_size"] for s in samples], dtype=torch.int64).reshape(-1, 2),
     )
 
@@ -395,33 +396,37 @@ def _full_batches(samples: Iterator[dict], batch_size: int) -> Iterator[list[dic
 
 
 def _drawn_batches(samples: Iterator[dict], batch_size: int, data_cfg: DataConfig,
-                   seed_parts: tuple[int, int, int]) -> Iterator[tuple[list[dict], BatchDraw]]:
-    """Full batches with their draws (seeded by (seed, epoch, rank, batch index)) and moved targets."""
+                   seed_parts: tuple[int, int, int], epochs: int | None) -> Iterator[tuple[list[dict], BatchDraw]]:
+    """Full batches with their draws (seeded by (seed, epoch, rank, batch index)) and moved targets: one
+    sample per output image, in batch order (an output of a mosaic or mixup is its anchor row's)."""
     sizes = train_sizes(data_cfg)
+    strong = strong_augment(data_cfg, seed_parts[1], epochs)
     for index, batch in enumerate(_full_batches(samples, batch_size)):
         draw = draw_batch(sizes, data_cfg.hflip, data_cfg.color_jitter, len(batch),
-                          np.random.default_rng([*seed_parts, index]))
-        yield [augment_targets(s, draw.size, flip)[0] for s, flip in zip(batch, draw.flips)], draw
+                          np.random.default_rng([*seed_parts, index]), strong)
+        yield batch_targets(batch, draw)[0], draw
 
 
 def iter_train_batches(shard_set: ShardSet, batch_size: int, data_cfg: DataConfig, *, seed: int, epoch: int,
                        rank: int = 0, world_size: int = 1, prefetch_batches: int = 2, device=None,
-                       workers_on_node: int = 1) -> Iterator[Batch]:
+                       workers_on_node: int = 1, epochs: int | None = None) -> Iterator[Batch]:
     """Augmented training batches of this rank for this epoch (see the module docstring).
 
     Every rank yields ``(rows // world_size) // batch_size`` full batches (the rest is dropped). Rows
     are mixed by a shuffle buffer of ``data_cfg.shuffle_buffer`` rows seeded by (seed, epoch, rank); each
     batch is resized to one size drawn from ``data_cfg.multiscale`` and flipped/jittered per image with
-    draws seeded by (seed, epoch, rank, batch index). ``data_cfg.decode``: ``cpu`` makes the pixels in
-    Ray tasks (``decode_parallelism(workers_on_node)`` in flight: this node's CPUs shared by the training
-    workers on it), ``gpu`` on ``device`` (default: this process's GPU, else the CPU), whose batches'
-    images stay there."""
+    draws seeded by (seed, epoch, rank, batch index); ``data.mosaic``, ``data.mixup`` and ``data.zoom``
+    compose outputs from the batch's rows in epochs before ``data.strong_aug_until`` (a fraction of
+    ``epochs``, the run's train.epochs, or an epoch number; neoray.data.draws). ``data_cfg.decode``:
+    ``cpu`` makes the pixels in Ray tasks (``decode_parallelism(workers_on_node)`` in flight: this node's
+    CPUs shared by the training workers on it), ``gpu`` on ``device`` (default: this process's GPU, else
+    the CPU), whose batches' images stay there."""
     chunks = epoch_plan(shard_set, epoch=epoch, rank=rank, world_size=world_size, seed=seed, equal=True,
                         max_rows=data_cfg.max_train_images)
     tables = _iter_encoded(chunks, None, prefetch_batches=prefetch_batches)  # whole chunks, in plan order
     samples = (sample for table in tables for sample in _encoded_samples(table))
     mixed = _shuffle_buffer(samples, data_cfg.shuffle_buffer, np.random.default_rng(_seed(seed, epoch, rank)))
-    jobs = _drawn_batches(mixed, batch_size, data_cfg, (seed, epoch, rank))
+    jobs = _drawn_batches(mixed, batch_size, data_cfg, (seed, epoch, rank), epochs)
     if data_cfg.decode == "gpu":
         target = _device(device)
         for batch, draw in jobs:

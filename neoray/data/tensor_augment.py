@@ -2,22 +2,25 @@
 
 With ``data.decode: gpu`` the stream hands JPEG bytes to the training worker, which decodes a whole batch
 on its own GPU (torchvision's ``decode_jpeg`` with ``device="cuda"``: nvJPEG) and applies the batch's
-``BatchDraw`` (neoray.data.draws) here: the 16:9 multi-scale resize, the horizontal flip and the
-colour jitter. The same code runs on the CPU (``device="cpu"``: libjpeg-turbo through torchvision),
-which is how the tests hold it to the CPU path without a GPU.
+``BatchDraw`` (neoray.data.draws) here: the 16:9 multi-scale resize (or, with strong augmentations, each
+output's layout: mosaic, mixup, zoom), the horizontal flip and the colour jitter. The same code runs on
+the CPU (``device="cpu"``: libjpeg-turbo through torchvision), which is how the tests hold it to the CPU
+path without a GPU.
 
 Every kernel reproduces what the CPU path computes with albumentations and OpenCV on uint8 images, so
 the two paths give the same batch up to rounding (tests/test_tensor_augment.py states the tolerance):
 
 * resize: OpenCV's INTER_AREA (float area weights; integer factors average whole blocks) to shrink and
   INTER_LINEAR (11-bit fixed-point weights, the SIMD path's rounding) to grow, as separable taps;
+* layouts: each piece resized by the kernels above and pasted by slicing, mixup blended in the same
+  integers as the CPU path (exact);
 * flip: a mirror in x;
 * ColorJitter (albumentations' torchvision-style functions): brightness and contrast as the same float32
   lookup tables (contrast around the mean of OpenCV's fixed-point grey), saturation as OpenCV's
   ``addWeighted`` with the grey image (one rounding, as its fused multiply-add), hue through OpenCV's
   8-bit HSV (integer RGB->HSV, a lookup table on H, float HSV->RGB truncated as its SIMD path).
 
-Boxes never come here: both paths transform them with the same numpy code (draws.transform_boxes).
+Boxes never come here: both paths transform them with the same numpy code (draws.batch_targets).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from neoray.data.draws import BatchDraw, ColorDraw
+from neoray.data.draws import FILL, MIX_UNIT, BatchDraw, ColorDraw, Piece, visible_rect
 
 # OpenCV's RGB -> grey for 8-bit images: (9798 R + 19235 G + 3735 B + 2^14) >> 15.
 _GREY = (9798, 19235, 3735)
@@ -300,9 +303,55 @@ def color_jitter(image: torch.Tensor, color: ColorDraw) -> torch.Tensor:
     return image
 
 
+# ----------------------------------------------------------------------------------------------------
+# Layouts: mosaic, mixup, zoom (neoray.data.draws; the CPU path's neoray.data.augment.compose)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _scaled(images: torch.Tensor, piece: Piece, size: tuple[int, int], kept: dict) -> torch.Tensor:
+    """The piece's image (3, h, w) at the piece's size; those at the batch's ``size`` are ``kept`` for the
+    batch's other layouts."""
+    if piece.size != tuple(size):
+        return resize_images(images[piece.source:piece.source + 1], piece.size)[0]
+    if piece.source not in kept:
+        kept[piece.source] = resize_images(images[piece.source:piece.source + 1], piece.size)[0]
+    return kept[piece.source]
+
+
+def _paste(canvas: torch.Tensor, images: torch.Tensor, pieces: tuple[Piece, ...], kept: dict) -> torch.Tensor:
+    size = (canvas.shape[2], canvas.shape[1])
+    for piece in pieces:
+        (ox, oy), (x0, y0, x1, y1) = piece.offset, visible_rect(piece, size)
+        if x1 > x0 and y1 > y0:
+            canvas[:, y0:y1, x0:x1] = _scaled(images, piece, size, kept)[:, y0 - oy:y1 - oy, x0 - ox:x1 - ox]
+    return canvas
+
+
+def blend(a: torch.Tensor, b: torch.Tensor, weight: int) -> torch.Tensor:
+    """uint8 ``a`` and ``b`` mixed as ``(a * (MIX_UNIT - weight) + b * weight) / MIX_UNIT``, rounded half up
+    (the CPU path's integers exactly)."""
+    mixed = a.to(torch.int32) * (MIX_UNIT - weight) + b.to(torch.int32) * weight + MIX_UNIT // 2
+    return torch.div(mixed, MIX_UNIT, rounding_mode="floor").to(torch.uint8)
+
+
+def compose_batch(images: torch.Tensor, draw: BatchDraw) -> torch.Tensor:
+    """uint8 (B, 3, H, W) at the draw's size: each output's layout, its pieces resized and pasted on a grey
+    canvas, the mix layer blended in (before flip and jitter)."""
+    width, height = draw.size
+    out = torch.full((len(draw.layouts), 3, height, width), FILL, dtype=torch.uint8, device=images.device)
+    kept: dict = {}
+    for i, layout in enumerate(draw.layouts):
+        _paste(out[i], images, layout.pieces, kept)
+        if layout.mix:
+            mix = _paste(torch.full_like(out[i], FILL), images, layout.mix, kept)
+            out[i] = blend(out[i], mix, layout.mix_weight)
+    return out
+
+
 def apply_draw(images: torch.Tensor, draw: BatchDraw) -> torch.Tensor:
-    """A uint8 (B, 3, H, W) batch resized, flipped and jittered as ``draw`` says (any device)."""
-    resized = resize_images(images, draw.size)
+    """A uint8 (B, 3, H, W) batch resized (or composed, with layouts), flipped and jittered as ``draw`` says
+    (any device)."""
+    resized = compose_batch(images, draw) if draw.layouts else resize_images(images, draw.size)
     flips = [i for i, flip in enumerate(draw.flips) if flip]
     if flips or any(color is not None for color in draw.colors):
         # Edited in place below: never the caller's tensor.
@@ -316,4 +365,4 @@ def apply_draw(images: torch.Tensor, draw: BatchDraw) -> torch.Tensor:
     return resized
 
 
-__all__ = ["apply_draw", "color_jitter", "decode_jpegs", "resize_images"]
+__all__ = ["apply_draw", "blend", "color_jitter", "compose_batch", "decode_jpegs", "resize_images"]

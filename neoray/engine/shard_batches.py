@@ -39,7 +39,7 @@ class ShardBatches:
     def train(self, epoch: int) -> Iterable:
         return iter_train_batches(self.train_set, self.cfg.train.batch_size, self.cfg.data, seed=self.cfg.train.seed,
                                   epoch=epoch, rank=self.rank, world_size=self.world_size, device=self.device,
-                                  workers_on_node=self.workers_on_node)
+                                  workers_on_node=self.workers_on_node, epochs=self.cfg.train.epochs)
 
     def val(self) -> Iterable | None:
         if self.val_set is None:
