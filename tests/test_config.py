@@ -60,6 +60,34 @@ def test_bad_values_are_refused(override, fragment):
         load_config(None, [override])
 
 
+@pytest.mark.parametrize("override, fragment", [
+    ("data.mosaic=1.5", "data.mosaic must be in [0, 1]"),
+    ("data.mixup=-0.1", "data.mixup must be in [0, 1]"),
+    ("data.mixup=often", "data.mixup: expected a number"),
+    ("data.zoom=[1.5, 0.5]", "data.zoom: expected [min, max] scale factors with 0 < min <= max <= 4"),
+    ("data.zoom=[0, 1.5]", "data.zoom: expected [min, max]"),
+    ("data.zoom=[0.5, 8]", "data.zoom: expected [min, max]"),
+    ("data.zoom=[0.5]", "data.zoom: expected [min, max]"),
+    ("data.zoom=0.5,big", "data.zoom: expected [min, max]"),
+    ("data.zoom=[true, 1.5]", "data.zoom: expected [min, max]"),
+    ("data.strong_aug_until=-1", "data.strong_aug_until: -1.0 is neither 0"),
+    ("data.strong_aug_until=2.5", "data.strong_aug_until: 2.5 is neither 0"),
+])
+def test_bad_strong_augmentation_values_are_refused(override, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("[", r"\[")) as err:
+        load_config(None, [override])
+    assert "\n" not in str(err.value)
+
+
+def test_strong_augmentations_are_off_by_default_and_parse_from_the_command_line():
+    data = load_config().data
+    assert (data.mosaic, data.mixup, data.zoom, data.strong_aug_until) == (0.0, 0.0, [], 0.0)
+    data = load_config(None, ["data.mosaic=0.5", "data.mixup=0.2", "data.zoom=0.5,1.5",
+                              "data.strong_aug_until=0.9"]).data
+    assert (data.mosaic, data.mixup, data.zoom, data.strong_aug_until) == (0.5, 0.2, [0.5, 1.5], 0.9)
+    assert load_config(None, ["data.zoom=[0.75, 1.25]", "data.strong_aug_until=12"]).data.zoom == [0.75, 1.25]
+
+
 def test_milestones_from_the_command_line_are_numbers():
     # `train.milestones=0.5,0.75` reaches the config as the string "0.5,0.75": the schedule needs numbers.
     cfg = load_config(None, ["train.schedule=multistep", "train.milestones=0.5,0.75"])

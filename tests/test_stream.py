@@ -16,6 +16,8 @@ import torch
 
 from neoray import storage
 from neoray.config import DataConfig
+from neoray.data.augment import apply_draw
+from neoray.data.draws import augment_targets, draw_batch, train_sizes
 from neoray.data.shards import FORMAT, MANIFEST_NAME, VERSION, shard_name, write_shard
 from neoray.data.stream import (
     Batch,
@@ -237,6 +239,73 @@ def test_train_hflip_mirrors_boxes_and_pixels_at_every_scale(ray_session, shard_
             assert np.abs(got - expected[:, ::-1]).mean() < 0.25 * np.abs(got - expected).mean()
             count += 1
     assert count == NUM_IMAGES and len(seen_sizes) > 1
+
+
+def _decoded(image_id: int) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(_row(image_id)["image"], np.uint8), cv2.IMREAD_COLOR_RGB)
+
+
+def test_without_strong_augmentations_batches_are_the_per_image_recipe_bit_for_bit(ray_session, shard_dir):
+    # The contract the strong augmentations must leave alone: the draw seeded by (seed, epoch, rank, batch
+    # index), then per image the resize, flip and jitter (apply_draw) and the boxes (augment_targets).
+    cfg = DataConfig(size=(160, 90), multiscale=[(128, 72), (160, 90), (320, 180)], hflip=0.5, color_jitter=0.4,
+                     shuffle_buffer=8)
+    for index, batch in enumerate(iter_train_batches(shards(shard_dir), 4, cfg, seed=6, epoch=1)):
+        draw = draw_batch(train_sizes(cfg), 0.5, 0.4, 4, np.random.default_rng([6, 1, 0, index]))
+        assert draw.layouts == ()
+        for i, image_id in enumerate(batch.image_ids.tolist()):
+            expected = apply_draw(_decoded(image_id), draw.size, draw.flips[i], draw.colors[i])
+            assert torch.equal(batch.images[i], torch.from_numpy(np.ascontiguousarray(expected.transpose(2, 0, 1))))
+            row = _row(image_id)
+            sample = {"boxes": _shard_boxes(image_id), "labels": np.array(row["labels"], np.int64),
+                      "iscrowd": np.array(row["iscrowd"], bool), "areas": np.array(row["areas"], np.float32),
+                      "width": W, "height": H, "image_id": image_id}
+            moved, _ = augment_targets(sample, draw.size, draw.flips[i])
+            for key in ("boxes", "labels", "iscrowd", "areas"):
+                assert torch.equal(batch.targets[i][key], torch.from_numpy(np.asarray(moved[key])))
+            assert batch.scale[i] == np.float32(SCALE * moved["factor"])
+
+
+def _same_batches(a: list[Batch], b: list[Batch]) -> bool:
+    return len(a) == len(b) and all(
+        torch.equal(x.images, y.images) and torch.equal(x.image_ids, y.image_ids) and torch.equal(x.pad, y.pad)
+        and all(torch.equal(s[k], t[k]) for s, t in zip(x.targets, y.targets) for k in s) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("until, epochs", [(2, None), (0.5, 4)])
+def test_strong_augmentations_stop_at_data_strong_aug_until(ray_session, shard_dir, until, epochs):
+    plain = DataConfig(size=(160, 90), hflip=0.5, color_jitter=0.2, shuffle_buffer=8)
+    strong = DataConfig(size=(160, 90), hflip=0.5, color_jitter=0.2, shuffle_buffer=8, mosaic=0.8, mixup=0.3,
+                        zoom=[0.6, 1.4], strong_aug_until=until)
+
+    def batches(cfg, epoch):
+        return list(iter_train_batches(shards(shard_dir), 5, cfg, seed=2, epoch=epoch, epochs=epochs))
+
+    for epoch in (1, 2):
+        a, b = batches(plain, epoch), batches(strong, epoch)
+        assert [x.image_ids.tolist() for x in a] == [x.image_ids.tolist() for x in b]  # the same rows
+        assert _same_batches(a, b) == (epoch >= 2)
+
+
+def test_strong_augmentations_keep_the_epoch_rows_and_the_batch_shape(ray_session, shard_dir):
+    sizes = [(128, 72), (160, 90), (320, 180)]
+    cfg = DataConfig(size=(160, 90), multiscale=sizes, hflip=0.5, color_jitter=0.4, shuffle_buffer=8, mosaic=1.0,
+                     mixup=0.5, zoom=[0.5, 1.5])
+    batches = list(iter_train_batches(shards(shard_dir), 4, cfg, seed=0, epoch=0))
+    plain = DataConfig(size=(160, 90), multiscale=sizes, hflip=0.5, color_jitter=0.4, shuffle_buffer=8)
+    rows = [b.image_ids.tolist() for b in iter_train_batches(shards(shard_dir), 4, plain, seed=0, epoch=0)]
+    assert [b.image_ids.tolist() for b in batches] == rows  # every row once, in the same batches
+    more = 0
+    for batch in batches:
+        _check_batch_types(batch)
+        h, w = batch.images.shape[2:]
+        assert len(batch) == 4 and (w, h) in sizes
+        for target, image_id in zip(batch.targets, batch.image_ids.tolist()):
+            boxes = target["boxes"]
+            assert (boxes[:, 2] - boxes[:, 0] >= 1).all() and (boxes[:, 3] - boxes[:, 1] >= 1).all()
+            assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all()
+            more += len(boxes) > _num_boxes(image_id)  # tiles of other rows bring their boxes
+    assert more > 0
 
 
 def _epoch_ids(shard_set, cfg, seed, epoch, batch_size=4, rank=0, world_size=1) -> list[int]:

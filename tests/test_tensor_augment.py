@@ -17,6 +17,9 @@ and pad: identical.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -28,8 +31,8 @@ from albumentations.augmentations.pixel import functional as fpixel
 from neoray import storage
 from neoray.config import DataConfig
 from neoray.data import tensor_augment as T
-from neoray.data.augment import apply_draw
-from neoray.data.draws import BatchDraw, ColorDraw, draw_batch
+from neoray.data.augment import apply_draw, augment_images
+from neoray.data.draws import BatchDraw, ColorDraw, Layout, Piece, draw_batch, strong_augment
 from neoray.data.shards import FORMAT, MANIFEST_NAME, VERSION, shard_name, write_shard
 from neoray.data.stream import ShardSet, iter_eval_batches, iter_train_batches
 
@@ -120,6 +123,66 @@ def test_one_draw_applied_both_ways():
     assert got.shape == expected.shape and diff.max() <= MAX_LEVELS and diff.mean() < MEAN_LEVELS
 
 
+def test_layouts_applied_both_ways():
+    # Every kind of piece: zoomed in (a window of a 400x225 image), zoomed out onto grey (160x90 at (37, 50)),
+    # mosaic tiles at the batch's size and enlarged, a mixup layer, a piece hanging off every edge.
+    images = [_picture(seed) for seed in range(4)]
+    size = (256, 144)
+    layouts = (
+        Layout((Piece(0, (400, 225), (-61, -40)),), (Piece(2, size, (0, 0)),), 97),
+        Layout((Piece(1, (160, 90), (37, 50)),)),
+        Layout(tuple(Piece(j, size, corner) for j, corner in zip((2, 3, 0, 1), ((-150, -60), (106, -60), (-150, 84),
+                                                                             (106, 84))))),
+        Layout(tuple(Piece(j, (352, 198), corner) for j, corner in zip((3, 0, 1, 2), ((-300, -190), (52, -190),
+                                                                                   (-300, 8), (52, 8)))),
+               (Piece(0, (96, 54), (200, 100)),), 160),
+    )
+    draw = BatchDraw(size, (True, False, False, True), (
+        ColorDraw(1.3, 0.7, 1.2, 0.04, (0, 1, 2, 3)), None, ColorDraw(0.8, 1.3, 0.6, -0.05, (3, 2, 1, 0)),
+        ColorDraw(1.1, 0.9, 1.2, 0.01, (2, 0, 3, 1))), layouts)
+    expected = np.stack(list(augment_images(images, draw)))
+    got = T.apply_draw(torch.stack([_chw(image) for image in images]), draw).permute(0, 2, 3, 1).numpy()
+    diff = _levels(got, expected)
+    assert got.shape == expected.shape == (4, 144, 256, 3)
+    assert diff.max() <= MAX_LEVELS and diff.mean() < MEAN_LEVELS
+    # Without colour jitter only the resize kernels' rounding is left: at most 1 level, and the grey is exact.
+    plain = BatchDraw(size, draw.flips, (None,) * 4, layouts)
+    expected = np.stack(list(augment_images(images, plain)))
+    got = T.apply_draw(torch.stack([_chw(image) for image in images]), plain).permute(0, 2, 3, 1).numpy()
+    assert _levels(got, expected).max() <= 1 and (got[1, :50] == 114).all() and (expected[1, :50] == 114).all()
+
+
+def test_drawn_strong_batches_applied_both_ways():
+    # No colour jitter: the layouts must add nothing to the resize kernels' rounding (1 level). The jitter
+    # after them is the same code as without layouts (the kernel tests above).
+    strong = strong_augment(DataConfig(mosaic=0.5, mixup=0.5, zoom=[0.5, 1.5]), 0)
+    images = [_picture(seed) for seed in range(10, 16)]
+    for seed in range(3):
+        draw = draw_batch([(256, 144), (W, H), (480, 270)], 0.5, 0.0, 6, np.random.default_rng(seed), strong)
+        expected = np.stack(list(augment_images(images, draw)))
+        got = T.apply_draw(torch.stack([_chw(image) for image in images]), draw).permute(0, 2, 3, 1).numpy()
+        diff = _levels(got, expected)
+        assert got.shape == expected.shape and diff.max() <= 1 and diff.mean() < 0.01
+
+
+def test_the_device_path_needs_neither_albumentations_nor_ray():
+    # Layouts included: a worker's device path must run where albumentations and Ray are not importable.
+    code = """
+import sys
+sys.modules["albumentations"] = sys.modules["ray"] = None
+import torch
+from neoray.data import tensor_augment as T
+from neoray.data.draws import BatchDraw, Layout, Piece
+images = torch.zeros((2, 3, 36, 64), dtype=torch.uint8)
+draw = BatchDraw((64, 36), (True, False), (None, None), (Layout((Piece(1, (32, 18), (5, 6)),), (Piece(0, (96, 54),
+                                                                                     (-8, -9)),), 100),
+                                                          Layout((Piece(0, (64, 36), (0, 0)),))))
+assert T.apply_draw(images, draw).shape == (2, 3, 36, 64)
+"""
+    root = str(Path(T.__file__).resolve().parents[2])  # the checkout this test imports neoray from
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": root})
+
+
 def test_the_caller_tensor_is_not_modified():
     images = torch.stack([_chw(_picture(7)), _chw(_picture(8))])
     before = images.clone()
@@ -192,6 +255,22 @@ def test_train_batches_match_between_cpu_and_gpu_decode(ray_session, shard_dir):
             dropped_somewhere |= any(len(t["labels"]) < len(_row(i)["labels"])
                                      for t, i in zip(batch_a.targets, batch_a.image_ids.tolist()))
     assert len(seen_sizes) >= 3 and dropped_somewhere  # shrink, grow and keep; sub-pixel boxes dropped
+
+
+def test_strong_train_batches_match_between_cpu_and_gpu_decode(ray_session, shard_dir):
+    # No colour jitter (as above): what is left is a level of the decoders and a level of the resize kernels.
+    common = dict(size=(W, H), multiscale=[(256, 144), (W, H), (480, 270)], hflip=0.5, color_jitter=0.0,
+                  shuffle_buffer=8, mosaic=0.6, mixup=0.4, zoom=[0.5, 1.5])
+    cpu, gpu = DataConfig(**common, decode="cpu"), DataConfig(**common, decode="gpu")
+    a = list(iter_train_batches(shard_dir, 4, cpu, seed=5, epoch=0))
+    b = list(iter_train_batches(shard_dir, 4, gpu, seed=5, epoch=0, device="cpu"))
+    assert len(a) == len(b) == NUM_IMAGES // 4
+    for batch_a, batch_b in zip(a, b):
+        _assert_same_batch(batch_a, batch_b)
+        assert _levels(batch_a.images.numpy(), batch_b.images.numpy()).max() <= 2
+    # Mosaic and mixup outputs carry boxes of other rows: more boxes than the anchor rows had, somewhere.
+    assert any(len(t["labels"]) > len(_row(i)["labels"]) for batch in a
+               for t, i in zip(batch.targets, batch.image_ids.tolist()))
 
 
 def test_eval_batches_match_between_cpu_and_gpu_decode(ray_session, shard_dir):
