@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from neoray.config import DataConfig, is_16_9
-from neoray.data.augment import TrainAugment
+from neoray.data.augment import TrainAugment, compose
 from neoray.data.draws import (
     FILL,
     MIN_VISIBLE_SHARE,
@@ -147,6 +147,30 @@ def test_zoom_crops_in_or_shrinks_onto_grey_and_boxes_follow(zoom, hflip):
             np.testing.assert_allclose(sample["boxes"], inside, atol=1e-3)
     assert len(offsets) > 10  # a random place, not a fixed one
     assert clipped > 0 or zoom[1] < 1  # zooming in cuts boxes at the window's edge
+
+
+def test_resizing_only_the_window_gives_the_whole_image_resize():
+    # A piece resizes only the source crop it needs (draws.piece_window); on a textured image, the pixels
+    # shown must be those of resizing the whole image and cutting it, up to a level of float rounding.
+    rng = np.random.default_rng(0)
+    image = cv2.GaussianBlur(rng.integers(0, 256, (H, W, 3), dtype=np.uint8), (0, 0), 1.5)
+    exact = 0
+    for k in [3, 7, 11, 13, 19, 20, 21, 27, 29, 31, 40, 41, 53]:  # 48x27 .. 848x477 from 320x180 (m = 20)
+        piece_size = (16 * k, 9 * k)
+        scaled = cv2.resize(image, piece_size, interpolation=cv2.INTER_AREA if k < 20 else cv2.INTER_LINEAR)
+        for _ in range(4):
+            offset = (int(rng.integers(-piece_size[0], W)), int(rng.integers(-piece_size[1], H)))
+            layout = Layout((Piece(0, piece_size, offset),))
+            got = compose([image], layout, (W, H))
+            canvas = np.full((H, W, 3), FILL, np.uint8)
+            x0, y0 = max(0, offset[0]), max(0, offset[1])
+            x1, y1 = min(W, offset[0] + piece_size[0]), min(H, offset[1] + piece_size[1])
+            if x1 > x0 and y1 > y0:
+                canvas[y0:y1, x0:x1] = scaled[y0 - offset[1]:y1 - offset[1], x0 - offset[0]:x1 - offset[0]]
+            diff = np.abs(got.astype(int) - canvas.astype(int))
+            assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (k, offset)
+            exact += int(diff.max() == 0)
+    assert exact > 26  # most are bit for bit
 
 
 # ----------------------------------------------------------------------------------------------------

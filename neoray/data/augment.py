@@ -63,6 +63,7 @@ from neoray.data.draws import (  # noqa: E402
     Piece,
     batch_targets,
     draw_batch,
+    piece_window,
     strong_augment,
     train_sizes,
     visible_rect,
@@ -118,22 +119,17 @@ def apply_draw(image: np.ndarray, size: tuple[int, int], flip: bool, color: Colo
 # ----------------------------------------------------------------------------------------------------
 
 
-def _scaled(images: list[np.ndarray], piece: Piece, size: tuple[int, int], kept: dict) -> np.ndarray:
-    """The piece's image at the piece's size; those at the batch's ``size`` are ``kept`` for the batch's
-    other layouts (a mosaic uses every image four times)."""
-    if piece.size != tuple(size):
-        return _resize(piece.size).apply(images[piece.source])
-    if piece.source not in kept:
-        kept[piece.source] = _resize(piece.size).apply(images[piece.source])
-    return kept[piece.source]
-
-
-def _paste(images: list[np.ndarray], pieces: tuple[Piece, ...], size: tuple[int, int], kept: dict) -> np.ndarray:
+def _paste(images: list[np.ndarray], pieces: tuple[Piece, ...], size: tuple[int, int]) -> np.ndarray:
+    """A grey canvas of ``size`` with ``pieces`` on it: of each, only its window's crop is resized."""
     canvas = np.full((size[1], size[0], 3), FILL, np.uint8)
     for piece in pieces:
-        (ox, oy), (x0, y0, x1, y1) = piece.offset, visible_rect(piece, size)
+        x0, y0, x1, y1 = visible_rect(piece, size)
         if x1 > x0 and y1 > y0:
-            canvas[y0:y1, x0:x1] = _scaled(images, piece, size, kept)[y0 - oy:y1 - oy, x0 - ox:x1 - ox]
+            image = images[piece.source]
+            window = piece_window(piece, (image.shape[1], image.shape[0]), size)
+            (left, top, right, bottom), (ax, ay) = window.crop, window.at
+            part = _resize(window.size).apply(image[top:bottom, left:right])
+            canvas[y0:y1, x0:x1] = part[y0 - ay:y1 - ay, x0 - ax:x1 - ax]
     return canvas
 
 
@@ -143,13 +139,12 @@ def blend(a: np.ndarray, b: np.ndarray, weight: int) -> np.ndarray:
     return (mixed // MIX_UNIT).astype(np.uint8)
 
 
-def compose(images: list[np.ndarray], layout: Layout, size: tuple[int, int], kept: dict | None = None) -> np.ndarray:
+def compose(images: list[np.ndarray], layout: Layout, size: tuple[int, int]) -> np.ndarray:
     """A layout's HWC uint8 pixels at ``size``: its pieces resized (as ``apply_draw``) and pasted on a grey
-    canvas, the mix layer blended in. ``kept``: images resized to ``size``, shared by a batch's layouts."""
-    kept = {} if kept is None else kept
-    canvas = _paste(images, layout.pieces, size, kept)
+    canvas, the mix layer blended in."""
+    canvas = _paste(images, layout.pieces, size)
     if layout.mix:
-        canvas = blend(canvas, _paste(images, layout.mix, size, kept), layout.mix_weight)
+        canvas = blend(canvas, _paste(images, layout.mix, size), layout.mix_weight)
     return canvas
 
 
@@ -160,9 +155,9 @@ def augment_images(images: Iterable[np.ndarray], draw: BatchDraw) -> Iterator[np
         for image, flip, color in zip(images, draw.flips, draw.colors):
             yield apply_draw(image, draw.size, flip, color)
         return
-    images, kept = list(images), {}
+    images = list(images)
     for layout, flip, color in zip(draw.layouts, draw.flips, draw.colors):
-        yield finish(compose(images, layout, draw.size, kept), flip, color)
+        yield finish(compose(images, layout, draw.size), flip, color)
 
 
 class TrainAugment:

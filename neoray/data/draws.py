@@ -40,6 +40,7 @@ imports numpy and the config only, so that the device path runs where albumentat
 from __future__ import annotations
 
 from dataclasses import dataclass
+from math import gcd
 
 import numpy as np
 
@@ -57,6 +58,8 @@ FILL = 114  # the grey of the canvas where no image lands (YOLO's)
 MIX_UNIT = 256  # mixup weights are integers out of MIX_UNIT: (a * (256 - w) + b * w + 128) >> 8, exact
 MIXUP_BETA = 32.0  # mixup's weight ~ Beta(32, 32) (YOLO's): about 0.5, rarely beyond 0.35..0.65
 MOSAIC_CENTRE = (0.25, 0.75)  # the mosaic's centre, a share of the canvas's width and height
+# Source pixels a piece's crop reaches beyond what the piece shows: bilinear reads one neighbour outside.
+CROP_MARGIN = 2
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -227,6 +230,42 @@ def visible_rect(piece: Piece, size: tuple[int, int]) -> tuple[int, int, int, in
     return x0, y0, max(x0, min(size[0], ox + pw)), max(y0, min(size[1], oy + ph))
 
 
+@dataclass(frozen=True)
+class Window:
+    """What a piece takes from its source image: the source pixels ``crop`` (x0, y0, x1, y1) resized to
+    ``size`` (W, H), whose top-left pixel lands at ``at`` (x, y) on the canvas.
+
+    Only the crop is resized, not the whole image: a mosaic tile shows about a quarter of its image, a
+    zoomed-in window 1/zoom^2. The crop starts and ends where source and resized pixels align (every
+    m / gcd(m, k) source px for an image of 16m x 9m px resized to 16k x 9k), so its pixels land exactly
+    where the whole image's would, and it reaches ``CROP_MARGIN`` px beyond the part shown, so the pixels
+    shown read the same neighbours (up to the kernels' float rounding of positions: a level, rarely)."""
+
+    crop: tuple[int, int, int, int]
+    size: tuple[int, int]
+    at: tuple[int, int]
+
+
+def piece_window(piece: Piece, image_size: tuple[int, int], canvas: tuple[int, int]) -> Window:
+    """The ``Window`` of ``piece`` (its image of ``image_size`` (W, H)) on a canvas of ``canvas`` (W, H);
+    the piece must show (``visible_rect`` not empty)."""
+    m, k = image_size[0] // 16, piece.size[0] // 16
+    x0, y0, x1, y1 = visible_rect(piece, canvas)
+    (ox, oy), grid, step = piece.offset, m // gcd(m, k), k // gcd(m, k)
+    left, right, width, start_x = _window_axis(x0 - ox, x1 - ox, image_size[0], m, k, grid, step)
+    top, bottom, height, start_y = _window_axis(y0 - oy, y1 - oy, image_size[1], m, k, grid, step)
+    return Window((left, top, right, bottom), (width, height), (ox + start_x, oy + start_y))
+
+
+def _window_axis(low: int, high: int, length: int, m: int, k: int, grid: int, step: int) -> tuple[int, int, int, int]:
+    """Along one axis, for the resized pixels [low, high) shown: the source range [a, b) on the grid (``grid``
+    source px = ``step`` resized px), its resized length, and where it starts among the resized pixels."""
+    unit = k * grid  # source px u * m / k, in units of grid px: (u * m) / (k * grid)
+    a = max(0, (low * m - CROP_MARGIN * k) // unit) * grid
+    b = min(length, -(-(high * m + CROP_MARGIN * k) // unit) * grid)
+    return a, b, (b - a) // grid * step, a // grid * step
+
+
 # ----------------------------------------------------------------------------------------------------
 # Boxes (both paths)
 # ----------------------------------------------------------------------------------------------------
@@ -320,8 +359,8 @@ def batch_targets(samples: list[dict], draw: BatchDraw) -> tuple[list[dict], int
 
 
 __all__ = [
-    "BatchDraw", "ColorDraw", "FILL", "HUE_SHARE", "Layout", "MIN_BOX_SIDE", "MIN_VISIBLE_SHARE", "MIX_UNIT",
-    "MOSAIC_CENTRE", "Piece", "StrongAugment", "augment_targets", "batch_targets", "draw_batch", "layout_targets",
-    "place_boxes", "resize_factor", "strong_aug_until_epoch", "strong_augment", "train_sizes", "transform_boxes",
-    "visible_rect",
+    "BatchDraw", "CROP_MARGIN", "ColorDraw", "FILL", "HUE_SHARE", "Layout", "MIN_BOX_SIDE", "MIN_VISIBLE_SHARE",
+    "MIX_UNIT", "MOSAIC_CENTRE", "Piece", "StrongAugment", "Window", "augment_targets", "batch_targets", "draw_batch",
+    "layout_targets", "piece_window", "place_boxes", "resize_factor", "strong_aug_until_epoch", "strong_augment",
+    "train_sizes", "transform_boxes", "visible_rect",
 ]

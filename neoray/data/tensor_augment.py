@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from neoray.data.draws import FILL, MIX_UNIT, BatchDraw, ColorDraw, Piece, visible_rect
+from neoray.data.draws import FILL, MIX_UNIT, BatchDraw, ColorDraw, Piece, piece_window, visible_rect
 
 # OpenCV's RGB -> grey for 8-bit images: (9798 R + 19235 G + 3735 B + 2^14) >> 15.
 _GREY = (9798, 19235, 3735)
@@ -308,22 +308,16 @@ def color_jitter(image: torch.Tensor, color: ColorDraw) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _scaled(images: torch.Tensor, piece: Piece, size: tuple[int, int], kept: dict) -> torch.Tensor:
-    """The piece's image (3, h, w) at the piece's size; those at the batch's ``size`` are ``kept`` for the
-    batch's other layouts."""
-    if piece.size != tuple(size):
-        return resize_images(images[piece.source:piece.source + 1], piece.size)[0]
-    if piece.source not in kept:
-        kept[piece.source] = resize_images(images[piece.source:piece.source + 1], piece.size)[0]
-    return kept[piece.source]
-
-
-def _paste(canvas: torch.Tensor, images: torch.Tensor, pieces: tuple[Piece, ...], kept: dict) -> torch.Tensor:
+def _paste(canvas: torch.Tensor, images: torch.Tensor, pieces: tuple[Piece, ...]) -> torch.Tensor:
+    """``pieces`` on ``canvas`` (3, H, W), in place: of each, only its window's crop is resized."""
     size = (canvas.shape[2], canvas.shape[1])
     for piece in pieces:
-        (ox, oy), (x0, y0, x1, y1) = piece.offset, visible_rect(piece, size)
+        x0, y0, x1, y1 = visible_rect(piece, size)
         if x1 > x0 and y1 > y0:
-            canvas[:, y0:y1, x0:x1] = _scaled(images, piece, size, kept)[:, y0 - oy:y1 - oy, x0 - ox:x1 - ox]
+            window = piece_window(piece, (images.shape[3], images.shape[2]), size)
+            (left, top, right, bottom), (ax, ay) = window.crop, window.at
+            crop = images[piece.source:piece.source + 1, :, top:bottom, left:right].contiguous()
+            canvas[:, y0:y1, x0:x1] = resize_images(crop, window.size)[0, :, y0 - ay:y1 - ay, x0 - ax:x1 - ax]
     return canvas
 
 
@@ -339,11 +333,10 @@ def compose_batch(images: torch.Tensor, draw: BatchDraw) -> torch.Tensor:
     canvas, the mix layer blended in (before flip and jitter)."""
     width, height = draw.size
     out = torch.full((len(draw.layouts), 3, height, width), FILL, dtype=torch.uint8, device=images.device)
-    kept: dict = {}
     for i, layout in enumerate(draw.layouts):
-        _paste(out[i], images, layout.pieces, kept)
+        _paste(out[i], images, layout.pieces)
         if layout.mix:
-            mix = _paste(torch.full_like(out[i], FILL), images, layout.mix, kept)
+            mix = _paste(torch.full_like(out[i], FILL), images, layout.mix)
             out[i] = blend(out[i], mix, layout.mix_weight)
     return out
 
