@@ -15,7 +15,9 @@ mixup 0.5, zoom [0.5, 1.5]). Per configuration:
   stream:        neoray.data.stream.iter_train_batches with data.decode=cpu (Ray Data reads, one Ray task
                  per batch), on --workers CPUs.
   tensor path:   neoray.data.tensor_augment on this machine's --device (default: cuda if there is one, else
-                 cpu with --workers threads): decode_jpegs + apply_draw, batch by batch.
+                 cpu with --workers threads): decode_jpegs + apply_draw, batch by batch, on the first
+                 --tensor-batches batches (default: all on cuda, 2 on the cpu, where the colour jitter's
+                 exact OpenCV emulation makes it slow: the path exists for GPUs).
 
 The first pass is a warm-up (imports, page cache, Ray Data's start) and is left out of the figures. Synthetic
 data (neoray.data.synth + neoray.data.prepare, as bench_data.py) is made in a temporary directory first.
@@ -123,6 +125,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--passes", type=int, default=3, help="passes per configuration; the first is a warm-up")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default=None, help="the tensor path's device (default: cuda if any, else cpu)")
+    parser.add_argument("--tensor-batches", type=int, default=None, help="batches the tensor path runs per pass "
+                                                                          "(default: all on cuda, 2 on cpu)")
     parser.add_argument("--data-dir", default=None, help="make the data here, or reuse what a previous run made here")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     return parser.parse_args(argv)
@@ -156,12 +160,13 @@ def main(argv=None) -> int:
 
         ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
+        tensor_batches = args.tensor_batches or (len(batches) if device.type == "cuda" else 2)
         passes: dict = {name: [] for name in configs}
         for epoch in range(args.passes):  # interleaved: every configuration sees the same load
             for name, cfg in configs.items():
                 passes[name].append({"task": task_rate(pool, batches, draws[name]),
                                      "stream": stream_rate(tmp / "shards", cfg, args.batch_size, epoch),
-                                     "tensor": tensor_rate(jpegs, batches, draws[name], device)})
+                                     "tensor": tensor_rate(jpegs, batches[:tensor_batches], draws[name], device)})
             print(f"pass {epoch + 1}: " + ", ".join(f"{n} {p[-1]['stream']:.1f}" for n, p in passes.items())
                   + " img/s (stream)", flush=True)
         pool.close()

@@ -81,6 +81,20 @@ def test_resize_matches_opencv(target):
     assert got.shape == expected.shape and diff.max() <= 1 and diff.mean() < 0.01
 
 
+def test_resize_of_any_crop_matches_opencv():
+    # A layout's piece resizes a crop of any width and height (draws.piece_window), up or down.
+    image, rng = _picture(9), np.random.default_rng(9)
+    for _ in range(12):
+        w, h = int(rng.integers(5, W)), int(rng.integers(5, H))
+        x, y = int(rng.integers(0, W - w + 1)), int(rng.integers(0, H - h + 1))
+        ratio = float(rng.choice([0.3, 0.55, 0.8, 1.25, 1.7]))
+        target = (max(1, round(w * ratio)), max(1, round(h * ratio)))
+        crop = np.ascontiguousarray(image[y:y + h, x:x + w])
+        expected = cv2.resize(crop, target, interpolation=cv2.INTER_AREA if ratio < 1 else cv2.INTER_LINEAR)
+        got = _hwc(T.resize_images(_chw(crop)[None], target)[0])
+        assert got.shape == expected.shape and _levels(got, expected).max() <= 1, (w, h, target)
+
+
 @pytest.mark.parametrize("factor", [0.62, 0.93, 1.08, 1.4])
 def test_brightness_contrast_saturation_match_albumentations(factor):
     image = _picture(2)

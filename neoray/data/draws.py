@@ -128,7 +128,7 @@ class BatchDraw:
     size: tuple[int, int]  # (W, H) of the whole batch
     flips: tuple[bool, ...]  # per image
     colors: tuple[ColorDraw | None, ...]  # per image; None: no colour jitter
-    layouts: tuple[Layout, ...] = ()  # per image with strong augmentations; () : each image just resized
+    layouts: tuple[Layout, ...] = ()  # per image with strong augmentations; (): each image just resized
 
 
 @dataclass(frozen=True)
@@ -209,7 +209,8 @@ def _zoomed_size(size: tuple[int, int], zoom: tuple[float, float] | None, rng: n
 
 
 def _offset(room: int, rng: np.random.Generator) -> int:
-    """Where a side of ``canvas - room`` px starts: anywhere it covers (room < 0) or fits (room > 0)."""
+    """Along one axis, the offset of a piece ``room`` px shorter than the canvas (negative: longer): drawn
+    uniformly from those where it lies inside the canvas (room >= 0) or covers all of it (room < 0)."""
     return int(rng.integers(min(0, room), max(0, room) + 1))
 
 

@@ -21,6 +21,7 @@ Each training worker builds its own stream, every epoch, from a plan that is a f
    read Parquet rows                 Ray Data tasks                        Ray Data tasks
    shuffle buffer, draws, boxes      the training worker                   the training worker
    JPEG decode                       one Ray task per batch (cv2)          the worker's device (nvJPEG)
+   mosaic, mixup, zoom (compose)     the same task (slicing, blend)        the worker's device (tensor ops)
    multi-scale resize, flip, jitter  the same task (albumentations)        the worker's device (tensor ops)
    collate into (B, 3, H, W) uint8   the same task                         the worker's device
    ================================  ====================================  ==================================

@@ -70,52 +70,45 @@ def decode_jpegs(jpegs: list[bytes], device: torch.device | str, where: list[str
 # ----------------------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=64)
+# Both tables are computed for every (source, destination) length a piece's crop has: with numpy, not a
+# Python loop per pixel, so that a batch of mosaics does not spend its time here.
+@lru_cache(maxsize=1024)
 def _area_taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray]:
     """OpenCV's INTER_AREA weights along one axis (``computeResizeAreaTab``): (index, weight) arrays of
-    shape (K, dst), taps in OpenCV's summation order; unused taps have weight 0."""
+    shape (K, dst), taps in OpenCV's summation order (the partial first cell, the whole ones, the partial
+    last); unused taps have weight 0."""
     scale = 1.0 / (dst / src)
-    taps: list[list[tuple[int, float]]] = []
-    for dx in range(dst):
-        fsx1 = dx * scale
-        fsx2 = fsx1 + scale
-        cell = min(scale, src - fsx1)
-        sx1, sx2 = int(np.ceil(fsx1)), int(np.floor(fsx2))
-        sx2 = min(sx2, src - 1)
-        sx1 = min(sx1, sx2)
-        row = []
-        if sx1 - fsx1 > 1e-3:
-            row.append((sx1 - 1, (sx1 - fsx1) / cell))
-        row += [(sx, 1.0 / cell) for sx in range(sx1, sx2)]
-        if fsx2 - sx2 > 1e-3:
-            row.append((sx2, min(min(fsx2 - sx2, 1.0), cell) / cell))
-        taps.append(row)
-    k = max(len(row) for row in taps)
-    index = np.zeros((k, dst), np.int64)
-    weight = np.zeros((k, dst), np.float32)
-    for dx, row in enumerate(taps):
-        for j, (sx, alpha) in enumerate(row):
-            index[j, dx], weight[j, dx] = sx, np.float32(alpha)
-    return index, weight
+    fsx1 = np.arange(dst, dtype=np.float64) * scale
+    fsx2 = fsx1 + scale
+    cell = np.minimum(scale, src - fsx1)
+    sx2 = np.minimum(np.floor(fsx2).astype(np.int64), src - 1)
+    sx1 = np.minimum(np.ceil(fsx1).astype(np.int64), sx2)
+    head, tail, whole = (sx1 - fsx1 > 1e-3), (fsx2 - sx2 > 1e-3), sx2 - sx1
+    k = int((head + whole + tail).max())
+    j = np.arange(k)[:, None] - head  # the tap's place among the whole cells
+    inner = (j >= 0) & (j < whole)
+    index = np.where(inner, sx1 + j, 0)
+    weight = np.where(inner, 1.0 / cell, 0.0)
+    first, last = (j == -1) & head, (j == whole) & tail
+    index = np.where(first, sx1 - 1, np.where(last, sx2, index))
+    weight = np.where(first, (sx1 - fsx1) / cell, weight)
+    weight = np.where(last, np.minimum(np.minimum(fsx2 - sx2, 1.0), cell) / cell, weight)
+    return index.astype(np.int64), weight.astype(np.float32)
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=1024)
 def _linear_taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray]:
     """OpenCV's INTER_LINEAR weights along one axis for uint8: source indices (2, dst) and 11-bit fixed
     point weights (2, dst), edges clamped as OpenCV does."""
     scale = 1.0 / (dst / src)
-    index = np.zeros((2, dst), np.int64)
-    weight = np.zeros((2, dst), np.int32)
-    for dx in range(dst):
-        fx = np.float32((dx + 0.5) * scale - 0.5)
-        sx = int(np.floor(fx))
-        fx = np.float32(fx - np.float32(sx))
-        if sx < 0:
-            fx, sx = np.float32(0), 0
-        if sx >= src - 1:
-            fx, sx = np.float32(0), src - 1
-        index[:, dx] = (sx, min(sx + 1, src - 1))
-        weight[:, dx] = (np.rint((np.float32(1) - fx) * 2048), np.rint(fx * 2048))
+    fx = ((np.arange(dst) + 0.5) * scale - 0.5).astype(np.float32)
+    sx = np.floor(fx).astype(np.int64)
+    fx = fx - sx.astype(np.float32)
+    clamped = (sx < 0) | (sx >= src - 1)
+    fx = np.where(clamped, np.float32(0), fx)
+    sx = np.clip(sx, 0, src - 1)
+    index = np.stack([sx, np.minimum(sx + 1, src - 1)])
+    weight = np.stack([np.rint((np.float32(1) - fx) * 2048), np.rint(fx * 2048)]).astype(np.int32)
     return index, weight
 
 
