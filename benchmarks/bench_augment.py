@@ -11,13 +11,18 @@ mixup 0.5, zoom [0.5, 1.5]). Per configuration:
 
   batch task:    the CPU path's work without the pipeline: --workers processes running
                  neoray.data.augment.decode_augment_batch (decode, compose, resize, flip, jitter, CHW) on
-                 the shards' JPEGs, whole batches with their draws.
+                 the shards' JPEGs, whole batches with their draws; images per CPU second of those
+                 processes (their process time: what a core does, whatever else runs on the machine).
   stream:        neoray.data.stream.iter_train_batches with data.decode=cpu (Ray Data reads, one Ray task
                  per batch), on --workers CPUs.
   tensor path:   neoray.data.tensor_augment on this machine's --device (default: cuda if there is one, else
                  cpu with --workers threads): decode_jpegs + apply_draw, batch by batch, on the first
                  --tensor-batches batches (default: all on cuda, 2 on the cpu, where the colour jitter's
-                 exact OpenCV emulation makes it slow: the path exists for GPUs).
+                 exact OpenCV emulation makes it slow: the path exists for GPUs); images/s on cuda, images
+                 per CPU second (all threads) on the cpu.
+
+The stream's images/s are wall-clock rates: on a shared machine they move with the other load, which the
+interleaved passes spread over all configurations alike; the CPU-time rates do not.
 
 The first pass is a warm-up (imports, page cache, Ray Data's start) and is left out of the figures. Synthetic
 data (neoray.data.synth + neoray.data.prepare, as bench_data.py) is made in a temporary directory first.
@@ -78,17 +83,18 @@ def _init(jpegs: list) -> None:
     _JPEGS[:] = jpegs
 
 
-def _task(job: tuple[list[int], object]) -> int:
+def _task(job: tuple[list[int], object]) -> float:
+    """CPU seconds of one batch task."""
     indices, draw = job
+    start = time.process_time()
     decode_augment_batch([_JPEGS[i][0] for i in indices], [_JPEGS[i][1] for i in indices], draw,
                          ["bench"] * len(indices))
-    return len(indices)
+    return time.process_time() - start
 
 
 def task_rate(pool, batches: list[list[int]], draws: list) -> float:
-    start = time.perf_counter()
-    images = sum(pool.map(_task, list(zip(batches, draws)), chunksize=1))
-    return images / (time.perf_counter() - start)
+    """Images per CPU second of the batch tasks."""
+    return sum(len(b) for b in batches) / sum(pool.map(_task, list(zip(batches, draws)), chunksize=1))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -104,13 +110,15 @@ def stream_rate(shard_dir: Path, cfg: DataConfig, batch_size: int, epoch: int) -
 
 
 def tensor_rate(jpegs: list, batches: list[list[int]], draws: list, device: torch.device) -> float:
-    start, images = time.perf_counter(), 0
+    """Images/s on cuda; images per CPU second of this process (all its threads) on the cpu."""
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    start, images = clock(), 0
     for indices, draw in zip(batches, draws):
         decoded = torch.stack(decode_jpegs([jpegs[i][0] for i in indices], device))
         images += len(apply_draw(decoded, draw))
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return images / (time.perf_counter() - start)
+    return images / (clock() - start)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -133,12 +141,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def print_table(rates: dict, device: torch.device) -> None:
-    print(f"images/s, later passes (ratio to 'off'); tensor path on {device}:")
-    print(f"{'config':<8} {'batch task':>18} {'stream':>18} {'tensor path':>18}")
+    tensor_unit = "img/s" if device.type == "cuda" else "img/CPU-s"
+    print(f"later passes, ratio to 'off' in brackets; tensor path on {device}:")
+    print(f"{'config':<8} {'batch task img/CPU-s':>22} {'stream img/s':>18} {'tensor path ' + tensor_unit:>22}")
     base = rates["off"]
     for name, r in rates.items():
         cells = [f"{r[k]:8.1f} ({r[k] / base[k]:4.2f}x)" for k in ("task", "stream", "tensor")]
-        print(f"{name:<8} " + " ".join(f"{c:>18}" for c in cells))
+        print(f"{name:<8} {cells[0]:>22} {cells[1]:>18} {cells[2]:>22}")
 
 
 def main(argv=None) -> int:

@@ -51,6 +51,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import albumentations as A  # noqa: E402
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
+from albumentations.augmentations.geometric import functional as fgeometric  # noqa: E402
 
 from neoray.config import DataConfig  # noqa: E402
 from neoray.data.decode import decode_jpeg  # noqa: E402
@@ -119,6 +120,14 @@ def apply_draw(image: np.ndarray, size: tuple[int, int], flip: bool, color: Colo
 # ----------------------------------------------------------------------------------------------------
 
 
+def _resize_crop(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """What ``_resize(size).apply`` does (albumentations' resize: area to shrink, linear to grow), without
+    building a ``Resize`` per size: crops come in every size, and building one costs more than resizing."""
+    width, height = size
+    shrink = height < image.shape[0] or width < image.shape[1]
+    return fgeometric.resize(image, (height, width), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
 def _paste(images: list[np.ndarray], pieces: tuple[Piece, ...], size: tuple[int, int]) -> np.ndarray:
     """A grey canvas of ``size`` with ``pieces`` on it: of each, only its window's crop is resized."""
     canvas = np.full((size[1], size[0], 3), FILL, np.uint8)
@@ -128,15 +137,19 @@ def _paste(images: list[np.ndarray], pieces: tuple[Piece, ...], size: tuple[int,
             image = images[piece.source]
             window = piece_window(piece, (image.shape[1], image.shape[0]), size)
             (left, top, right, bottom), (ax, ay) = window.crop, window.at
-            part = _resize(window.size).apply(image[top:bottom, left:right])
+            part = _resize_crop(image[top:bottom, left:right], window.size)
             canvas[y0:y1, x0:x1] = part[y0 - ay:y1 - ay, x0 - ax:x1 - ax]
     return canvas
 
 
 def blend(a: np.ndarray, b: np.ndarray, weight: int) -> np.ndarray:
     """uint8 ``a`` and ``b`` mixed as ``(a * (MIX_UNIT - weight) + b * weight) / MIX_UNIT``, rounded half up."""
-    mixed = a.astype(np.uint16) * (MIX_UNIT - weight) + b.astype(np.uint16) * weight + MIX_UNIT // 2
-    return (mixed // MIX_UNIT).astype(np.uint8)
+    # In place in uint16 (255 * 256 + 128 fits): a third of the time of the same sums on temporaries.
+    mixed = np.multiply(a, np.uint16(MIX_UNIT - weight), dtype=np.uint16)
+    mixed += np.multiply(b, np.uint16(weight), dtype=np.uint16)
+    mixed += np.uint16(MIX_UNIT // 2)
+    mixed //= np.uint16(MIX_UNIT)
+    return mixed.astype(np.uint8)
 
 
 def compose(images: list[np.ndarray], layout: Layout, size: tuple[int, int]) -> np.ndarray:
