@@ -16,7 +16,8 @@ Online, every epoch on every worker (the stream Ray Data feeds):
 
 * ``stream``          the plan, the shuffle buffer, train and evaluation batches, which work runs where
 * ``decode``          the Ray Data tasks' reading and JPEG decoding (no torch)
-* ``draws``           a batch's random draws and the boxes that follow them (numpy only)
+* ``draws``           a batch's random draws (mosaic, mixup and zoom layouts too) and the boxes that follow
+                      them (numpy only)
 * ``augment``         the CPU path's pixels (albumentations) and its Ray task
 * ``tensor_augment``  the device path's pixels (tensor ops; nvJPEG on CUDA)
 
