@@ -4,10 +4,10 @@ Syne Tune is a benchmark-only extra that neoray never imports; its pins (numpy <
 environment, so it runs from a virtualenv of its own, made once:
 
     python -m venv .venv-peers
-    .venv-peers/bin/pip install "syne-tune[gpsearchers,kde]==0.14.2" scikit-learn huggingface_hub optuna
+    .venv-peers/bin/pip install -r benchmarks/requirements-peers.txt
     nice -n 15 .venv-peers/bin/python benchmarks/bench_search_peers.py --tasks default dense --seeds 500
 
-0.14.2 is the last version with MOBSTER, DyHPO and promotion ASHA; there they live in
+0.14.2 is the last version with MOBSTER, DyHPO and promotion ASHA (0.15.0 dropped them); there they live in
 ``syne_tune.optimizer.legacy_baselines`` (its ``baselines`` module already holds the newer, smaller set).
 
 Each (method, search seed) is one ``syne_tune.Tuner`` with 2 workers on Syne Tune's simulator backend
