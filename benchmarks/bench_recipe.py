@@ -8,10 +8,11 @@ wall time on a quiet machine).
 
     python benchmarks/bench_recipe.py --task dense --epochs 30 \
         --variant base --variant "mal:model.options.cls_loss=mal" \
-        --variant "o2m4:model.options.dense_o2m=4" --variant "q100:model.options.num_queries=100"
+        --variant "o2m4:model.options.dense_o2m=4" --variant "zoom:data.zoom=[0.5,1.5];data.mosaic=0.5"
     python benchmarks/bench_recipe.py --task dense --table          # the table of what is recorded
 
-A variant is ``NAME`` or ``NAME:key=value,key=value``. Rows go to benchmarks/data/recipe_<task>.csv (one per
+A variant is ``NAME`` or ``NAME:key=value;key=value`` (``;`` between overrides: a value may hold commas).
+Rows go to benchmarks/data/recipe_<task>.csv (one per
 variant, seed and epoch) with the overrides, commit and machine in recipe_<task>.json; a variant already
 recorded for the same epochs and seed is not trained again (the table accumulates).
 """
@@ -52,10 +53,10 @@ COLUMNS = ["task", "variant", "seed", "epoch", "map", "map50", "loss", "seconds"
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
-    """``name`` or ``name:key=value,key=value`` -> (name, {key: value})."""
+    """``name`` or ``name:key=value;key=value`` -> (name, {key: value})."""
     name, _, rest = text.partition(":")
     overrides = {}
-    for item in filter(None, rest.split(",")):
+    for item in filter(None, rest.split(";")):
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--variant {text}: expected key=value, got {item!r}")
@@ -152,7 +153,7 @@ def _mean(rows: list[dict], key: str) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=sorted(TASKS), required=True)
-    parser.add_argument("--variant", action="append", default=[], help="NAME or NAME:key=value,key=value")
+    parser.add_argument("--variant", action="append", default=[], help="NAME or NAME:key=value;key=value")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--parallel", type=int, default=2)

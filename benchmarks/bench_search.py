@@ -35,7 +35,6 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
@@ -261,12 +260,6 @@ def cost(args) -> None:
 # The simulated sweeps (v2: benchmarks/search_sim.py)
 # ----------------------------------------------------------------------------------------------------
 
-# Budgets in full-length trainings (12 epochs each) at which the success rate is read.
-BUDGETS_FULL_RUNS = (4, 6, 8, 12, 16, 24)
-SELECT_SEEDS = range(0, 500)  # defaults are chosen on this block of search seeds ...
-REPORT_SEEDS = range(1000, 1500)  # ... and the headline is read on this one
-
-
 def policies(which: str) -> list:
     from search_sim import Policy
 
@@ -288,7 +281,7 @@ def _simulate_seed(job) -> tuple:
     from search_sim import simulate, success_at
 
     table, policy, seed, budgets_epochs, budgets_seconds = job
-    events = simulate(table, policy, seed, max_epochs=int(max(budgets_epochs)))
+    events = simulate(table, policy, seed, max_epochs=int(max(budgets_epochs)), max_seconds=max(budgets_seconds))
     return (policy.name, seed, success_at(table, events, budgets_epochs, "epochs"),
             success_at(table, events, budgets_seconds, "seconds"))
 
@@ -297,12 +290,12 @@ def simulate_step(args) -> None:
     """Every policy x search seed on each task's table, both seed blocks; success at each budget in epochs and in
     seconds, written to benchmarks/data/sim_<task>.json with every seed's outcome (for paired comparisons)."""
 
-    seeds = list(SELECT_SEEDS)[:args.seeds] + list(REPORT_SEEDS)[:args.seeds]
+    from search_sim import BUDGETS_FULL_RUNS, REPORT_SEEDS, SELECT_SEEDS, budgets, seed_blocks
+
+    seeds = seed_blocks(args.seeds)
     for task in args.tasks:
         table = _table_for(task, args.data_dir)
-        full_run_seconds = table.epochs * float(np.median(list(table.seconds_per_epoch.values())))
-        budgets_epochs = [k * table.epochs for k in BUDGETS_FULL_RUNS]
-        budgets_seconds = [k * full_run_seconds for k in BUDGETS_FULL_RUNS]
+        budgets_epochs, budgets_seconds = budgets(table)
         jobs = [(table, p, seed, budgets_epochs, budgets_seconds) for p in policies(args.policies) for seed in seeds]
         started = time.perf_counter()
         outcomes: dict = {}

@@ -57,17 +57,15 @@ import syne_tune
 from search_peers import (
     add_outcome,
     blackbox_arrays,
-    budgets,
     compare,
     load_task_table,
     new_record,
     outcome,
     resumable,
-    seed_blocks,
     success_table,
     write_json_atomically,
 )
-from search_sim import Event, Table
+from search_sim import Event, Table, budgets, seed_blocks
 from syne_tune import Tuner
 from syne_tune.backend.simulator_backend.simulator_backend import SimulatorConfig
 from syne_tune.backend.simulator_backend.simulator_callback import SimulatorCallback

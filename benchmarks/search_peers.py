@@ -26,13 +26,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from search_sim import Event, Table, load_table, success_at, wilson
+from search_sim import (
+    BUDGETS_FULL_RUNS,
+    SELECT_SEEDS,
+    Event,
+    Table,
+    budgets,
+    load_table,
+    success_at,
+    wilson,
+)
 
 # The same as bench_search.py's (tests/test_search_peers.py holds them equal): bench_search.py imports Ray, torch
 # and neoray, which the peers' virtualenv does not have.
-BUDGETS_FULL_RUNS = (4, 6, 8, 12, 16, 24)
-SELECT_SEEDS = range(0, 500)
-REPORT_SEEDS = range(1000, 1500)
 
 OBJECTIVES = ("score", "elapsed_time")  # the blackbox's objective columns, in this order
 
@@ -84,18 +90,6 @@ def blackbox_arrays(table: Table) -> DesignArrays:
             objectives[i, row, :, 1] = epochs * table.seconds_per_epoch[config.batch]
     hyperparameters = [{"lr": c.lr, "warmup_steps": c.warmup_steps, "batch": c.batch} for c in configs]
     return DesignArrays([c.key for c in configs], hyperparameters, objectives)
-
-
-def budgets(table: Table) -> tuple[list[int], list[float]]:
-    """The budgets of bench_search.py simulate: BUDGETS_FULL_RUNS full runs, in epochs and in seconds (a full run
-    at the median of the batch pairs' seconds per epoch)."""
-    full_run_seconds = table.epochs * float(np.median(list(table.seconds_per_epoch.values())))
-    return [k * table.epochs for k in BUDGETS_FULL_RUNS], [k * full_run_seconds for k in BUDGETS_FULL_RUNS]
-
-
-def seed_blocks(n: int) -> list[int]:
-    """The first ``n`` seeds of each block, as bench_search.py simulate --seeds N takes them."""
-    return list(SELECT_SEEDS)[:n] + list(REPORT_SEEDS)[:n]
 
 
 def outcome(table: Table, events: list[Event], budgets_epochs: list[int], budgets_seconds: list[float]) -> dict:
@@ -199,6 +193,5 @@ def compare(record: dict, method: str, other: dict, other_method: str, seeds: li
     return lines
 
 
-__all__ = ["BUDGETS_FULL_RUNS", "DesignArrays", "OBJECTIVES", "REPORT_SEEDS", "SELECT_SEEDS", "add_outcome",
-           "blackbox_arrays", "budgets", "compare", "load_task_table", "new_record", "outcome", "rate_difference",
-           "rates", "resumable", "seed_blocks", "success_table", "table_digest", "write_json_atomically"]
+__all__ = ["DesignArrays", "OBJECTIVES", "add_outcome", "blackbox_arrays", "compare", "load_task_table", "new_record",
+           "outcome", "rate_difference", "rates", "resumable", "success_table", "table_digest", "write_json_atomically"]

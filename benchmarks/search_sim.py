@@ -39,6 +39,12 @@ from optuna.trial import TrialState
 
 WITHIN = 0.02  # relative: within 2% of the best configuration's true score
 NOISE_SIGMAS = 2.0  # ... or within this many standard deviations of the training-seed noise, if that is wider
+WORKERS = 2  # trials at a time, as the shipped demo runs them on 2 cores
+# Budgets at which success is read, in full-length trainings: epochs summed over trials, or the sweep's own
+# wall clock with WORKERS trials at a time (k full runs of the median batch pair, WORKERS at once).
+BUDGETS_FULL_RUNS = (4, 6, 8, 12, 16, 24)
+SELECT_SEEDS = range(0, 500)  # defaults are chosen on this block of search seeds ...
+REPORT_SEEDS = range(1000, 1500)  # ... and the headline is read on this one
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -147,7 +153,7 @@ class Policy:
     scheduler: str = "none"  # none | asha (stopping, in trial order) | promotion (pause and resume)
     grace: int = 1
     rf: float = 2.0
-    workers: int = 2
+    workers: int = WORKERS
     tell_stopped: str = "pruned"  # pruned | complete (what Ray's OptunaSearch told before neoray's fix)
 
     @property
@@ -208,11 +214,16 @@ class Event:
 
 
 class Simulation:
-    def __init__(self, table: Table, policy: Policy, seed: int, max_trials: int = 200, max_epochs: int = 0):
+    """One simulated sweep; it runs until both ``max_epochs`` epochs were trained and ``max_seconds`` of its clock
+    went by (or ``max_trials`` trials ended)."""
+
+    def __init__(self, table: Table, policy: Policy, seed: int, max_trials: int = 400, max_epochs: int = 0,
+                 max_seconds: float = 0.0):
         self.table, self.policy, self.seed = table, policy, seed
         self.max_t = table.epochs
         self.max_trials = max_trials
         self.max_epochs = max_epochs or 40 * self.max_t
+        self.max_seconds = max_seconds
         self.rungs = policy.rungs(self.max_t)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.study = optuna.create_study(direction="maximize", sampler=make_sampler(policy, seed))
@@ -297,7 +308,7 @@ class Simulation:
 
     def run(self) -> list[Event]:
         self._fill_slots()
-        while self.running and self.spent < self.max_epochs:
+        while self.running and (self.spent < self.max_epochs or self.clock < self.max_seconds):
             self.clock, index = heapq.heappop(self.running)
             self._report(self.trials[index - 1])
             if self.policy.scheduler == "asha":
@@ -336,8 +347,21 @@ def drawn_curve(config: Configuration, search_seed: int, trial_index: int) -> tu
     return config.curves[seeds[int(np.random.default_rng([search_seed, trial_index]).integers(len(seeds)))]]
 
 
-def simulate(table: Table, policy: Policy, seed: int, max_epochs: int = 0) -> list[Event]:
-    return Simulation(table, policy, seed, max_epochs=max_epochs).run()
+def simulate(table: Table, policy: Policy, seed: int, max_epochs: int = 0, max_seconds: float = 0.0) -> list[Event]:
+    return Simulation(table, policy, seed, max_epochs=max_epochs, max_seconds=max_seconds).run()
+
+
+def budgets(table: Table) -> tuple[list[int], list[float]]:
+    """The budgets of BUDGETS_FULL_RUNS full runs: in epochs, and in seconds of the sweep's clock (k full runs of
+    the median batch pair's seconds per epoch, WORKERS at a time)."""
+    full_run_seconds = table.epochs * float(np.median(list(table.seconds_per_epoch.values())))
+    return ([k * table.epochs for k in BUDGETS_FULL_RUNS],
+            [k * full_run_seconds / WORKERS for k in BUDGETS_FULL_RUNS])
+
+
+def seed_blocks(n: int) -> list[int]:
+    """The first ``n`` search seeds of each block."""
+    return list(SELECT_SEEDS)[:n] + list(REPORT_SEEDS)[:n]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -377,5 +401,6 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-__all__ = ["Configuration", "Event", "Policy", "Simulation", "Table", "drawn_curve", "load_table", "make_sampler",
-           "picks", "simulate", "success_at", "wilson"]
+__all__ = ["BUDGETS_FULL_RUNS", "REPORT_SEEDS", "SELECT_SEEDS", "WORKERS", "Configuration", "Event", "Policy",
+           "Simulation", "Table", "budgets", "drawn_curve", "load_table", "make_sampler", "picks", "seed_blocks",
+           "simulate", "success_at", "wilson"]

@@ -5,7 +5,6 @@ themselves need Syne Tune (its own virtualenv, see bench_search_peers.py) and ar
 
 from __future__ import annotations
 
-import ast
 import csv
 import io
 import json
@@ -14,20 +13,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import search_peers
 from search_peers import (
     add_outcome,
     blackbox_arrays,
-    budgets,
     compare,
     load_task_table,
     new_record,
     outcome,
     rate_difference,
     resumable,
-    seed_blocks,
 )
-from search_sim import Event
+from search_sim import BUDGETS_FULL_RUNS, Configuration, Event, Table, budgets, seed_blocks
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ["task", "config", "lr", "warmup_steps", "batch", "seed", "size", "epoch", "score", "loss", "map", "map50",
@@ -103,22 +99,21 @@ def test_a_bad_table_or_cost_file_is_one_clear_error(tmp_path):
         load_task_table(tmp_path, "t")
 
 
-def test_budgets_and_seed_blocks_are_bench_search_simulates():
-    """bench_search.py needs Ray and torch, which the peers' virtualenv lacks: its constants are read from source."""
-    source = ast.parse((REPO_ROOT / "benchmarks" / "bench_search.py").read_text())
-    constants = {node.targets[0].id: eval(compile(ast.Expression(node.value), "bench_search", "eval"), {"range": range})
-                 for node in source.body if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
-                 and node.targets[0].id in ("BUDGETS_FULL_RUNS", "SELECT_SEEDS", "REPORT_SEEDS")}
-    assert constants == {"BUDGETS_FULL_RUNS": search_peers.BUDGETS_FULL_RUNS,
-                         "SELECT_SEEDS": search_peers.SELECT_SEEDS, "REPORT_SEEDS": search_peers.REPORT_SEEDS}
+def test_budgets_in_seconds_are_the_sweeps_clock_with_two_trials_at_a_time():
+    curves = {0: tuple(0.1 * e for e in range(1, 13))}
+    table = Table("t", {"c01": Configuration("c01", 1e-3, 20, "4x1", curves)}, {"4x1": 10.0, "4x2": 20.0, "8x1": 30.0})
+    by_epochs, by_seconds = budgets(table)
+    assert by_epochs == [12 * k for k in BUDGETS_FULL_RUNS]
+    # A full run at the median pair (20 s an epoch) is 240 s; k of them, two at a time, take k x 120 s of the clock.
+    assert by_seconds == [120.0 * k for k in BUDGETS_FULL_RUNS]
     assert seed_blocks(3) == [0, 1, 2, 1000, 1001, 1002]
 
 
 def test_a_sweep_succeeds_from_the_budget_at_which_its_pick_is_within_the_margin(tmp_path):
     table = load_task_table(write_table(tmp_path, costs=SECONDS), "t")
     budgets_epochs, budgets_seconds = budgets(table)
-    assert budgets_epochs == [EPOCHS * k for k in search_peers.BUDGETS_FULL_RUNS]
-    assert budgets_seconds == pytest.approx([EPOCHS * 12.0 * k for k in search_peers.BUDGETS_FULL_RUNS])
+    assert budgets_epochs == [EPOCHS * k for k in BUDGETS_FULL_RUNS]
+    assert budgets_seconds == pytest.approx([EPOCHS * 12.0 * k / 2 for k in BUDGETS_FULL_RUNS])
     # a worse configuration for 20 epochs (200 s), then the best one reports a better score at epoch 25 (250 s)
     events = [Event(10.0 * n, n, 1, n, 0.01 * n / 20, "c00") for n in range(1, 21)]
     events.append(Event(250.0, 25, 2, 1, 0.5, table.best.key))
