@@ -216,7 +216,7 @@ def test_space_values_the_config_would_refuse_are_refused_before_the_sweep(synth
     with pytest.raises(ConfigError, match="search.seed must be between 0 and"):
         parse_space({"params": {"lr": {"distribution": "log_uniform", "low": 1e-4, "high": 1e-2}},
                      "search": {"seed": 1e300}})
-    with pytest.raises(ConfigError, match="search.sampler must be one of tpe, random"):
+    with pytest.raises(ConfigError, match="search.sampler must be one of tpe, gp, random"):
         parse_space({"params": {"lr": {"distribution": "log_uniform", "low": 1e-4, "high": 1e-2}},
                      "search": {"sampler": "grid"}})
 
@@ -280,3 +280,15 @@ def test_each_shipped_space_fits_the_config_it_is_written_for(space_file, config
     lr = optuna_distributions(space)["lr"]
     assert lr.low <= cfg.train.lr <= lr.high  # the config's own values are a point of the space
     assert 1 <= space.asha.grace_period < cfg.train.epochs
+
+
+def test_a_space_without_early_stopping_has_no_rungs_and_a_gp_sampler_is_accepted(synthetic_shards):
+    from neoray.config import load_config
+    from neoray.tune.space import check_space_against_config, parse_space, relative_to_config
+
+    cfg = load_config(None, [f"data.train={synthetic_shards['train']}", "train.epochs=2"])
+    space = parse_space({"params": {"lr": {"distribution": "log_uniform", "low": 1e-4, "high": 1e-2}},
+                         "asha": False, "search": {"sampler": "gp", "startup_trials": 3}})
+    resolved = relative_to_config(space, cfg)
+    assert not resolved.asha.enabled and resolved.asha.rungs == [] and resolved.sampler == "gp"
+    check_space_against_config(resolved, cfg)  # no grace period to compare with the run

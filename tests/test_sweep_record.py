@@ -30,7 +30,7 @@ def test_a_record_is_written_and_read_back_whole(tmp_path):
     write_record(str(tmp_path), record)
     raw = json.loads((tmp_path / "sweep.json").read_text())
     assert raw["format"] == "neoray-sweep" and raw["version"] == VERSION
-    assert raw["asha"] == {"time_attr": "epoch", "grace_period": 4, "reduction_factor": 2, "max_t": 12}
+    assert raw["asha"] == {"time_attr": "epoch", "grace_period": 4, "reduction_factor": 2, "max_t": 12, "enabled": True}
     assert raw["rungs"] == [4.0, 8.0]
     back = read_record(str(tmp_path))
     assert back == record

@@ -25,6 +25,7 @@ class AshaSettings:
     grace_period: int | float = 1  # epochs, or a fraction (0, 1) of train.epochs until resolved
     reduction_factor: float = 2
     max_t: int | None = None  # the run's epochs, once resolved
+    enabled: bool = True  # False (``asha: false`` in a space file): no early stopping, every trial runs to the end
 
     def resolved(self, epochs: int) -> "AshaSettings":
         """These settings for a run of ``epochs`` epochs: a fractional grace period becomes that share of the
@@ -46,7 +47,9 @@ class AshaSettings:
 
     @property
     def rungs(self) -> list[float]:
-        """The milestones at which ASHA compares trials (needs ``max_t``: see ``resolved``)."""
+        """The milestones at which ASHA compares trials (needs ``max_t``: see ``resolved``); none when disabled."""
+        if not self.enabled:
+            return []
         return asha_rungs(self.grace_period, self.reduction_factor, self.max_t)
 
     def to_dict(self) -> dict:

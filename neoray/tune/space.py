@@ -8,7 +8,7 @@ silently searches nothing. Example (experiments/configs/space_default.yaml)::
       lr: {distribution: log_uniform, low: 1.0e-5, high: 1.0e-3}    # or low: 0.5, high: 4, relative: true
       warmup_steps: {distribution: int_uniform, low: 0, high: 100, step: 10}
       batch: {per_worker: [2, 4, 8], effective: 8}     # or: pairs: ["4x1", "2x2"]
-    asha: {time_attr: epoch, grace_period: 1, reduction_factor: 2}
+    asha: {time_attr: epoch, grace_period: 1, reduction_factor: 2}   # or asha: false (no early stopping)
     search: {seed: 0, num_samples: 8}
     points_to_evaluate: [{lr: 0.5}]                    # optional, after the config's own values
 
@@ -43,7 +43,7 @@ DISTRIBUTIONS = ("log_uniform", "uniform", "int_uniform", "choice")
 # effective batch (linear: Goyal et al.), or to its square root (sqrt: the usual rule for Adam).
 LR_RULES = ("none", "linear", "sqrt")
 TOP_KEYS = ("params", "asha", "search", "lr_scaling", "points_to_evaluate")
-SAMPLERS = ("tpe", "random")
+SAMPLERS = ("tpe", "gp", "random")
 MAX_SEED = 2**32 - 1  # Optuna's samplers take a NumPy seed
 
 
@@ -175,7 +175,7 @@ def parse_space(raw: Any) -> SearchSpace:
     if not params_raw:
         raise ConfigError("search space: 'params' is empty; name at least one of " + ", ".join(PARAMS))
     space = SearchSpace(params={name: _param_spec(name, spec) for name, spec in params_raw.items()})
-    space.asha = _parse_asha(raw.get("asha") or {})
+    space.asha = AshaSettings(enabled=False) if raw.get("asha") is False else _parse_asha(raw.get("asha") or {})
     _parse_search(raw.get("search") or {}, space)
     space.lr_scaling = _parse_lr_scaling(raw.get("lr_scaling") or {}, space)
     space.points_to_evaluate = _parse_points(raw.get("points_to_evaluate") or [], space)
@@ -342,7 +342,7 @@ def check_space_against_config(space: SearchSpace, cfg: Config) -> None:
             except ConfigError as exc:
                 raise ConfigError(f"search space: params.{name}: {value!r} is not a value {PARAMS[name]} can take "
                                   f"({exc})") from None
-    if space.asha.grace_period > cfg.train.epochs:
+    if space.asha.enabled and space.asha.grace_period > cfg.train.epochs:
         raise ConfigError(f"search space: asha.grace_period {space.asha.grace_period} is longer than the run "
                           f"(train.epochs {cfg.train.epochs}): ASHA would stop no trial; lower it (its rungs are at "
                           f"grace_period x reduction_factor^k epochs) or train longer")

@@ -243,6 +243,8 @@ def _searcher(cfg: Config, space: SearchSpace, record: SweepRecord, record_dir: 
     config's own values and the space file's points. ``study``: its storage and study name (neoray.tune.study)."""
     if space.sampler == "random":
         sampler = optuna.samplers.RandomSampler(seed=space.seed)
+    elif space.sampler == "gp":
+        sampler = optuna.samplers.GPSampler(seed=space.seed, n_startup_trials=space.startup_trials)
     else:
         sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=space.startup_trials)
     own = points_to_evaluate(cfg, space)
@@ -367,11 +369,12 @@ def search_line(record: SweepRecord) -> str:
     given = len(record.warm_start.trials if record.warm_start else ()) + search.given
     if search.sampler == "random":
         return f"search: random (seeded), after {given} given configuration(s)"
+    model = {"tpe": "TPE", "gp": "GP (Gaussian-process Bayesian optimisation)"}[search.sampler]
     modelled = n - max(given, search.startup_trials)
     if modelled <= 0:
-        return (f"search: Optuna TPE, but all {n} trials fall in its start-up ({search.startup_trials} trials "
+        return (f"search: Optuna {model}, but all {n} trials fall in its start-up ({search.startup_trials} trials "
                 f"before it models results): this sweep is {given} given configuration(s) and random search")
-    return (f"search: Optuna TPE: {given} given configuration(s), random trials up to {search.startup_trials} "
+    return (f"search: Optuna {model}: {given} given configuration(s), random trials up to {search.startup_trials} "
             f"(its start-up), then {modelled} trial(s) suggested from the results so far")
 
 
@@ -390,8 +393,11 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
     path = "direct (training loop inside the trial)" if resources.direct else "TorchTrainer per trial"
     _log(f"sweep {sweep_dir}: {record.num_samples} trials, up to {resources.max_concurrent} at a time, "
          f"{cfg.train.workers} worker(s) per trial, {path}")
-    _log(f"ASHA stops trials early on '{ranking.SCORE}' (max; {ranking.SCORE_DOC}) at {record.asha.time_attr} "
-         f"rungs {record.rungs}")
+    if record.rungs:
+        _log(f"ASHA stops trials early on '{ranking.SCORE}' (max; {ranking.SCORE_DOC}) at {record.asha.time_attr} "
+             f"rungs {record.rungs}, deciding in trial order")
+    else:
+        _log(f"no early stopping: every trial trains its {record.base_config.train.epochs} epochs")
     _log(search_line(record))
     if record.optuna:
         _log(f"Optuna study '{record.optuna['study_name']}', live: {record.optuna['dashboard']}")
