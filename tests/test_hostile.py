@@ -201,6 +201,27 @@ def test_a_yolo_image_whose_name_is_not_utf8_is_one_reported_skip(tmp_path):
     manifest = read_manifest(tmp_path / "out")
     assert manifest["skipped"]["images"] == {src.FILE_NAME_NOT_UTF8: 1}
     assert manifest["counts"]["images_written"] == 3 and manifest["num_boxes"] == 3  # "new\nline.jpg" too
+    # Its label line is counted, skipped with the image: annotations in = written + skipped.
+    assert manifest["skipped"]["annotations"] == {src.IMAGE_SKIPPED: 1}
+    assert (manifest["counts"]["annotations_in"], manifest["counts"]["annotations_skipped"]) == (4, 1)
+
+
+def test_a_yolo_label_file_that_is_not_text_skips_its_image_with_its_lines_counted(tmp_path):
+    root = tmp_path / "yolo"
+    (root / "images" / "train").mkdir(parents=True)
+    (root / "labels" / "train").mkdir(parents=True)
+    (root / "data.yaml").write_text("names: [thing]\ntrain: images/train\nval: images/train\n")
+    jpeg = cv2.imencode(".jpg", np.full((36, 64, 3), 90, np.uint8))[1].tobytes()
+    for name, label in (("a", b"0 0.5 0.5 0.25 0.25\n"), ("b", b"0 0.5 0.5 0.2 0.2\n\xff 0.1 0.1 0.1 0.1\n\n")):
+        (root / "images" / "train" / f"{name}.jpg").write_bytes(jpeg)
+        (root / "labels" / "train" / f"{name}.txt").write_bytes(label)
+    code, _, err = run_cli(["prepare", "--yolo", str(root), "--out", str(tmp_path / "out"), "--size", "64x36",
+                            "--workers", "1"])
+    assert code == 0, err
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest["skipped"]["images"] == {src.LABEL_FILE_UNREADABLE: 1}
+    assert manifest["skipped"]["annotations"] == {src.IMAGE_SKIPPED: 2}
+    assert (manifest["counts"]["annotations_in"], manifest["num_boxes"]) == (3, 1)
 
 
 def test_a_category_name_that_is_not_utf8_is_one_line_naming_the_record(tmp_path, capsys):
