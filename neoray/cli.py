@@ -11,7 +11,8 @@ import argparse
 import importlib
 import sys
 
-from neoray.commands import EXIT_FAILED, EXIT_INTERRUPTED
+from neoray import interrupts
+from neoray.commands import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED
 
 COMMANDS = {
     "synth": ("neoray.commands.synth", "write the embedded synthetic COCO dataset"),
@@ -45,12 +46,19 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return EXIT_FAILED
+    interrupts.install()  # SIGTERM does what Ctrl-C does
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
-        return int(module.run(args) or 0)
+        code = int(module.run(args) or 0)
     except KeyboardInterrupt:
-        print("neoray: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        print(f"neoray: {interrupts.how_stopped()}", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    return exit_code(code)
+
+
+def exit_code(code: int) -> int:
+    """A command's exit status; an interrupted one exits 143 when SIGTERM stopped it, 130 for Ctrl-C."""
+    return EXIT_TERMINATED if code == EXIT_INTERRUPTED and interrupts.terminated() else code
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from typing import Callable
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from neoray import storage
+from neoray import interrupts, storage
 from neoray.config import Config, ConfigError
 
 ADDRESS_ENV = "RAY_ADDRESS"
@@ -99,6 +99,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
             raise ClusterError(_connection_advice(target, exc)) from None
         except (ValueError, RuntimeError) as exc:
             raise ClusterError(f"cannot connect to Ray at {target!r}: {str(exc).strip().splitlines()[0]}") from None
+        interrupts.install()  # ray.init replaced the SIGTERM handler with one that exits at once
         info = describe(target, "started" if target == "local" else "joined")
     if log:
         log(info.line())

@@ -264,8 +264,8 @@ def _error(path, action: str, exc: BaseException) -> StorageError:
     if is_uri(path) and (any(text in message for text in _TIMED_OUT) or _NETWORK in message):
         where = _endpoint_of(path)
         if any(text in message for text in _TIMED_OUT):
-            message = (f"no answer from {where} within {timeout():g} s, {MAX_ATTEMPTS} tries; {TIMEOUT_ENV} sets how "
-                       "long to wait")
+            message = (f"no answer from {where} in {MAX_ATTEMPTS} tries of {timeouts()[1]:g} s; {TIMEOUT_ENV}="
+                       f"{timeout():g} s bounds the whole wait")
         else:
             message = f"{message}; endpoint {where}"
     return StorageError(f"{os.fspath(path)}: cannot {action} ({message})")
@@ -582,6 +582,19 @@ def remove(path: str | os.PathLike) -> None:
             raise _error(path, "delete", exc) from None
 
 
+def remove_dir(path: str | os.PathLike) -> None:
+    """Delete a directory and everything under it (on object storage: every object under the prefix); a
+    missing one is not an error."""
+    fs, inner = resolve(path)
+    try:
+        fs.delete_dir(inner)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if info(path).kind != "missing":
+            raise _error(path, "delete", exc) from None
+
+
 def sha256(path: str | os.PathLike) -> str:
     """Hex sha256 of a file, streamed (shards are hundreds of MB)."""
     fs, inner = resolve(path)
@@ -612,6 +625,6 @@ __all__ = [
     "FileInfo", "JSONError", "StorageError", "TooLarge", "absolute", "basename", "describe", "endpoint", "exists",
     "glob", "info", "is_dir", "is_file", "is_uri", "is_utf8", "join", "list_dir", "list_files", "local_path",
     "makedirs", "parent", "printable", "probe_writable", "read_bytes", "read_json", "read_range", "read_text",
-    "remove", "resolve", "scheme", "sha256", "timeout", "timeouts", "umask_mode", "upload_dir", "write_bytes",
-    "write_json", "write_text",
+    "remove", "remove_dir", "resolve", "scheme", "sha256", "timeout", "timeouts", "umask_mode", "upload_dir",
+    "write_bytes", "write_json", "write_text",
 ]

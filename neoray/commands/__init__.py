@@ -4,9 +4,11 @@
 Exit status, the same for every command (README, "Exit status"): 0 success; 1 failure: what the command
 was given cannot be used (a config, a path, a file, a cluster), the run failed, or a check found problems
 (``check``, ``prepare --strict``); 2 the command line itself is wrong (argparse's code); 130 interrupted
-(Ctrl-C). A user's mistake is one line on stderr, never a traceback."""
+(Ctrl-C); 143 stopped by SIGTERM, which does what Ctrl-C does (neoray.interrupts). A user's mistake is one line
+on stderr, never a traceback."""
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # bad input (config, path, file, cluster), a failed run, or problems found by a check
 EXIT_USAGE = 2  # the command line itself (argparse's own code)
 EXIT_INTERRUPTED = 130  # Ctrl-C: the shell's code for SIGINT
+EXIT_TERMINATED = 143  # SIGTERM (a scheduler stopping the job): 128 + 15, handled as Ctrl-C is

@@ -6,6 +6,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from neoray import interrupts
 from neoray.cluster import ClusterError, add_address_argument
 from neoray.commands import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
 from neoray.config import ConfigError
@@ -82,7 +83,8 @@ def run(args) -> int:
     except (ConfigError, ClusterError, StorageError) as exc:
         print(f"neoray sweep: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    if result.interrupted:  # Ctrl-C: Tune saved its state and returned
-        print(f"sweep interrupted; continue with: {resume_command(sys.argv)}", file=sys.stderr, flush=True)
+    if result.interrupted:  # Ctrl-C or SIGTERM: Tune saved its state and returned
+        print(f"sweep {interrupts.how_stopped()}; continue with: {resume_command(sys.argv)}", file=sys.stderr,
+              flush=True)
         return EXIT_INTERRUPTED
     return EXIT_OK if result.best is not None else EXIT_FAILED

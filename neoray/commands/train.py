@@ -6,24 +6,27 @@ instance unless told otherwise), checks that the run fits the cluster and that e
 paths, then trains. Prints the run directory and one line per epoch; the run directory gets
 config.yaml, metrics.csv/json, checkpoints.json, the checkpoints and summary.json/md (neoray.run.rundir).
 Exit status: 0 when the run completed or stopped early on mAP, 1 on a config error, a run stopped by a
-guard (non-finite updates, out of memory, failed preflight) or a failed run.
+guard (non-finite updates, out of memory, failed preflight) or a failed run; 130 on Ctrl-C and 143 on SIGTERM
+(the summary written, the resume command printed).
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
+from pathlib import Path
 
-from neoray import storage
+from neoray import interrupts, storage
 from neoray.checkpoints import CheckpointError, read_pointers
 from neoray.cluster import ClusterError, add_address_argument, connect
-from neoray.commands import EXIT_FAILED, EXIT_OK
+from neoray.commands import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
 from neoray.config import ConfigError, load_config
 from neoray.data.shards import ManifestError
 from neoray.run.run_tracking import add_track_argument, parse_track
 from neoray.run.rundir import RunDirError
 from neoray.run.setup import check_cluster, check_resume, prepare_config
-from neoray.run.trainer import train
+from neoray.run.trainer import RunInterrupted, train
 from neoray.storage import StorageError
 
 
@@ -53,6 +56,16 @@ def _resumes_from_a_checkpoint(run_dir: str | None) -> bool:
         return False  # check_resume and the trainer report the broken run directory
 
 
+def resume_command(argv: list[str], run_dir: str) -> str:
+    """The command line that continues a stopped run: the same one with ``--resume RUN_DIR``."""
+    args = list(argv[1:])
+    if "--resume" in args:
+        del args[args.index("--resume"):args.index("--resume") + 2]
+    args = [arg for arg in args if not arg.startswith("--resume=")]
+    program = "neoray" if argv[0].endswith(("neoray", "cli.py", "__main__.py")) else Path(argv[0]).name
+    return shlex.join([program, *args, "--resume", run_dir])
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         track = parse_track(args.track)  # a tracker that is not installed fails before anything starts
@@ -64,6 +77,11 @@ def run(args: argparse.Namespace) -> int:
         check_cluster(cfg, info, storage.absolute(args.resume) if args.resume else cfg.output,
                       autoscale=args.autoscale, sweep=False, resume=resuming)
         summary = train(cfg, config_path=args.config, resume_dir=args.resume, track=track)
+    except RunInterrupted as stopped:
+        print(f"neoray train: {interrupts.how_stopped()} after {stopped.summary['epochs_run']} epochs; the run keeps "
+              f"its last checkpoint; continue with: {resume_command(sys.argv, stopped.run_dir)}", file=sys.stderr,
+              flush=True)
+        return EXIT_INTERRUPTED
     except (ConfigError, ClusterError, RunDirError, ManifestError, StorageError) as exc:
         print(f"neoray train: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -75,21 +75,21 @@ def _check_backbone_file(path: str) -> None:
 
 
 def check_output_dir(path: str, key: str = "--output") -> None:
-    """Refuse (ConfigError, one line) a local output folder that is a file or lies under one. Object
-    storage has no such conflict: a key and a prefix of the same name live side by side."""
+    """Refuse (ConfigError, one line naming the folder) an output folder where nothing can be written, before
+    any work: locally a file in the way (the folder is one, or lies under one), a read-only folder or mount;
+    on object storage a bucket that refuses the probe (``storage.probe_writable``)."""
     local = storage.local_path(path)
-    if local is None:
-        return
-    probe = os.path.abspath(local)
-    while not os.path.exists(probe):
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            return
-        probe = parent
-    if os.path.isdir(probe):
-        return
-    where = "is a file" if probe == os.path.abspath(local) else f"is under {probe}, a file"
-    raise ConfigError(f"{key}: {path} {where}; give a folder for the runs")
+    if local is not None:
+        probe = os.path.abspath(local)
+        while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+            probe = os.path.dirname(probe)
+        if os.path.exists(probe) and not os.path.isdir(probe):
+            where = "is a file" if probe == os.path.abspath(local) else f"is under {probe}, a file"
+            raise ConfigError(f"{key}: {path} {where}; give a folder for the runs")
+    try:
+        storage.probe_writable(path)
+    except storage.StorageError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
 
 
 def _check_data(cfg: Config) -> None:
@@ -128,6 +128,7 @@ def check_resume(cfg: Config, run_dir: str, log=None) -> None:
     saved_path = storage.join(storage.absolute(run_dir), "config.yaml")
     if not storage.is_file(saved_path):
         raise ConfigError(f"--resume: {storage.absolute(run_dir)} is not a neoray run directory (no config.yaml)")
+    check_output_dir(storage.absolute(run_dir), "--resume")  # the resumed run writes there
     saved = _flat(load_config(saved_path).to_dict())
     given = _flat(cfg.to_dict())
     changed = sorted(key for key in saved.keys() | given.keys() if saved.get(key) != given.get(key))

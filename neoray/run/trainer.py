@@ -141,10 +141,13 @@ def train(cfg: Config, *, config_path: str | None = None, output: str | None = N
     error = None
     try:
         trainer.fit()
-    except BaseException as exc:  # failed or interrupted (Ctrl-C): the summary is written, then it goes on
+    except BaseException as exc:  # failed or interrupted (Ctrl-C, SIGTERM): the summary is written, then it goes on
         error = exc
     history = read_metrics(run_dir)
-    if isinstance(error, KeyboardInterrupt):
+    # Ray Train's SIGINT handler (SIGTERM too: neoray.interrupts) aborts the workers and leaves fit() with
+    # SystemExit; before the controller runs, Python's raises KeyboardInterrupt.
+    interrupted = isinstance(error, (KeyboardInterrupt, SystemExit))
+    if interrupted:
         stop_reason = "interrupted"
     elif error is not None:
         text = str(error).strip().splitlines()
@@ -155,9 +158,20 @@ def train(cfg: Config, *, config_path: str | None = None, output: str | None = N
                             pretrained_classes=_pretrained_classes(cfg))
     if tracker is not None:
         tracker.finish(summary)
+    if interrupted:
+        raise RunInterrupted(run_dir, summary) from None
     if error is not None:
         raise error
     return summary
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C or SIGTERM, its summary written; ``--resume run_dir`` continues it from its last
+    checkpoint."""
+
+    def __init__(self, run_dir: str, summary: dict):
+        super().__init__(run_dir)
+        self.run_dir, self.summary = run_dir, summary
 
 
 def _pretrained_classes(cfg: Config) -> list[str]:
@@ -167,4 +181,4 @@ def _pretrained_classes(cfg: Config) -> list[str]:
     return pretrained_class_rows(cfg)
 
 
-__all__ = ["RunDirError", "RunRecorder", "build_trainer", "train"]
+__all__ = ["RunDirError", "RunInterrupted", "RunRecorder", "build_trainer", "train"]
