@@ -111,6 +111,17 @@ def quiet_sigterm_exit() -> None:
     sys.unraisablehook = hook
 
 
+def train_run_storage():
+    """(pyarrow filesystem, path of the run's Ray folder in it, a new checkpoint directory name) of the Ray Train
+    run this worker belongs to: ``ray.train.get_context().get_storage()`` (a DeveloperAPI in 2.60, the way Ray's
+    own error messages point to for a ``checkpoint_upload_fn``). neoray writes each checkpoint there itself,
+    before ``ray.train.report(..., checkpoint_upload_mode=NO_UPLOAD)`` registers it, so that a full disk or a
+    deleted output folder is known to every rank before the report, instead of failing the worker inside Ray's
+    upload (a traceback, a restart that meets the same disk, a partial checkpoint folder left behind)."""
+    context = ray.train.get_context().get_storage()
+    return context.storage_filesystem, context.experiment_fs_path, context.make_default_checkpoint_dir_name()
+
+
 def worker_group_callback_base():
     """Base class of callbacks that see Ray Train's worker group (``WorkerGroupCallback``, internal in
     2.60). The sweep records each trial's worker placement group with it: after a trial's TorchTrainer
@@ -189,6 +200,7 @@ __all__ = [
     "set_train_defaults",
     "set_tune_defaults",
     "train_logging_config",
+    "train_run_storage",
     "trial_index",
     "tune_trials",
     "wandb_logging_actor_base",

@@ -15,9 +15,10 @@ several nodes every path the workers need is one they can all reach.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from neoray import storage
-from neoray.checkpoints import CheckpointError, resolve_checkpoint
+from neoray.checkpoints import FILE_NAME, CheckpointError, read_checkpoint_file, read_pointers, resolve_checkpoint
 from neoray.checkpoints.files import check_safetensors, huggingface_files
 from neoray.cluster import ClusterInfo, check_visible_on_all_nodes, plan_trials
 from neoray.config import Config, ConfigError, brief, load_config
@@ -25,6 +26,7 @@ from neoray.data.shards import ManifestError, read_manifest
 from neoray.data.stream import train_rows_per_epoch
 from neoray.models import PretrainedError, check_model, describe_pretrained, model_options, read_torch_file
 from neoray.models.pretrained.load import kept_class_names
+from neoray.run.rundir import RAY_DIR
 
 
 def prepare_config(cfg: Config, output: str | None = None, *, resume: bool = False) -> Config:
@@ -144,6 +146,51 @@ def check_resume(cfg: Config, run_dir: str, log=None) -> None:
                                          for key in changed))
 
 
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where ``--resume`` continues a run: ``checkpoint`` (a directory; None: the run has no checkpoint yet and
+    starts over), its ``epoch``, and the run's checkpoint folders that could not be read (``unreadable``, by
+    folder name), which the workers must not restore even where Ray's own record of the run names them."""
+
+    checkpoint: str | None = None
+    epoch: int = 0
+    unreadable: tuple[str, ...] = ()
+
+
+def resume_point(run_dir: str, log=None) -> ResumePoint:
+    """Read the run's latest checkpoint on the driver, before any worker starts (a worker that cannot read it
+    fails, and Ray restarts it into the same failure, each time with a traceback). When it cannot be read (a
+    truncated or empty file), fall back to the newest of the run's other checkpoints that can, and ``log`` which;
+    ``CheckpointError`` (one line naming the file) when there is none."""
+    latest = read_pointers(run_dir).get("latest")
+    if not latest:
+        return ResumePoint()
+    first = storage.join(run_dir, latest["path"])
+    others = [entry.path for entry in storage.list_dir(storage.join(run_dir, RAY_DIR))
+              if entry.kind == "dir" and entry.name.startswith("checkpoint_") and entry.path != first]
+    unreadable, why = [], None
+    readable = []
+    for candidate in [first, *others]:
+        try:
+            epoch = int(read_checkpoint_file(storage.join(candidate, FILE_NAME)).get("epoch") or 0)
+        except (CheckpointError, OSError) as exc:
+            unreadable.append(storage.basename(candidate))
+            why = why or str(exc)
+            continue
+        if candidate == first:
+            return ResumePoint(first, epoch, tuple(unreadable))
+        readable.append((epoch, candidate))
+    if not readable:
+        more = f" and no other checkpoint of the run can be read ({len(others)} tried)" if others else \
+            "; the run has no other checkpoint to fall back to"
+        raise CheckpointError(f"--resume: the latest checkpoint cannot be read: {why}{more}")
+    epoch, chosen = max(readable)
+    if log:
+        log(f"the latest checkpoint cannot be read ({why}); resuming from the previous one, {chosen} (epoch "
+            f"{epoch}): the epochs after it are trained again")
+    return ResumePoint(chosen, epoch, tuple(unreadable))
+
+
 def _flat(tree: dict, prefix: str = "") -> dict:
     flat = {}
     for key, value in tree.items():
@@ -224,6 +271,7 @@ def check_cluster(cfg: Config, info: ClusterInfo, output_dir: str, *, gpus_per_w
 
 
 __all__ = [
+    "ResumePoint",
     "check_batches",
     "check_cluster",
     "check_output_dir",
@@ -231,4 +279,5 @@ __all__ = [
     "needed_everywhere",
     "prepare_config",
     "pretrained_class_rows",
+    "resume_point",
 ]
