@@ -30,7 +30,7 @@ from typing import Callable
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from neoray import interrupts, storage
+from neoray import interrupts, ray_compat, ray_reaper, storage
 from neoray.config import Config, ConfigError
 
 ADDRESS_ENV = "RAY_ADDRESS"
@@ -92,6 +92,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
             if target == "local":
                 # With the dashboard (ray[default]): Train V2's placement-group cleaner uses its State API.
                 ray.init(address="local", num_cpus=num_cpus, **options)
+                ray_reaper.watch(ray_compat.local_instance_pids())  # it ends with this process, however it ends
             else:
                 # "auto" must not fall back to RAY_ADDRESS silently: pass what was asked, resolved.
                 ray.init(address=target, **options)

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 
+import ray
 import ray.train
 from ray.train.v2._internal.execution import context as train_context
 from ray.train.v2._internal.execution.callback import WorkerGroupCallback
@@ -122,6 +123,16 @@ def train_run_storage():
     return context.storage_filesystem, context.experiment_fs_path, context.make_default_checkpoint_dir_name()
 
 
+def local_instance_pids() -> list[int]:
+    """The pids of the processes ``ray.init()`` started for a local instance in this driver (GCS, raylet,
+    dashboard, log monitor, ...: ``ray._private.worker._global_node.all_processes``, private in 2.60); what
+    neoray.ray_reaper watches, with everything below them. Empty when this process did not start Ray."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    processes = getattr(node, "all_processes", None) or {}
+    return sorted({info.process.pid for infos in processes.values() for info in infos
+                   if getattr(info, "process", None) is not None})
+
+
 def worker_group_callback_base():
     """Base class of callbacks that see Ray Train's worker group (``WorkerGroupCallback``, internal in
     2.60). The sweep records each trial's worker placement group with it: after a trial's TorchTrainer
@@ -191,6 +202,7 @@ def trial_index(trial) -> int:
 __all__ = [
     "CHECKED_RAY_VERSION",
     "TRAIN_REPORT_LOGGER",
+    "local_instance_pids",
     "mlflow_trial_runs",
     "optuna_search_completed",
     "optuna_search_study",

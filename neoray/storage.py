@@ -315,6 +315,13 @@ def describe(path: str | os.PathLike) -> str:
                 "neither a regular file nor a directory")
 
 
+def not_a_folder(path: str | os.PathLike) -> str | None:
+    """What is at ``path`` in words ("a regular file", "a FIFO", ...) when something is there that is not a
+    directory; None for a directory or nothing. Callers that take a folder refuse such a path as what it is."""
+    kind = info(path).kind
+    return None if kind in ("dir", "missing") else describe(path)
+
+
 def info(path: str | os.PathLike) -> FileInfo:
     """What is at ``path``. Local symlinks are followed: a link to a regular file is a "file", a link to
     a device or a FIFO is "other" (never read). A local name that is not UTF-8 is looked up (so that a
@@ -624,7 +631,7 @@ def upload_dir(local_dir: str, target: str | os.PathLike) -> None:
 __all__ = [
     "FileInfo", "JSONError", "StorageError", "TooLarge", "absolute", "basename", "describe", "endpoint", "exists",
     "glob", "info", "is_dir", "is_file", "is_uri", "is_utf8", "join", "list_dir", "list_files", "local_path",
-    "makedirs", "parent", "printable", "probe_writable", "read_bytes", "read_json", "read_range", "read_text",
-    "remove", "remove_dir", "resolve", "scheme", "sha256", "timeout", "timeouts", "umask_mode", "upload_dir",
-    "write_bytes", "write_json", "write_text",
+    "makedirs", "not_a_folder", "parent", "printable", "probe_writable", "read_bytes", "read_json", "read_range",
+    "read_text", "remove", "remove_dir", "resolve", "scheme", "sha256", "timeout", "timeouts", "umask_mode",
+    "upload_dir", "write_bytes", "write_json", "write_text",
 ]

@@ -241,7 +241,8 @@ def _require_image_root(image_root: str, what: str) -> None:
     """A missing image folder is a wrong argument, not N missing images: one line, exit 1."""
     kind = _info(image_root).kind
     if kind != "dir":
-        raise SourceError(f"{image_root}: {what} {'not found' if kind == 'missing' else 'is not a directory'}")
+        found = "not found" if kind == "missing" else f"is {storage.describe(image_root)}, not a directory"
+        raise SourceError(f"{image_root}: {what} {found}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -446,6 +447,9 @@ def _find_data_yaml(data_dir: str) -> str:
     kind = _info(data_dir).kind
     if kind == "file":
         return data_dir
+    if kind == "other":
+        raise SourceError(f"{data_dir}: {storage.describe(data_dir)}, not a YOLO dataset directory or data.yaml; "
+                          "not read")
     if kind != "dir":
         raise SourceError(f"{data_dir}: YOLO dataset directory not found")
     default = storage.join(data_dir, "data.yaml")

@@ -44,7 +44,7 @@ from neoray.tune import asha as asha_record
 from neoray.tune.best_config import FILE_NAME as BEST_CONFIG
 from neoray.tune.best_config import export_best_config
 from neoray.tune.placement_groups import release_worker_pgs, trial_record_path
-from neoray.tune.record import SearchSettings, SweepRecord, read_record, record_path, write_record
+from neoray.tune.record import SearchSettings, SweepRecord, WarmStart, read_record, record_path, write_record
 from neoray.tune.results import (
     TABLE_CSV,
     TABLE_MARKDOWN,
@@ -295,7 +295,8 @@ def result_file_loggers() -> list:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _new_record(cfg: Config, space: SearchSpace, opts: SweepOptions, resources: TrialResources) -> SweepRecord:
+def _new_record(cfg: Config, space: SearchSpace, opts: SweepOptions, resources: TrialResources,
+                warm_start: WarmStart | None) -> SweepRecord:
     options = {k: v for k, v in asdict(opts).items() if k != "hooks"}
     options["optuna_storage"] = redact(opts.optuna_storage)
     return SweepRecord(
@@ -304,8 +305,7 @@ def _new_record(cfg: Config, space: SearchSpace, opts: SweepOptions, resources: 
         search=SearchSettings(space.sampler, space.startup_trials, 1 + len(space.points_to_evaluate)),
         lr_scaling=lr_scaling_record(space, cfg), resources=resources, base_config=cfg, track=list(opts.track),
         options=options,
-        warm_start=(warm_start_record(opts.warm_start, space.params, max(1, space.num_samples // 2))
-                    if opts.warm_start else None),
+        warm_start=warm_start,
     )
 
 
@@ -319,6 +319,8 @@ def _new_sweep(opts: SweepOptions) -> tuple[SweepRecord, tune.Tuner]:
     space = relative_to_config(resolve_space(opts), cfg)
     check_space_against_config(space, cfg)
     _check_space_batches(cfg, space)
+    warm_start = (warm_start_record(opts.warm_start, space.params, max(1, space.num_samples // 2))
+                  if opts.warm_start else None)
     check_output_dir(sweep_dir, "--output")
     if not claim_directory(sweep_dir):
         raise ConfigError(f"{sweep_dir} already exists (a sweep, or one starting there now); continue it with "
@@ -328,7 +330,7 @@ def _new_sweep(opts: SweepOptions) -> tuple[SweepRecord, tune.Tuner]:
         info = connect(opts.address, log=_log)
         resources = check_cluster(cfg, info, sweep_dir, gpus_per_worker=opts.gpus_per_worker,
                                   max_concurrent=opts.max_concurrent, autoscale=opts.autoscale)
-        record = _new_record(cfg, space, opts, resources)
+        record = _new_record(cfg, space, opts, resources, warm_start)
         record.optuna = new_study(sweep_dir, opts.name, opts.optuna_storage)
         record.tracking = start_tracking(track, record, sweep_dir)
         write_record(sweep_dir, record)
