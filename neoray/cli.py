@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import resource
 import sys
 
 from neoray import interrupts
@@ -39,8 +41,19 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def fit_an_address_space_limit() -> None:
+    """Under an address-space limit (``ulimit -v``, which some batch schedulers set), OpenBLAS reserves a buffer
+    and a stack per thread, one thread per CPU, when numpy is first imported: with torch's own reservations a
+    4 GB limit was gone before a command could say anything (it died in native code). neoray does no BLAS work
+    in numpy (torch has its own), so one OpenBLAS thread does; a user's own setting wins."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    fit_an_address_space_limit()  # before the command's module imports numpy
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not args.command:

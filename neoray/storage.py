@@ -317,9 +317,13 @@ def describe(path: str | os.PathLike) -> str:
 
 def not_a_folder(path: str | os.PathLike) -> str | None:
     """What is at ``path`` in words ("a regular file", "a FIFO", ...) when something is there that is not a
-    directory; None for a directory or nothing. Callers that take a folder refuse such a path as what it is."""
-    kind = info(path).kind
-    return None if kind in ("dir", "missing") else describe(path)
+    directory; None for a directory, nothing, or a store that cannot say. Callers that take a folder refuse such
+    a path as what it is (after their own file inside it was not found: no extra request otherwise)."""
+    try:
+        kind = info(path).kind
+        return None if kind in ("dir", "missing") else describe(path)
+    except StorageError:
+        return None
 
 
 def info(path: str | os.PathLike) -> FileInfo:

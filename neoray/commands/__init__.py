@@ -12,3 +12,13 @@ EXIT_FAILED = 1  # bad input (config, path, file, cluster), a failed run, or pro
 EXIT_USAGE = 2  # the command line itself (argparse's own code)
 EXIT_INTERRUPTED = 130  # Ctrl-C: the shell's code for SIGINT
 EXIT_TERMINATED = 143  # SIGTERM (a scheduler stopping the job): 128 + 15, handled as Ctrl-C is
+
+
+def program(argv0: str) -> list[str]:
+    """How the user started this command, for a command line to print back (a resume command): ``neoray`` for
+    the installed script and for ``python -m neoray.cli``, ``python SCRIPT.py`` for a script such as
+    experiments/sweep_lr.py."""
+    name = argv0.replace("\\", "/").rsplit("/", 1)[-1]
+    if argv0.replace("\\", "/").endswith(("neoray/cli.py", "neoray/__main__.py")) or name == "neoray":
+        return ["neoray"]
+    return ["python", argv0] if argv0.endswith(".py") else [name]

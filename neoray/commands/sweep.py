@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import shlex
 import sys
-from pathlib import Path
 
 from neoray import interrupts
 from neoray.cluster import ClusterError, add_address_argument
-from neoray.commands import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
+from neoray.commands import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, program
 from neoray.config import ConfigError
 from neoray.run.run_tracking import add_track_argument
 from neoray.storage import StorageError
@@ -70,11 +69,10 @@ def options_from_args(args):
 
 def resume_command(argv: list[str]) -> str:
     """The command line that continues this sweep: the same one with --resume."""
-    program = ["python", argv[0]] if argv[0].endswith(".py") else [Path(argv[0]).name]
     args = list(argv[1:])
     if "--resume" not in args:
         args.append("--resume")
-    return shlex.join(program + args)
+    return shlex.join(program(argv[0]) + args)
 
 
 def run(args) -> int:

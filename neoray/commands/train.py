@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from pathlib import Path
 
 from neoray import interrupts, storage
 from neoray.checkpoints import CheckpointError, read_pointers
 from neoray.cluster import ClusterError, add_address_argument, connect
-from neoray.commands import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
+from neoray.commands import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, program
 from neoray.config import ConfigError, load_config
 from neoray.data.shards import ManifestError
 from neoray.run.run_tracking import add_track_argument, parse_track
@@ -66,8 +65,7 @@ def resume_command(argv: list[str], run_dir: str) -> str:
     if "--resume" in args:
         del args[args.index("--resume"):args.index("--resume") + 2]
     args = [arg for arg in args if not arg.startswith("--resume=")]
-    program = "neoray" if argv[0].endswith(("neoray", "cli.py", "__main__.py")) else Path(argv[0]).name
-    return shlex.join([program, *args, "--resume", run_dir])
+    return shlex.join([*program(argv[0]), *args, "--resume", run_dir])
 
 
 def run(args: argparse.Namespace) -> int:

@@ -170,12 +170,12 @@ def _validate(path: str, manifest) -> None:
 def read_manifest(shard_dir) -> dict:
     """The manifest of a shard directory (any storage); ``ManifestError`` (one line) when missing or broken."""
     path = storage.join(shard_dir, MANIFEST_NAME)
-    other = storage.not_a_folder(shard_dir)
-    if other:
-        raise ManifestError(f"{shard_dir}: {other}, not a shard directory (written by `neoray prepare`)")
     try:
         manifest = storage.read_json(path)
     except FileNotFoundError:
+        other = storage.not_a_folder(shard_dir)
+        if other:
+            raise ManifestError(f"{shard_dir}: {other}, not a shard directory (written by `neoray prepare`)") from None
         raise ManifestError(f"{path}: manifest not found; is {shard_dir} a directory written by `neoray prepare` "
                             f"(an interrupted run leaves none)?") from None
     except (storage.StorageError, storage.JSONError) as exc:  # both name the file

@@ -92,10 +92,10 @@ def claim_directory(run_dir: str) -> bool:
 
 def existing_run_dir(path: str) -> str:
     run_dir = storage.absolute(path)
-    other = storage.not_a_folder(run_dir)
-    if other:
-        raise RunDirError(f"{run_dir}: {other}, not a neoray run directory")
     if not storage.is_file(storage.join(run_dir, "config.yaml")):
+        other = storage.not_a_folder(run_dir)
+        if other:
+            raise RunDirError(f"{run_dir}: {other}, not a neoray run directory")
         raise RunDirError(f"{run_dir}: not a neoray run directory (no config.yaml)")
     return run_dir
 

@@ -128,10 +128,10 @@ def check_resume(cfg: Config, run_dir: str, log=None) -> None:
     """Refuse (ConfigError, one line) to resume ``run_dir`` with a config that differs from the run's own
     config.yaml in anything but ``RESUMABLE_CHANGES``; ``log`` the changes it allows."""
     saved_path = storage.join(storage.absolute(run_dir), "config.yaml")
-    other = storage.not_a_folder(storage.absolute(run_dir))
-    if other:
-        raise ConfigError(f"--resume: {storage.absolute(run_dir)} is {other}, not a neoray run directory")
     if not storage.is_file(saved_path):
+        other = storage.not_a_folder(storage.absolute(run_dir))
+        if other:
+            raise ConfigError(f"--resume: {storage.absolute(run_dir)} is {other}, not a neoray run directory")
         raise ConfigError(f"--resume: {storage.absolute(run_dir)} is not a neoray run directory (no config.yaml)")
     check_output_dir(storage.absolute(run_dir), "--resume")  # the resumed run writes there
     saved = _flat(load_config(saved_path).to_dict())

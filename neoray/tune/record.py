@@ -143,10 +143,10 @@ def read_record(sweep_dir: str) -> SweepRecord:
     """SWEEP_DIR/sweep.json, checked (``ConfigError``, one line, for a folder without one or a record that is
     not a neoray sweep's)."""
     path = record_path(sweep_dir)
-    other = storage.not_a_folder(sweep_dir)
-    if other:
-        raise ConfigError(f"{sweep_dir}: {other}, not a sweep directory")
     if not storage.is_file(path):
+        other = storage.not_a_folder(sweep_dir)
+        if other:
+            raise ConfigError(f"{sweep_dir}: {other}, not a sweep directory")
         raise ConfigError(f"{sweep_dir}: not a sweep directory (no {FILE_NAME})")
     try:
         raw = storage.read_json(path)
