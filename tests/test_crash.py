@@ -29,7 +29,7 @@ import pytest
 import yaml
 from process_tools import alive, descendants, pids_naming
 from test_eval_cli import save_checkpoint
-from test_sweep_resume import REPO_ROOT, _csv_rows, _wait_until_ended
+from test_sweep_resume import REPO_ROOT, _csv_rows
 
 from neoray import cluster, storage
 from neoray.checkpoints import CheckpointError, write_pointers
@@ -156,7 +156,11 @@ def ray_tmp():
 
 
 def worker_tracebacks(output: str) -> list[str]:
-    return [line for line in output.splitlines() if "Traceback" in line or "Error in training function" in line]
+    """Tracebacks in a command's output. Ray Train's PlacementGroupCleaner prints one of its own when several Ray
+    instances run on one machine (its State API client cannot tell which is its own), as on a shared test
+    machine: not a fault these tests inject, so it is left out."""
+    return [line for line in output.splitlines() if ("Traceback" in line or "Error in training function" in line)
+            and "PlacementGroupCleaner" not in line]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -305,12 +309,12 @@ def test_a_checkpoint_copied_onto_a_full_disk_leaves_no_partial_folder(tmp_path,
 # ----------------------------------------------------------------------------------------------------
 
 
-def _sweep_inputs(tmp_path: Path, shards: dict, trials: int) -> tuple[str, str]:
-    config = _tiny_config(tmp_path / "tiny.yaml", shards, tmp_path / "runs", epochs=1)
+def _sweep_inputs(tmp_path: Path, shards: dict, trials: int, epochs: int = 1) -> tuple[str, str]:
+    config = _tiny_config(tmp_path / "tiny.yaml", shards, tmp_path / "runs", epochs=epochs)
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({
         "params": {"lr": {"distribution": "log_uniform", "low": 3e-4, "high": 3e-3}},
-        "asha": {"time_attr": "epoch", "grace_period": 1, "reduction_factor": 2},
+        "asha": {"time_attr": "epoch", "grace_period": epochs, "reduction_factor": 2},  # no early stop
         "search": {"seed": 0, "num_samples": trials},
     }))
     return str(config), str(space)
@@ -320,17 +324,17 @@ def _sweep_inputs(tmp_path: Path, shards: dict, trials: int) -> tuple[str, str]:
 def test_a_sweep_stopped_by_sigterm_resumes_with_a_consistent_study(synthetic_shards, tmp_path, ray_tmp):
     import optuna
 
-    config, space = _sweep_inputs(tmp_path, synthetic_shards, trials=3)
+    config, space = _sweep_inputs(tmp_path, synthetic_shards, trials=3, epochs=2)
     output, name = tmp_path / "sweeps", "term"
     sweep_dir = output / name
     argv = ["sweep", "--config", config, "--space", space, "--output", str(output), "--name", name,
             "--max-concurrent", "1"]
     run = Neoray(argv, ray_tmp, tmp_path / "first.log")
-    _wait_until_ended(sweep_dir, "trial_0001", run.proc, run.log)
+    run.wait_for("[neoray] trial_0002 started")  # trial_0001 has ended, trial_0002 runs
     os.kill(run.proc.pid, signal.SIGTERM)  # the driver alone, as Kubernetes does
     code, first = run.finish()
     assert code == 143, first[-3000:]
-    resume = shlex.join(["neoray", *argv[1:], "--resume"])
+    resume = shlex.join(["neoray", *argv, "--resume"])
     assert last_line(first) == f"sweep stopped by SIGTERM; continue with: {resume}", first[-3000:]
     assert "Traceback" not in first, first[-3000:]
     assert _csv_rows(sweep_dir)["trial_0001"]["status"] == "finished"  # the partial table
@@ -340,8 +344,34 @@ def test_a_sweep_stopped_by_sigterm_resumes_with_a_consistent_study(synthetic_sh
     assert code == 0, out[-4000:]
     rows = _csv_rows(sweep_dir)
     assert set(rows) == {"trial_0001", "trial_0002", "trial_0003"}
+    assert all(row["status"] == "finished" for row in rows.values()), rows
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
     assert len(study.trials) == 3 and all(t.state.name == "COMPLETE" for t in study.trials), study.trials
+
+
+def test_a_trial_the_study_opened_just_before_a_kill_is_handed_out_again_on_resume(tmp_path):
+    import optuna
+
+    from neoray.tune import study
+
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    space = {"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
+
+    def searcher():
+        return study.StudySearch(space=space, metric="score", mode="max", sampler=optuna.samplers.RandomSampler(0),
+                                 storage=study.open_storage(url), study_name="s")
+
+    first = searcher()
+    first.suggest("a")
+    first.on_trial_complete("a", {"score": 0.3, "training_iteration": 1})
+    first.save(str(tmp_path / "searcher.pkl"))  # Tune's last save before the kill
+    orphan = first.suggest("b")  # asked for, then the driver was SIGKILLed before Tune saved again
+    restored = searcher()
+    restored.restore(str(tmp_path / "searcher.pkl"))  # --resume
+    again = restored.suggest("b")
+    restored.on_trial_complete("b", {"score": 0.2, "training_iteration": 1})
+    trials = optuna.load_study(study_name="s", storage=url).trials
+    assert again == orphan and [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]  # no third, no FAIL
 
 
 def test_two_sweeps_of_one_name_at_once_the_second_is_refused_in_one_line(synthetic_shards, tmp_path, monkeypatch):
