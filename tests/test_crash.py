@@ -374,6 +374,20 @@ def test_a_trial_the_study_opened_just_before_a_kill_is_handed_out_again_on_resu
     assert again == orphan and [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]  # no third, no FAIL
 
 
+def test_a_trial_that_had_finished_before_a_resume_still_counts_as_finished():
+    from types import SimpleNamespace
+
+    from neoray.tune.results import trial_ended
+
+    def trial(status="TERMINATED", **last_result):  # as Tune restores it: its saved last result has no "done"
+        return SimpleNamespace(status=status, last_result=last_result)
+
+    assert trial_ended(trial(epoch=2), {}, max_t=2)  # ran every epoch
+    assert trial_ended(trial(epoch=1, stop_reason="early stop at epoch 1"), {}, max_t=2)  # stopped itself
+    assert not trial_ended(trial(epoch=1), {}, max_t=2)  # stopped by Ctrl-C or SIGTERM half way
+    assert not trial_ended(trial(status="PENDING"), {}, max_t=2)
+
+
 def test_two_sweeps_of_one_name_at_once_the_second_is_refused_in_one_line(synthetic_shards, tmp_path, monkeypatch):
     config, _ = _sweep_inputs(tmp_path, synthetic_shards, trials=1)
     inside, leave = threading.Event(), threading.Event()

@@ -456,11 +456,11 @@ def _run(opts: SweepOptions) -> SweepResult:
     # Tune catches Ctrl-C itself and returns from fit() as if the sweep had ended (see trial_ended).
     trials = ray_compat.tune_trials(tuner.fit())
     asha_stopped = asha_record.read_stopped(sweep_dir)
-    interrupted = sweep_interrupted(trials, asha_stopped, record.num_samples)
+    interrupted = sweep_interrupted(trials, asha_stopped, record.num_samples, record.asha.max_t)
     rows = collect_rows(trials, sweep_dir, record)
     table = rows_to_markdown(rows)
     if interrupted:
-        ended = sum(trial_ended(t, asha_stopped) for t in trials)
+        ended = sum(trial_ended(t, asha_stopped, record.asha.max_t) for t in trials)
         table = (f"**Partial results: the sweep was interrupted with {ended} of {record.num_samples} trials ended; "
                  f"continue it with --resume.**\n\n") + table
     storage.write_text(storage.join(sweep_dir, TABLE_CSV), rows_to_csv(rows))
