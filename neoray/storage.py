@@ -543,7 +543,8 @@ def probe_writable(folder: str | os.PathLike) -> None:
     """Refuse (``StorageError``, one line naming the folder and why) a folder where nothing can be written, by
     creating and removing a probe there, before a command starts its work. A local folder that does not exist
     yet is probed in the nearest folder above it that does (nothing is left behind, no folder created); on
-    object storage the probe is a small object under the prefix."""
+    object storage the probe is a small object under the prefix, after which pyarrow keeps an empty folder
+    marker there: probe a prefix that is meant to exist (the parent of a directory a command will claim)."""
     local = local_path(folder)
     if local is None:
         fs, inner = resolve(join(folder, PROBE_PREFIX + uuid.uuid4().hex))

@@ -186,7 +186,7 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(read_only_fo
     assert code == 1 and f"--output: {read_only_folder}: cannot write there" in one_line(err)
     code, _, err = run_cli(["sweep", "--config", str(config), "--output", str(read_only_folder), "--num-samples", "1",
                             *_data(synthetic_shards)])
-    assert code == 1 and f"{read_only_folder / 'sweep_lr'}: cannot write there" in one_line(err)
+    assert code == 1 and f"--output: {read_only_folder}: cannot write there" in one_line(err)
     assert not list(read_only_folder.iterdir())
 
 

@@ -321,7 +321,9 @@ def _new_sweep(opts: SweepOptions) -> tuple[SweepRecord, tune.Tuner]:
     _check_space_batches(cfg, space)
     warm_start = (warm_start_record(opts.warm_start, space.params, max(1, space.num_samples // 2))
                   if opts.warm_start else None)
-    check_output_dir(sweep_dir, "--output")
+    # --output itself: a probe in the sweep directory would make it exist on object storage (pyarrow keeps a
+    # folder marker), and the claim below would then find it taken.
+    check_output_dir(storage.parent(sweep_dir), "--output")
     if not claim_directory(sweep_dir):
         raise ConfigError(f"{sweep_dir} already exists (a sweep, or one starting there now); continue it with "
                           "--resume, or pass another --name")
