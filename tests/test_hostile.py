@@ -474,6 +474,7 @@ def test_resume_does_not_need_backbone_weights_the_checkpoint_replaces(synthetic
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     (run_dir / "checkpoints.json").write_text(json.dumps({"latest": {"path": "ray/c", "epoch": 1}}))
+    save_checkpoint(run_dir / "ray" / "c", read_manifest(synthetic_shards["train"])["categories"])  # read before Ray
     weights.unlink()
     resumed = prepare_config(load_config(run_dir / "config.yaml"), resume=True)
     check_resume(resumed, str(run_dir))
