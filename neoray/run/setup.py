@@ -29,12 +29,15 @@ from neoray.models.pretrained.load import kept_class_names
 from neoray.run.rundir import RAY_DIR
 
 
-def prepare_config(cfg: Config, output: str | None = None, *, resume: bool = False) -> Config:
+def prepare_config(cfg: Config, output: str | None = None, *, resume: bool = False,
+                   writes_output: bool = True) -> Config:
     """A copy of ``cfg`` with absolute paths and pretrained conventions, checked (ConfigError, one line).
     ``output``: the command line's ``--output``, which replaces ``cfg.output``. ``resume``: the run
-    continues from a checkpoint, which brings every weight: ``model.backbone_weights`` is not read."""
+    continues from a checkpoint, which brings every weight: ``model.backbone_weights`` is not read.
+    ``writes_output``: the caller writes under the output folder (``neoray train``), which is then probed; a
+    sweep writes in its own directory instead, which it probes itself."""
     out = storage.absolute(output or cfg.output)
-    check_output_dir(out, "--output" if output else "output")
+    check_output_dir(out, "--output" if output else "output", probe=writes_output)
     updates = {"output": out,
                "data.train": storage.absolute(cfg.data.train), "data.val": storage.absolute(cfg.data.val)}
     weights = cfg.model.backbone_weights
@@ -76,10 +79,10 @@ def _check_backbone_file(path: str) -> None:
         raise ConfigError(f"model.backbone_weights: {exc}") from None
 
 
-def check_output_dir(path: str, key: str = "--output") -> None:
+def check_output_dir(path: str, key: str = "--output", probe: bool = True) -> None:
     """Refuse (ConfigError, one line naming the folder) an output folder where nothing can be written, before
-    any work: locally a file in the way (the folder is one, or lies under one), a read-only folder or mount;
-    on object storage a bucket that refuses the probe (``storage.probe_writable``)."""
+    any work: locally a file in the way (the folder is one, or lies under one); with ``probe``, a read-only
+    folder or mount, or on object storage a bucket that refuses the probe (``storage.probe_writable``)."""
     local = storage.local_path(path)
     if local is not None:
         probe = os.path.abspath(local)
@@ -88,6 +91,8 @@ def check_output_dir(path: str, key: str = "--output") -> None:
         if os.path.exists(probe) and not os.path.isdir(probe):
             where = "is a file" if probe == os.path.abspath(local) else f"is under {probe}, a file"
             raise ConfigError(f"{key}: {path} {where}; give a folder for the runs")
+    if not probe:
+        return
     try:
         storage.probe_writable(path)
     except storage.StorageError as exc:
@@ -266,7 +271,7 @@ def check_cluster(cfg: Config, info: ClusterInfo, output_dir: str, *, gpus_per_w
     """Refuse (ConfigError, one line) what cannot run on the connected cluster; returns the resource plan
     (of each sweep trial, or of the one run of ``neoray train`` with ``sweep=False``). ``output_dir``, where
     the run or the sweep writes, must not be a file or lie under one."""
-    check_output_dir(output_dir)
+    check_output_dir(output_dir, probe=False)  # probed before Ray started
     plan = plan_trials(cfg, gpus_per_worker, max_concurrent, autoscale=autoscale, sweep=sweep)
     if info.nodes > 1:
         check_visible_on_all_nodes(needed_everywhere(cfg, output_dir, resume))

@@ -151,7 +151,7 @@ def resolve_config(opts: SweepOptions) -> Config:
         updates["data.train"] = str(shards["train"])
         if _placeholder(cfg.data.val):
             updates["data.val"] = str(shards["val"])
-    return prepare_config(cfg.with_overrides(updates))
+    return prepare_config(cfg.with_overrides(updates), writes_output=False)
 
 
 def resolve_space(opts: SweepOptions) -> SearchSpace:
