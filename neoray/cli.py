@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import resource
 import sys
 
-from neoray.commands import EXIT_FAILED, EXIT_INTERRUPTED
+from neoray import interrupts
+from neoray.commands import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED
 
 COMMANDS = {
     "synth": ("neoray.commands.synth", "write the embedded synthetic COCO dataset"),
@@ -38,19 +41,37 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def fit_an_address_space_limit() -> None:
+    """Under an address-space limit (``ulimit -v``, which some batch schedulers set), OpenBLAS reserves a buffer
+    and a stack per thread, one thread per CPU, when numpy is first imported: with torch's own reservations a
+    4 GB limit was gone before a command could say anything (it died in native code). neoray does no BLAS work
+    in numpy (torch has its own), so one OpenBLAS thread does; a user's own setting wins."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    fit_an_address_space_limit()  # before the command's module imports numpy
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
         return EXIT_FAILED
+    interrupts.install()  # SIGTERM does what Ctrl-C does
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
-        return int(module.run(args) or 0)
+        code = int(module.run(args) or 0)
     except KeyboardInterrupt:
-        print("neoray: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        print(f"neoray: {interrupts.how_stopped()}", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    return exit_code(code)
+
+
+def exit_code(code: int) -> int:
+    """A command's exit status; an interrupted one exits 143 when SIGTERM stopped it, 130 for Ctrl-C."""
+    return EXIT_TERMINATED if code == EXIT_INTERRUPTED and interrupts.terminated() else code
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from typing import Callable
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from neoray import storage
+from neoray import interrupts, ray_compat, ray_reaper, storage
 from neoray.config import Config, ConfigError
 
 ADDRESS_ENV = "RAY_ADDRESS"
@@ -92,6 +92,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
             if target == "local":
                 # With the dashboard (ray[default]): Train V2's placement-group cleaner uses its State API.
                 ray.init(address="local", num_cpus=num_cpus, **options)
+                ray_reaper.watch(ray_compat.local_instance_pids())  # it ends with this process, however it ends
             else:
                 # "auto" must not fall back to RAY_ADDRESS silently: pass what was asked, resolved.
                 ray.init(address=target, **options)
@@ -99,6 +100,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
             raise ClusterError(_connection_advice(target, exc)) from None
         except (ValueError, RuntimeError) as exc:
             raise ClusterError(f"cannot connect to Ray at {target!r}: {str(exc).strip().splitlines()[0]}") from None
+        interrupts.install()  # ray.init replaced the SIGTERM handler with one that exits at once
         info = describe(target, "started" if target == "local" else "joined")
     if log:
         log(info.line())

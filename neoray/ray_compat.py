@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 
+import ray
 import ray.train
 from ray.train.v2._internal.execution import context as train_context
 from ray.train.v2._internal.execution.callback import WorkerGroupCallback
@@ -111,6 +112,27 @@ def quiet_sigterm_exit() -> None:
     sys.unraisablehook = hook
 
 
+def train_run_storage():
+    """(pyarrow filesystem, path of the run's Ray folder in it, a new checkpoint directory name) of the Ray Train
+    run this worker belongs to: ``ray.train.get_context().get_storage()`` (a DeveloperAPI in 2.60, the way Ray's
+    own error messages point to for a ``checkpoint_upload_fn``). neoray writes each checkpoint there itself,
+    before ``ray.train.report(..., checkpoint_upload_mode=NO_UPLOAD)`` registers it, so that a full disk or a
+    deleted output folder is known to every rank before the report, instead of failing the worker inside Ray's
+    upload (a traceback, a restart that meets the same disk, a partial checkpoint folder left behind)."""
+    context = ray.train.get_context().get_storage()
+    return context.storage_filesystem, context.experiment_fs_path, context.make_default_checkpoint_dir_name()
+
+
+def local_instance_pids() -> list[int]:
+    """The pids of the processes ``ray.init()`` started for a local instance in this driver (GCS, raylet,
+    dashboard, log monitor, ...: ``ray._private.worker._global_node.all_processes``, private in 2.60); what
+    neoray.ray_reaper watches, with everything below them. Empty when this process did not start Ray."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    processes = getattr(node, "all_processes", None) or {}
+    return sorted({info.process.pid for infos in processes.values() for info in infos
+                   if getattr(info, "process", None) is not None})
+
+
 def worker_group_callback_base():
     """Base class of callbacks that see Ray Train's worker group (``WorkerGroupCallback``, internal in
     2.60). The sweep records each trial's worker placement group with it: after a trial's TorchTrainer
@@ -180,6 +202,7 @@ def trial_index(trial) -> int:
 __all__ = [
     "CHECKED_RAY_VERSION",
     "TRAIN_REPORT_LOGGER",
+    "local_instance_pids",
     "mlflow_trial_runs",
     "optuna_search_completed",
     "optuna_search_study",
@@ -189,6 +212,7 @@ __all__ = [
     "set_train_defaults",
     "set_tune_defaults",
     "train_logging_config",
+    "train_run_storage",
     "trial_index",
     "tune_trials",
     "wandb_logging_actor_base",

@@ -11,9 +11,18 @@ S3-compatible endpoints (MinIO, Ceph, a test server) are configured the standard
 ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` and ``AWS_DEFAULT_REGION``, which
 pyarrow reads itself; on a cluster an IAM instance profile needs no variables at all.
 
-No call waits forever on a store that accepts connections and never answers: S3 requests have a connect
-timeout (``NEORAY_STORAGE_CONNECT_TIMEOUT_S``, 5 s) and a request timeout (``NEORAY_STORAGE_REQUEST_TIMEOUT_S``,
-30 s without a byte), and are tried ``MAX_ATTEMPTS`` times in all; GCS retries for at most that long.
+No call waits forever on a store that accepts connections and never answers: one budget,
+``NEORAY_STORAGE_TIMEOUT_S`` (30 s by default), bounds how long an S3 request may go unanswered, all its tries
+together, before it fails in one line naming the path and the endpoint. It is shared out over ``MAX_ATTEMPTS``
+tries, each with a connect timeout and a request timeout (no byte for that long) of a sixth of it; GCS retries
+for at most the budget.
+
+Reads are bounded where the caller says so (``read_bytes(path, max_bytes=N)``) without reserving the bound: the
+buffer is what the file holds (its listed size, then in chunks while it goes on), so a 4 GiB limit costs a
+3-byte file 3 bytes, also under an address-space limit (``ulimit -v``).
+
+``probe_writable(folder)`` creates and removes a file where a command will write, before any work starts: a
+read-only folder or mount is one line naming it, not a failure halfway through.
 
 Writes are atomic where the storage allows it: a local file is written to a temporary name in its folder
 and renamed (a reader or a crash never sees half a file), with the permissions a plain ``open()`` would
@@ -39,6 +48,7 @@ import re
 import stat
 import sys
 import tempfile
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,13 +61,14 @@ _HASH_CHUNK = 8 << 20
 _BUCKET_SCHEMES = ("s3", "gs", "gcs")
 
 
-CONNECT_TIMEOUT_ENV = "NEORAY_STORAGE_CONNECT_TIMEOUT_S"
-REQUEST_TIMEOUT_ENV = "NEORAY_STORAGE_REQUEST_TIMEOUT_S"
-DEFAULT_CONNECT_TIMEOUT_S = 5.0
-# A request that receives no byte for this long fails (curl's low-speed limit: a slow, steady download of
-# a large shard is not cut off).
-DEFAULT_REQUEST_TIMEOUT_S = 30.0
-MAX_ATTEMPTS = 3  # each request in all, with the AWS SDK's backoff between tries
+TIMEOUT_ENV = "NEORAY_STORAGE_TIMEOUT_S"
+# The longest an object-storage request may go unanswered, all its tries together, before the command fails.
+DEFAULT_TIMEOUT_S = 30.0
+MAX_ATTEMPTS = 3  # each request in all, with the AWS SDK's backoff (milliseconds) between tries
+# Each try may spend a share on connecting and a share waiting for a byte (curl's low-speed limit: a slow,
+# steady download of a large shard is not cut off): 2 * MAX_ATTEMPTS shares make the budget.
+_SHARES = 2 * MAX_ATTEMPTS
+_READ_CHUNK = 8 << 20  # what a bounded read asks for at a time once past the file's listed size
 
 
 class StorageError(OSError):
@@ -168,24 +179,32 @@ def _seconds(env: str, default: float) -> float:
     return value
 
 
+def timeout() -> float:
+    """The object-storage budget in seconds (``NEORAY_STORAGE_TIMEOUT_S``, else ``DEFAULT_TIMEOUT_S``): how long
+    a request may go unanswered, all its tries together, before it fails."""
+    return _seconds(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
+
+
 def timeouts() -> tuple[float, float]:
-    """(connect, request) timeouts in seconds for object storage, from the environment or the defaults."""
-    return _seconds(CONNECT_TIMEOUT_ENV, DEFAULT_CONNECT_TIMEOUT_S), _seconds(REQUEST_TIMEOUT_ENV,
-                                                                                DEFAULT_REQUEST_TIMEOUT_S)
+    """(connect, request) timeouts of one try, in seconds: each a share of ``timeout()``, so that
+    ``MAX_ATTEMPTS`` tries that each wait out both stay within it."""
+    share = timeout() / _SHARES
+    return share, share
 
 
 def _uri_filesystem(prefix: str) -> pafs.FileSystem:
     # The settings that shape the filesystem are part of the cache key: a changed variable takes effect.
     endpoint = (os.environ.get("AWS_ENDPOINT_URL_S3"), os.environ.get("AWS_ENDPOINT_URL"))
-    return _cached_filesystem(prefix, *timeouts(), endpoint)
+    return _cached_filesystem(prefix, timeout(), endpoint)
 
 
-def _with_timeouts(fs: pafs.FileSystem, connect: float, request: float) -> pafs.FileSystem:
+def _with_timeouts(fs: pafs.FileSystem, budget: float) -> pafs.FileSystem:
     """``fs`` rebuilt with bounded waits. The options come from ``from_uri`` (its pickling state), so the
     endpoint, region and credentials it found in the URI and the AWS variables are kept."""
     if isinstance(fs, pafs.S3FileSystem):
         options = dict(fs.__reduce__()[1][0])
-        options.update(connect_timeout=connect, request_timeout=request,
+        share = budget / _SHARES
+        options.update(connect_timeout=share, request_timeout=share,
                        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=MAX_ATTEMPTS))
         return pafs.S3FileSystem(**options)
     if isinstance(fs, pafs.GcsFileSystem):
@@ -193,13 +212,20 @@ def _with_timeouts(fs: pafs.FileSystem, connect: float, request: float) -> pafs.
         # two minutes); what can be bounded is how long it retries.
         options = dict(fs.__reduce__()[1][0])
         if options.get("retry_time_limit") is None:
-            options["retry_time_limit"] = datetime.timedelta(seconds=math.ceil(request * MAX_ATTEMPTS))
+            options["retry_time_limit"] = datetime.timedelta(seconds=math.ceil(budget))
         return pafs.GcsFileSystem(**options)
     return fs
 
 
+def endpoint(fs: pafs.FileSystem) -> str | None:
+    """The endpoint an S3 filesystem talks to when it is not AWS's own (``AWS_ENDPOINT_URL``), else None."""
+    if isinstance(fs, pafs.S3FileSystem):
+        return dict(fs.__reduce__()[1][0]).get("endpoint_override") or None
+    return None
+
+
 @functools.lru_cache(maxsize=32)
-def _cached_filesystem(prefix: str, connect: float, request: float, endpoint: tuple) -> pafs.FileSystem:
+def _cached_filesystem(prefix: str, budget: float, endpoint: tuple) -> pafs.FileSystem:
     """One filesystem object per scheme and bucket/host: ``from_uri`` may ask the store for its region."""
     try:
         fs = pafs.FileSystem.from_uri(prefix)[0]
@@ -210,7 +236,7 @@ def _cached_filesystem(prefix: str, connect: float, request: float, endpoint: tu
             raise StorageError(f"{prefix}: no filesystem for this URI (pyarrow: {exc}; fsspec: {fsspec_exc}); "
                                f"install the fsspec package for '{scheme(prefix)}://'") from None
         return pafs.PyFileSystem(handler)
-    return _with_timeouts(fs, connect, request)
+    return _with_timeouts(fs, budget)
 
 
 def resolve(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
@@ -228,9 +254,29 @@ def resolve(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     return fs, pafs.FileSystem.from_uri(text)[1]  # e.g. hdfs://host:port/path -> /path
 
 
+# How the AWS SDK (curl) words a request that got no answer in time, and a failed connection.
+_TIMED_OUT = ("curlCode: 28", "Timeout was reached")
+_NETWORK = "NETWORK_CONNECTION"
+
+
 def _error(path, action: str, exc: BaseException) -> StorageError:
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if is_uri(path) and (any(text in message for text in _TIMED_OUT) or _NETWORK in message):
+        where = _endpoint_of(path)
+        if any(text in message for text in _TIMED_OUT):
+            message = (f"no answer from {where} in {MAX_ATTEMPTS} tries of {timeouts()[1]:g} s; {TIMEOUT_ENV}="
+                       f"{timeout():g} s bounds the whole wait")
+        else:
+            message = f"{message}; endpoint {where}"
     return StorageError(f"{os.fspath(path)}: cannot {action} ({message})")
+
+
+def _endpoint_of(path) -> str:
+    try:
+        found = endpoint(resolve(path)[0])
+    except (StorageError, OSError):
+        found = None
+    return found or f"the {scheme(path)} service"
 
 
 _KINDS = {pafs.FileType.File: "file", pafs.FileType.Directory: "dir", pafs.FileType.NotFound: "missing"}
@@ -247,6 +293,37 @@ def _stat_info(path: str) -> FileInfo:
     if stat.S_ISREG(found.st_mode):
         return FileInfo(path, "file", found.st_size, found.st_mtime_ns)
     return FileInfo(path, "dir" if stat.S_ISDIR(found.st_mode) else "other")
+
+
+_OTHER_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                (stat.S_ISSOCK, "a socket"))
+
+
+def describe(path: str | os.PathLike) -> str:
+    """What is at ``path``, in words for a message: "a regular file", "a directory", "nothing" (missing), and for
+    a local path that is neither file nor directory what it is ("a FIFO", "a character device", "a block
+    device", "a socket"; links followed)."""
+    found = info(path)
+    if found.kind != "other":
+        return {"file": "a regular file", "dir": "a directory", "missing": "nothing"}[found.kind]
+    local = local_path(path)
+    try:
+        mode = os.stat(local).st_mode if local is not None else None
+    except OSError:
+        mode = None
+    return next((words for test, words in _OTHER_KINDS if mode is not None and test(mode)),
+                "neither a regular file nor a directory")
+
+
+def not_a_folder(path: str | os.PathLike) -> str | None:
+    """What is at ``path`` in words ("a regular file", "a FIFO", ...) when something is there that is not a
+    directory; None for a directory, nothing, or a store that cannot say. Callers that take a folder refuse such
+    a path as what it is (after their own file inside it was not found: no extra request otherwise)."""
+    try:
+        kind = info(path).kind
+        return None if kind in ("dir", "missing") else describe(path)
+    except StorageError:
+        return None
 
 
 def info(path: str | os.PathLike) -> FileInfo:
@@ -332,13 +409,13 @@ def read_bytes(path: str | os.PathLike, max_bytes: int | None = None) -> bytes:
     if found.kind == "missing":
         raise FileNotFoundError(f"{os.fspath(path)}: not found")
     if found.kind != "file":
-        raise StorageError(f"{os.fspath(path)}: not a regular file ({found.kind}); not read")
+        raise StorageError(f"{os.fspath(path)}: not a regular file ({describe(path)}); not read")
     if max_bytes is not None and found.size is not None and found.size > max_bytes:
         raise TooLarge(f"{os.fspath(path)}: {found.size} bytes, over the limit of {max_bytes}")
     fs, inner = resolve(path)
     try:
         with fs.open_input_stream(inner) as handle:
-            data = handle.read() if max_bytes is None else handle.read(max_bytes + 1)
+            data = handle.read() if max_bytes is None else _read_bounded(handle, found.size, max_bytes)
     except FileNotFoundError:
         raise FileNotFoundError(f"{os.fspath(path)}: not found") from None
     except OSError as exc:
@@ -348,12 +425,29 @@ def read_bytes(path: str | os.PathLike, max_bytes: int | None = None) -> bytes:
     return data
 
 
+def _read_bounded(handle, size: int | None, max_bytes: int) -> bytes:
+    """At most ``max_bytes + 1`` bytes of ``handle`` (one more than the bound tells a file over it), allocating
+    what the file holds: its listed ``size`` (plus the byte that tells it grew) in one read, then chunks while it
+    goes on. ``handle.read(n)`` reserves n bytes before it reads, so asking for the bound would reserve it."""
+    limit = max_bytes + 1
+    want = min(limit, size + 1 if size is not None else _READ_CHUNK)
+    parts, total = [], 0
+    while want > 0:
+        chunk = handle.read(want)
+        if not chunk:
+            break
+        parts.append(chunk)
+        total += len(chunk)
+        want = min(_READ_CHUNK, limit - total)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 def read_range(path: str | os.PathLike, offset: int, length: int) -> bytes:
     """``length`` bytes of a regular file from ``offset`` (fewer where the file ends first), without reading
     the rest: a header, on object storage one ranged request."""
     found = info(path)
     if found.kind != "file":
-        raise StorageError(f"{os.fspath(path)}: not a regular file ({found.kind}); not read")
+        raise StorageError(f"{os.fspath(path)}: not a regular file ({describe(path)}); not read")
     fs, inner = resolve(path)
     try:
         with fs.open_input_file(inner) as handle:
@@ -442,6 +536,43 @@ def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 1, all
     return write_text(path, json.dumps(obj, indent=indent, allow_nan=allow_nan) + "\n")
 
 
+PROBE_PREFIX = ".neoray-probe-"
+
+
+def probe_writable(folder: str | os.PathLike) -> None:
+    """Refuse (``StorageError``, one line naming the folder and why) a folder where nothing can be written, by
+    creating and removing a probe there, before a command starts its work. A local folder that does not exist
+    yet is probed in the nearest folder above it that does (nothing is left behind, no folder created); on
+    object storage the probe is a small object under the prefix, after which pyarrow keeps an empty folder
+    marker there: probe a prefix that is meant to exist (the parent of a directory a command will claim)."""
+    local = local_path(folder)
+    if local is None:
+        fs, inner = resolve(join(folder, PROBE_PREFIX + uuid.uuid4().hex))
+        try:
+            with fs.open_output_stream(inner) as handle:
+                handle.write(b"")
+            fs.delete_file(inner)
+        except OSError as exc:
+            raise _error(folder, "write there", exc) from None
+        return
+    target = os.path.abspath(local)
+    existing = target
+    while not os.path.isdir(existing):
+        if os.path.lexists(existing) or os.path.dirname(existing) == existing:
+            kind = "a file" if os.path.isfile(existing) else describe(existing)
+            where = "is" if existing == target else f"is under {existing},"
+            raise StorageError(f"{os.fspath(folder)}: cannot write there (it {where} {kind}, not a folder)")
+        existing = os.path.dirname(existing)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=PROBE_PREFIX, dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        shown = "" if existing == target else f" (its nearest existing folder {existing})"
+        raise StorageError(f"{os.fspath(folder)}: cannot write there{shown}: "
+                           f"{exc.strerror or type(exc).__name__}") from None
+
+
 def makedirs(path: str | os.PathLike) -> None:
     """Create a directory and its parents (object stores have no directories: nothing to do there)."""
     fs, inner = resolve(path)
@@ -460,6 +591,19 @@ def remove(path: str | os.PathLike) -> None:
         pass
     except OSError as exc:
         if info(path).kind != "missing":  # some stores report a missing path as another error
+            raise _error(path, "delete", exc) from None
+
+
+def remove_dir(path: str | os.PathLike) -> None:
+    """Delete a directory and everything under it (on object storage: every object under the prefix); a
+    missing one is not an error."""
+    fs, inner = resolve(path)
+    try:
+        fs.delete_dir(inner)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if info(path).kind != "missing":
             raise _error(path, "delete", exc) from None
 
 
@@ -490,8 +634,9 @@ def upload_dir(local_dir: str, target: str | os.PathLike) -> None:
 
 
 __all__ = [
-    "FileInfo", "JSONError", "StorageError", "TooLarge", "absolute", "basename", "exists", "glob", "info",
-    "is_dir", "is_file", "is_uri", "is_utf8", "join", "list_dir", "list_files", "local_path", "makedirs", "parent",
-    "printable", "read_bytes", "read_json", "read_range", "read_text", "remove", "resolve", "scheme", "sha256",
-    "timeouts", "umask_mode", "upload_dir", "write_bytes", "write_json", "write_text",
+    "FileInfo", "JSONError", "StorageError", "TooLarge", "absolute", "basename", "describe", "endpoint", "exists",
+    "glob", "info", "is_dir", "is_file", "is_uri", "is_utf8", "join", "list_dir", "list_files", "local_path",
+    "makedirs", "not_a_folder", "parent", "printable", "probe_writable", "read_bytes", "read_json", "read_range",
+    "read_text", "remove", "remove_dir", "resolve", "scheme", "sha256", "timeout", "timeouts", "umask_mode",
+    "upload_dir", "write_bytes", "write_json", "write_text",
 ]

@@ -95,26 +95,41 @@ def _silent_server():
 # ----------------------------------------------------------------------------------------------------
 
 
-def test_a_silent_object_store_fails_in_one_line_within_the_storage_timeouts():
+def _check_silent_store(budget: str | None) -> float:
+    """``neoray check`` of shards on a store that accepts connections and never answers; returns the seconds to
+    its one line, which names the file and the endpoint."""
     with _silent_server() as port:
-        env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-               "NEORAY_STORAGE_CONNECT_TIMEOUT_S": "1", "NEORAY_STORAGE_REQUEST_TIMEOUT_S": "1"}
+        env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+        env.pop("NEORAY_STORAGE_TIMEOUT_S", None)
+        if budget:
+            env["NEORAY_STORAGE_TIMEOUT_S"] = budget
         start = time.monotonic()
         proc = subprocess.run([sys.executable, "-m", "neoray.cli", "check", "s3://silent-bucket/shards"], env=env,
-                              capture_output=True, text=True, timeout=60)
+                              capture_output=True, text=True, timeout=120)
         elapsed = time.monotonic() - start
-    assert proc.returncode == 1 and elapsed < 60
-    assert "s3://silent-bucket/shards/_manifest.json" in _one_line(proc.stderr)
+    line = _one_line(proc.stderr)
+    assert proc.returncode == 1 and "s3://silent-bucket/shards/_manifest.json" in line
+    assert f"no answer from http://127.0.0.1:{port}" in line and "NEORAY_STORAGE_TIMEOUT_S" in line
+    return elapsed
 
 
-def test_storage_timeouts_come_from_the_environment_and_bad_values_are_one_line(monkeypatch):
-    monkeypatch.setenv("NEORAY_STORAGE_CONNECT_TIMEOUT_S", "2.5")
-    monkeypatch.setenv("NEORAY_STORAGE_REQUEST_TIMEOUT_S", "7")
+def test_a_silent_object_store_fails_in_one_line_naming_the_endpoint_within_the_budget_it_is_given():
+    assert _check_silent_store("3") < 3 + 10  # the budget, and the command's own start
+
+
+@pytest.mark.slow
+def test_a_silent_object_store_fails_within_about_30_s_by_default():
+    assert _check_silent_store(None) < 30 + 10  # it was over 90 s: three tries of a 30-s request timeout
+
+
+def test_the_storage_budget_comes_from_the_environment_and_bad_values_are_one_line(monkeypatch):
+    monkeypatch.setenv("NEORAY_STORAGE_TIMEOUT_S", "12")
     options = storage.resolve(f"s3://b-{uuid.uuid4().hex[:8]}/key")[0].__reduce__()[1][0]
-    assert (options["connect_timeout"], options["request_timeout"]) == (2.5, 7.0)
+    # Three tries, each allowed a sixth of the budget to connect and a sixth for a byte: never more in all.
+    assert (options["connect_timeout"], options["request_timeout"]) == (2.0, 2.0)
     assert options["endpoint_override"] == os.environ["AWS_ENDPOINT_URL"]  # AWS_* variables still apply
-    monkeypatch.setenv("NEORAY_STORAGE_REQUEST_TIMEOUT_S", "soon")
-    with pytest.raises(storage.StorageError, match="NEORAY_STORAGE_REQUEST_TIMEOUT_S: expected a positive number"):
+    monkeypatch.setenv("NEORAY_STORAGE_TIMEOUT_S", "soon")
+    with pytest.raises(storage.StorageError, match="NEORAY_STORAGE_TIMEOUT_S: expected a positive number"):
         storage.resolve("s3://another-bucket/key")
 
 
@@ -201,6 +216,27 @@ def test_a_yolo_image_whose_name_is_not_utf8_is_one_reported_skip(tmp_path):
     manifest = read_manifest(tmp_path / "out")
     assert manifest["skipped"]["images"] == {src.FILE_NAME_NOT_UTF8: 1}
     assert manifest["counts"]["images_written"] == 3 and manifest["num_boxes"] == 3  # "new\nline.jpg" too
+    # Its label line is counted, skipped with the image: annotations in = written + skipped.
+    assert manifest["skipped"]["annotations"] == {src.IMAGE_SKIPPED: 1}
+    assert (manifest["counts"]["annotations_in"], manifest["counts"]["annotations_skipped"]) == (4, 1)
+
+
+def test_a_yolo_label_file_that_is_not_text_skips_its_image_with_its_lines_counted(tmp_path):
+    root = tmp_path / "yolo"
+    (root / "images" / "train").mkdir(parents=True)
+    (root / "labels" / "train").mkdir(parents=True)
+    (root / "data.yaml").write_text("names: [thing]\ntrain: images/train\nval: images/train\n")
+    jpeg = cv2.imencode(".jpg", np.full((36, 64, 3), 90, np.uint8))[1].tobytes()
+    for name, label in (("a", b"0 0.5 0.5 0.25 0.25\n"), ("b", b"0 0.5 0.5 0.2 0.2\n\xff 0.1 0.1 0.1 0.1\n\n")):
+        (root / "images" / "train" / f"{name}.jpg").write_bytes(jpeg)
+        (root / "labels" / "train" / f"{name}.txt").write_bytes(label)
+    code, _, err = run_cli(["prepare", "--yolo", str(root), "--out", str(tmp_path / "out"), "--size", "64x36",
+                            "--workers", "1"])
+    assert code == 0, err
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest["skipped"]["images"] == {src.LABEL_FILE_UNREADABLE: 1}
+    assert manifest["skipped"]["annotations"] == {src.IMAGE_SKIPPED: 2}
+    assert (manifest["counts"]["annotations_in"], manifest["num_boxes"]) == (3, 1)
 
 
 def test_a_category_name_that_is_not_utf8_is_one_line_naming_the_record(tmp_path, capsys):
@@ -438,6 +474,7 @@ def test_resume_does_not_need_backbone_weights_the_checkpoint_replaces(synthetic
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     (run_dir / "checkpoints.json").write_text(json.dumps({"latest": {"path": "ray/c", "epoch": 1}}))
+    save_checkpoint(run_dir / "ray" / "c", read_manifest(synthetic_shards["train"])["categories"])  # read before Ray
     weights.unlink()
     resumed = prepare_config(load_config(run_dir / "config.yaml"), resume=True)
     check_resume(resumed, str(run_dir))
@@ -484,3 +521,154 @@ def test_two_runs_started_at_once_get_two_run_directories(tmp_path, monkeypatch,
             assert len(results) == 2
             if where == "local":
                 assert {storage.basename(r) for r in results} == {"synthetic_cpu", "synthetic_cpu-2"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Bounded reads reserve what the file holds, not the bound; commands under an address-space limit
+# ----------------------------------------------------------------------------------------------------
+
+_READ_UNDER_A_LIMIT = """
+import resource, sys
+from neoray import storage
+held = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize:")) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (held + (512 << 20), held + (512 << 20)))  # half a GiB more than now
+print(len(storage.read_bytes(sys.argv[1], max_bytes=4 << 30)))
+"""
+
+
+def test_a_bounded_read_allocates_what_the_file_holds_not_its_bound(tmp_path):
+    small = tmp_path / "weights.pth"
+    small.write_bytes(b"x" * 1000)
+    proc = subprocess.run([sys.executable, "-c", _READ_UNDER_A_LIMIT, str(small)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "1000", proc.stderr[-2000:]
+
+
+def test_a_bounded_read_goes_on_in_chunks_and_stops_one_byte_past_the_bound(tmp_path):
+    data = os.urandom(20 << 20)
+    big = tmp_path / "big"
+    big.write_bytes(data)
+    assert storage.read_bytes(big, max_bytes=30 << 20) == data
+    with pytest.raises(storage.TooLarge):
+        storage.read_bytes(big, max_bytes=10 << 20)
+    # A store that lists no size, or a file that grew after it was listed: chunks, never past bound + 1.
+    assert storage._read_bounded(io.BytesIO(data), None, 30 << 20) == data
+    assert storage._read_bounded(io.BytesIO(data), 1000, 30 << 20) == data
+    assert len(storage._read_bounded(io.BytesIO(data), None, 10 << 20)) == (10 << 20) + 1
+
+
+def _under_a_limit(gigabytes: float, argv: list[str]) -> subprocess.CompletedProcess:
+    limit = int(gigabytes * (1 << 30))
+
+    def limit_address_space():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "OPENBLAS_NUM_THREADS")}
+    return subprocess.run([sys.executable, "-m", "neoray.cli", *argv], preexec_fn=limit_address_space, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo this ran",))
+
+
+@pytest.mark.slow
+def test_commands_under_an_address_space_limit_still_answer_in_one_line(checkpoint, synthetic_shards, tmp_path):
+    runs_code = tmp_path / "runs_code.pth"
+    torch.save({"model": _RunsCode()}, runs_code)  # a pickle that would call os.system
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not an image")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"output": str(tmp_path / "runs")}))
+    levels = ["    - &l0 [" + ", ".join(["lol"] * 10) + "]"]
+    levels += [f"    - &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("train:\n  lr:\n" + "\n".join(levels) + "\n")
+    data = [f"data.train={synthetic_shards['train']}", f"data.val={synthetic_shards['val']}", "data.size=160x90"]
+    cases = [
+        (8, ["eval", str(runs_code), "--data", str(synthetic_shards["val"])], "unpickling it would run code"),
+        (8, ["train", str(config), *data, f"model.init_from={runs_code}"], "unpickling it would run code"),
+        (8, ["predict", str(checkpoint), str(not_an_image), "--out", str(tmp_path / "drawn")], str(not_an_image)),
+        (8, ["predict", str(checkpoint), str(not_an_image), "--out", str(blocker / "d")], str(blocker)),
+        (4, ["train", str(bomb)], "train.lr: expected a number"),
+    ]
+    for gigabytes, argv, fragment in cases:
+        proc = _under_a_limit(gigabytes, argv)
+        assert proc.returncode == 1 and fragment in _one_line(proc.stderr), (argv, proc.stderr[-3000:])
+    assert "this ran" not in proc.stdout
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. A path that is neither a regular file nor a directory is refused as what it is
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_a_fifo_is_refused_as_what_it_is_wherever_a_path_is_taken(checkpoint, synthetic_shards, tmp_path, monkeypatch):
+    from neoray.commands import train as train_command
+    from neoray.tune import sweep as sweep_module
+
+    monkeypatch.setattr(train_command, "connect", lambda *a, **k: pytest.fail("connected to Ray"))
+    monkeypatch.setattr(sweep_module, "connect", lambda *a, **k: pytest.fail("connected to Ray"))
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # a reader would block on it forever
+    config = tmp_path / "c.yaml"
+    config.write_text("{}")
+    data = [f"data.train={synthetic_shards['train']}", f"data.val={synthetic_shards['val']}", "data.size=160x90"]
+    ann = synthetic_shards["root"] / "annotations" / "instances_train.json"
+    cases = [
+        ["eval", str(fifo), "--data", str(synthetic_shards["val"])],
+        ["eval", str(checkpoint), "--data", str(fifo)],
+        ["predict", str(fifo), str(tmp_path / "x.png"), "--out", str(tmp_path / "drawn")],
+        ["export", str(fifo), "--out", str(tmp_path / "m.onnx")],
+        ["train", str(config), *data, f"model.init_from={fifo}"],
+        ["train", str(config), *data[1:], f"data.train={fifo}"],
+        ["train", str(config), *data, "--resume", str(fifo)],
+        ["check", str(fifo)],
+        ["prepare", "--coco", str(ann), "--images", str(fifo), "--out", str(tmp_path / "o"), "--size", "160x90"],
+        ["prepare", "--yolo", str(fifo), "--out", str(tmp_path / "o"), "--size", "160x90"],
+        ["report", str(fifo)],
+        ["sweep", "--config", str(config), *data, "--warm-start", str(fifo), "--output", str(tmp_path / "s")],
+    ]
+    for argv in cases:
+        code, _, err = run_cli(argv)
+        line = _one_line(err)
+        assert code == 1 and str(fifo) in line and "a FIFO" in line, (argv, line)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 8. An MLflow folder store, which MLflow 3 refuses, is refused before anything starts
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_an_mlflow_folder_store_is_refused_in_one_line_before_anything_starts(synthetic_shards, tmp_path,
+                                                                            monkeypatch):
+    pytest.importorskip("mlflow")
+    from neoray.commands import train as train_command
+    from neoray.run.run_tracking import parse_track
+    from neoray.tune import sweep as sweep_module
+
+    monkeypatch.setattr(train_command, "connect", lambda *a, **k: pytest.fail("connected to Ray"))
+    monkeypatch.setattr(sweep_module, "connect", lambda *a, **k: pytest.fail("connected to Ray"))
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"output": str(tmp_path / "runs")}))
+    data = [f"data.train={synthetic_shards['train']}", f"data.val={synthetic_shards['val']}", "data.size=160x90"]
+    store = tmp_path / "mlruns"
+    database = f"sqlite:///{store / 'mlflow.db'}"
+    for argv in (["train", str(config), *data, "--track", f"mlflow:file://{store}"],
+                 ["sweep", "--config", str(config), *data, "--output", str(tmp_path / "s"), "--track",
+                  f"mlflow:{store}"]):
+        code, _, err = run_cli(argv)
+        line = _one_line(err)
+        assert code == 1 and "no longer tracks to a folder" in line and database in line, line
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{store}")
+    code, _, err = run_cli(["train", str(config), *data, "--track", "mlflow"])
+    assert code == 1 and "MLFLOW_TRACKING_URI" in _one_line(err)
+    assert not (tmp_path / "runs").exists() and not store.exists()
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the user's own choice: MLflow then writes it
+    assert parse_track(["mlflow"])[0].kind == "mlflow"

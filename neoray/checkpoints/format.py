@@ -4,13 +4,15 @@ checkpoint file back and checking it.
 A checkpoint is a directory holding ``checkpoint.pt``, a ``torch.save``d dict of tensors and plain
 containers (docs/ARCHITECTURE.md, "Checkpoints", lists its keys): ``{"format": "neoray-checkpoint",
 "version": 1, "model", "ema", ...}``. It is written to a temporary name in the directory and renamed over
-``checkpoint.pt`` (a reader never sees half a file; a failed write leaves nothing behind), to a local
+``checkpoint.pt`` (a reader never sees half a file; a failed write, a full disk included, leaves nothing
+behind: not the temporary file, nor the directory when it made it), to a local
 directory that the runner then uploads, and read from any storage, weights-only: nothing in it can run code.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -36,16 +38,24 @@ def is_neoray_checkpoint(obj: object) -> bool:
 def save_checkpoint(directory: str | os.PathLike, payload: dict[str, Any]) -> Path:
     """Write ``payload`` (the documented keys) to ``directory/checkpoint.pt`` via temp file + rename."""
     directory = Path(directory)
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "version": VERSION, **payload}
     fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=directory)
-    os.close(fd)
     try:
-        torch.save(payload, tmp)
+        # Through a Python file: a full disk is OSError(ENOSPC) (a path makes torch raise a RuntimeError that
+        # does not say why), which the training loop turns into its stop reason.
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, directory / FILE_NAME)
-    finally:
+    except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if created:
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
     return directory / FILE_NAME
 
 

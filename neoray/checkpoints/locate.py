@@ -25,10 +25,14 @@ def resolve_checkpoint(path: str | os.PathLike) -> str:
     ``neoray.models.load_pretrained``) reads: a checkpoint directory or its ``checkpoint.pt`` as given; a
     run directory: its best checkpoint, else its latest; ``RUN_DIR/checkpoints/best`` or ``.../latest``:
     the one ``RUN_DIR/checkpoints.json`` records. Anything else (a reference ``.pth``, a Hugging Face
-    folder) is returned as it is."""
+    folder) is returned as it is; a path that is neither a file nor a directory (a FIFO, a device) is refused
+    as what it is (``CheckpointError``)."""
     path = storage.absolute(path)
-    if storage.is_file(path) or _is_checkpoint_dir(path):
+    found = storage.info(path)
+    if found.kind == "file" or _is_checkpoint_dir(path):
         return path
+    if found.kind == "other":  # a FIFO would block a reader forever, a device never end
+        raise CheckpointError(f"{path}: {storage.describe(path)}, not a checkpoint file or directory; not read")
     name, parent = storage.basename(path), storage.parent(path)
     if name in ("best", "latest") and storage.basename(parent) == "checkpoints":
         return _pointed(storage.parent(parent), name, path)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import shlex
 import sys
-from pathlib import Path
 
+from neoray import interrupts
 from neoray.cluster import ClusterError, add_address_argument
-from neoray.commands import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
+from neoray.commands import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, program
 from neoray.config import ConfigError
 from neoray.run.run_tracking import add_track_argument
 from neoray.storage import StorageError
@@ -69,11 +69,10 @@ def options_from_args(args):
 
 def resume_command(argv: list[str]) -> str:
     """The command line that continues this sweep: the same one with --resume."""
-    program = ["python", argv[0]] if argv[0].endswith(".py") else [Path(argv[0]).name]
     args = list(argv[1:])
     if "--resume" not in args:
         args.append("--resume")
-    return shlex.join(program + args)
+    return shlex.join(program(argv[0]) + args)
 
 
 def run(args) -> int:
@@ -82,7 +81,8 @@ def run(args) -> int:
     except (ConfigError, ClusterError, StorageError) as exc:
         print(f"neoray sweep: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    if result.interrupted:  # Ctrl-C: Tune saved its state and returned
-        print(f"sweep interrupted; continue with: {resume_command(sys.argv)}", file=sys.stderr, flush=True)
+    if result.interrupted:  # Ctrl-C or SIGTERM: Tune saved its state and returned
+        print(f"sweep {interrupts.how_stopped()}; continue with: {resume_command(sys.argv)}", file=sys.stderr,
+              flush=True)
         return EXIT_INTERRUPTED
     return EXIT_OK if result.best is not None else EXIT_FAILED

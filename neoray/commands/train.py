@@ -6,24 +6,26 @@ instance unless told otherwise), checks that the run fits the cluster and that e
 paths, then trains. Prints the run directory and one line per epoch; the run directory gets
 config.yaml, metrics.csv/json, checkpoints.json, the checkpoints and summary.json/md (neoray.run.rundir).
 Exit status: 0 when the run completed or stopped early on mAP, 1 on a config error, a run stopped by a
-guard (non-finite updates, out of memory, failed preflight) or a failed run.
+guard (non-finite updates, out of memory, failed preflight) or a failed run; 130 on Ctrl-C and 143 on SIGTERM
+(the summary written, the resume command printed).
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
-from neoray import storage
+from neoray import interrupts, storage
 from neoray.checkpoints import CheckpointError, read_pointers
 from neoray.cluster import ClusterError, add_address_argument, connect
-from neoray.commands import EXIT_FAILED, EXIT_OK
+from neoray.commands import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, program
 from neoray.config import ConfigError, load_config
 from neoray.data.shards import ManifestError
 from neoray.run.run_tracking import add_track_argument, parse_track
 from neoray.run.rundir import RunDirError
-from neoray.run.setup import check_cluster, check_resume, prepare_config
-from neoray.run.trainer import train
+from neoray.run.setup import check_cluster, check_resume, prepare_config, resume_point
+from neoray.run.trainer import RunInterrupted, train
 from neoray.storage import StorageError
 
 
@@ -53,18 +55,38 @@ def _resumes_from_a_checkpoint(run_dir: str | None) -> bool:
         return False  # check_resume and the trainer report the broken run directory
 
 
+def _log(line: str) -> None:
+    print(f"neoray train: {line}", flush=True)
+
+
+def resume_command(argv: list[str], run_dir: str) -> str:
+    """The command line that continues a stopped run: the same one with ``--resume RUN_DIR``."""
+    args = list(argv[1:])
+    if "--resume" in args:
+        del args[args.index("--resume"):args.index("--resume") + 2]
+    args = [arg for arg in args if not arg.startswith("--resume=")]
+    return shlex.join([*program(argv[0]), *args, "--resume", run_dir])
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         track = parse_track(args.track)  # a tracker that is not installed fails before anything starts
         resuming = _resumes_from_a_checkpoint(args.resume)
         cfg = prepare_config(load_config(args.config, args.overrides), output=args.output, resume=resuming)
+        resume = None
         if args.resume:
-            check_resume(cfg, args.resume, log=lambda line: print(f"neoray train: {line}", flush=True))
-        info = connect(args.address, log=lambda line: print(f"neoray train: {line}", flush=True))
+            check_resume(cfg, args.resume, log=_log)
+            resume = resume_point(storage.absolute(args.resume), log=_log)  # read here, before any worker starts
+        info = connect(args.address, log=_log)
         check_cluster(cfg, info, storage.absolute(args.resume) if args.resume else cfg.output,
                       autoscale=args.autoscale, sweep=False, resume=resuming)
-        summary = train(cfg, config_path=args.config, resume_dir=args.resume, track=track)
-    except (ConfigError, ClusterError, RunDirError, ManifestError, StorageError) as exc:
+        summary = train(cfg, config_path=args.config, resume_dir=args.resume, track=track, resume=resume)
+    except RunInterrupted as stopped:
+        print(f"neoray train: {interrupts.how_stopped()} after {stopped.summary['epochs_run']} epochs; the run keeps "
+              f"its last checkpoint; continue with: {resume_command(sys.argv, stopped.run_dir)}", file=sys.stderr,
+              flush=True)
+        return EXIT_INTERRUPTED
+    except (ConfigError, ClusterError, RunDirError, ManifestError, StorageError, CheckpointError) as exc:
         print(f"neoray train: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except Exception as exc:  # a failed run: the summary was written; keep the message to one line

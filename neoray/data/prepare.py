@@ -484,6 +484,7 @@ def prepare_source(source: src.Source, out_dir, size, *, strict: bool = False, w
     size = parse_size(size, "--size")
     _check_options(quality, rows_per_shard, workers, max_image_pixels, max_image_bytes)
     out_dir = storage.absolute(out_dir)
+    storage.probe_writable(out_dir)  # a read-only output is one line before any image is decoded
     use_ray = ray or address is not None
     cluster_cpus = _connect_ray(address) if use_ray else 0
     workers = workers or cluster_cpus or _default_workers()
@@ -529,7 +530,8 @@ def prepare_coco(ann_json, image_dir, out_dir, size=(320, 180), *, strict: bool 
     and ``SourceError`` for a broken annotation file (both one line). Bad records never raise: they are
     skipped and listed in ``_report.json``.
     """
-    parse_size(size, "--size")  # refuse a bad size before reading anything
+    parse_size(size, "--size")  # refuse a bad size or an output that cannot be written before reading anything
+    storage.probe_writable(storage.absolute(out_dir))
     return prepare_source(src.read_coco(ann_json, image_dir), out_dir, size, strict=strict, workers=workers,
                           quality=quality, rows_per_shard=rows_per_shard, **options)
 
@@ -539,6 +541,7 @@ def prepare_yolo(data_dir, out_dir, size=(320, 180), *, split: str = "train", st
                  **options) -> PrepareResult:
     """Ultralytics YOLO dataset (``data.yaml``, images/<split>, labels/<split>) -> shards; see ``prepare_coco``."""
     parse_size(size, "--size")
+    storage.probe_writable(storage.absolute(out_dir))
     return prepare_source(src.read_yolo(data_dir, split), out_dir, size, strict=strict, workers=workers,
                           quality=quality, rows_per_shard=rows_per_shard, **options)
 

@@ -173,6 +173,9 @@ def read_manifest(shard_dir) -> dict:
     try:
         manifest = storage.read_json(path)
     except FileNotFoundError:
+        other = storage.not_a_folder(shard_dir)
+        if other:
+            raise ManifestError(f"{shard_dir}: {other}, not a shard directory (written by `neoray prepare`)") from None
         raise ManifestError(f"{path}: manifest not found; is {shard_dir} a directory written by `neoray prepare` "
                             f"(an interrupted run leaves none)?") from None
     except (storage.StorageError, storage.JSONError) as exc:  # both name the file

@@ -241,7 +241,8 @@ def _require_image_root(image_root: str, what: str) -> None:
     """A missing image folder is a wrong argument, not N missing images: one line, exit 1."""
     kind = _info(image_root).kind
     if kind != "dir":
-        raise SourceError(f"{image_root}: {what} {'not found' if kind == 'missing' else 'is not a directory'}")
+        found = "not found" if kind == "missing" else f"is {storage.describe(image_root)}, not a directory"
+        raise SourceError(f"{image_root}: {what} {found}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -446,6 +447,9 @@ def _find_data_yaml(data_dir: str) -> str:
     kind = _info(data_dir).kind
     if kind == "file":
         return data_dir
+    if kind == "other":
+        raise SourceError(f"{data_dir}: {storage.describe(data_dir)}, not a YOLO dataset directory or data.yaml; "
+                          "not read")
     if kind != "dir":
         raise SourceError(f"{data_dir}: YOLO dataset directory not found")
     default = storage.join(data_dir, "data.yaml")
@@ -530,15 +534,46 @@ def _list_files(root: str) -> list[storage.FileInfo]:
         raise SourceError(str(exc)) from None
 
 
-def _read_label_texts(paths: list[str]) -> list[str | Exception]:
-    def read(path: str) -> str | Exception:
+def _read_label_texts(paths: list[str]) -> list[bytes | Exception]:
+    def read(path: str) -> bytes | Exception:
         try:
-            return storage.read_bytes(path, max_bytes=LABEL_MAX_BYTES).decode("utf-8-sig")
-        except (OSError, UnicodeDecodeError) as exc:
+            return storage.read_bytes(path, max_bytes=LABEL_MAX_BYTES)
+        except OSError as exc:
             return exc
 
     with ThreadPoolExecutor(max_workers=LABEL_READ_THREADS) as pool:
         return list(pool.map(read, paths))
+
+
+def _label_lines(data: bytes) -> int:
+    """The lines of a label file that ``_parse_label_text`` would count as annotations (the non-blank ones)."""
+    return sum(1 for line in data.decode("utf-8", "replace").splitlines() if line.split())
+
+
+def _local_label_bytes(path: str) -> bytes | None:
+    """A local label file whose name is not UTF-8 (which storage cannot address), read through the OS to count
+    its lines; None when it is not a regular file of at most LABEL_MAX_BYTES or cannot be read."""
+    found = storage.info(path)  # through the OS for such a name
+    if found.kind != "file" or (found.size or 0) > LABEL_MAX_BYTES or storage.local_path(path) is None:
+        return None
+    try:
+        with open(storage.local_path(path), "rb") as handle:
+            return handle.read(LABEL_MAX_BYTES + 1)
+    except OSError:
+        return None
+
+
+def _skip_with_labels(source: Source, reason: str, file_name: str, image_id, detail: str, data: bytes | None) -> None:
+    """Skip an image and count its label lines (when they could be read) as annotations in, skipped with it:
+    images in = written + skipped, and the same for annotations."""
+    lines = _label_lines(data) if data is not None else 0
+    if data is None:
+        detail += "; its label lines could not be counted"
+    elif lines:
+        detail += f"; its {lines} label line(s) skipped with it"
+    source.skip_image(reason, file_name, image_id, detail)
+    source.annotations_in += lines
+    source.skipped_annotations[IMAGE_SKIPPED] += lines
 
 
 def _parse_label_text(source: Source, record: ImageRecord, label_path: str, text: str, names: dict[int, str],
@@ -607,8 +642,11 @@ def _yolo_records(source: Source, layout: _YoloLayout) -> list[tuple[ImageRecord
     pairs = []
     for entry in layout.entries:
         file_name = _relative(layout.image_root, entry.path)
-        if not storage.is_utf8(file_name):  # its label file is not read either
-            source.skip_image(FILE_NAME_NOT_UTF8, file_name, None, "the name on disk is not UTF-8; not read")
+        if not storage.is_utf8(file_name):  # never read; its label lines are counted, skipped with it
+            label = label_path_for(entry.path)
+            data = _local_label_bytes(label) if label in layout.labels else b""
+            _skip_with_labels(source, FILE_NAME_NOT_UTF8, file_name, None, "the name on disk is not UTF-8; not read",
+                              data)
             continue
         if not _is_image(entry.path):
             extension = posixpath.splitext(entry.path)[1]
@@ -625,9 +663,15 @@ def _read_yolo_labels(source: Source, pairs: list[tuple[ImageRecord, str]], layo
     text_of = dict(zip(to_read, _read_label_texts(to_read)))
     next_ann_id = 1
     for record, label in pairs:
-        text = text_of.get(label, "")  # no label file: an image with no objects (Ultralytics' convention)
-        if isinstance(text, Exception):
-            source.skip_image(LABEL_FILE_UNREADABLE, record.file_name, record.image_id, str(text)[:200])
+        data = text_of.get(label, b"")  # no label file: an image with no objects (Ultralytics' convention)
+        if isinstance(data, Exception):
+            source.skip_image(LABEL_FILE_UNREADABLE, record.file_name, record.image_id, str(data)[:200])
+            continue
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            _skip_with_labels(source, LABEL_FILE_UNREADABLE, record.file_name, record.image_id,
+                              f"{storage.basename(label)}: not UTF-8 text ({exc.reason} at byte {exc.start})", data)
             continue
         next_ann_id = _parse_label_text(source, record, label, text, names, next_ann_id)
         source.images.append(record)

@@ -31,9 +31,12 @@ class BatchSource(Protocol):
 
 
 class TrainContext(Protocol):
-    """``report`` is called once per epoch on every rank; ``checkpoint_dir`` (rank 0 only, None on the
-    others) is a local directory the runner must copy or upload before returning. ``latest_checkpoint``
-    is the checkpoint (a directory, local or a URI) to continue from after a restart, or None."""
+    """``report`` is called once per epoch on every rank; ``checkpoint`` (rank 0 only, None on the others) is
+    what ``persist`` returned for the epoch's checkpoint. ``persist`` (rank 0, before the report) makes a local
+    checkpoint directory durable where the runner keeps checkpoints, whole or not at all, and raises
+    ``OSError`` when it cannot (a full disk, an output folder deleted while the run goes on): every rank then
+    learns it before anyone reports. ``latest_checkpoint`` is the checkpoint (a directory, local or a URI) to
+    continue from after a restart, or None."""
 
     world_rank: int
     world_size: int
@@ -41,7 +44,9 @@ class TrainContext(Protocol):
     device: torch.device | None  # None: cuda:local_rank with train.use_gpu and CUDA, else cpu
     data: BatchSource
 
-    def report(self, metrics: dict, checkpoint_dir: str | None) -> None: ...
+    def persist(self, checkpoint_dir: str) -> object: ...
+
+    def report(self, metrics: dict, checkpoint: object | None) -> None: ...
 
     def latest_checkpoint(self) -> str | None: ...
 
@@ -78,6 +83,9 @@ class LocalContext:
         self._checkpoint_root = os.fspath(checkpoint_root) if checkpoint_root else None
         self._latest = resume_dir
         self.reports: list[dict] = []
+
+    def persist(self, checkpoint_dir: str) -> str:
+        return checkpoint_dir  # copied by report, which knows the epoch
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         self.reports.append(dict(metrics))

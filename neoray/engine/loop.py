@@ -6,12 +6,14 @@ plain process; nothing here imports Ray.
 It keeps no global mutable state, so several trials can share a process.
 
 Per epoch, every rank calls ``ctx.report`` exactly once (Ray's report is a barrier), with metrics
-already aggregated over all ranks (docs/ARCHITECTURE.md names them); rank 0 passes a checkpoint
-directory, the others None. What "better" means (the ``score``) is neoray.engine.ranking's.
+already aggregated over all ranks (docs/ARCHITECTURE.md names them); rank 0 passes the epoch's checkpoint
+(persisted first, see ``_report``), the others None. What "better" means (the ``score``) is
+neoray.engine.ranking's.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import shutil
 import tempfile
@@ -180,23 +182,43 @@ def _stop_reason(state: TrainState, stats: EpochStats, metrics: dict) -> str:
 
 
 def _report(ctx: TrainContext, state: TrainState, metrics: dict) -> None:
-    """Report the epoch with its checkpoint (written by rank 0 to a local temporary directory, which the
-    runner uploads before ``report`` returns)."""
+    """Report the epoch with its checkpoint: rank 0 writes it to a local temporary directory and has the
+    runner make it durable (``ctx.persist``) before anyone reports. A checkpoint that cannot be written (a full
+    disk, the output folder deleted) stops the run on every rank, with the reason, instead of failing one
+    worker (whose restart would meet the same disk); nothing partial is left, and ``--resume`` continues from
+    the last checkpoint that was written."""
     rng_states = gather(capture_rng_state())
-    tmp_dir = None
+    tmp_dir, checkpoint, failure = None, None, None
     if state.rank == 0:
         tmp_dir = tempfile.mkdtemp(prefix="neoray-ckpt-")
         categories = ctx.data.categories
-        save_checkpoint(tmp_dir, {
-            **state.state_dict(), "rng": {"per_rank": rng_states}, "config": state.cfg.to_dict(),
-            "model_name": state.cfg.model.name, "num_classes": len(categories), "categories": categories,
-            "metrics": metrics,
-        })
+        try:
+            save_checkpoint(tmp_dir, {
+                **state.state_dict(), "rng": {"per_rank": rng_states}, "config": state.cfg.to_dict(),
+                "model_name": state.cfg.model.name, "num_classes": len(categories), "categories": categories,
+                "metrics": metrics,
+            })
+            checkpoint = ctx.persist(tmp_dir)
+        except OSError as exc:
+            failure = checkpoint_failure(exc, state.epoch)
+    failure = from_rank0(failure)
+    if failure:
+        metrics["stop_reason"] = failure
+        checkpoint = None
     try:
-        ctx.report(metrics, tmp_dir)
+        ctx.report(metrics, checkpoint)
     finally:
         if tmp_dir:
             shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def checkpoint_failure(exc: OSError, epoch: int) -> str:
+    """The stop reason for a checkpoint that could not be written, in one line."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text or "quota" in text.lower():
+        return (f"disk full: the checkpoint of epoch {epoch} could not be written ({text}); free space, then "
+                "continue with --resume from the last checkpoint")
+    return f"the checkpoint of epoch {epoch} could not be written: {text}"
 
 
 def _main_lr(optimizer: torch.optim.Optimizer) -> float:

@@ -72,8 +72,9 @@ def installed(package: str) -> bool:
 
 
 def parse_track(values: list[str] | None) -> list[TrackSpec]:
-    """``--track`` values -> specs, checked: a known tracker, once each, its package installed, W&B
-    credentials unless W&B runs offline. One line (``ConfigError``) otherwise."""
+    """``--track`` values -> specs, checked: a known tracker, once each, its package installed, an MLflow
+    store the installed MLflow writes to (not a folder, which MLflow 3 refuses), W&B credentials unless W&B runs
+    offline. One line (``ConfigError``) otherwise."""
     specs = {}
     for value in values or []:
         kind, _, target = value.partition(":")
@@ -85,9 +86,38 @@ def parse_track(values: list[str] | None) -> list[TrackSpec]:
         if not installed(kind):
             raise ConfigError(f'--track {kind} needs the {kind} package: pip install "neoray[{kind}]"')
         specs[kind] = TrackSpec(kind, target.strip() or None)
+    if "mlflow" in specs:
+        _check_mlflow_store(specs["mlflow"])
     if "wandb" in specs:
         _check_wandb_credentials()
     return list(specs.values())
+
+
+def _file_store_path(uri: str) -> str | None:
+    """The folder of an MLflow file store URI (``file:...`` or a plain path), None for anything else."""
+    if uri.startswith("file:"):
+        return re.sub(r"^file:(//)?", "", uri)
+    return None if "://" in uri or uri.startswith("sqlite:") else uri
+
+
+def _check_mlflow_store(spec: TrackSpec) -> None:
+    """Refuse, before anything starts, a tracking URI that is a folder (a file store) when the installed MLflow
+    refuses file stores (MLflow 3 does, unless MLFLOW_ALLOW_FILE_STORE is set): it would fail in the driver
+    after Ray started, with MLflow's traceback."""
+    uri = spec.target or os.environ.get("MLFLOW_TRACKING_URI")
+    folder = _file_store_path(uri) if uri else None
+    if folder is None:
+        return
+    import mlflow  # noqa: PLC0415 - optional dependency (neoray[mlflow])
+    from mlflow import environment_variables  # noqa: PLC0415
+
+    allowed = getattr(environment_variables, "MLFLOW_ALLOW_FILE_STORE", None)
+    if allowed is None or allowed.get():  # an MLflow that still writes file stores, or the user opted in
+        return
+    given = f"--track mlflow:{uri}" if spec.target else f"--track mlflow (MLFLOW_TRACKING_URI={uri})"
+    database = "sqlite:///" + os.path.join(os.path.abspath(folder), "mlflow.db")
+    raise ConfigError(f"{given}: MLflow {mlflow.__version__} no longer tracks to a folder (a file store); give a "
+                      f"database such as mlflow:{database}, or a tracking server (mlflow:http://HOST:5000)")
 
 
 def _check_wandb_credentials() -> None:

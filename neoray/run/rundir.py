@@ -49,20 +49,22 @@ def new_run_dir(cfg: Config, config_path: str | None, output: str | None = None)
     root = storage.absolute(output or cfg.output)
     if cfg.name:
         run_dir = storage.join(root, cfg.name)
-        if not _claim(run_dir):
+        if not claim_directory(run_dir):
             raise RunDirError(f"run directory {run_dir} already exists; continue it with --resume {run_dir} "
                               f"or choose another name=")
         return run_dir
     stem = os.path.splitext(storage.basename(config_path))[0] if config_path else "run"
     for counter in range(1, MAX_NAMES + 1):
         run_dir = storage.join(root, stem if counter == 1 else f"{stem}-{counter}")
-        if _claim(run_dir):
+        if claim_directory(run_dir):
             return run_dir
     raise RunDirError(f"{root} holds {MAX_NAMES} runs named {stem}, {stem}-2, ...; choose a name=")
 
 
-def _claim(run_dir: str) -> bool:
-    """Create ``run_dir`` for this run alone: True, or False when it exists or another run took it."""
+def claim_directory(run_dir: str) -> bool:
+    """Create ``run_dir`` (a run's, or a sweep's) for this process alone: True, or False when it exists or
+    another process took it at the same moment. Locally (a shared mount too) an exclusive create; on object
+    storage a claim object kept only when it is alone under the prefix."""
     local = storage.local_path(run_dir)
     if local is not None:
         try:
@@ -71,9 +73,9 @@ def _claim(run_dir: str) -> bool:
         except FileExistsError:
             if os.path.isdir(os.path.dirname(os.path.abspath(local))):
                 return False
-            raise storage.StorageError(f"{run_dir}: cannot create the run directory (a file is in the way)") from None
+            raise storage.StorageError(f"{run_dir}: cannot create the directory (a file is in the way)") from None
         except OSError as exc:
-            raise storage.StorageError(f"{run_dir}: cannot create the run directory ({exc.strerror or exc})") from None
+            raise storage.StorageError(f"{run_dir}: cannot create the directory ({exc.strerror or exc})") from None
         return True
     if storage.exists(run_dir):
         return False
@@ -91,6 +93,9 @@ def _claim(run_dir: str) -> bool:
 def existing_run_dir(path: str) -> str:
     run_dir = storage.absolute(path)
     if not storage.is_file(storage.join(run_dir, "config.yaml")):
+        other = storage.not_a_folder(run_dir)
+        if other:
+            raise RunDirError(f"{run_dir}: {other}, not a neoray run directory")
         raise RunDirError(f"{run_dir}: not a neoray run directory (no config.yaml)")
     return run_dir
 
@@ -247,6 +252,6 @@ def summary_markdown(summary: dict, history: list[dict]) -> str:
 
 
 __all__ = [
-    "RAY_DIR", "RunDirError", "epoch_line", "existing_run_dir", "new_run_dir", "read_metrics", "summary_markdown",
-    "write_metrics", "write_summary",
+    "RAY_DIR", "RunDirError", "claim_directory", "epoch_line", "existing_run_dir", "new_run_dir", "read_metrics",
+    "summary_markdown", "write_metrics", "write_summary",
 ]

@@ -15,9 +15,10 @@ several nodes every path the workers need is one they can all reach.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from neoray import storage
-from neoray.checkpoints import CheckpointError, resolve_checkpoint
+from neoray.checkpoints import FILE_NAME, CheckpointError, read_checkpoint_file, read_pointers, resolve_checkpoint
 from neoray.checkpoints.files import check_safetensors, huggingface_files
 from neoray.cluster import ClusterInfo, check_visible_on_all_nodes, plan_trials
 from neoray.config import Config, ConfigError, brief, load_config
@@ -25,14 +26,18 @@ from neoray.data.shards import ManifestError, read_manifest
 from neoray.data.stream import train_rows_per_epoch
 from neoray.models import PretrainedError, check_model, describe_pretrained, model_options, read_torch_file
 from neoray.models.pretrained.load import kept_class_names
+from neoray.run.rundir import RAY_DIR
 
 
-def prepare_config(cfg: Config, output: str | None = None, *, resume: bool = False) -> Config:
+def prepare_config(cfg: Config, output: str | None = None, *, resume: bool = False,
+                   writes_output: bool = True) -> Config:
     """A copy of ``cfg`` with absolute paths and pretrained conventions, checked (ConfigError, one line).
     ``output``: the command line's ``--output``, which replaces ``cfg.output``. ``resume``: the run
-    continues from a checkpoint, which brings every weight: ``model.backbone_weights`` is not read."""
+    continues from a checkpoint, which brings every weight: ``model.backbone_weights`` is not read.
+    ``writes_output``: the caller writes under the output folder (``neoray train``), which is then probed; a
+    sweep writes in its own directory instead, which it probes itself."""
     out = storage.absolute(output or cfg.output)
-    check_output_dir(out, "--output" if output else "output")
+    check_output_dir(out, "--output" if output else "output", probe=writes_output)
     updates = {"output": out,
                "data.train": storage.absolute(cfg.data.train), "data.val": storage.absolute(cfg.data.val)}
     weights = cfg.model.backbone_weights
@@ -74,22 +79,24 @@ def _check_backbone_file(path: str) -> None:
         raise ConfigError(f"model.backbone_weights: {exc}") from None
 
 
-def check_output_dir(path: str, key: str = "--output") -> None:
-    """Refuse (ConfigError, one line) a local output folder that is a file or lies under one. Object
-    storage has no such conflict: a key and a prefix of the same name live side by side."""
+def check_output_dir(path: str, key: str = "--output", probe: bool = True) -> None:
+    """Refuse (ConfigError, one line naming the folder) an output folder where nothing can be written, before
+    any work: locally a file in the way (the folder is one, or lies under one); with ``probe``, a read-only
+    folder or mount, or on object storage a bucket that refuses the probe (``storage.probe_writable``)."""
     local = storage.local_path(path)
-    if local is None:
+    if local is not None:
+        probe = os.path.abspath(local)
+        while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+            probe = os.path.dirname(probe)
+        if os.path.exists(probe) and not os.path.isdir(probe):
+            where = "is a file" if probe == os.path.abspath(local) else f"is under {probe}, a file"
+            raise ConfigError(f"{key}: {path} {where}; give a folder for the runs")
+    if not probe:
         return
-    probe = os.path.abspath(local)
-    while not os.path.exists(probe):
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            return
-        probe = parent
-    if os.path.isdir(probe):
-        return
-    where = "is a file" if probe == os.path.abspath(local) else f"is under {probe}, a file"
-    raise ConfigError(f"{key}: {path} {where}; give a folder for the runs")
+    try:
+        storage.probe_writable(path)
+    except storage.StorageError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
 
 
 def _check_data(cfg: Config) -> None:
@@ -127,7 +134,11 @@ def check_resume(cfg: Config, run_dir: str, log=None) -> None:
     config.yaml in anything but ``RESUMABLE_CHANGES``; ``log`` the changes it allows."""
     saved_path = storage.join(storage.absolute(run_dir), "config.yaml")
     if not storage.is_file(saved_path):
+        other = storage.not_a_folder(storage.absolute(run_dir))
+        if other:
+            raise ConfigError(f"--resume: {storage.absolute(run_dir)} is {other}, not a neoray run directory")
         raise ConfigError(f"--resume: {storage.absolute(run_dir)} is not a neoray run directory (no config.yaml)")
+    check_output_dir(storage.absolute(run_dir), "--resume")  # the resumed run writes there
     saved = _flat(load_config(saved_path).to_dict())
     given = _flat(cfg.to_dict())
     changed = sorted(key for key in saved.keys() | given.keys() if saved.get(key) != given.get(key))
@@ -141,6 +152,51 @@ def check_resume(cfg: Config, run_dir: str, log=None) -> None:
     if changed and log:
         log("resuming with " + ", ".join(f"{key}={brief(given.get(key), 200)} (was {brief(saved.get(key), 200)})"
                                          for key in changed))
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where ``--resume`` continues a run: ``checkpoint`` (a directory; None: the run has no checkpoint yet and
+    starts over), its ``epoch``, and the run's checkpoint folders that could not be read (``unreadable``, by
+    folder name), which the workers must not restore even where Ray's own record of the run names them."""
+
+    checkpoint: str | None = None
+    epoch: int = 0
+    unreadable: tuple[str, ...] = ()
+
+
+def resume_point(run_dir: str, log=None) -> ResumePoint:
+    """Read the run's latest checkpoint on the driver, before any worker starts (a worker that cannot read it
+    fails, and Ray restarts it into the same failure, each time with a traceback). When it cannot be read (a
+    truncated or empty file), fall back to the newest of the run's other checkpoints that can, and ``log`` which;
+    ``CheckpointError`` (one line naming the file) when there is none."""
+    latest = read_pointers(run_dir).get("latest")
+    if not latest:
+        return ResumePoint()
+    first = storage.join(run_dir, latest["path"])
+    others = [entry.path for entry in storage.list_dir(storage.join(run_dir, RAY_DIR))
+              if entry.kind == "dir" and entry.name.startswith("checkpoint_") and entry.path != first]
+    unreadable, why = [], None
+    readable = []
+    for candidate in [first, *others]:
+        try:
+            epoch = int(read_checkpoint_file(storage.join(candidate, FILE_NAME)).get("epoch") or 0)
+        except (CheckpointError, OSError) as exc:
+            unreadable.append(storage.basename(candidate))
+            why = why or str(exc)
+            continue
+        if candidate == first:
+            return ResumePoint(first, epoch, tuple(unreadable))
+        readable.append((epoch, candidate))
+    if not readable:
+        more = f" and no other checkpoint of the run can be read ({len(others)} tried)" if others else \
+            "; the run has no other checkpoint to fall back to"
+        raise CheckpointError(f"--resume: the latest checkpoint cannot be read: {why}{more}")
+    epoch, chosen = max(readable)
+    if log:
+        log(f"the latest checkpoint cannot be read ({why}); resuming from the previous one, {chosen} (epoch "
+            f"{epoch}): the epochs after it are trained again")
+    return ResumePoint(chosen, epoch, tuple(unreadable))
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -215,7 +271,7 @@ def check_cluster(cfg: Config, info: ClusterInfo, output_dir: str, *, gpus_per_w
     """Refuse (ConfigError, one line) what cannot run on the connected cluster; returns the resource plan
     (of each sweep trial, or of the one run of ``neoray train`` with ``sweep=False``). ``output_dir``, where
     the run or the sweep writes, must not be a file or lie under one."""
-    check_output_dir(output_dir)
+    check_output_dir(output_dir, probe=False)  # probed before Ray started
     plan = plan_trials(cfg, gpus_per_worker, max_concurrent, autoscale=autoscale, sweep=sweep)
     if info.nodes > 1:
         check_visible_on_all_nodes(needed_everywhere(cfg, output_dir, resume))
@@ -223,6 +279,7 @@ def check_cluster(cfg: Config, info: ClusterInfo, output_dir: str, *, gpus_per_w
 
 
 __all__ = [
+    "ResumePoint",
     "check_batches",
     "check_cluster",
     "check_output_dir",
@@ -230,4 +287,5 @@ __all__ = [
     "needed_everywhere",
     "prepare_config",
     "pretrained_class_rows",
+    "resume_point",
 ]

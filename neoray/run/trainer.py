@@ -22,7 +22,7 @@ from neoray import ray_compat, storage
 from neoray.checkpoints import read_pointers, write_pointers
 from neoray.config import Config, save_config
 from neoray.engine import ranking
-from neoray.engine.ray_context import train_loop_per_worker
+from neoray.engine.ray_context import PARTIAL_PREFIX, train_loop_per_worker
 from neoray.run.run_tracking import RunTracker
 from neoray.run.rundir import (
     RAY_DIR,
@@ -34,7 +34,7 @@ from neoray.run.rundir import (
     write_metrics,
     write_summary,
 )
-from neoray.run.setup import pretrained_class_rows
+from neoray.run.setup import ResumePoint, pretrained_class_rows, resume_point
 
 TENSORBOARD_DIR = "tensorboard"
 TENSORBOARD_KEYS = ("loss", "lr", "map", "map50", "images_per_s", "peak_mem_mb", ranking.SCORE)
@@ -57,6 +57,8 @@ class RunRecorder(ray.train.UserCallback):
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
         row = dict(metrics[0])  # rank 0's metrics are already aggregated over all workers
+        if not storage.is_dir(self.run_dir):
+            return  # the run directory was deleted (the workers stop, train() says so): not made again here
         row["time"] = round(time.time(), 3)
         history = read_metrics(self.run_dir) + [row]
         write_metrics(self.run_dir, history)
@@ -93,7 +95,8 @@ class RunRecorder(ray.train.UserCallback):
 
 
 def build_trainer(cfg: Config, storage_path: str, *, resume_from: str | None = None, hooks=None,
-                  callbacks: list | None = None, name: str = RAY_DIR, max_failures: int | None = None):
+                  callbacks: list | None = None, name: str = RAY_DIR, max_failures: int | None = None,
+                  unreadable: tuple[str, ...] = ()):
     """The TorchTrainer for ``cfg``. ``name``/``storage_path`` are deterministic (RUN_DIR/ray), so a
     restarted driver with the same run directory finds the checkpoints; the sweep passes its own
     callbacks and storage. ``max_failures``: worker-group restarts (default ``train.max_failures``)."""
@@ -103,7 +106,8 @@ def build_trainer(cfg: Config, storage_path: str, *, resume_from: str | None = N
         resources["GPU"] = cfg.train.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "resume_from": resume_from, "hooks": hooks},
+        train_loop_config={"config": cfg.to_dict(), "resume_from": resume_from, "unreadable": list(unreadable),
+                           "hooks": hooks},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources,
             placement_strategy=cfg.train.placement.upper()),
@@ -120,31 +124,42 @@ def build_trainer(cfg: Config, storage_path: str, *, resume_from: str | None = N
 
 
 def train(cfg: Config, *, config_path: str | None = None, output: str | None = None,
-          resume_dir: str | None = None, hooks=None, verbose: bool = True, track: list | None = None) -> dict:
+          resume_dir: str | None = None, hooks=None, verbose: bool = True, track: list | None = None,
+          resume: ResumePoint | None = None) -> dict:
     """Run ``cfg`` to the end on the connected Ray cluster; returns the summary (also written).
 
     ``cfg`` must have been through ``neoray.run.setup.prepare_config`` (absolute paths, checked
     files) and the cluster through ``setup.check_cluster``. ``resume_dir``: continue that run (its Ray
-    storage and its latest checkpoint) instead of a new one. ``track``: experiment trackers
+    storage and its latest checkpoint that can be read: ``resume``, or ``setup.resume_point``'s choice) instead of
+    a new one. ``track``: experiment trackers
     (``neoray.run.run_tracking.parse_track``), whose runs get every epoch and the summary.
     """
     run_dir = existing_run_dir(resume_dir) if resume_dir else new_run_dir(cfg, config_path, output)
+    if resume_dir:
+        resume = resume or resume_point(run_dir, log=lambda line: print(f"neoray train: {line}", flush=True))
+        _continue_from(run_dir, resume)
     save_config(cfg, storage.join(run_dir, "config.yaml"))
     if verbose:
         print(f"neoray train: run directory {run_dir}", flush=True)
     tracker = RunTracker.start(track, run_dir, cfg, resume=bool(resume_dir)) if track else None
-    latest = read_pointers(run_dir).get("latest") if resume_dir else None
     recorder = RunRecorder(run_dir, verbose, feed=tracker.feed if tracker else None)
     trainer = build_trainer(cfg, run_dir, hooks=hooks, callbacks=[recorder],
-                            resume_from=storage.join(run_dir, latest["path"]) if latest else None)
+                            resume_from=resume.checkpoint if resume_dir else None,
+                            unreadable=resume.unreadable if resume_dir else ())
     start = time.perf_counter()
     error = None
     try:
         trainer.fit()
-    except BaseException as exc:  # failed or interrupted (Ctrl-C): the summary is written, then it goes on
+    except BaseException as exc:  # failed or interrupted (Ctrl-C, SIGTERM): the summary is written, then it goes on
         error = exc
+    if not storage.is_dir(run_dir):
+        raise RunDirError(f"{run_dir}: the run directory was deleted while the run went on; it stopped"
+                          f"{_after(error)} and nothing more was written")
     history = read_metrics(run_dir)
-    if isinstance(error, KeyboardInterrupt):
+    # Ray Train's SIGINT handler (SIGTERM too: neoray.interrupts) aborts the workers and leaves fit() with
+    # SystemExit; before the controller runs, Python's raises KeyboardInterrupt.
+    interrupted = isinstance(error, (KeyboardInterrupt, SystemExit))
+    if interrupted:
         stop_reason = "interrupted"
     elif error is not None:
         text = str(error).strip().splitlines()
@@ -155,9 +170,50 @@ def train(cfg: Config, *, config_path: str | None = None, output: str | None = N
                             pretrained_classes=_pretrained_classes(cfg))
     if tracker is not None:
         tracker.finish(summary)
+    if interrupted:
+        raise RunInterrupted(run_dir, summary) from None
     if error is not None:
         raise error
     return summary
+
+
+def _after(error: BaseException | None) -> str:
+    text = str(error).strip().splitlines() if error is not None else []
+    return f" ({type(error).__name__}: {text[-1]})" if text else ""
+
+
+def _continue_from(run_dir: str, resume: ResumePoint) -> None:
+    """Make the run directory agree with the checkpoint a resumed run continues from: metrics rows of later
+    epochs are dropped (those epochs are trained again, and each epoch is recorded once), the pointers name it
+    as the latest (and as the best when the best cannot be read), and a checkpoint folder a killed run was
+    copying (``.partial-...``) is removed."""
+    for entry in storage.list_dir(storage.join(run_dir, RAY_DIR)):
+        if entry.kind == "dir" and entry.name.startswith(PARTIAL_PREFIX):
+            storage.remove_dir(entry.path)
+    history = read_metrics(run_dir)
+    kept = [row for row in history if int(row.get("epoch") or 0) <= resume.epoch]
+    if len(kept) != len(history):
+        write_metrics(run_dir, kept)
+    if resume.checkpoint is None:
+        return
+    pointers = read_pointers(run_dir)
+    entry = {"path": resume.checkpoint[len(run_dir.rstrip("/")) + 1:], "epoch": resume.epoch}
+    changed = pointers.get("latest") != entry
+    pointers["latest"] = entry
+    best = pointers.get("best") or {}
+    if storage.basename(best.get("path", "")) in resume.unreadable:
+        pointers["best"], changed = dict(entry), True
+    if changed:
+        write_pointers(run_dir, pointers)
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C or SIGTERM, its summary written; ``--resume run_dir`` continues it from its last
+    checkpoint."""
+
+    def __init__(self, run_dir: str, summary: dict):
+        super().__init__(run_dir)
+        self.run_dir, self.summary = run_dir, summary
 
 
 def _pretrained_classes(cfg: Config) -> list[str]:
@@ -167,4 +223,4 @@ def _pretrained_classes(cfg: Config) -> list[str]:
     return pretrained_class_rows(cfg)
 
 
-__all__ = ["RunDirError", "RunRecorder", "build_trainer", "train"]
+__all__ = ["RunDirError", "RunInterrupted", "RunRecorder", "build_trainer", "train"]

@@ -144,6 +144,9 @@ def read_record(sweep_dir: str) -> SweepRecord:
     not a neoray sweep's)."""
     path = record_path(sweep_dir)
     if not storage.is_file(path):
+        other = storage.not_a_folder(sweep_dir)
+        if other:
+            raise ConfigError(f"{sweep_dir}: {other}, not a sweep directory")
         raise ConfigError(f"{sweep_dir}: not a sweep directory (no {FILE_NAME})")
     try:
         raw = storage.read_json(path)

@@ -38,26 +38,33 @@ def load_history(sweep_dir: str, trial: str) -> list[dict]:
     return rows
 
 
-def trial_ended(trial, asha_stopped: dict) -> bool:
+def trial_ended(trial, asha_stopped: dict, max_t: int | None = None) -> bool:
     """Whether a trial ended on its own terms: errored, stopped by ASHA, or its training function returned
     (Tune then sets ``done`` in its last result, also when a stop criterion ended it). After Ctrl-C, Tune
-    marks the trials it stops TERMINATED as well, but their last result is not ``done``."""
-    return trial.status == "ERROR" or str(trial) in asha_stopped or bool((trial.last_result or {}).get("done"))
+    marks the trials it stops TERMINATED as well, but their last result is not ``done``. Tune's saved state does
+    not keep ``done`` (Ray 2.60: a trial that had finished comes back from ``--resume`` TERMINATED without it),
+    so a TERMINATED trial whose last result reached ``max_t`` epochs, or that stopped itself (a ``stop_reason``:
+    early stopping, a guard), ended too."""
+    result = trial.last_result or {}
+    if trial.status == "ERROR" or str(trial) in asha_stopped or result.get("done"):
+        return True
+    return trial.status == "TERMINATED" and bool(
+        result.get("stop_reason") or (max_t is not None and (result.get("epoch") or 0) >= max_t))
 
 
-def trial_status(trial, asha_stopped: dict) -> str:
+def trial_status(trial, asha_stopped: dict, max_t: int | None = None) -> str:
     """How a trial ended, as the results table and the trackers name it."""
     if trial.status == "ERROR":
         return "errored"
-    if not trial_ended(trial, asha_stopped):
+    if not trial_ended(trial, asha_stopped, max_t):
         return "interrupted"  # pending, running or stopped by Ctrl-C when fit() returned
     return "stopped early (ASHA)" if str(trial) in asha_stopped else "finished"
 
 
-def sweep_interrupted(trials: list, asha_stopped: dict, num_samples: int) -> bool:
+def sweep_interrupted(trials: list, asha_stopped: dict, num_samples: int, max_t: int | None = None) -> bool:
     """True when fit() returned before the sweep's end: a trial that has not ended on its own terms, or
     trials the searcher never created (Ctrl-C between two trials)."""
-    return len(trials) < num_samples or not all(trial_ended(t, asha_stopped) for t in trials)
+    return len(trials) < num_samples or not all(trial_ended(t, asha_stopped, max_t) for t in trials)
 
 
 def _best_metric(history: list[dict], key: str) -> float | None:
@@ -78,7 +85,7 @@ def collect_rows(trials: list, sweep_dir: str, record: SweepRecord) -> list[dict
         name = str(trial)
         history = load_history(sweep_dir, name)
         last = history[-1] if history else {}
-        row = {"trial": name, "status": trial_status(trial, asha_stopped)}
+        row = {"trial": name, "status": trial_status(trial, asha_stopped, record.asha.max_t)}
         for param in record.params:
             row[param] = trial.config.get(param)
         if record.lr_scaling.get("rule", "none") != "none":

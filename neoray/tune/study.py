@@ -24,7 +24,9 @@ Where the study lives:
 
 ``--resume`` continues the same study: Tune restores the searcher from its pickled state, and RDBStorage
 pickles its URL and reconnects on unpickling; a staged file is copied back from the sweep's storage to the
-same staging path (a function of the sweep's URI) before Tune restores the searcher.
+same staging path (a function of the sweep's URI) before Tune restores the searcher. A trial a killed sweep
+had asked the study for after Tune's last save is asked for again by the resumed sweep: the restored searcher
+puts it back to WAITING, and Optuna hands it out again with its parameters (one study trial per sweep trial).
 """
 
 from __future__ import annotations
@@ -189,6 +191,24 @@ class StudySearch(OptunaSearch):
             self._tell_pruned(trial_id, ot_trial)
             return
         super().on_trial_complete(trial_id, result, error)
+
+    def restore(self, checkpoint_path: str):
+        super().restore(checkpoint_path)
+        self._reopen_orphans()
+
+    def _reopen_orphans(self) -> None:
+        """After ``--resume`` restored this searcher as Tune last saved it: the study's RUNNING trials that it never
+        handed to a Tune trial were asked for by a killed sweep after that save. They go back to WAITING, so the
+        resumed sweep's next asks take them, with the parameters they were given, instead of opening new ones: the
+        study keeps one trial per sweep trial, none left over to be marked FAIL at the end."""
+        study = ray_compat.optuna_search_study(self)
+        handed_out = {trial.number for trial in ray_compat.optuna_search_trials(self).values()}
+        storage = study._storage if self._storage is None else self._storage  # noqa: SLF001 - the study's own
+        study_id = storage.get_study_id_from_name(study.study_name)
+        for trial in storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            if trial.number not in handed_out:
+                trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+                storage.set_trial_state_values(trial_id, optuna.trial.TrialState.WAITING)
 
     def _stopped_by_scheduler(self, trial_id: str) -> bool:
         if self.sweep_dir is None or trial_id in ray_compat.optuna_search_completed(self):

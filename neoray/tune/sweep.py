@@ -10,6 +10,7 @@ storage (``--output s3://bucket/sweeps``)::
                           events, checkpoints; the per-epoch history that ``neoray report`` reads
     trials/trial_0001/    the TorchTrainer run of a multi-worker trial (its own checkpoints)
     asha_stopped.json     trials the ASHA scheduler stopped before max_t (its own decisions)
+    .neoray-sweep.lock    held (flock) by the driver running the sweep: a second one is refused
     optuna.db             the Optuna study, written while the sweep runs (neoray.tune.study; not with
                           --optuna-storage URL, whose database holds it)
     rung_trust.json       how far the rungs forecast the final ranking (neoray.tune.rung_trust)
@@ -19,6 +20,8 @@ storage (``--output s3://bucket/sweeps``)::
 
 from __future__ import annotations
 
+import fcntl
+import os
 from dataclasses import asdict, dataclass, field, replace
 
 import optuna
@@ -35,12 +38,13 @@ from neoray.data.demo import ensure_default_data
 from neoray.data.shards import read_manifest
 from neoray.engine import ranking
 from neoray.run.run_tracking import parse_track
-from neoray.run.setup import check_batches, check_cluster, needed_everywhere, prepare_config
+from neoray.run.rundir import claim_directory
+from neoray.run.setup import check_batches, check_cluster, check_output_dir, needed_everywhere, prepare_config
 from neoray.tune import asha as asha_record
 from neoray.tune.best_config import FILE_NAME as BEST_CONFIG
 from neoray.tune.best_config import export_best_config
 from neoray.tune.placement_groups import release_worker_pgs, trial_record_path
-from neoray.tune.record import SearchSettings, SweepRecord, read_record, record_path, write_record
+from neoray.tune.record import SearchSettings, SweepRecord, WarmStart, read_record, record_path, write_record
 from neoray.tune.results import (
     TABLE_CSV,
     TABLE_MARKDOWN,
@@ -147,7 +151,7 @@ def resolve_config(opts: SweepOptions) -> Config:
         updates["data.train"] = str(shards["train"])
         if _placeholder(cfg.data.val):
             updates["data.val"] = str(shards["val"])
-    return prepare_config(cfg.with_overrides(updates))
+    return prepare_config(cfg.with_overrides(updates), writes_output=False)
 
 
 def resolve_space(opts: SweepOptions) -> SearchSpace:
@@ -293,7 +297,8 @@ def result_file_loggers() -> list:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _new_record(cfg: Config, space: SearchSpace, opts: SweepOptions, resources: TrialResources) -> SweepRecord:
+def _new_record(cfg: Config, space: SearchSpace, opts: SweepOptions, resources: TrialResources,
+                warm_start: WarmStart | None) -> SweepRecord:
     options = {k: v for k, v in asdict(opts).items() if k != "hooks"}
     options["optuna_storage"] = redact(opts.optuna_storage)
     return SweepRecord(
@@ -302,29 +307,42 @@ def _new_record(cfg: Config, space: SearchSpace, opts: SweepOptions, resources: 
         search=SearchSettings(space.sampler, space.startup_trials, 1 + len(space.points_to_evaluate)),
         lr_scaling=lr_scaling_record(space, cfg), resources=resources, base_config=cfg, track=list(opts.track),
         options=options,
-        warm_start=(warm_start_record(opts.warm_start, space.params, max(1, space.num_samples // 2))
-                    if opts.warm_start else None),
+        warm_start=warm_start,
     )
 
 
 def _new_sweep(opts: SweepOptions) -> tuple[SweepRecord, tune.Tuner]:
-    """A new sweep: config and space checked, the cluster planned, the record written, the Tuner built."""
+    """A new sweep: config and space checked, the sweep directory claimed (before Ray starts), the cluster
+    planned, the record written, the Tuner built. A start that fails before Tune has the sweep removes the
+    directory it claimed, so the name is free again."""
     sweep_dir = opts.sweep_dir
     track = parse_track(opts.track)  # a tracker that is not installed fails before anything starts
     cfg = resolve_config(opts)
     space = relative_to_config(resolve_space(opts), cfg)
     check_space_against_config(space, cfg)
     _check_space_batches(cfg, space)
-    if storage.exists(storage.join(sweep_dir, "tuner.pkl")):
-        raise ConfigError(f"{sweep_dir} already holds a sweep; pass --resume to continue it or another --name")
-    info = connect(opts.address, log=_log)
-    resources = check_cluster(cfg, info, sweep_dir, gpus_per_worker=opts.gpus_per_worker,
-                              max_concurrent=opts.max_concurrent, autoscale=opts.autoscale)
-    record = _new_record(cfg, space, opts, resources)
-    record.optuna = new_study(sweep_dir, opts.name, opts.optuna_storage)
-    record.tracking = start_tracking(track, record, sweep_dir)
-    write_record(sweep_dir, record)
-    return record, _build_tuner(cfg, space, opts, record)
+    warm_start = (warm_start_record(opts.warm_start, space.params, max(1, space.num_samples // 2))
+                  if opts.warm_start else None)
+    # --output itself: a probe in the sweep directory would make it exist on object storage (pyarrow keeps a
+    # folder marker), and the claim below would then find it taken.
+    check_output_dir(storage.parent(sweep_dir), "--output")
+    if not claim_directory(sweep_dir):
+        raise ConfigError(f"{sweep_dir} already exists (a sweep, or one starting there now); continue it with "
+                          "--resume, or pass another --name")
+    try:
+        hold_sweep_lock(sweep_dir)
+        info = connect(opts.address, log=_log)
+        resources = check_cluster(cfg, info, sweep_dir, gpus_per_worker=opts.gpus_per_worker,
+                                  max_concurrent=opts.max_concurrent, autoscale=opts.autoscale)
+        record = _new_record(cfg, space, opts, resources, warm_start)
+        record.optuna = new_study(sweep_dir, opts.name, opts.optuna_storage)
+        record.tracking = start_tracking(track, record, sweep_dir)
+        write_record(sweep_dir, record)
+        return record, _build_tuner(cfg, space, opts, record)
+    except BaseException:
+        release_sweep_lock()
+        storage.remove_dir(sweep_dir)  # claimed by this start alone, and no sweep yet
+        raise
 
 
 def _resumed_sweep(opts: SweepOptions) -> tuple[SweepRecord, tune.Tuner]:
@@ -332,6 +350,8 @@ def _resumed_sweep(opts: SweepOptions) -> tuple[SweepRecord, tune.Tuner]:
     sweep_dir = opts.sweep_dir
     if not tune.Tuner.can_restore(sweep_dir) or not storage.is_file(record_path(sweep_dir)):
         raise ConfigError(f"{sweep_dir}: no sweep to resume there")
+    check_output_dir(sweep_dir, "--output")
+    hold_sweep_lock(sweep_dir)
     record = read_record(sweep_dir)
     if record.resources is None or record.base_config is None:
         raise ConfigError(f"{record_path(sweep_dir)}: not a neoray sweep record (no trial resources or base config "
@@ -345,6 +365,39 @@ def _resumed_sweep(opts: SweepOptions) -> tuple[SweepRecord, tune.Tuner]:
     tuner = tune.Tuner.restore(sweep_dir, trainable=_trainable(record.resources, _setup(record, opts)),
                                resume_unfinished=True, resume_errored=True)
     return record, tuner
+
+
+LOCK_FILE = ".neoray-sweep.lock"
+_held_lock: list[int] = []  # the open lock file of the sweep this process runs (at most one)
+
+
+def hold_sweep_lock(sweep_dir: str) -> None:
+    """Hold SWEEP_DIR/.neoray-sweep.lock (an flock) while this process runs the sweep, so that a second driver
+    (a second --resume, or a new sweep racing a resume) is refused in one line. The kernel lets go of it when
+    the process ends, however it ends: a killed sweep leaves nothing to clean. Object storage has no locks
+    (its new sweeps are told apart by ``claim_directory``); a filesystem without flock goes without."""
+    local = storage.local_path(sweep_dir)
+    if local is None or _held_lock:
+        return
+    try:
+        fd = os.open(os.path.join(local, LOCK_FILE), os.O_RDWR | os.O_CREAT, storage.umask_mode())
+    except OSError as exc:
+        raise storage.StorageError(f"{sweep_dir}: cannot write there ({exc.strerror or exc})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"{sweep_dir}: another sweep is running there now; wait for it to end (or stop it), "
+                          "or pass another --name") from None
+    except OSError:  # no flock on this filesystem
+        os.close(fd)
+        return
+    _held_lock.append(fd)
+
+
+def release_sweep_lock() -> None:
+    while _held_lock:
+        os.close(_held_lock.pop())
 
 
 def _check_space_batches(cfg: Config, space: SearchSpace) -> None:
@@ -388,6 +441,13 @@ def _log_raw(line: str) -> None:
 
 def run_sweep(opts: SweepOptions) -> SweepResult:
     ray_compat.set_tune_defaults()
+    try:
+        return _run(opts)
+    finally:
+        release_sweep_lock()
+
+
+def _run(opts: SweepOptions) -> SweepResult:
     record, tuner = _resumed_sweep(opts) if opts.resume else _new_sweep(opts)
     sweep_dir, resources, cfg = opts.sweep_dir, record.resources, record.base_config
     path = "direct (training loop inside the trial)" if resources.direct else "TorchTrainer per trial"
@@ -404,11 +464,11 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
     # Tune catches Ctrl-C itself and returns from fit() as if the sweep had ended (see trial_ended).
     trials = ray_compat.tune_trials(tuner.fit())
     asha_stopped = asha_record.read_stopped(sweep_dir)
-    interrupted = sweep_interrupted(trials, asha_stopped, record.num_samples)
+    interrupted = sweep_interrupted(trials, asha_stopped, record.num_samples, record.asha.max_t)
     rows = collect_rows(trials, sweep_dir, record)
     table = rows_to_markdown(rows)
     if interrupted:
-        ended = sum(trial_ended(t, asha_stopped) for t in trials)
+        ended = sum(trial_ended(t, asha_stopped, record.asha.max_t) for t in trials)
         table = (f"**Partial results: the sweep was interrupted with {ended} of {record.num_samples} trials ended; "
                  f"continue it with --resume.**\n\n") + table
     storage.write_text(storage.join(sweep_dir, TABLE_CSV), rows_to_csv(rows))

@@ -49,6 +49,9 @@ class TuneTrialContext:
         logging.getLogger("ray.train").setLevel(logging.WARNING)
         self.data = ShardBatches(cfg)
 
+    def persist(self, checkpoint_dir: str) -> str:
+        return checkpoint_dir  # Tune copies (or uploads) it in report
+
     def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
         # Tune copies (or uploads) the directory into the trial's storage before returning.
         checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None

@@ -91,8 +91,11 @@ def open_pretrained(path, with_tensors: bool = True) -> PretrainedFile:
     """The checkpoint's info and tensors. ``with_tensors=False`` may skip reading the tensors where the
     format describes itself without them (Hugging Face: config.json)."""
     path = str(path)
-    if not storage.exists(path):
+    kind = storage.info(path).kind
+    if kind == "missing":
         raise PretrainedError(f"{path}: not found")
+    if kind == "other":
+        raise PretrainedError(f"{path}: {storage.describe(path)}, not a checkpoint file or directory; not read")
     hf = huggingface_files(path)
     if hf is not None:
         return _open_huggingface(path, *hf, with_tensors=with_tensors)
