@@ -731,8 +731,8 @@ def _samples(ctx: Context) -> list[dict]:
 def train_and_resume(ctx: Context) -> dict:
     """Epoch 1, a checkpoint, epoch 2; then a fresh state from the checkpoint runs epoch 2's first batches again:
     its losses against the original's (the first one exactly: same weights, batch and RNG state)."""
+    from neoray.checkpoints import load_checkpoint, save_checkpoint
     from neoray.engine.seeding import capture_rng_state, restore_rng_state
-    from neoray.models.pretrained.checkpoint import load_checkpoint, save_checkpoint
 
     s, device, samples = ctx.s, ctx.device, _samples(ctx)
     steps, compare = s["engine_steps"], min(s["resume_steps"], s["engine_steps"])

@@ -54,19 +54,34 @@ def fit_an_address_space_limit() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     fit_an_address_space_limit()  # before the command's module imports numpy
-    parser = build_parser(argv)
-    args = parser.parse_args(argv)
-    if not args.command:
-        parser.print_help()
-        return EXIT_FAILED
-    interrupts.install()  # SIGTERM does what Ctrl-C does
-    module = importlib.import_module(COMMANDS[args.command][0])
     try:
+        parser = build_parser(argv)
+        args = parser.parse_args(argv)
+        if not args.command:
+            parser.print_help()
+            return EXIT_FAILED
+        interrupts.install()  # SIGTERM does what Ctrl-C does
+        module = importlib.import_module(COMMANDS[args.command][0])
         code = int(module.run(args) or 0)
     except KeyboardInterrupt:
         print(f"neoray: {interrupts.how_stopped()}", file=sys.stderr)
         code = EXIT_INTERRUPTED
+    except (MemoryError, ImportError) as exc:
+        if isinstance(exc, ImportError) and "failed to map segment" not in str(exc):
+            raise  # a broken installation, not the machine's limit: its traceback names the package
+        print(f"neoray {argv[0] if argv else ''}: out of memory {memory_limit_text()}", file=sys.stderr)
+        code = EXIT_FAILED
     return exit_code(code)
+
+
+def memory_limit_text() -> str:
+    """What a MemoryError most likely means here: an address-space limit below what torch and Ray map when they
+    load (about 4 GiB with a CUDA build of torch), or a machine out of memory."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return "(the machine has no memory left)"
+    return (f"under the address-space limit of {soft / (1 << 30):.1f} GiB (ulimit -v): torch and Ray alone map about "
+            f"4 GiB when they load; raise the limit")
 
 
 def exit_code(code: int) -> int:

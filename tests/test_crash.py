@@ -253,6 +253,18 @@ def test_resume_falls_back_to_the_previous_checkpoint_and_names_it(synthetic_sha
     assert pointers["latest"] == pointers["best"] == {"path": "ray/checkpoint_1", "epoch": 1}
 
 
+def test_resume_falls_back_past_a_checkpoint_that_was_never_reported(synthetic_shards, tmp_path):
+    # A kill between rank 0 writing epoch 3's checkpoint and its report leaves checkpoint_3 with no metrics row
+    # and no pointer: continuing from it would leave epoch 3 out of the run's history.
+    run_dir = _run_with_checkpoints(tmp_path, synthetic_shards, (1, 2, 3))
+    write_pointers(str(run_dir), {"latest": {"path": "ray/checkpoint_2", "epoch": 2}})
+    rundir.write_metrics(str(run_dir), [{"epoch": e, "loss": 1.0 / e} for e in (1, 2)])
+    latest = run_dir / "ray" / "checkpoint_2" / "checkpoint.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])
+    point = resume_point(str(run_dir))
+    assert (point.checkpoint, point.epoch) == (str(run_dir / "ray" / "checkpoint_1"), 1)
+
+
 def test_resume_with_no_readable_checkpoint_is_one_line_before_ray(synthetic_shards, tmp_path, monkeypatch):
     from neoray.commands import train as train_command
 

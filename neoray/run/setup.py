@@ -168,12 +168,14 @@ class ResumePoint:
 def resume_point(run_dir: str, log=None) -> ResumePoint:
     """Read the run's latest checkpoint on the driver, before any worker starts (a worker that cannot read it
     fails, and Ray restarts it into the same failure, each time with a traceback). When it cannot be read (a
-    truncated or empty file), fall back to the newest of the run's other checkpoints that can, and ``log`` which;
+    truncated or empty file), fall back to the newest of the run's other checkpoints that can and is older than it,
+    and ``log`` which;
     ``CheckpointError`` (one line naming the file) when there is none."""
     latest = read_pointers(run_dir).get("latest")
     if not latest:
         return ResumePoint()
     first = storage.join(run_dir, latest["path"])
+    latest_epoch = int(latest.get("epoch") or 0) or float("inf")
     others = [entry.path for entry in storage.list_dir(storage.join(run_dir, RAY_DIR))
               if entry.kind == "dir" and entry.name.startswith("checkpoint_") and entry.path != first]
     unreadable, why = [], None
@@ -187,7 +189,8 @@ def resume_point(run_dir: str, log=None) -> ResumePoint:
             continue
         if candidate == first:
             return ResumePoint(first, epoch, tuple(unreadable))
-        readable.append((epoch, candidate))
+        if epoch < latest_epoch:  # a later one was written but never reported (killed in between): no metrics row
+            readable.append((epoch, candidate))
     if not readable:
         more = f" and no other checkpoint of the run can be read ({len(others)} tried)" if others else \
             "; the run has no other checkpoint to fall back to"
