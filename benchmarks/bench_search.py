@@ -265,6 +265,14 @@ def policies(which: str) -> list:
 
     if which == "quick":
         return [Policy("random", scheduler="none"), Policy("tpe", 4, "asha", 4, 2)]
+    if which == "focus":  # the candidates for the default and their baselines, at a third of core's cost
+        return [Policy("random", 10), Policy("random", 10, "asha", 1, 3), Policy("random", 10, "asha", 4, 2),
+                Policy("random", 10, "promotion", 1, 3), Policy("tpe", 4), Policy("tpe", 10),
+                *(Policy("tpe", 4, "asha", g, rf) for g, rf in ((1, 3), (4, 2), (6, 2))),
+                Policy("tpe", 4, "promotion", 1, 3), Policy("tpe", 10, "asha", 4, 2),
+                Policy("tpe", 4, "asha", 4, 2, tell_stopped="complete")]  # the shipped default before the fix
+    if which == "gp":  # Optuna's GPSampler: about 2 s of CPU per simulated sweep, 40x TPE's
+        return [Policy("gp", 4), Policy("gp", 4, "asha", 6, 2)]
     out = []
     for sampler, startup in (("random", 10), ("tpe", 4), ("tpe", 10)):
         out.append(Policy(sampler, startup))
@@ -304,6 +312,8 @@ def simulate_step(args) -> None:
                 outcomes.setdefault(name, {})[seed] = {"epochs": by_epochs, "seconds": by_seconds}
                 if done % 500 == 0:
                     print(f"{task}: {done}/{len(jobs)} sweeps simulated", flush=True)
+        path = Path(args.data_dir) / f"sim_{task}.json"
+        outcomes = {**_outcomes_to_keep(path, seeds, budgets_epochs), **outcomes}
         record = {"task": task, "configs": len(table.configs), "epochs": table.epochs, "best": table.best.key,
                   "best_score": table.best.true_score, "margin": table.margin, "noise_sigma": table.noise_sigma,
                   "seconds_per_epoch": table.seconds_per_epoch, "budgets_full_runs": list(BUDGETS_FULL_RUNS),
@@ -312,8 +322,32 @@ def simulate_step(args) -> None:
                   "report_seeds": [s for s in seeds if s in REPORT_SEEDS],
                   "outcomes": outcomes, "seconds": round(time.perf_counter() - started),
                   "command": "python benchmarks/bench_search.py " + " ".join(sys.argv[1:]), "commit": _git_commit()}
-        storage.write_json(str(Path(args.data_dir) / f"sim_{task}.json"), record)
+        storage.write_json(str(path), record)
         print_success(record)
+
+
+def _outcomes_to_keep(path: Path, seeds: list[int], budgets_epochs: list) -> dict:
+    """The other policies' outcomes of a previous simulate on the same table, seeds and budgets: a second policy
+    set adds rows instead of replacing the file."""
+    if not path.exists():
+        return {}
+    previous = json.loads(path.read_text())
+    if previous["select_seeds"] + previous["report_seeds"] != seeds or previous["budgets_epochs"] != budgets_epochs:
+        return {}
+    return previous["outcomes"]
+
+
+def success_step(args) -> None:
+    """The success table of each task from sim_<task>.json, with the peers of peers_<task>.json (same seeds and
+    budgets) as rows beside neoray's policies."""
+    for task in args.tasks:
+        record = json.loads((Path(args.data_dir) / f"sim_{task}.json").read_text())
+        peers_path = Path(args.data_dir) / f"peers_{task}.json"
+        if peers_path.exists():
+            peers = json.loads(peers_path.read_text())["outcomes"]
+            record["outcomes"].update({name: by_seed for name, by_seed in peers.items()
+                                       if all(str(s) in by_seed or s in by_seed for s in record[args.block])})
+        print_success(record, args.block)
 
 
 def _table_for(task: str, data_dir: str):
@@ -562,12 +596,17 @@ def main(argv=None) -> int:
     si = sub.add_parser("simulate", help="the v2 replay: every policy x seed on the tables (benchmarks/search_sim.py)")
     si.add_argument("--tasks", nargs="+", default=sorted(TASKS), choices=sorted(TASKS))
     si.add_argument("--seeds", type=int, default=500, help="search seeds per block (two blocks)")
-    si.add_argument("--policies", choices=("all", "core", "quick"), default="core")
+    si.add_argument("--policies", choices=("all", "core", "focus", "gp", "quick"), default="core")
     si.add_argument("--parallel", type=int, default=max(1, os.cpu_count() or 1))
     si.add_argument("--data-dir", default=str(DATA_DIR))
+    su = sub.add_parser("success", help="the simulated success tables, the peers' rows beside them")
+    su.add_argument("--tasks", nargs="+", default=sorted(TASKS), choices=sorted(TASKS))
+    su.add_argument("--block", choices=("select_seeds", "report_seeds"), default="report_seeds",
+                    help="the seeds the defaults were chosen on, or those the headline is read on")
+    su.add_argument("--data-dir", default=str(DATA_DIR))
     args = parser.parse_args(argv)
     steps = {"ground-truth": ground_truth, "replay": replay, "summary": summary, "fidelity": fidelity, "cost": cost,
-             "simulate": simulate_step}
+             "simulate": simulate_step, "success": success_step}
     steps[args.step](args)
     return 0
 

@@ -39,3 +39,19 @@ def test_a_short_replay_runs_through_tune_on_the_committed_tables(tmp_path):
         assert len(method["budget_to_2pct_seeds"]) == 2 and len(method["regret"]) == 3
         assert all(r["median"] >= 0 for r in method["regret"] if r["median"] == r["median"])
     assert (tmp_path / "search_quality_quick.png").stat().st_size > 1000
+
+
+def test_simulate_adds_a_second_policy_set_beside_the_first_and_success_prints_both(tmp_path):
+    (tmp_path / "search_dense.csv").write_bytes((DATA / "search_dense.csv").read_bytes())
+    bench = [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_search.py")]
+    common = ["--tasks", "dense", "--seeds", "3", "--parallel", "1", "--data-dir", str(tmp_path)]
+    for policy_set in ("quick", "gp"):
+        out = subprocess.run([*bench, "simulate", "--policies", policy_set, *common], capture_output=True, text=True,
+                             timeout=900)
+        assert out.returncode == 0, out.stderr[-3000:]
+    record = json.loads((tmp_path / "sim_dense.json").read_text())
+    assert set(record["outcomes"]) == {"random+no-ES", "tpe4+asha(g4,rf2)", "gp4+no-ES", "gp4+asha(g6,rf2)"}
+    assert all(len(by_seed) == 6 for by_seed in record["outcomes"].values())  # two blocks of 3 search seeds
+    out = subprocess.run([*bench, "success", "--tasks", "dense", "--block", "select_seeds", "--data-dir",
+                          str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "| gp4+no-ES |" in out.stdout and "(select_seeds)" in out.stdout, out.stderr
