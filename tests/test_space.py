@@ -21,7 +21,8 @@ def test_default_space_file_is_valid():
     space = load_space(DEFAULT_SPACE)
     assert {"lr", "warmup_steps", "batch"} <= set(space.params)
     assert space.params["batch"]["values"] == ["4x1", "4x2", "8x1"]  # the benchmark's design
-    assert space.params["lr"]["relative"] and space.asha.grace_period == 0.33
+    assert space.params["lr"]["relative"] and (space.params["lr"]["low"], space.params["lr"]["high"]) == (0.5, 8.0)
+    assert not space.asha.enabled  # the benchmark's slow starter: every early-stopping setting lost it
     assert (space.sampler, space.startup_trials) == ("tpe", 4)
 
 

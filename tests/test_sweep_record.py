@@ -74,3 +74,9 @@ def test_asha_settings_resolve_a_fraction_of_the_run_and_take_command_line_overr
     assert space_file.resolved(2).grace_period == 1  # at least one epoch
     with pytest.raises(ValueError, match="need max_t"):
         _ = space_file.rungs
+
+
+def test_a_grace_period_on_the_command_line_turns_on_early_stopping_that_the_space_file_left_off():
+    off = AshaSettings(enabled=False)
+    assert off.resolved(12).rungs == [] and off.with_overrides().resolved(12).rungs == []
+    assert off.with_overrides(grace_period=4).resolved(12).rungs == [4.0, 8.0]

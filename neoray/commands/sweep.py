@@ -44,7 +44,9 @@ def add_arguments(parser) -> None:
                         help="seed the search with a previous sweep (local or a URI): its best trials' configurations "
                              "run first (up to half of --num-samples), then the search goes on from them; for a "
                              "sweep again after the data changed")
-    parser.add_argument("--grace-period", type=int, default=None, help="ASHA grace period (overrides the space file)")
+    parser.add_argument("--grace-period", type=int, default=None,
+                        help="ASHA grace period in epochs (overrides the space file; turns ASHA on where the space "
+                             "file has asha: false)")
     parser.add_argument("--reduction-factor", type=float, default=None,
                         help="ASHA reduction factor (overrides the space file)")
     parser.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial (default 2)")

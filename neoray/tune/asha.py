@@ -37,12 +37,16 @@ class AshaSettings:
 
     def with_overrides(self, grace_period: int | None = None, reduction_factor: float | None = None
                        ) -> "AshaSettings":
-        """The command line's ``--grace-period`` / ``--reduction-factor`` over the space file's values."""
+        """The command line's ``--grace-period`` / ``--reduction-factor`` over the space file's values; either one
+        turns early stopping on where the space file has it off (``asha: false``): asking for a rung is asking for
+        ASHA."""
         changes = {}
         if grace_period is not None:
             changes["grace_period"] = grace_period
         if reduction_factor is not None:
             changes["reduction_factor"] = reduction_factor
+        if changes:
+            changes["enabled"] = True
         return replace(self, **changes)
 
     @property
