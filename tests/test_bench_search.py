@@ -50,8 +50,22 @@ def test_simulate_adds_a_second_policy_set_beside_the_first_and_success_prints_b
                              timeout=900)
         assert out.returncode == 0, out.stderr[-3000:]
     record = json.loads((tmp_path / "sim_dense.json").read_text())
-    assert set(record["outcomes"]) == {"random+no-ES", "tpe4+asha(g4,rf2)", "gp4+no-ES", "gp4+asha(g6,rf2)"}
+    assert set(record["outcomes"]) == {"random+no-ES", "tpe4+asha(g4,rf2)", "gp4+no-ES", "gp10+no-ES"}
     assert all(len(by_seed) == 6 for by_seed in record["outcomes"].values())  # two blocks of 3 search seeds
     out = subprocess.run([*bench, "success", "--tasks", "dense", "--block", "select_seeds", "--data-dir",
                           str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "| gp4+no-ES |" in out.stdout and "(select_seeds)" in out.stdout, out.stderr
+
+
+def test_the_held_out_task_is_left_out_of_the_steps_that_choose_and_labelled_when_named(tmp_path):
+    for task in ("default", "dense"):
+        (tmp_path / f"sim_{task}.json").write_bytes((DATA / f"sim_{task}.json").read_bytes())
+    bench = [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_search.py"), "success", "--data-dir", str(tmp_path)]
+    out = subprocess.run(bench, capture_output=True, text=True, timeout=300)  # no sim_photo.json: not read
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "## default:" in out.stdout and "## dense:" in out.stdout and "HELD OUT" not in out.stdout
+    held_out = json.loads((DATA / "sim_dense.json").read_text())
+    held_out["task"] = "photo"
+    (tmp_path / "sim_photo.json").write_text(json.dumps(held_out))
+    out = subprocess.run([*bench, "--tasks", "photo"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "## photo HELD OUT (never used to choose a default)" in out.stdout, out.stderr
