@@ -134,13 +134,27 @@ class DataConfig:
     strong_aug_until: float = 0.0
 
 
+# A pretrained backbone learns at a tenth of the head's LR (DETR practice: it keeps what it learned). A backbone
+# trained from scratch learns at the full LR: with a tenth, rtdetr_cpu from scratch reached mAP50 0.45 instead
+# of 0.61 on the dense benchmark task in the same 414 s (benchmarks/bench_quality.py, README).
+PRETRAINED_BACKBONE_LR_MULT = 0.1
+FROM_SCRATCH_BACKBONE_LR_MULT = 1.0
+
+
+def backbone_is_pretrained(model: ModelConfig) -> bool:
+    """Whether the backbone starts from trained weights: its own (backbone_weights) or a whole detector's."""
+    return model.backbone_weights.strip().lower() not in ("", "none") or bool(model.init_from.strip())
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 10
     batch_size: int = 4  # per worker
     accumulate: int = 1
     lr: float = 1e-4
-    backbone_lr_mult: float = 0.1
+    # The backbone's share of the LR. auto (None): PRETRAINED_BACKBONE_LR_MULT when the backbone starts from
+    # pretrained weights (model.backbone_weights or model.init_from), 1.0 from scratch (_validate decides).
+    backbone_lr_mult: float | None = None
     weight_decay: float = 1e-4
     optimizer: str = "adamw"  # adamw | sgd
     momentum: float = 0.9  # sgd only
@@ -217,6 +231,10 @@ def _suggest(key: str, valid: list[str]) -> str:
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    if annotation == "float | None":  # None or `auto`: a value the config decides from the other sections
+        if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+            return None
+        annotation = "float"
     origin = typing.get_origin(annotation) or annotation
     if annotation in ("bool", bool):
         if isinstance(value, bool):
@@ -318,6 +336,8 @@ def _strong_aug_until(value: float) -> float:
 
 def _validate(cfg: Config) -> None:
     d, t, m = cfg.data, cfg.train, cfg.model
+    if t.backbone_lr_mult is None:
+        t.backbone_lr_mult = PRETRAINED_BACKBONE_LR_MULT if backbone_is_pretrained(m) else FROM_SCRATCH_BACKBONE_LR_MULT
     d.size = parse_size(d.size, "data.size")
     d.multiscale = [parse_size(s, "data.multiscale") for s in d.multiscale]
     d.zoom = _zoom(d.zoom)
@@ -450,8 +470,9 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 __all__ = [
-    "Config", "ConfigError", "DataConfig", "MAX_SIZE", "MAX_ZOOM", "ModelConfig", "TrainConfig", "apply_overrides",
-    "brief", "format_size",
+    "Config", "ConfigError", "DataConfig", "FROM_SCRATCH_BACKBONE_LR_MULT", "PRETRAINED_BACKBONE_LR_MULT",
+    "MAX_SIZE", "MAX_ZOOM", "ModelConfig", "TrainConfig", "apply_overrides",
+    "backbone_is_pretrained", "brief", "format_size",
     "from_dict", "is_16_9", "load_config", "nearest_16_9", "parse_override", "parse_size", "read_yaml_mapping",
     "save_config",
 ]

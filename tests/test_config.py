@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from neoray.config import ConfigError, is_16_9, load_config, nearest_16_9, parse_size, save_config
@@ -96,6 +98,30 @@ def test_milestones_from_the_command_line_are_numbers():
     from neoray.engine.optim import lr_at
 
     assert lr_at(cfg.train, 100, 60) == pytest.approx(cfg.train.lr * cfg.train.gamma)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ([], 1.0),  # rtdetr_cpu from scratch: the backbone learns at the head's LR
+    (["model.backbone_weights=imagenet"], 0.1),
+    (["model.init_from=runs/coco/checkpoint.pt"], 0.1),  # a whole pretrained detector, its backbone included
+    (["train.backbone_lr_mult=auto", "model.backbone_weights=weights/trunk.pth"], 0.1),
+    (["train.backbone_lr_mult=0.3"], 0.3),  # a value the user writes is kept, pretrained or not
+    (["train.backbone_lr_mult=0.3", "model.backbone_weights=imagenet"], 0.3),
+])
+def test_the_backbone_lr_share_follows_whether_the_backbone_is_pretrained(overrides, expected):
+    assert load_config(overrides=overrides).train.backbone_lr_mult == pytest.approx(expected)
+
+
+def test_the_shipped_from_scratch_configs_train_the_backbone_at_the_full_lr_and_the_pretrained_at_a_tenth():
+    configs = Path(__file__).resolve().parents[1] / "neoray" / "configs"
+    assert load_config(configs / "synthetic_cpu.yaml").train.backbone_lr_mult == 1.0
+    for name in ("coco_r50_8gpu.yaml", "coco_finetune_r50vd_1920x1080.yaml"):
+        assert load_config(configs / name).train.backbone_lr_mult == pytest.approx(0.1), name
+
+
+def test_a_resolved_backbone_lr_share_survives_the_round_trip(tmp_path):
+    save_config(load_config(), tmp_path / "run.yaml")
+    assert load_config(tmp_path / "run.yaml", ["model.backbone_weights=imagenet"]).train.backbone_lr_mult == 1.0
 
 
 def test_non_16_9_size_names_nearest_sizes():

@@ -1,8 +1,8 @@
 """Optimizer parameter groups and learning-rate schedules.
 
 Weight decay is not applied to normalisation layers, biases and embeddings (decaying them towards zero
-only hurts: DETR/RT-DETR practice), and the backbone gets ``train.backbone_lr_mult`` of the base LR
-because it starts from pretrained weights.
+only hurts: DETR/RT-DETR practice), and the backbone gets ``train.backbone_lr_mult`` of the base LR (the config
+resolves ``auto`` to 0.1 for a pretrained backbone, 1.0 for one trained from scratch).
 
 Schedules are counted in OPTIMIZER steps, never in micro-batches, so ``warmup_steps`` means the same
 thing whatever the batch size and gradient accumulation are. ``lr_factor`` is the pure function behind
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from neoray.config import TrainConfig
+from neoray.config import FROM_SCRATCH_BACKBONE_LR_MULT, TrainConfig
 
 # A parameter registered directly on a custom module (nn.Parameter, not inside a layer) whose own name
 # says it is an embedding or a learned query/position gets no weight decay either. Only the parameter's
@@ -76,7 +76,9 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, backbone_lr_m
 
 def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
     """AdamW (default) or SGD over ``param_groups``; fused kernels when every parameter is on CUDA."""
-    groups = param_groups(model, train.lr, train.weight_decay, train.backbone_lr_mult)
+    # None: a TrainConfig made in code, not resolved by load_config; nothing says its backbone is pretrained.
+    mult = FROM_SCRATCH_BACKBONE_LR_MULT if train.backbone_lr_mult is None else train.backbone_lr_mult
+    groups = param_groups(model, train.lr, train.weight_decay, mult)
     on_cuda = all(p.is_cuda for g in groups for p in g["params"])
     # fused is the fastest CUDA implementation; foreach (the CPU default) is used otherwise.
     kernel = {"fused": True} if on_cuda else {}
