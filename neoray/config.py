@@ -231,10 +231,13 @@ def _suggest(key: str, valid: list[str]) -> str:
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    if annotation == "float | None":  # None or `auto`: a value the config decides from the other sections
+    if isinstance(annotation, str) and annotation.endswith(" | None"):  # None or `auto`: decided by _validate
         if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
             return None
-        annotation = "float"
+        try:
+            return _coerce(value, annotation.removesuffix(" | None"), key)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (or auto)") from None
     origin = typing.get_origin(annotation) or annotation
     if annotation in ("bool", bool):
         if isinstance(value, bool):

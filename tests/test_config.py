@@ -49,6 +49,7 @@ def test_overrides_are_typed():
     ("train.milestones=[0.5, 1.5]", "train.milestones: 1.5 is neither"),
     ("train.milestones=[-0.25]", "train.milestones: -0.25 is neither"),
     ("train.backbone_lr_mult=-0.1", "train.backbone_lr_mult must be >= 0"),
+    ("train.backbone_lr_mult=half", "train.backbone_lr_mult: expected a number, got 'half' .or auto"),
     ("train.cpus_per_worker=0", "train.cpus_per_worker must be > 0"),
     ("train.early_stop_patience=-1", "train.early_stop_patience must be >= 0"),
     ("train.max_oom_per_epoch=-1", "train.max_oom_per_epoch must be >= 0"),
