@@ -43,7 +43,7 @@ from neoray.engine.loop import run_training_loop  # noqa: E402
 from neoray.engine.shard_batches import ShardBatches  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
-RECIPE = Path(__file__).resolve().parent / "configs" / "search_v2.yaml"
+RECIPE = Path(__file__).resolve().parent / "configs" / "recipe_base.yaml"
 TASKS = {
     "default": {"layout": "shapes", "train": 256, "val": 64, "size": "320x180"},
     "dense": {"layout": "dense", "train": 128, "val": 48, "size": "320x180"},

@@ -37,6 +37,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import ray  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from search_replay import (  # noqa: E402
     TABLE_COLUMNS,
@@ -172,6 +173,8 @@ def ground_truth(args) -> None:
     size = parse_size(args.size or "320x180", "--size")
     path = Path(args.data_dir) / f"search_{args.task}.csv"
     rows = _read_rows(path)
+    check_same_recipe(path, rows, size)
+    _write_record(args, size, 0.0, max(1, (os.cpu_count() or 1) // args.parallel))  # the recipe, before any run
     task = TASKS[args.task]
     shards = ensure_default_data(train=task["train"], val=task["val"], layout=task["layout"])
     cpus = os.cpu_count() or 1
@@ -188,6 +191,42 @@ def ground_truth(args) -> None:
                 point, seed = futures[future]
                 _record_point(args, size, point, seed, future.result(), rows, path)
     _write_record(args, size, time.time() - started, threads)
+
+
+def recipe_config() -> dict:
+    """RECIPE's keys and values as written (the benchmark sets the data, searched parameters, epochs and seed)."""
+    return yaml.safe_load(RECIPE.read_text())
+
+
+def check_same_recipe(table: Path, rows: list[dict], size) -> None:
+    """A table accumulates over days: refuse to add runs trained with another recipe than its earlier ones
+    (the record beside the table keeps the recipe they were trained with)."""
+    runs = {(r["config"], r.get("seed", "0")) for r in rows if r["size"] == format_size(size)}
+    if not runs:
+        return
+    record_path = table.with_suffix(".json")
+    record = json.loads(record_path.read_text()).get(format_size(size), {}) if record_path.exists() else {}
+    recorded = record.get("recipe_config")
+    if recorded is None:
+        raise SystemExit(f"{table}: {len(runs)} runs at {format_size(size)} but {record_path.name} records no "
+                         f"recipe for them (field recipe_config); move the table away to start it over")
+    changed = _changed_keys(recorded, recipe_config())
+    if changed:
+        raise SystemExit(f"{table}: its {len(runs)} runs at {format_size(size)} were trained with another recipe "
+                         f"than {RECIPE.name} ({', '.join(changed)} differ); move the table away to start it over "
+                         f"on the new recipe, or restore the old one")
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(old) | set(new))
+    changed = []
+    for key in keys:
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key}")
+    return changed
 
 
 def _runs_to_do(args, rows: list[dict], size, repeats: bool) -> list[tuple[dict, int]]:
@@ -226,7 +265,8 @@ def _write_record(args, size, seconds: float, threads: int) -> None:
     record[format_size(size)] = {
         "command": "python benchmarks/bench_search.py " + " ".join(sys.argv[1:]), "commit": _git_commit(),
         "epochs": args.epochs, "stop_after": args.stop_after, "design": design(args.task),
-        "recipe": str(RECIPE.relative_to(RECIPE.parents[2])), "repeat_configs": REPEAT_CONFIGS,
+        "recipe": str(RECIPE.relative_to(RECIPE.parents[2])), "recipe_config": recipe_config(),
+        "repeat_configs": REPEAT_CONFIGS,
         "repeat_seeds": list(REPEAT_SEEDS),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs; {args.parallel} configurations at a time, "
                    f"{threads} torch thread(s) each",

@@ -69,3 +69,41 @@ def test_the_held_out_task_is_left_out_of_the_steps_that_choose_and_labelled_whe
     (tmp_path / "sim_photo.json").write_text(json.dumps(held_out))
     out = subprocess.run([*bench, "--tasks", "photo"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "## photo HELD OUT (never used to choose a default)" in out.stdout, out.stderr
+
+
+def test_ground_truth_refuses_to_add_runs_trained_on_another_recipe(tmp_path):
+    """A table accumulates over days: runs trained on a changed recipe must not join the earlier ones."""
+    import bench_search
+
+    table = tmp_path / "search_dense.csv"
+    rows = [{"config": "c01", "seed": "0", "size": "320x180"}, {"config": "c02", "seed": "0", "size": "320x180"}]
+    with pytest.raises(SystemExit, match=r"search_dense.csv: 2 runs at 320x180 .*recipe_config"):
+        bench_search.check_same_recipe(table, rows, (320, 180))
+
+    recipe = bench_search.recipe_config()
+    (tmp_path / "search_dense.json").write_text(json.dumps({"320x180": {"recipe_config": recipe}}))
+    bench_search.check_same_recipe(table, rows, (320, 180))  # the same recipe: the table goes on
+
+    old = json.loads(json.dumps(recipe))
+    old["train"]["backbone_lr_mult"] = 0.1
+    old["model"]["options"] = {}
+    (tmp_path / "search_dense.json").write_text(json.dumps({"320x180": {"recipe_config": old}}))
+    with pytest.raises(SystemExit, match=r"model\.options\.cls_loss, train\.backbone_lr_mult differ"):
+        bench_search.check_same_recipe(table, rows, (320, 180))
+    bench_search.check_same_recipe(table, rows, (160, 90))  # another size's runs are another table
+
+
+def test_the_search_recipe_is_the_shipped_demo_recipe():
+    """The v2 tables measure the recipe users run: the demo config's training keys, resolved."""
+    import bench_search
+
+    from neoray.config import load_config
+    from neoray.configs import DEFAULT_CONFIG
+
+    demo = load_config(str(DEFAULT_CONFIG))
+    recipe = load_config(str(bench_search.RECIPE))
+    assert recipe.model.options == demo.model.options
+    assert recipe.train.backbone_lr_mult == demo.train.backbone_lr_mult
+    for key in ("lr", "batch_size", "accumulate", "weight_decay", "optimizer", "schedule", "warmup_steps",
+                "clip_grad_norm", "ema", "ema_decay", "ema_warmup_steps"):
+        assert getattr(recipe.train, key) == getattr(demo.train, key), key
