@@ -85,10 +85,10 @@ def test_ground_truth_refuses_to_add_runs_trained_on_another_recipe(tmp_path):
     bench_search.check_same_recipe(table, rows, (320, 180))  # the same recipe: the table goes on
 
     old = json.loads(json.dumps(recipe))
-    old["train"]["backbone_lr_mult"] = 0.1
-    old["model"]["options"] = {}
+    old["train"]["backbone_lr_mult"] = 0.5
+    old["model"]["options"]["cls_loss"] = "old-loss"
     (tmp_path / "search_dense.json").write_text(json.dumps({"320x180": {"recipe_config": old}}))
-    with pytest.raises(SystemExit, match=r"model\.options\.cls_loss, train\.backbone_lr_mult differ"):
+    with pytest.raises(SystemExit, match=r"\(model\.options\.cls_loss, train\.backbone_lr_mult differ\)"):
         bench_search.check_same_recipe(table, rows, (320, 180))
     bench_search.check_same_recipe(table, rows, (160, 90))  # another size's runs are another table
 
