@@ -173,13 +173,13 @@ def ground_truth(args) -> None:
     size = parse_size(args.size or "320x180", "--size")
     path = Path(args.data_dir) / f"search_{args.task}.csv"
     rows = _read_rows(path)
+    cpus = os.cpu_count() or 1
+    threads = max(1, cpus // args.parallel)
     check_same_recipe(path, rows, size)
-    _write_record(args, size, 0.0, max(1, (os.cpu_count() or 1) // args.parallel))  # the recipe, before any run
+    _write_record(args, size, 0.0, threads)  # the recipe, before any run
     task = TASKS[args.task]
     shards = ensure_default_data(train=task["train"], val=task["val"], layout=task["layout"])
-    cpus = os.cpu_count() or 1
     ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    threads = max(1, cpus // args.parallel)
     started = time.time()
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.parallel, mp_context=spawn, initializer=_connect_worker,
