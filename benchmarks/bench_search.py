@@ -342,34 +342,73 @@ def _simulate_seed(job) -> tuple:
 
 def simulate_step(args) -> None:
     """Every policy x search seed on each task's table, both seed blocks; success at each budget in epochs and in
-    seconds, written to benchmarks/data/sim_<task>.json with every seed's outcome (for paired comparisons)."""
+    seconds, written to benchmarks/data/sim_<task>.json with every seed's outcome (for paired comparisons).
 
-    from search_sim import BUDGETS_FULL_RUNS, REPORT_SEEDS, SELECT_SEEDS, budgets, seed_blocks
+    The file is rewritten after each policy, so a long policy set (GPSampler's) keeps what it finished when it is
+    stopped; ``--resume`` then skips the policies the file already holds for these seeds and budgets."""
+
+    from search_sim import budgets, seed_blocks
 
     seeds = seed_blocks(args.seeds)
     for task in args.tasks:
         table = _table_for(task, args.data_dir)
         budgets_epochs, budgets_seconds = budgets(table)
-        jobs = [(table, p, seed, budgets_epochs, budgets_seconds) for p in policies(args.policies) for seed in seeds]
-        started = time.perf_counter()
-        outcomes: dict = {}
-        with ProcessPoolExecutor(args.parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for done, (name, seed, by_epochs, by_seconds) in enumerate(pool.map(_simulate_seed, jobs, chunksize=8), 1):
-                outcomes.setdefault(name, {})[seed] = {"epochs": by_epochs, "seconds": by_seconds}
-                if done % 500 == 0:
-                    print(f"{task}: {done}/{len(jobs)} sweeps simulated", flush=True)
         path = Path(args.data_dir) / f"sim_{task}.json"
-        outcomes = {**_outcomes_to_keep(path, seeds, budgets_epochs), **outcomes}
-        record = {"task": task, "configs": len(table.configs), "epochs": table.epochs, "best": table.best.key,
-                  "best_score": table.best.true_score, "margin": table.margin, "noise_sigma": table.noise_sigma,
-                  "seconds_per_epoch": table.seconds_per_epoch, "budgets_full_runs": list(BUDGETS_FULL_RUNS),
-                  "budgets_epochs": budgets_epochs, "budgets_seconds": budgets_seconds,
-                  "select_seeds": [s for s in seeds if s in SELECT_SEEDS],
-                  "report_seeds": [s for s in seeds if s in REPORT_SEEDS],
-                  "outcomes": outcomes, "seconds": round(time.perf_counter() - started),
-                  "command": "python benchmarks/bench_search.py " + " ".join(sys.argv[1:]), "commit": _git_commit()}
-        storage.write_json(str(path), record)
-        print_success(record)
+        outcomes = _outcomes_to_keep(path, seeds, budgets_epochs)
+        started = time.perf_counter()
+        for policy in policies(args.policies):
+            if args.resume and all(str(s) in outcomes.get(policy.name, {}) for s in seeds):
+                print(f"{task}: {policy.name} is already in {path.name} for these seeds (--resume): kept", flush=True)
+                continue
+            outcomes[policy.name] = _simulate_policy(task, table, policy, seeds, budgets_epochs, budgets_seconds,
+                                                     args.parallel)
+            record = _sim_record(task, table, seeds, outcomes, round(time.perf_counter() - started))
+            storage.write_json(str(path), record)
+        print_success(_sim_record(task, table, seeds, outcomes, round(time.perf_counter() - started)))
+
+
+def _simulate_policy(task: str, table, policy, seeds: list[int], budgets_epochs: list, budgets_seconds: list,
+                     parallel: int) -> dict:
+    """One policy's outcome at every seed: {seed (str, as JSON keeps it): {"epochs": [...], "seconds": [...]}}."""
+    jobs = [(table, policy, seed, budgets_epochs, budgets_seconds) for seed in seeds]
+    by_seed: dict = {}
+    if parallel <= 1:
+        results = map(_simulate_seed, jobs)
+    else:
+        pool = ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_one_torch_thread)
+        results = pool.map(_simulate_seed, jobs, chunksize=8)
+    try:
+        for done, (_, seed, by_epochs, by_seconds) in enumerate(results, 1):
+            by_seed[str(seed)] = {"epochs": by_epochs, "seconds": by_seconds}
+            if done % 250 == 0:
+                print(f"{task}: {policy.name}: {done}/{len(jobs)} sweeps simulated", flush=True)
+    finally:
+        if parallel > 1:
+            pool.shutdown(cancel_futures=True)
+    return by_seed
+
+
+def _one_torch_thread() -> None:
+    """GPSampler fits its Gaussian process with torch; each simulating process gets one thread, so that the
+    processes do not each start a thread per core on the same cores."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _sim_record(task: str, table, seeds: list[int], outcomes: dict, seconds: int) -> dict:
+    from search_sim import BUDGETS_FULL_RUNS, REPORT_SEEDS, SELECT_SEEDS, budgets
+
+    budgets_epochs, budgets_seconds = budgets(table)
+    return {"task": task, "configs": len(table.configs), "epochs": table.epochs, "best": table.best.key,
+            "best_score": table.best.true_score, "margin": table.margin, "noise_sigma": table.noise_sigma,
+            "seconds_per_epoch": table.seconds_per_epoch, "budgets_full_runs": list(BUDGETS_FULL_RUNS),
+            "budgets_epochs": budgets_epochs, "budgets_seconds": budgets_seconds,
+            "select_seeds": [s for s in seeds if s in SELECT_SEEDS],
+            "report_seeds": [s for s in seeds if s in REPORT_SEEDS],
+            "outcomes": outcomes, "seconds": seconds,
+            "command": "python benchmarks/bench_search.py " + " ".join(sys.argv[1:]), "commit": _git_commit()}
 
 
 def _outcomes_to_keep(path: Path, seeds: list[int], budgets_epochs: list) -> dict:
@@ -646,6 +685,8 @@ def main(argv=None) -> int:
     si.add_argument("--policies", choices=("all", "core", "focus", "gp", "quick"), default="core")
     si.add_argument("--parallel", type=int, default=max(1, os.cpu_count() or 1))
     si.add_argument("--data-dir", default=str(DATA_DIR))
+    si.add_argument("--resume", action="store_true",
+                    help="keep the policies sim_<task>.json already holds for these seeds; simulate the rest")
     su = sub.add_parser("success", help="the simulated success tables, the peers' rows beside them")
     su.add_argument("--tasks", nargs="+", default=CHOOSING_TASKS, choices=sorted(TASKS))
     su.add_argument("--block", choices=("select_seeds", "report_seeds"), default="report_seeds",

@@ -57,6 +57,35 @@ def test_simulate_adds_a_second_policy_set_beside_the_first_and_success_prints_b
     assert out.returncode == 0 and "| gp4+no-ES |" in out.stdout and "(select_seeds)" in out.stdout, out.stderr
 
 
+def test_simulate_keeps_each_finished_policy_when_stopped_and_resume_skips_it(tmp_path, monkeypatch):
+    """GPSampler's policies take hours: one stopped half way keeps the policies it finished, and --resume does not
+    simulate them again."""
+    import bench_search
+
+    (tmp_path / "search_dense.csv").write_bytes((DATA / "search_dense.csv").read_bytes())
+    real = bench_search._simulate_seed
+
+    def interrupted_at_tpe(job):
+        if job[1].sampler == "tpe":
+            raise KeyboardInterrupt
+        return real(job)
+
+    args = ["simulate", "--tasks", "dense", "--seeds", "2", "--parallel", "1", "--policies", "quick",
+            "--data-dir", str(tmp_path)]
+    monkeypatch.setattr(bench_search, "_simulate_seed", interrupted_at_tpe)
+    with pytest.raises(KeyboardInterrupt):
+        bench_search.main(args)
+    first = json.loads((tmp_path / "sim_dense.json").read_text())["outcomes"]
+    assert set(first) == {"random+no-ES"} and len(first["random+no-ES"]) == 4  # two blocks of 2 search seeds
+
+    simulated = []
+    monkeypatch.setattr(bench_search, "_simulate_seed", lambda job: simulated.append(job[1].name) or real(job))
+    bench_search.main([*args, "--resume"])
+    assert set(simulated) == {"tpe4+asha(g4,rf2)"}
+    outcomes = json.loads((tmp_path / "sim_dense.json").read_text())["outcomes"]
+    assert set(outcomes) == {"random+no-ES", "tpe4+asha(g4,rf2)"} and outcomes["random+no-ES"] == first["random+no-ES"]
+
+
 def test_the_held_out_task_is_left_out_of_the_steps_that_choose_and_labelled_when_named(tmp_path):
     for task in ("default", "dense"):
         (tmp_path / f"sim_{task}.json").write_bytes((DATA / f"sim_{task}.json").read_bytes())
