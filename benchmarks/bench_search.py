@@ -375,8 +375,8 @@ def _simulate_policy(task: str, table, policy, seeds: list[int], budgets_epochs:
     if parallel <= 1:
         results = map(_simulate_seed, jobs)
     else:
-        pool = ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_one_torch_thread)
+        _one_thread_per_process()
+        pool = ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn"))
         results = pool.map(_simulate_seed, jobs, chunksize=8)
     try:
         for done, (_, seed, by_epochs, by_seconds) in enumerate(results, 1):
@@ -389,12 +389,12 @@ def _simulate_policy(task: str, table, policy, seeds: list[int], budgets_epochs:
     return by_seed
 
 
-def _one_torch_thread() -> None:
-    """GPSampler fits its Gaussian process with torch; each simulating process gets one thread, so that the
-    processes do not each start a thread per core on the same cores."""
-    import torch
-
-    torch.set_num_threads(1)
+def _one_thread_per_process() -> None:
+    """GPSampler fits its Gaussian process with torch and scipy: each simulating process gets one thread of
+    every numeric library (the spawned processes read these when they load them), instead of each starting a
+    thread per core on the same cores. A value the user set is kept."""
+    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(variable, "1")
 
 
 def _sim_record(task: str, table, seeds: list[int], outcomes: dict, seconds: int) -> dict:
