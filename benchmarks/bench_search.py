@@ -21,6 +21,7 @@ benchmarks/data/replay_<task>.json and search_quality.png.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -350,42 +351,42 @@ def simulate_step(args) -> None:
     from search_sim import budgets, seed_blocks
 
     seeds = seed_blocks(args.seeds)
-    for task in args.tasks:
-        table = _table_for(task, args.data_dir)
-        budgets_epochs, budgets_seconds = budgets(table)
-        path = Path(args.data_dir) / f"sim_{task}.json"
-        outcomes = _outcomes_to_keep(path, seeds, budgets_epochs)
-        started = time.perf_counter()
-        for policy in policies(args.policies):
-            if args.resume and all(str(s) in outcomes.get(policy.name, {}) for s in seeds):
-                print(f"{task}: {policy.name} is already in {path.name} for these seeds (--resume): kept", flush=True)
-                continue
-            outcomes[policy.name] = _simulate_policy(task, table, policy, seeds, budgets_epochs, budgets_seconds,
-                                                     args.parallel)
-            record = _sim_record(task, table, seeds, outcomes, round(time.perf_counter() - started))
-            storage.write_json(str(path), record)
-        print_success(_sim_record(task, table, seeds, outcomes, round(time.perf_counter() - started)))
+    with _sweep_runner(args.parallel) as run_all:
+        for task in args.tasks:
+            table = _table_for(task, args.data_dir)
+            budgets_epochs, budgets_seconds = budgets(table)
+            path = Path(args.data_dir) / f"sim_{task}.json"
+            outcomes = _outcomes_to_keep(path, seeds, budgets_epochs)
+            started = time.perf_counter()
+            for policy in policies(args.policies):
+                if args.resume and all(str(s) in outcomes.get(policy.name, {}) for s in seeds):
+                    print(f"{task}: {policy.name} is already in {path.name} for these seeds (--resume): kept",
+                          flush=True)
+                    continue
+                jobs = [(table, policy, seed, budgets_epochs, budgets_seconds) for seed in seeds]
+                outcomes[policy.name] = _simulate_policy(task, policy.name, jobs, run_all)
+                storage.write_json(str(path), _sim_record(task, table, seeds, outcomes, time.perf_counter() - started))
+            print_success(_sim_record(task, table, seeds, outcomes, time.perf_counter() - started))
 
 
-def _simulate_policy(task: str, table, policy, seeds: list[int], budgets_epochs: list, budgets_seconds: list,
-                     parallel: int) -> dict:
-    """One policy's outcome at every seed: {seed (str, as JSON keeps it): {"epochs": [...], "seconds": [...]}}."""
-    jobs = [(table, policy, seed, budgets_epochs, budgets_seconds) for seed in seeds]
-    by_seed: dict = {}
+@contextlib.contextmanager
+def _sweep_runner(parallel: int):
+    """A map over simulated sweeps: in this process, or in one pool of spawned processes for the whole step."""
     if parallel <= 1:
-        results = map(_simulate_seed, jobs)
-    else:
-        _one_thread_per_process()
-        pool = ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn"))
-        results = pool.map(_simulate_seed, jobs, chunksize=8)
-    try:
-        for done, (_, seed, by_epochs, by_seconds) in enumerate(results, 1):
-            by_seed[str(seed)] = {"epochs": by_epochs, "seconds": by_seconds}
-            if done % 250 == 0:
-                print(f"{task}: {policy.name}: {done}/{len(jobs)} sweeps simulated", flush=True)
-    finally:
-        if parallel > 1:
-            pool.shutdown(cancel_futures=True)
+        yield map
+        return
+    _one_thread_per_process()
+    with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield lambda fn, jobs: pool.map(fn, jobs, chunksize=8)
+
+
+def _simulate_policy(task: str, name: str, jobs: list, run_all) -> dict:
+    """One policy's outcome at every seed: {seed (str, as JSON keeps it): {"epochs": [...], "seconds": [...]}}."""
+    by_seed: dict = {}
+    for done, (_, seed, by_epochs, by_seconds) in enumerate(run_all(_simulate_seed, jobs), 1):
+        by_seed[str(seed)] = {"epochs": by_epochs, "seconds": by_seconds}
+        if done % 250 == 0:
+            print(f"{task}: {name}: {done}/{len(jobs)} sweeps simulated", flush=True)
     return by_seed
 
 
@@ -397,7 +398,7 @@ def _one_thread_per_process() -> None:
         os.environ.setdefault(variable, "1")
 
 
-def _sim_record(task: str, table, seeds: list[int], outcomes: dict, seconds: int) -> dict:
+def _sim_record(task: str, table, seeds: list[int], outcomes: dict, seconds: float) -> dict:
     from search_sim import BUDGETS_FULL_RUNS, REPORT_SEEDS, SELECT_SEEDS, budgets
 
     budgets_epochs, budgets_seconds = budgets(table)
@@ -407,7 +408,7 @@ def _sim_record(task: str, table, seeds: list[int], outcomes: dict, seconds: int
             "budgets_epochs": budgets_epochs, "budgets_seconds": budgets_seconds,
             "select_seeds": [s for s in seeds if s in SELECT_SEEDS],
             "report_seeds": [s for s in seeds if s in REPORT_SEEDS],
-            "outcomes": outcomes, "seconds": seconds,
+            "outcomes": outcomes, "seconds": round(seconds),
             "command": "python benchmarks/bench_search.py " + " ".join(sys.argv[1:]), "commit": _git_commit()}
 
 
