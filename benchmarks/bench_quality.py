@@ -44,11 +44,14 @@ Arms, run one after another on the same machine:
 Outputs (``--data-dir``, default benchmarks/data): ``quality_<task>.csv``, one row per arm x trial x epoch
 (elapsed seconds since the arm started, mAP, mAP50, who scored it) and ``quality_<task>.json`` (per arm:
 command, commit, versions, machine, load average before and after, T, wall time, final and last mAP/mAP50;
-the ratios neoray / YOLO against the stronger YOLO arm). The table is printed at the end.
+the ratios neoray / YOLO, each against the stronger YOLO arm measured on the same machine). The table is printed
+at the end. Equal wall time only means something on one machine: when the neoray arms run on another machine
+than the recorded YOLO arms, rerun the peer there under ``--peer-tag NAME`` (recorded as ``yolo_rect-NAME``).
 
 Resumable: an arm already recorded is not rerun (``--force ARM`` reruns it); a cut-short arm starts over.
 T is ``--minutes`` when given, else the recorded (or now run) untagged sweep's wall time. ``--tag NAME``
-records the neoray arms under ``ARM-NAME``, for recipe variants (``--config-overrides``, recorded).
+records the neoray arms under ``ARM-NAME``, for recipe variants (``--config-overrides``, recorded);
+``--peer-tag NAME`` the YOLO arms.
 """
 
 from __future__ import annotations
@@ -197,24 +200,36 @@ def coco_scores(gt_json: str | Path, detections: list[dict]) -> dict:
     return {"map": float(evaluator.stats[0]), "map50": float(evaluator.stats[1])}
 
 
-def peer_arm(arms: dict) -> str | None:
-    """The stronger recorded YOLO arm: the higher final mAP50."""
-    yolo = [name for name in arms if name in YOLO_ARMS and arms[name].get("final")]
+def _base_arm(name: str) -> str:
+    """``yolo_rect-epyc`` -> ``yolo_rect``: the arm a recorded name was run as."""
+    return name.split("-", 1)[0]
+
+
+def _same_machine(a: dict, b: dict) -> bool:
+    return (a.get("machine") or {}) == (b.get("machine") or {})
+
+
+def peer_arm(arms: dict, of: str | None = None) -> str | None:
+    """The stronger recorded YOLO arm (the higher final mAP50); with ``of``, among those measured on the same
+    machine as the arm ``of`` (CPU model, count and platform): equal wall time means nothing across machines."""
+    yolo = [name for name in arms if _base_arm(name) in YOLO_ARMS and arms[name].get("final")
+            and (of is None or _same_machine(arms[name], arms[of]))]
     return max(yolo, key=lambda name: arms[name]["final"]["map50"], default=None)
 
 
 def ratio_table(record: dict) -> str:
-    """The Markdown table of every recorded arm, with neoray / YOLO ratios against the stronger YOLO arm."""
+    """The Markdown table of every recorded arm, with neoray / YOLO ratios against the stronger YOLO arm measured
+    on the same machine (the peer column names it)."""
     arms = record.get("arms", {})
-    peer = peer_arm(arms)
-    ref = arms[peer]["final"] if peer else None
     budget = f"T = {record['T_s']:.0f} s ({record['T_from']})" if record.get("T_s") else "T not known yet"
-    lines = [f"{record['task']}: {budget}; ratios against {peer or 'no YOLO arm yet'}",
-             "| arm | T s | wall s | epochs | final epoch | mAP | mAP50 | mAP / YOLO | mAP50 / YOLO |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"{record['task']}: {budget}; ratios against the stronger YOLO arm on the same machine",
+             "| arm | T s | wall s | epochs | final epoch | mAP | mAP50 | mAP / YOLO | mAP50 / YOLO | peer |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name in sorted(arms, key=_arm_order):
         arm = arms[name]
         final = arm.get("final") or {}
+        peer = None if _base_arm(name) in YOLO_ARMS else peer_arm(arms, name)
+        ref = arms[peer]["final"] if peer else None
 
         def ratio(key):
             if ref is None or not final or ref[key] <= 0:
@@ -223,7 +238,7 @@ def ratio_table(record: dict) -> str:
 
         cells = [name, f"{arm['T_s']:.0f}" if arm.get("T_s") else "-", f"{arm['wall_s']:.0f}",
                  str(arm.get("epochs", "-")), str(final.get("epoch", "-")), _num(final.get("map")),
-                 _num(final.get("map50")), ratio("map"), ratio("map50")]
+                 _num(final.get("map50")), ratio("map"), ratio("map50"), peer or "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -290,15 +305,16 @@ def _save_arm(args, name: str, arm: dict, rows: list[dict]) -> None:
 
 
 def _with_ratios(record: dict) -> dict:
-    peer = peer_arm(record["arms"])
-    record["peer"] = peer
-    record["ratios"] = {}
-    if peer:
-        ref = record["arms"][peer]["final"]
-        for name, arm in record["arms"].items():
-            if name not in YOLO_ARMS and arm.get("final"):
-                record["ratios"][name] = {k: (arm["final"][k] / ref[k] if ref[k] > 0 else None)
-                                          for k in ("map", "map50")}
+    """``ratios``: each neoray arm against the stronger YOLO arm on its machine (``peers`` names it); ``peer``:
+    the stronger YOLO arm overall."""
+    record["peer"] = peer_arm(record["arms"])
+    record["ratios"], record["peers"] = {}, {}
+    for name, arm in record["arms"].items():
+        peer = None if _base_arm(name) in YOLO_ARMS else peer_arm(record["arms"], name)
+        if peer and arm.get("final"):
+            ref = record["arms"][peer]["final"]
+            record["peers"][name] = peer
+            record["ratios"][name] = {k: (arm["final"][k] / ref[k] if ref[k] > 0 else None) for k in ("map", "map50")}
     return record
 
 
@@ -481,7 +497,7 @@ def _metrics_rows(run_dir: Path) -> list[dict]:
 
 def run_yolo_arm(args, ctx: dict, name: str, work: Path) -> dict:
     spec = {"data_yaml": str(ctx["data_yaml"]), "project": str(work), "name": "train", "imgsz": ctx["task"]["size"][0],
-            "hours": ctx["T_s"] / 3600, "rect": YOLO_ARMS[name], "val_json": str(ctx["val_json"]),
+            "hours": ctx["T_s"] / 3600, "rect": YOLO_ARMS[_base_arm(name)], "val_json": str(ctx["val_json"]),
             "val_images": str(ctx["dataset"] / "val"), "out": str(work / "yolo_scores.json"),
             "threads": args.yolo_threads, "launched": time.time()}
     spec_path = work / "spec.json"
@@ -557,8 +573,10 @@ RUNNERS = {"sweep": run_sweep_arm, "single": run_single_arm, "yolo_rect": run_yo
 # ----------------------------------------------------------------------------------------------------
 
 
-def _arm_name(arm: str, tag: str) -> str:
-    return f"{arm}-{tag}" if tag and arm in NEORAY_ARMS else arm
+def _arm_name(arm: str, tag: str, peer_tag: str = "") -> str:
+    if arm in NEORAY_ARMS:
+        return f"{arm}-{tag}" if tag else arm
+    return f"{arm}-{peer_tag}" if peer_tag else arm
 
 
 def prepare_task(args) -> dict:
@@ -586,7 +604,7 @@ def run_benchmark(args) -> dict:
     csv_path, json_path = _paths(args)
     Path(args.data_dir).mkdir(parents=True, exist_ok=True)
     ctx = prepare_task(args)
-    names = [_arm_name(arm, args.tag) for arm in args.arms]
+    names = [_arm_name(arm, args.tag, args.peer_tag) for arm in args.arms]
     for name in args.force:
         if name not in names:
             raise BenchError(f"--force {name}: not one of the arms asked for ({', '.join(names)})")
@@ -668,14 +686,17 @@ def parse_args(argv=None):
                              "arms use; 0: Ultralytics' own choice, CPUs - 1, with which issue 22 measured it)")
     parser.add_argument("--sweep-args", default="", help="more arguments of sweep_lr.py, one string (recorded)")
     parser.add_argument("--tag", default="", help="record the neoray arms as ARM-TAG (recipe variants)")
+    parser.add_argument("--peer-tag", default="", help="record the YOLO arms as ARM-TAG (the peer rerun, e.g. on "
+                                                        "another machine: ratios pair arms of the same machine)")
     parser.add_argument("--train", type=int, default=0, help="training images (default: the task's)")
     parser.add_argument("--val", type=int, default=0, help="validation images (default: the task's)")
     parser.add_argument("--work", default=str(REPO_ROOT / ".neoray_cache" / "quality"),
                         help="data, sweeps, runs and YOLO runs (default .neoray_cache/quality)")
     parser.add_argument("--data-dir", default=str(DATA_DIR), help="where the CSV and JSON go (default benchmarks/data)")
     args = parser.parse_args(argv)
-    if args.tag and not re.fullmatch(r"[A-Za-z0-9_.]+", args.tag):
-        parser.error("--tag: letters, digits, '_' and '.' only")
+    for flag, value in (("--tag", args.tag), ("--peer-tag", args.peer_tag)):
+        if value and not re.fullmatch(r"[A-Za-z0-9_.]+", value):
+            parser.error(f"{flag}: letters, digits, '_' and '.' only")
     if args.minutes is not None and args.minutes <= 0:
         parser.error("--minutes must be > 0")
     args.arms = [arm for arm in ARMS if arm in args.arms]  # the sweep first: it measures T

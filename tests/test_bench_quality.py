@@ -156,15 +156,38 @@ def test_the_table_gives_ratios_against_the_stronger_yolo_arm():
     assert bench.peer_arm(record["arms"]) == "yolo_mosaic"
     table = bench.ratio_table(record)
     lines = table.splitlines()
-    assert "ratios against yolo_mosaic" in lines[0]
+    assert "ratios against the stronger YOLO arm on the same machine" in lines[0]
     assert [line.split(" | ")[0].strip("| ") for line in lines[3:]] == [
         "sweep", "single", "single-lr4", "yolo_rect", "yolo_mosaic"]
-    assert "| sweep | 600 | 610 | 18 | 18 | 0.0200 | 0.0500 | 0.40x | 0.25x |" in lines
-    assert "| single-lr4 | 600 | 610 | 10 | 10 | 0.0600 | 0.3000 | 1.20x | 1.50x |" in lines
+    assert "| sweep | 600 | 610 | 18 | 18 | 0.0200 | 0.0500 | 0.40x | 0.25x | yolo_mosaic |" in lines
+    assert "| single-lr4 | 600 | 610 | 10 | 10 | 0.0600 | 0.3000 | 1.20x | 1.50x | yolo_mosaic |" in lines
     ratios = bench._with_ratios(record)["ratios"]
     assert ratios["single"] == {"map": pytest.approx(0.6), "map50": pytest.approx(0.5)}
     assert "yolo_rect" not in ratios
     assert "- | - |" in bench.ratio_table({"task": "dense", "arms": {"sweep": _arm(0.1, 0.2)}}).splitlines()[3]
+
+
+def test_ratios_pair_arms_measured_on_the_same_machine(tmp_path):
+    # Equal wall time means nothing across machines: a neoray arm timed on a CPU twice as fast is compared
+    # with the YOLO arm rerun on that CPU (recorded under --peer-tag), never with the slower machine's.
+    slow, fast = {"cpu": "Intel Xeon", "cpus": 2}, {"cpu": "AMD EPYC", "cpus": 2}
+    arms = {"yolo_rect": {**_arm(0.04, 0.40), "machine": slow}, "single": {**_arm(0.03, 0.20), "machine": slow},
+            "single-tiny": {**_arm(0.08, 0.60), "machine": fast}}
+    record = {"task": "photo", "T_s": 600.0, "T_from": "--minutes 10", "arms": dict(arms)}
+    assert bench.peer_arm(arms, "single-tiny") is None
+    assert "| single-tiny | 600 | 610 | 10 | 10 | 0.0800 | 0.6000 | - | - | - |" in bench.ratio_table(record)
+    assert "single-tiny" not in bench._with_ratios(dict(record))["ratios"]
+    record["arms"]["yolo_rect-epyc"] = {**_arm(0.06, 0.50), "machine": fast}
+    ratios = bench._with_ratios(record)
+    assert ratios["peers"] == {"single": "yolo_rect", "single-tiny": "yolo_rect-epyc"}
+    assert ratios["ratios"]["single-tiny"]["map50"] == pytest.approx(1.2)
+    assert ratios["ratios"]["single"]["map50"] == pytest.approx(0.5)
+    assert "| single-tiny | 600 | 610 | 10 | 10 | 0.0800 | 0.6000 | 1.33x | 1.20x | yolo_rect-epyc |" in (
+        bench.ratio_table(record))
+    args = bench.parse_args(["--task", "photo", "--arms", "yolo_rect", "--peer-tag", "epyc"])
+    assert bench._arm_name("yolo_rect", args.tag, args.peer_tag) == "yolo_rect-epyc"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--task", "photo", "--peer-tag", "a b"])
 
 
 def test_an_arm_is_recorded_without_touching_the_others(tmp_path):

@@ -2,7 +2,8 @@
 
 Output channels are measured with a dummy forward at build time, never written down per architecture,
 so any torchvision ResNet or MobileNetV3 plugs in. ``make_backbone`` also builds the reference's ResNet-vd
-(``presnet18vd`` ... ``presnet101vd``, neoray.models.presnet). Both take ``freeze_norm`` (FrozenBatchNorm2d)
+(``presnet18vd`` ... ``presnet101vd``, neoray.models.presnet) and a small ResNet for CPUs (``tiny_resnet``,
+neoray.models.tiny_resnet). Both take ``freeze_norm`` (FrozenBatchNorm2d)
 and ``freeze_at`` (-1 none, 0 the stem, k the stem and the first k stages; see neoray.models.norm).
 """
 
@@ -16,6 +17,8 @@ from torchvision.models._utils import IntermediateLayerGetter
 from neoray.models.norm import freeze_batch_norm, freeze_parameters
 from neoray.models.presnet import ARCHITECTURES as PRESNET_ARCHITECTURES
 from neoray.models.presnet import PResNet
+from neoray.models.tiny_resnet import ARCHITECTURES as TINY_ARCHITECTURES
+from neoray.models.tiny_resnet import TinyResNet
 from neoray.models.weights import load_backbone_weights
 
 # name -> (builder, ImageNet weights enum)
@@ -46,13 +49,16 @@ def _last_layer_per_stride(layers: nn.Sequential) -> dict[str, str]:
 
 
 def backbone_names() -> list[str]:
-    return sorted([*ARCHITECTURES, *PRESNET_ARCHITECTURES])
+    return sorted([*ARCHITECTURES, *PRESNET_ARCHITECTURES, *TINY_ARCHITECTURES])
 
 
 def make_backbone(arch: str, weights: str = "none", freeze_norm: bool = False, freeze_at: int = -1) -> nn.Module:
-    """A torchvision ``Backbone`` or a ``PResNet``: both have ``out_channels`` and return 3 maps."""
+    """A torchvision ``Backbone``, a ``PResNet`` or a ``TinyResNet``: each has ``out_channels`` and returns 3
+    maps."""
     if arch in PRESNET_ARCHITECTURES:
         return PResNet(arch, weights, freeze_norm=freeze_norm, freeze_at=freeze_at)
+    if arch in TINY_ARCHITECTURES:
+        return TinyResNet(arch, weights, freeze_norm=freeze_norm, freeze_at=freeze_at)
     return Backbone(arch, weights, freeze_norm=freeze_norm, freeze_at=freeze_at)
 
 

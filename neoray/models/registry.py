@@ -20,6 +20,7 @@ from neoray.models.base import INPUT_NORMALIZATIONS, Detector
 from neoray.models.criterion import CLS_LOSSES
 from neoray.models.position import POSITION_ORDERS
 from neoray.models.rtdetr import RTDETR
+from neoray.models.tiny_resnet import ARCHITECTURES as TINY_ARCHITECTURES
 from neoray.models.torchvision_detectors import TorchvisionDetector
 
 # RT-DETR sizes follow the paper's ResNet variants (r18: 3 decoder layers, r34: 4, r50: 6).
@@ -105,6 +106,9 @@ def check_model(name: str, options: dict | None = None) -> None:
     if "freeze_at" in options and (not isinstance(options["freeze_at"], int) or options["freeze_at"] < -1):
         raise ValueError(f"{name}: freeze_at must be an integer >= -1, got {options['freeze_at']!r}")
     weights = options.get("backbone_weights", "none")
+    if weights == "imagenet" and options.get("backbone", preset.get("backbone")) in TINY_ARCHITECTURES:
+        raise ValueError(f"{name}: {options.get('backbone', preset.get('backbone'))} has no ImageNet weights: "
+                         f"train it from scratch (backbone_weights: none) or give a file of its own")
     if weights not in ("", "none", "imagenet", None):
         if not isinstance(weights, str):
             raise ValueError(f"{name}: backbone_weights must be 'none', 'imagenet' or a file, got {weights!r}")
