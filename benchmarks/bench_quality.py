@@ -44,9 +44,11 @@ Arms, run one after another on the same machine:
 Outputs (``--data-dir``, default benchmarks/data): ``quality_<task>.csv``, one row per arm x trial x epoch
 (elapsed seconds since the arm started, mAP, mAP50, who scored it) and ``quality_<task>.json`` (per arm:
 command, commit, versions, machine, load average before and after, T, wall time, final and last mAP/mAP50;
-the ratios neoray / YOLO, each against the stronger YOLO arm measured on the same machine). The table is printed
-at the end. Equal wall time only means something on one machine: when the neoray arms run on another machine
-than the recorded YOLO arms, rerun the peer there under ``--peer-tag NAME`` (recorded as ``yolo_rect-NAME``).
+the ratios neoray / YOLO, each against the stronger YOLO arm measured on the same machine and given the same
+wall time). The table is printed at the end. Equal wall time only means something on one machine and one
+budget: when the neoray arms run on another machine than the recorded YOLO arms, rerun the peer there under
+``--peer-tag NAME`` (recorded as ``yolo_rect-NAME``); a tagged sweep is compared at its own wall time (its T
+is the untagged sweep's), so it has a peer only once a YOLO arm ran for that time (``--minutes``, within 10%).
 
 Resumable: an arm already recorded is not rerun (``--force ARM`` reruns it); a cut-short arm starts over.
 T is ``--minutes`` when given, else the recorded (or now run) untagged sweep's wall time. ``--tag NAME``
@@ -209,11 +211,26 @@ def _same_machine(a: dict, b: dict) -> bool:
     return (a.get("machine") or {}) == (b.get("machine") or {})
 
 
+EQUAL_BUDGET = 0.1  # a peer's T within 10% of an arm's budget counts as the same wall time
+
+
+def arm_budget_s(name: str, arm: dict) -> float | None:
+    """The wall time an arm is compared at: a sweep's own wall time (a sweep ends when its trials do, and a
+    tagged sweep need not take the untagged one's T); every other arm's T, the time it was fitted to."""
+    return arm.get("wall_s") if _base_arm(name) == "sweep" else arm.get("T_s")
+
+
+def _same_budget(peer: dict, budget_s: float | None) -> bool:
+    return bool(budget_s and peer.get("T_s")) and abs(peer["T_s"] - budget_s) <= EQUAL_BUDGET * budget_s
+
+
 def peer_arm(arms: dict, of: str | None = None) -> str | None:
     """The stronger recorded YOLO arm (the higher final mAP50); with ``of``, among those measured on the same
-    machine as the arm ``of`` (CPU model, count and platform): equal wall time means nothing across machines."""
+    machine as the arm ``of`` (CPU model, count and platform) and given the same wall time (within
+    EQUAL_BUDGET of ``of``'s budget): equal wall time means nothing across machines or across budgets."""
+    budget = arm_budget_s(of, arms[of]) if of else None
     yolo = [name for name in arms if _base_arm(name) in YOLO_ARMS and arms[name].get("final")
-            and (of is None or _same_machine(arms[name], arms[of]))]
+            and (of is None or (_same_machine(arms[name], arms[of]) and _same_budget(arms[name], budget)))]
     return max(yolo, key=lambda name: arms[name]["final"]["map50"], default=None)
 
 
@@ -222,7 +239,7 @@ def ratio_table(record: dict) -> str:
     on the same machine (the peer column names it)."""
     arms = record.get("arms", {})
     budget = f"T = {record['T_s']:.0f} s ({record['T_from']})" if record.get("T_s") else "T not known yet"
-    lines = [f"{record['task']}: {budget}; ratios against the stronger YOLO arm on the same machine",
+    lines = [f"{record['task']}: {budget}; ratios against the stronger YOLO arm on the same machine and budget",
              "| arm | T s | wall s | epochs | final epoch | mAP | mAP50 | mAP / YOLO | mAP50 / YOLO | peer |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name in sorted(arms, key=_arm_order):

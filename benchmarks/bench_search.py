@@ -304,6 +304,42 @@ def cost(args) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
+# One real sweep against the table (benchmarks/search_real_sweep.py)
+# ----------------------------------------------------------------------------------------------------
+
+
+def real_sweep(args) -> None:
+    """``experiments/sweep_lr.py`` as a user runs it (the recipe, the default space, the task's data at the
+    tables' size), then its pick against the task's table; an interrupted sweep resumes, a finished one is read."""
+    from search_real_sweep import compare, markdown, read_sweep
+    from search_sim import load_table
+
+    task = TASKS[args.task]
+    shards = ensure_default_data(train=task["train"], val=task["val"], layout=task["layout"])
+    sweep_dir = Path(args.work) / f"sweep_{args.task}"
+    command = [sys.executable, str(Path(__file__).resolve().parents[1] / "experiments" / "sweep_lr.py"),
+               "--config", str(RECIPE), "--num-samples", str(args.num_samples), "--output", str(args.work),
+               "--name", sweep_dir.name, f"data.train={shards['train']}", f"data.val={shards['val']}",
+               "data.size=320x180", f"train.epochs={EPOCHS}"]
+    started = time.time()
+    if not (sweep_dir / "best_config.yaml").exists():
+        resume = ["--resume"] if sweep_dir.exists() else []
+        subprocess.run(command + resume, check=True)
+    table_path = Path(args.data_dir) / f"search_{args.task}.csv"
+    table = load_table(table_path.read_text(), args.task)
+    if len(table.configs) < len(design(args.task)):
+        print(f"note: {table_path} holds {len(table.configs)} of {len(design(args.task))} configurations; the "
+              f"table's best is the best of those")
+    result = compare(table, read_sweep(sweep_dir))
+    result.update({"command": "python benchmarks/bench_search.py " + " ".join(sys.argv[1:]),
+                   "sweep_command": " ".join(command[1:]), "commit": _git_commit(),
+                   "seconds_this_invocation": round(time.time() - started),
+                   "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"})
+    print(markdown(result))
+    storage.write_json(str(Path(args.data_dir) / f"sweep_{args.task}.json"), result, indent=2)
+
+
+# ----------------------------------------------------------------------------------------------------
 # The simulated sweeps (v2: benchmarks/search_sim.py)
 # ----------------------------------------------------------------------------------------------------
 
@@ -693,9 +729,15 @@ def main(argv=None) -> int:
     su.add_argument("--block", choices=("select_seeds", "report_seeds"), default="report_seeds",
                     help="the seeds the defaults were chosen on, or those the headline is read on")
     su.add_argument("--data-dir", default=str(DATA_DIR))
+    rs = sub.add_parser("sweep", help="one real sweep (experiments/sweep_lr.py) against the task's table")
+    rs.add_argument("--task", choices=sorted(TASKS), required=True)
+    rs.add_argument("--num-samples", type=int, default=12)
+    rs.add_argument("--work", default=".neoray_cache/search_sweeps", help="where the sweep's directory goes")
+    rs.add_argument("--data-dir", default=str(DATA_DIR))
     args = parser.parse_args(argv)
     steps = {"ground-truth": ground_truth, "replay": replay, "summary": summary, "fidelity": fidelity, "cost": cost,
-             "simulate": simulate_step, "success": success_step}
+             "simulate": simulate_step, "success": success_step,
+             "sweep": real_sweep}
     steps[args.step](args)
     return 0
 

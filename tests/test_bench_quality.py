@@ -190,6 +190,20 @@ def test_ratios_pair_arms_measured_on_the_same_machine(tmp_path):
         bench.parse_args(["--task", "photo", "--peer-tag", "a b"])
 
 
+def test_an_arm_is_compared_with_a_peer_given_the_same_wall_time():
+    # A tagged sweep ends when its trials do: one of 200 s is compared with YOLO run for about 200 s, never with
+    # a YOLO run of the untagged sweep's 600 s; a single run with the peer of its own T.
+    arms = {"yolo_rect": _arm(0.06, 0.60), "single": _arm(0.05, 0.55),
+            "sweep-short": {**_arm(0.02, 0.30), "wall_s": 200.0}}
+    assert bench.peer_arm(arms, "single") == "yolo_rect"
+    assert bench.peer_arm(arms, "sweep-short") is None
+    arms["yolo_rect-200s"] = {**_arm(0.03, 0.25), "T_s": 210.0, "wall_s": 215.0}
+    assert bench.peer_arm(arms, "sweep-short") == "yolo_rect-200s"
+    assert bench.peer_arm(arms, "single") == "yolo_rect"  # the stronger 200 s arm is not the single run's peer
+    record = {"task": "dense", "T_s": 600.0, "T_from": "the sweep's wall time", "arms": arms}
+    assert bench._with_ratios(record)["ratios"]["sweep-short"]["map50"] == pytest.approx(1.2)
+
+
 def test_an_arm_is_recorded_without_touching_the_others(tmp_path):
     args = bench.parse_args(["--task", "dense", "--data-dir", str(tmp_path), "--arms", "yolo_rect"])
     rows = [{"trial": "", "epoch": e, "elapsed_s": 10.0 * e, "map": 0.1, "map50": 0.2, "scored_by": "pycocotools"}

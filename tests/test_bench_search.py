@@ -136,3 +136,32 @@ def test_the_search_recipe_is_the_shipped_demo_recipe():
     for key in ("lr", "batch_size", "accumulate", "weight_decay", "optimizer", "schedule", "warmup_steps",
                 "clip_grad_norm", "ema", "ema_decay", "ema_warmup_steps"):
         assert getattr(recipe.train, key) == getattr(demo.train, key), key
+
+
+def test_the_sweep_step_reads_a_finished_sweep_and_judges_its_pick_against_the_table(tmp_path, monkeypatch, capsys):
+    """`bench_search.py sweep`: a sweep that finished (best_config.yaml written) is not run again; its pick is
+    judged against the task's table in --data-dir and the verdict written to sweep_<task>.json."""
+    import bench_search
+
+    (tmp_path / "search_dense.csv").write_bytes((DATA / "search_dense.csv").read_bytes())
+    table = load_table(str(DATA / "search_dense.csv"), size="320x180")
+    best = max(table.points.values(), key=lambda p: p.final_score)
+    sweep = tmp_path / "work" / "sweep_dense"
+    (sweep / "trial_0001").mkdir(parents=True)
+    (sweep / "best_config.yaml").write_text("{}\n")
+    (sweep / "trials.csv").write_text(
+        "trial,status,lr,warmup_steps,batch,best_map,best_map50,best_score,epochs,failures,time_s,error\n"
+        f"trial_0001,finished,{best.lr},{best.warmup_steps},{best.batch},0.5,0.6,{best.final_score},12,0,9.0,\n")
+    (sweep / "trial_0001" / "progress.csv").write_text(f"epoch,score\n12,{best.final_score}\n")
+    monkeypatch.setattr(bench_search, "ensure_default_data", lambda **_: {"train": "t", "val": "v"})
+    real_run = subprocess.run
+
+    def no_sweep(cmd, *args, **kwargs):
+        assert "sweep_lr.py" not in " ".join(map(str, cmd)), "a finished sweep ran again"
+        return real_run(cmd, *args, **kwargs)
+
+    monkeypatch.setattr(bench_search.subprocess, "run", no_sweep)
+    bench_search.main(["sweep", "--task", "dense", "--work", str(tmp_path / "work"), "--data-dir", str(tmp_path)])
+    result = json.loads((tmp_path / "sweep_dense.json").read_text())
+    assert result["pick"] == "trial_0001" and result["pick_within_margin"] is True
+    assert result["trials"][0]["nearest_rank"] == 1 and "within it" in capsys.readouterr().out
