@@ -185,7 +185,8 @@ def ground_truth(args) -> None:
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.parallel, mp_context=spawn, initializer=_connect_worker,
                              initargs=(ray.get_runtime_context().gcs_address, threads)) as pool:
-        for todo in (_runs_to_do(args, rows, size, repeats=False), _runs_to_do(args, rows, size, repeats=True)):
+        for repeats in (False, True):  # the repeats are chosen once the design is complete, so after its runs
+            todo = _runs_to_do(args, rows, size, repeats=repeats)
             futures = {pool.submit(train_point, p, shards, size, args.epochs, args.stop_after, seed): (p, seed)
                        for p, seed in todo}
             for future in as_completed(futures):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -165,3 +166,47 @@ def test_the_sweep_step_reads_a_finished_sweep_and_judges_its_pick_against_the_t
     result = json.loads((tmp_path / "sweep_dense.json").read_text())
     assert result["pick"] == "trial_0001" and result["pick_within_margin"] is True
     assert result["trials"][0]["nearest_rank"] == 1 and "within it" in capsys.readouterr().out
+
+
+def test_one_ground_truth_invocation_trains_the_design_and_then_its_seed_repeats(tmp_path, monkeypatch):
+    """The repeats are the best of the finished design: an invocation that completes the design goes on to them
+    (they were once chosen before the design's runs, so a fresh table stopped after the design)."""
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    import bench_search
+
+    class InProcess:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, fn, *args):
+            future = Future()
+            future.set_result(fn(*args))
+            return future
+
+    trained = []
+
+    def fake_train(point, shards, size, epochs, stop_after, seed=0):
+        trained.append((point["config"], seed))
+        final = float(point["config"][1:]) / 10  # c02 ends above c01
+        return [{"epoch": e, "score": final * e / epochs, "map": 0.0, "map50": 0.0, "seconds": 1.0}
+                for e in range(1, epochs + 1)]
+
+    monkeypatch.setattr(bench_search, "ProcessPoolExecutor", InProcess)
+    monkeypatch.setattr(bench_search, "train_point", fake_train)
+    monkeypatch.setattr(bench_search, "ensure_default_data", lambda **_: {"train": "t", "val": "v"})
+    monkeypatch.setattr(bench_search.ray, "init", lambda **_: None)
+    monkeypatch.setattr(bench_search.ray, "get_runtime_context", lambda: SimpleNamespace(gcs_address="x"))
+    bench_search.main(["ground-truth", "--task", "dense", "--configs", "2", "--epochs", "2", "--data-dir",
+                       str(tmp_path)])
+    assert trained[:2] == [("c01", 0), ("c02", 0)]
+    assert sorted(trained[2:]) == [("c01", 1), ("c01", 2), ("c02", 1), ("c02", 2)]
+    rows = list(csv.DictReader((tmp_path / "search_dense.csv").open()))
+    assert {(r["config"], r["seed"]) for r in rows} == set((c, str(s)) for c, s in trained)
