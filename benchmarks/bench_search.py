@@ -325,7 +325,11 @@ def real_sweep(args) -> None:
     started = time.time()
     if not (sweep_dir / "best_config.yaml").exists():
         resume = ["--resume"] if sweep_dir.exists() else []
-        subprocess.run(command + resume, check=True)
+        if subprocess.run(command + resume).returncode != 0:
+            raise SystemExit(f"bench_search sweep: the sweep in {sweep_dir} did not finish (its own message is "
+                             f"above); the same command resumes it")
+    if not (sweep_dir / "trials.csv").exists():
+        raise SystemExit(f"bench_search sweep: {sweep_dir / 'trials.csv'} is missing: the sweep wrote no trial table")
     table_path = Path(args.data_dir) / f"search_{args.task}.csv"
     table = load_table(table_path.read_text(), args.task)
     if len(table.configs) < len(design(args.task)):

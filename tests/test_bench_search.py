@@ -210,3 +210,13 @@ def test_one_ground_truth_invocation_trains_the_design_and_then_its_seed_repeats
     assert sorted(trained[2:]) == [("c01", 1), ("c01", 2), ("c02", 1), ("c02", 2)]
     rows = list(csv.DictReader((tmp_path / "search_dense.csv").open()))
     assert {(r["config"], r["seed"]) for r in rows} == set((c, str(s)) for c, s in trained)
+
+
+def test_the_sweep_step_names_a_missing_trial_table_in_one_line(tmp_path, monkeypatch):
+    import bench_search
+
+    (tmp_path / "work" / "sweep_dense").mkdir(parents=True)
+    (tmp_path / "work" / "sweep_dense" / "best_config.yaml").write_text("{}\n")
+    monkeypatch.setattr(bench_search, "ensure_default_data", lambda **_: {"train": "t", "val": "v"})
+    with pytest.raises(SystemExit, match=r"sweep_dense/trials.csv is missing"):
+        bench_search.main(["sweep", "--task", "dense", "--work", str(tmp_path / "work"), "--data-dir", str(tmp_path)])
