@@ -359,8 +359,9 @@ def policies(which: str) -> list:
                 *(Policy("tpe", 4, "asha", g, rf) for g, rf in ((1, 3), (4, 2), (6, 2))),
                 Policy("tpe", 4, "promotion", 1, 3), Policy("tpe", 10, "asha", 4, 2),
                 Policy("tpe", 4, "asha", 4, 2, tell_stopped="complete")]  # the shipped default before the fix
-    if which == "gp":  # Optuna's GPSampler (about 2 s of CPU per simulated sweep, 40x TPE's), beside the default's
-        return [Policy("gp", 4), Policy("gp", 10)]  # no early stopping: every ASHA setting lost the dense best
+    if which == "gp":  # Optuna's GPSampler (about 2 s of CPU per simulated sweep, 40x TPE's): the default, and
+        # the default with ASHA, which lost the v1 dense best (a slow starter) and leads on the v2 dense table
+        return [Policy("gp", 4), Policy("gp", 4, "asha", 4, 2)]
     out = []
     for sampler, startup in (("random", 10), ("tpe", 4), ("tpe", 10)):
         out.append(Policy(sampler, startup))
@@ -397,7 +398,7 @@ def simulate_step(args) -> None:
             table = _table_for(task, args.data_dir)
             budgets_epochs, budgets_seconds = budgets(table)
             path = Path(args.data_dir) / f"sim_{task}.json"
-            outcomes = _outcomes_to_keep(path, seeds, budgets_epochs)
+            outcomes = _outcomes_to_keep(path, table, seeds, budgets_epochs)
             started = time.perf_counter()
             for policy in policies(args.policies):
                 if args.resume and all(str(s) in outcomes.get(policy.name, {}) for s in seeds):
@@ -440,11 +441,12 @@ def _one_thread_per_process() -> None:
 
 
 def _sim_record(task: str, table, seeds: list[int], outcomes: dict, seconds: float) -> dict:
-    from search_sim import BUDGETS_FULL_RUNS, REPORT_SEEDS, SELECT_SEEDS, budgets
+    from search_sim import BUDGETS_FULL_RUNS, REPORT_SEEDS, SELECT_SEEDS, SIMULATOR_VERSION, budgets, table_digest
 
     budgets_epochs, budgets_seconds = budgets(table)
     return {"task": task, "configs": len(table.configs), "epochs": table.epochs, "best": table.best.key,
-            "best_score": table.best.true_score, "margin": table.margin, "noise_sigma": table.noise_sigma,
+            "best_score": table.true_score(table.best.key), "margin": table.margin, "noise_sigma": table.noise_sigma,
+            "seed_sigma": table.seed_sigma, "table_digest": table_digest(table), "simulator": SIMULATOR_VERSION,
             "seconds_per_epoch": table.seconds_per_epoch, "budgets_full_runs": list(BUDGETS_FULL_RUNS),
             "budgets_epochs": budgets_epochs, "budgets_seconds": budgets_seconds,
             "select_seeds": [s for s in seeds if s in SELECT_SEEDS],
@@ -453,15 +455,20 @@ def _sim_record(task: str, table, seeds: list[int], outcomes: dict, seconds: flo
             "command": "python benchmarks/bench_search.py " + " ".join(sys.argv[1:]), "commit": _git_commit()}
 
 
-def _outcomes_to_keep(path: Path, seeds: list[int], budgets_epochs: list) -> dict:
-    """The other policies' outcomes of a previous simulate on the same table, seeds and budgets: a second policy
-    set adds rows instead of replacing the file."""
+def _outcomes_to_keep(path: Path, table, seeds: list[int], budgets_epochs: list) -> dict:
+    """The other policies' outcomes of a previous simulate on the same table, seeds and budgets by the same
+    simulator version: a second policy set adds rows instead of replacing the file, and outcomes made on another
+    table (one that grew) or scored by another simulator are dropped, not shown beside new ones."""
+    from search_sim import SIMULATOR_VERSION, table_digest
+
     if not path.exists():
         return {}
     previous = json.loads(path.read_text())
-    if previous["select_seeds"] + previous["report_seeds"] != seeds or previous["budgets_epochs"] != budgets_epochs:
-        return {}
-    return previous["outcomes"]
+    same = (previous["select_seeds"] + previous["report_seeds"] == seeds
+            and previous["budgets_epochs"] == budgets_epochs
+            and previous.get("table_digest") == table_digest(table)
+            and previous.get("simulator") == SIMULATOR_VERSION)
+    return previous["outcomes"] if same else {}
 
 
 def success_step(args) -> None:

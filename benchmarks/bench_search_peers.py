@@ -17,8 +17,9 @@ Each (method, search seed) is one ``syne_tune.Tuner`` with 2 workers on Syne Tun
   warmup in steps of 10, the batch pairs; the config's own values are evaluated first (``points_to_evaluate``);
 * a suggestion trains the design configuration nearest to it, by ``search_sim.Table.nearest`` itself;
 * the fidelity is the epoch (1..12), the objective the score column (maximised), an epoch's elapsed time the
-  seconds per epoch of the configuration's batch pair; a trial draws one of its configuration's training seeds
-  at random (Syne Tune's tabular draw over rows that repeat each configuration's seeds evenly);
+  seconds per epoch of the configuration's batch pair; every trial of a sweep reads its configuration at the
+  sweep's one training seed (``search_sim.sweep_training_seed``, as neoray's simulator and ``neoray sweep``), not
+  at a seed Syne Tune's backend would draw per trial;
 * the simulated clock is event-driven: when every worker is busy it jumps to the next event, and the searcher's
   own compute time is not charged (Syne Tune's simulator adds the real time spent outside the backend, which
   would make the numbers depend on the machine's load; neoray's simulator charges none either);
@@ -65,7 +66,7 @@ from search_peers import (
     success_table,
     write_json_atomically,
 )
-from search_sim import Event, Table, budgets, seed_blocks
+from search_sim import Event, Table, budgets, seed_blocks, sweep_training_seed
 from syne_tune import Tuner
 from syne_tune.backend.simulator_backend.simulator_backend import SimulatorConfig
 from syne_tune.backend.simulator_backend.simulator_callback import SimulatorCallback
@@ -161,6 +162,7 @@ class NearestDesignBlackbox(BlackboxTabular):
                          fidelity_space={RESOURCE: randint(1, table.epochs)}, objectives_evaluations=arrays.objectives,
                          objectives_names=["score", "elapsed_time"])
         self.table, self.arrays = table, arrays
+        self.training_seed_row = 0  # the row of the sweep's training seed (simulate_peer sets it per sweep)
 
     def design_key(self, config: dict) -> str:
         return self.table.nearest(float(config["lr"]), float(config["warmup_steps"]), config["batch"]).key
@@ -168,7 +170,8 @@ class NearestDesignBlackbox(BlackboxTabular):
     def _objective_function(self, configuration, fidelity=None, seed=None):
         if isinstance(configuration, dict):
             configuration = self.arrays.index(self.design_key(configuration))
-        values = super()._objective_function(configuration, None, seed)  # (epochs, objectives)
+        # The backend passes a seed it drew for this trial; every trial of a sweep trains at the sweep's seed.
+        values = super()._objective_function(configuration, None, self.training_seed_row)  # (epochs, objectives)
         if fidelity is None:
             return values
         return dict(zip(self.objectives_names, values[self.fidelity_map[list(fidelity.values())[0]]]))
@@ -222,8 +225,9 @@ class SweepRecorder(SimulatorCallback):
 def simulate_peer(blackbox: NearestDesignBlackbox, peer: Peer, seed: int, max_epochs: int,
                   max_seconds: float) -> list[Event]:
     """One simulated sweep of ``peer`` with search seed ``seed``; its reports in the order of the simulated clock."""
-    np.random.seed(seed)  # the backend draws each trial's training seed from numpy's global generator
+    np.random.seed(seed)  # the schedulers' and backend's own draws use numpy's and Python's global generators
     random.seed(seed)
+    blackbox.training_seed_row = blackbox.table.seeds.index(sweep_training_seed(blackbox.table, seed))
     backend = EventDrivenBackend(blackbox=blackbox, elapsed_time_attr="elapsed_time", max_resource_attr=MAX_RESOURCE,
                                  simulator_config=SimulatorConfig(0, 0, 0, 0, 0))
     recorder = SweepRecorder(blackbox, max_epochs, max_seconds)

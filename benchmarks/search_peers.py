@@ -4,10 +4,10 @@ neoray's own simulator (benchmarks/search_sim.py), kept free of Syne Tune so tha
 * the table: a ground-truth CSV read by ``search_sim.load_table``, with the per-epoch seconds of
   ``search_cost_<task>.json`` where it exists (else the table's median per batch pair), as bench_search.py
   simulate reads it;
-* the blackbox's arrays: the design's hyperparameters, and per configuration ``width`` rows of (score,
-  cumulative seconds) per epoch, ``width`` the least common multiple of the configurations' seed counts, each
-  configuration's seeds repeated in turn to fill its rows; a row drawn uniformly at random is then one of the
-  configuration's own seeds drawn uniformly, as neoray's simulator draws it;
+* the blackbox's arrays: the design's hyperparameters, and per configuration one row of (score, cumulative
+  seconds) per epoch for each of the table's training seeds: ``Table.curve``, the recorded curve or seed 0's
+  moved by the seed's shift. A sweep reads every trial from the one row of its training seed
+  (``search_sim.sweep_training_seed``), as neoray's simulator does;
 * the budgets (full-run equivalents of BUDGETS_FULL_RUNS, in epochs and in seconds) and the two blocks of
   search seeds, the same as bench_search.py's;
 * the outcome of one simulated sweep: ``search_sim.success_at`` at every budget, in epochs and in seconds;
@@ -17,7 +17,6 @@ neoray's own simulator (benchmarks/search_sim.py), kept free of Syne Tune so tha
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -29,11 +28,13 @@ import numpy as np
 from search_sim import (
     BUDGETS_FULL_RUNS,
     SELECT_SEEDS,
+    SIMULATOR_VERSION,
     Event,
     Table,
     budgets,
     load_table,
     success_at,
+    table_digest,
     wilson,
 )
 
@@ -68,7 +69,7 @@ def load_task_table(data_dir: str | Path, task: str) -> Table:
 @dataclass(frozen=True)
 class DesignArrays:
     """The table as a tabular blackbox: row i of ``objectives`` is configuration ``keys[i]`` with the
-    hyperparameters ``hyperparameters[i]``; its shape is (configurations, seed rows, epochs, OBJECTIVES)."""
+    hyperparameters ``hyperparameters[i]``; its shape is (configurations, the table's seeds, epochs, OBJECTIVES)."""
 
     keys: list[str]
     hyperparameters: list[dict]
@@ -80,13 +81,11 @@ class DesignArrays:
 
 def blackbox_arrays(table: Table) -> DesignArrays:
     configs = [table.configs[k] for k in sorted(table.configs)]
-    width = math.lcm(*(len(c.curves) for c in configs))
-    objectives = np.empty((len(configs), width, table.epochs, len(OBJECTIVES)))
+    objectives = np.empty((len(configs), len(table.seeds), table.epochs, len(OBJECTIVES)))
     epochs = np.arange(1, table.epochs + 1)
     for i, config in enumerate(configs):
-        seeds = sorted(config.curves)
-        for row in range(width):
-            objectives[i, row, :, 0] = config.curves[seeds[row % len(seeds)]][:table.epochs]
+        for row, seed in enumerate(table.seeds):
+            objectives[i, row, :, 0] = table.curve(config, seed)
             objectives[i, row, :, 1] = epochs * table.seconds_per_epoch[config.batch]
     hyperparameters = [{"lr": c.lr, "warmup_steps": c.warmup_steps, "batch": c.batch} for c in configs]
     return DesignArrays([c.key for c in configs], hyperparameters, objectives)
@@ -98,30 +97,23 @@ def outcome(table: Table, events: list[Event], budgets_epochs: list[int], budget
             "seconds": success_at(table, events, budgets_seconds, "seconds")}
 
 
-def table_digest(table: Table) -> str:
-    """A digest of everything a sweep's outcome depends on in the table: the design, every seed's curve and the
-    seconds per epoch (a table that grew by a seed or a configuration gets a new digest)."""
-    content = {"configs": [[c.key, c.lr, c.warmup_steps, c.batch, sorted(c.curves.items())]
-                           for c in sorted(table.configs.values(), key=lambda c: c.key)],
-               "seconds_per_epoch": sorted(table.seconds_per_epoch.items())}
-    return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
-
-
 def new_record(table: Table) -> dict:
     """The header of a peers record: sim_<task>.json's keys (outcomes and seeds filled in as runs finish)."""
     budgets_epochs, budgets_seconds = budgets(table)
     return {"task": table.task, "configs": len(table.configs), "epochs": table.epochs, "best": table.best.key,
-            "best_score": table.best.true_score, "margin": table.margin, "noise_sigma": table.noise_sigma,
+            "best_score": table.true_score(table.best.key), "margin": table.margin, "noise_sigma": table.noise_sigma,
+            "seed_sigma": table.seed_sigma,
             "seconds_per_epoch": table.seconds_per_epoch, "budgets_full_runs": list(BUDGETS_FULL_RUNS),
             "budgets_epochs": budgets_epochs, "budgets_seconds": budgets_seconds,
-            "table_digest": table_digest(table), "select_seeds": [], "report_seeds": [], "outcomes": {}, "timing": {}}
+            "table_digest": table_digest(table), "simulator": SIMULATOR_VERSION, "select_seeds": [], "report_seeds": [], "outcomes": {}, "timing": {}}
 
 
-SAME_TABLE_KEYS = ("task", "table_digest", "budgets_epochs", "budgets_seconds")
+SAME_TABLE_KEYS = ("task", "table_digest", "simulator", "budgets_epochs", "budgets_seconds")
 
 
 def resumable(previous: dict, fresh: dict) -> bool:
-    """Whether a stored record's outcomes were made on the same table and budgets (a rerun keeps them)."""
+    """Whether a stored record's outcomes were made on the same table and budgets by the same simulator version
+    (a rerun keeps them)."""
     return all(previous.get(k) == fresh[k] for k in SAME_TABLE_KEYS)
 
 

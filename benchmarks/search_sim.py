@@ -7,8 +7,12 @@ exactly the policies the shipped sweep runs, on a simulated clock:
 * the searcher is Optuna's own sampler (random, TPE or GP) asked and told through Optuna's ask/tell API, with
   the config's own values enqueued first, over the shipped space (log-uniform lr, warmup in steps of 10, the
   batch pairs); a suggestion trains the design configuration nearest to it (log-lr and warmup scaled by the
-  design's span, the batch pair exactly), and a trial of a configuration with several recorded seeds draws one
-  of them, so a rerun of the same configuration does not give the same curve;
+  design's span, the batch pair exactly);
+* every trial of one sweep trains with the same training seed, as ``neoray sweep`` trains every trial with the
+  config's one ``train.seed``; a simulated sweep draws that seed from its search seed among the table's recorded
+  seeds. A configuration recorded at that seed gives its own curve; one recorded at seed 0 only gives its seed-0
+  curve moved by the seed's shift (the mean per-epoch difference from seed 0 over the configurations recorded at
+  both), because a training seed moves every configuration alike far more than it reorders them;
 * ``workers`` trials run at a time; an epoch costs the seconds measured for its batch pair (one run at a time,
   bench_search.py cost); a trial's reports reach the scheduler in the order of the simulated clock;
 * the scheduler is none, or ASHA as neoray.tune.scheduler.OrderedASHA decides it (a trial's cut at a rung from
@@ -17,20 +21,26 @@ exactly the policies the shipped sweep runs, on a simulated clock:
   resumed from its checkpoint); trials ASHA stops are told to Optuna PRUNED with their intermediate values
   (``tell_stopped="complete"`` replays the old behaviour, COMPLETE with the rung's score);
 * the pick at any point is the trial with the best reported score so far (as ``neoray sweep`` picks its best
-  trial), and its quality is its configuration's true final score: the mean over the recorded seeds.
+  trial), and its quality is its configuration's true final score: its final score averaged over the table's
+  training seeds (recorded, or seed 0 moved by the seed's shift), i.e. an additive configuration + seed model.
 
-``simulate`` returns the sweep's events; ``success_curve`` says at which costs (epochs, seconds) the pick was
-within the task's margin of the best configuration: max(2% of the best, 2 standard deviations of the training
-seed noise measured on the repeated configurations).
+``simulate`` returns the sweep's events; ``success_at`` says at which costs (epochs, seconds) the pick was
+within the task's margin of the best configuration: max(2% of the best, 2 standard deviations of the noise that
+reorders configurations). That noise is the configuration x seed interaction of the final score on the
+configurations recorded at every seed (the residual of the additive model), not the raw seed-to-seed deviation:
+the common shift of a seed moves the best and the pick alike, so it cannot make a pick look better or worse.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import heapq
 import io
+import json
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import optuna
@@ -43,6 +53,11 @@ WORKERS = 2  # trials at a time, as the shipped demo runs them on 2 cores
 # Budgets at which success is read, in full-length trainings: epochs summed over trials, or the sweep's own
 # wall clock with WORKERS trials at a time (k full runs of the median batch pair, WORKERS at once).
 BUDGETS_FULL_RUNS = (4, 6, 8, 12, 16, 24)
+# Bumped whenever a change alters what a simulated sweep does or how its outcome is scored, so that outcomes
+# stored by another version are not kept beside new ones (bench_search.py simulate, bench_search_peers.py).
+# 2: every trial of a sweep trains at the sweep's one training seed; the margin from the configuration x seed
+# interaction.
+SIMULATOR_VERSION = 2
 SELECT_SEEDS = range(0, 500)  # defaults are chosen on this block of search seeds ...
 REPORT_SEEDS = range(1000, 1500)  # ... and the headline is read on this one
 
@@ -58,12 +73,7 @@ class Configuration:
     lr: float
     warmup_steps: int
     batch: str
-    curves: dict  # training seed -> tuple of per-epoch scores
-
-    @property
-    def true_score(self) -> float:
-        """The configuration's quality: its final score, averaged over the recorded seeds."""
-        return float(np.mean([curve[-1] for curve in self.curves.values()]))
+    curves: dict  # training seed -> tuple of per-epoch scores, as recorded
 
 
 @dataclass
@@ -82,25 +92,74 @@ class Table:
         return min(len(curve) for c in self.configs.values() for curve in c.curves.values())
 
     @property
-    def best(self) -> Configuration:
-        return max(self.configs.values(), key=lambda c: (c.true_score, c.key))
+    def seeds(self) -> list[int]:
+        """Every training seed recorded for any configuration (seed 0 is recorded for all)."""
+        return sorted({s for c in self.configs.values() for s in c.curves})
+
+    @cached_property
+    def seed_shift(self) -> dict[int, np.ndarray]:
+        """Per training seed, its per-epoch shift from seed 0: the mean difference over the configurations recorded
+        at both."""
+        shift = {}
+        for seed in self.seeds:
+            pairs = [np.subtract(c.curves[seed][:self.epochs], c.curves[0][:self.epochs])
+                     for c in self.configs.values() if seed in c.curves]
+            shift[seed] = np.mean(pairs, axis=0)
+        return shift
+
+    def curve(self, config: Configuration, seed: int) -> tuple:
+        """``config``'s curve at training ``seed``: the recorded one, else seed 0's moved by the seed's shift."""
+        if seed in config.curves:
+            return tuple(config.curves[seed][:self.epochs])
+        return tuple(float(v) for v in np.add(config.curves[0][:self.epochs], self.seed_shift[seed]))
+
+    @cached_property
+    def true_scores(self) -> dict[str, float]:
+        """Each configuration's quality: its final score averaged over the table's training seeds."""
+        return {key: float(np.mean([self.curve(c, s)[-1] for s in self.seeds])) for key, c in self.configs.items()}
+
+    def true_score(self, key: str) -> float:
+        return self.true_scores[key]
 
     @property
-    def noise_sigma(self) -> float:
-        """The training-seed noise of the final score: the pooled standard deviation over the configurations
-        trained with several seeds (0 when none was)."""
-        repeated = [[curve[-1] for curve in c.curves.values()] for c in self.configs.values() if len(c.curves) > 1]
+    def best(self) -> Configuration:
+        return max(self.configs.values(), key=lambda c: (self.true_score(c.key), c.key))
+
+    def _fully_repeated_finals(self) -> np.ndarray:
+        """Final scores (configuration x seed) of the configurations recorded at every one of the table's seeds."""
+        full = [c for c in self.configs.values() if set(c.curves) == set(self.seeds)]
+        return np.array([[c.curves[s][self.epochs - 1] for s in self.seeds] for c in full]).reshape(len(full), -1)
+
+    @property
+    def seed_sigma(self) -> float:
+        """The raw training-seed deviation of the final score: pooled over the configurations recorded with
+        several seeds (0 when none was). It includes the shift a seed gives every configuration alike."""
+        repeated = [[curve[self.epochs - 1] for curve in c.curves.values()]
+                    for c in self.configs.values() if len(c.curves) > 1]
         if not repeated:
             return 0.0
-        variances = [np.var(scores, ddof=1) for scores in repeated]
-        return float(math.sqrt(np.mean(variances)))
+        return float(math.sqrt(np.mean([np.var(scores, ddof=1) for scores in repeated])))
+
+    @cached_property
+    def noise_sigma(self) -> float:
+        """The noise that reorders configurations: the deviation of the configuration x seed interaction of the
+        final score (the residual of config + seed effects, on (C-1)(S-1) degrees of freedom), over the
+        configurations recorded at every seed. With fewer than two such configurations the interaction cannot
+        be told from the seed's shift, and the raw seed deviation stands in (the wider, cautious choice)."""
+        finals = self._fully_repeated_finals()
+        n_configs, n_seeds = finals.shape
+        if n_configs < 2 or n_seeds < 2:
+            return self.seed_sigma
+        residual = (finals - finals.mean(axis=1, keepdims=True) - finals.mean(axis=0, keepdims=True)
+                    + finals.mean())
+        return float(math.sqrt(np.sum(residual ** 2) / ((n_configs - 1) * (n_seeds - 1))))
 
     @property
     def margin(self) -> float:
-        return max(WITHIN * self.best.true_score, NOISE_SIGMAS * self.noise_sigma)
+        return max(WITHIN * self.true_score(self.best.key), NOISE_SIGMAS * self.noise_sigma)
 
     def succeeds(self, key: str) -> bool:
-        return self.configs[key].true_score >= self.best.true_score - self.margin
+        return self.true_score(key) >= self.true_score(self.best.key) - self.margin
 
     def nearest(self, lr: float, warmup_steps: float, batch: str) -> Configuration:
         """The design configuration nearest to a suggestion: log-lr and warmup each scaled by the space's span,
@@ -225,6 +284,7 @@ class Simulation:
         self.max_epochs = max_epochs or 40 * self.max_t
         self.max_seconds = max_seconds
         self.rungs = policy.rungs(self.max_t)
+        self.training_seed = sweep_training_seed(table, seed)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.study = optuna.create_study(direction="maximize", sampler=make_sampler(policy, seed))
         self.study.enqueue_trial(dict(table.own))
@@ -241,7 +301,7 @@ class Simulation:
         p = trial.params
         config = self.table.nearest(p["lr"], p["warmup_steps"], p["batch"])
         index = len(self.trials) + 1
-        self.trials.append(SimTrial(index, config, drawn_curve(config, self.seed, index), trial))
+        self.trials.append(SimTrial(index, config, self.table.curve(config, self.training_seed), trial))
         self._start(self.trials[-1])
 
     def _start(self, trial: SimTrial) -> None:
@@ -340,15 +400,24 @@ class Simulation:
                 trial.state = "paused"
 
 
-def drawn_curve(config: Configuration, search_seed: int, trial_index: int) -> tuple:
-    """The training seed's curve a trial of ``config`` gets: one of the recorded seeds, drawn from (search seed,
-    trial index) alone, so that the Tune replay (search_tune_check.py) draws the same."""
-    seeds = sorted(config.curves)
-    return config.curves[seeds[int(np.random.default_rng([search_seed, trial_index]).integers(len(seeds)))]]
+def sweep_training_seed(table: Table, search_seed: int) -> int:
+    """The training seed every trial of one simulated sweep trains with: one of the table's recorded seeds, drawn
+    from the search seed alone, so that the Tune replay (search_tune_check.py) draws the same."""
+    seeds = table.seeds
+    return seeds[int(np.random.default_rng([search_seed]).integers(len(seeds)))]
 
 
 def simulate(table: Table, policy: Policy, seed: int, max_epochs: int = 0, max_seconds: float = 0.0) -> list[Event]:
     return Simulation(table, policy, seed, max_epochs=max_epochs, max_seconds=max_seconds).run()
+
+
+def table_digest(table: Table) -> str:
+    """A digest of everything a sweep's outcome depends on in the table: the design, every seed's curve and the
+    seconds per epoch (a table that grew by a seed or a configuration gets a new digest)."""
+    content = {"configs": [[c.key, c.lr, c.warmup_steps, c.batch, sorted(c.curves.items())]
+                           for c in sorted(table.configs.values(), key=lambda c: c.key)],
+               "seconds_per_epoch": sorted(table.seconds_per_epoch.items())}
+    return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
 
 
 def budgets(table: Table) -> tuple[list[int], list[float]]:
@@ -401,6 +470,6 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-__all__ = ["BUDGETS_FULL_RUNS", "REPORT_SEEDS", "SELECT_SEEDS", "WORKERS", "Configuration", "Event", "Policy",
-           "Simulation", "Table", "budgets", "drawn_curve", "load_table", "make_sampler", "picks", "seed_blocks",
-           "simulate", "success_at", "wilson"]
+__all__ = ["BUDGETS_FULL_RUNS", "REPORT_SEEDS", "SELECT_SEEDS", "SIMULATOR_VERSION", "WORKERS", "Configuration", "Event", "Policy",
+           "Simulation", "Table", "budgets", "load_table", "make_sampler", "picks", "seed_blocks",
+           "simulate", "success_at", "sweep_training_seed", "table_digest", "wilson"]

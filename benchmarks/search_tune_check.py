@@ -15,7 +15,7 @@ import optuna
 import ray.cloudpickle
 from ray import tune
 from ray.tune.schedulers import FIFOScheduler
-from search_sim import Policy, Table, drawn_curve, make_sampler
+from search_sim import Policy, Table, make_sampler, sweep_training_seed
 
 from neoray.engine import ranking
 from neoray.tune.asha import AshaSettings
@@ -24,11 +24,11 @@ from neoray.tune.study import StudySearch
 
 
 def replay_trainable(params: dict, table: Table) -> None:
-    """Report, every epoch, the drawn seed's curve of the design configuration nearest to ``params``."""
+    """Report, every epoch, the curve of the design configuration nearest to ``params`` at the sweep's training
+    seed."""
     config = table.nearest(params["lr"], params["warmup_steps"], params["batch"])
-    index = int(tune.get_context().get_trial_name().rsplit("_", 1)[1])
     search_seed = int(tune.get_context().get_trial_name().split("_")[1])
-    for epoch, score in enumerate(drawn_curve(config, search_seed, index), 1):
+    for epoch, score in enumerate(table.curve(config, sweep_training_seed(table, search_seed)), 1):
         tune.report({"epoch": epoch, ranking.SCORE: score, "design_point": config.key})
 
 

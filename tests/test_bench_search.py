@@ -51,7 +51,7 @@ def test_simulate_adds_a_second_policy_set_beside_the_first_and_success_prints_b
                              timeout=900)
         assert out.returncode == 0, out.stderr[-3000:]
     record = json.loads((tmp_path / "sim_dense.json").read_text())
-    assert set(record["outcomes"]) == {"random+no-ES", "tpe4+asha(g4,rf2)", "gp4+no-ES", "gp10+no-ES"}
+    assert set(record["outcomes"]) == {"random+no-ES", "tpe4+asha(g4,rf2)", "gp4+no-ES", "gp4+asha(g4,rf2)"}
     assert all(len(by_seed) == 6 for by_seed in record["outcomes"].values())  # two blocks of 3 search seeds
     out = subprocess.run([*bench, "success", "--tasks", "dense", "--block", "select_seeds", "--data-dir",
                           str(tmp_path)], capture_output=True, text=True, timeout=300)
@@ -85,6 +85,28 @@ def test_simulate_keeps_each_finished_policy_when_stopped_and_resume_skips_it(tm
     assert set(simulated) == {"tpe4+asha(g4,rf2)"}
     outcomes = json.loads((tmp_path / "sim_dense.json").read_text())["outcomes"]
     assert set(outcomes) == {"random+no-ES", "tpe4+asha(g4,rf2)"} and outcomes["random+no-ES"] == first["random+no-ES"]
+
+
+def test_simulate_drops_stored_outcomes_made_on_another_table_or_by_another_simulator(tmp_path, monkeypatch):
+    """A policy set added to sim_<task>.json keeps the other sets' outcomes only if they were made on the same
+    table by the same simulator: outcomes scored by another rule are not shown beside new ones."""
+    import bench_search
+    from search_sim import SIMULATOR_VERSION, Policy
+
+    (tmp_path / "search_dense.csv").write_bytes((DATA / "search_dense.csv").read_bytes())
+    args = ["simulate", "--tasks", "dense", "--seeds", "2", "--parallel", "1", "--data-dir", str(tmp_path)]
+    bench_search.main([*args, "--policies", "quick"])
+    path = tmp_path / "sim_dense.json"
+    record = json.loads(path.read_text())
+    assert record["simulator"] == SIMULATOR_VERSION and record["table_digest"]
+    for stale in ({"simulator": SIMULATOR_VERSION - 1}, {"table_digest": "another table"}):
+        path.write_text(json.dumps({**record, **stale}))
+        monkeypatch.setattr(bench_search, "policies", lambda which: [Policy("tpe", 4)])
+        bench_search.main([*args, "--policies", "gp"])
+        assert set(json.loads(path.read_text())["outcomes"]) == {"tpe4+no-ES"}, stale
+    path.write_text(json.dumps(record))
+    bench_search.main([*args, "--policies", "gp"])  # the same table and simulator: kept beside the new set
+    assert set(json.loads(path.read_text())["outcomes"]) == {"random+no-ES", "tpe4+asha(g4,rf2)", "tpe4+no-ES"}
 
 
 def test_the_held_out_task_is_left_out_of_the_steps_that_choose_and_labelled_when_named(tmp_path):

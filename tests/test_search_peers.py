@@ -1,5 +1,5 @@
 """Syne Tune's peers on the search tables (benchmarks/search_peers.py, benchmarks/bench_search_peers.py): the table
-becomes a blackbox whose seed rows are the configurations' own seeds drawn evenly, a sweep is scored by neoray's
+becomes a blackbox with one row per training seed, a sweep reads every trial at its one training seed and is scored by neoray's
 own success rule at neoray's budgets, and the record is the one bench_search.py simulate prints. The simulations
 themselves need Syne Tune (its own virtualenv, see bench_search_peers.py) and are skipped without it."""
 
@@ -23,7 +23,7 @@ from search_peers import (
     rate_difference,
     resumable,
 )
-from search_sim import BUDGETS_FULL_RUNS, Configuration, Event, Table, budgets, seed_blocks
+from search_sim import BUDGETS_FULL_RUNS, Configuration, Event, Table, budgets, seed_blocks, sweep_training_seed
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ["task", "config", "lr", "warmup_steps", "batch", "seed", "size", "epoch", "score", "loss", "map", "map50",
@@ -65,20 +65,21 @@ def write_table(tmp_path: Path, seeds_of=None, costs: dict | None = None) -> Pat
     return tmp_path
 
 
-def test_the_blackbox_rows_draw_each_configurations_own_seeds_evenly(tmp_path):
+def test_the_blackbox_has_one_row_per_training_seed_recorded_or_moved_by_the_seeds_shift(tmp_path):
     table = load_task_table(write_table(tmp_path, {0: (0, 1, 2), 5: (0, 1)}, SECONDS), "t")
     arrays = blackbox_arrays(table)
-    assert arrays.objectives.shape == (12, 6, EPOCHS, 2)  # 6 = lcm(3, 1, 2) rows per configuration
+    assert arrays.objectives.shape == (12, 3, EPOCHS, 2)  # the table's seeds 0, 1, 2
     assert arrays.keys == sorted(table.configs)
     for i, key in enumerate(arrays.keys):
         config = table.configs[key]
         assert arrays.hyperparameters[i] == {"lr": config.lr, "warmup_steps": config.warmup_steps,
                                              "batch": config.batch}
-        rows = [tuple(arrays.objectives[i, r, :, 0]) for r in range(6)]
-        drawn = {seed: rows.count(tuple(c)) for seed, c in config.curves.items()}
-        assert set(drawn.values()) == {6 // len(config.curves)}, (key, drawn)  # every seed, equally often
+        for row, seed in enumerate((0, 1, 2)):
+            assert np.allclose(arrays.objectives[i, row, :, 0], table.curve(config, seed)), (key, seed)
         expected = np.arange(1, EPOCHS + 1) * SECONDS[config.batch]
         assert np.allclose(arrays.objectives[i, :, :, 1], expected)  # cumulative seconds of the batch pair
+    c03 = arrays.keys.index("c03")  # seed 0 only: seed 2 is seed 0 moved by c00's shift at seed 2 (+0.002)
+    assert np.allclose(arrays.objectives[c03, 2, :, 0], np.add(curve(3, 0), 0.002))
 
 
 def test_the_table_takes_the_measured_seconds_per_epoch_else_its_own_medians(tmp_path):
@@ -185,8 +186,9 @@ def test_a_suggestion_trains_the_design_point_nearest_to_it(tmp_path, peers_modu
         values = blackbox.objective_function({"lr": lr, "warmup_steps": warmup, "batch": batch}, seed=0)
         assert list(values[:, 0]) == list(nearest.curves[0])
         assert list(values[:, 1]) == [e * SECONDS[batch] for e in range(1, EPOCHS + 1)]
+    blackbox.training_seed_row = 1  # the sweep's training seed, whatever seed the backend passes for a trial
     assert blackbox.objective_function({"lr": 2e-3, "warmup_steps": 20, "batch": "4x1"}, fidelity=3,
-                                       seed=1) == {"score": curve(0, 1)[2], "elapsed_time": 3 * SECONDS["4x1"]}
+                                       seed=0) == {"score": curve(0, 1)[2], "elapsed_time": 3 * SECONDS["4x1"]}
 
 
 def test_a_simulated_sweep_runs_two_trials_at_a_time_until_both_budgets_are_spent(tmp_path, peers_module):
@@ -217,14 +219,17 @@ def spent(events: list, epochs: int, seconds: float) -> bool:
     return len(events) >= epochs and events[-1].seconds >= seconds
 
 
-def test_a_trial_draws_one_of_its_configurations_seeds(tmp_path, peers_module):
+def test_every_trial_of_a_peers_sweep_trains_at_the_sweeps_training_seed(tmp_path, peers_module):
     own = 0  # c00 is lr 2e-3, warmup 20, 4x1: the config's own values, every sweep's first trial
-    table = load_task_table(write_table(tmp_path, {own: (0, 1, 2)}, SECONDS), "t")
+    table = load_task_table(write_table(tmp_path, {own: (0, 1, 2), 5: (0, 1, 2)}, SECONDS), "t")
     blackbox = peers_module.NearestDesignBlackbox(table)
     random_search = peers_module.PEERS[0]
     firsts = set()
     for seed in range(20):
-        events = peers_module.simulate_peer(blackbox, random_search, seed, 8, 0.0)
+        events = peers_module.simulate_peer(blackbox, random_search, seed, 60, 0.0)
+        training_seed = sweep_training_seed(table, seed)
+        for e in events:  # every report is its configuration's curve at the sweep's seed, as neoray's simulator
+            assert e.score == pytest.approx(table.curve(table.configs[e.config], training_seed)[e.epoch - 1])
         firsts.add(next(e.score for e in events if e.trial == 0))
     assert firsts == {curve(own, s)[0] for s in (0, 1, 2)}
 
