@@ -76,6 +76,7 @@ from importlib import metadata
 from pathlib import Path
 
 import yaml
+from portable import portable
 
 from neoray import storage
 from neoray.config import format_size
@@ -318,7 +319,7 @@ def _save_arm(args, name: str, arm: dict, rows: list[dict]) -> None:
     _write_csv(csv_path, kept + [{"task": args.task, "arm": name, **r} for r in rows])
     record = _read_record(json_path, args.task)
     record["arms"][name] = arm
-    storage.write_json(str(json_path), _with_ratios(record), indent=1)
+    storage.write_json(str(json_path), portable(_with_ratios(record)), indent=1)
 
 
 def _with_ratios(record: dict) -> dict:
@@ -668,7 +669,7 @@ def run_benchmark(args) -> dict:
     record["T_s"], record["T_from"] = _budget(args, record)
     record.update({"command": "python benchmarks/bench_quality.py " + shlex.join(sys.argv[1:]),
                    "commit": _git_commit(), "versions": _versions(), "machine": _machine()})
-    storage.write_json(str(json_path), _with_ratios(record), indent=1)
+    storage.write_json(str(json_path), portable(_with_ratios(record)), indent=1)
     _warn_unequal_budgets(record)
     print("\n" + ratio_table(record) + f"\ncurves: {csv_path}\nrecord: {json_path}", flush=True)
     return record

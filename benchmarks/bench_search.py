@@ -40,6 +40,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from portable import portable  # noqa: E402
 from search_replay import (  # noqa: E402
     TABLE_COLUMNS,
     Method,
@@ -337,11 +338,11 @@ def real_sweep(args) -> None:
               f"table's best is the best of those")
     result = compare(table, read_sweep(sweep_dir))
     result.update({"command": "python benchmarks/bench_search.py " + " ".join(sys.argv[1:]),
-                   "sweep_command": " ".join(command[1:]), "commit": _git_commit(),
+                   "sweep_command": "python " + " ".join(command[1:]), "commit": _git_commit(),
                    "seconds_this_invocation": round(time.time() - started),
                    "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"})
     print(markdown(result))
-    storage.write_json(str(Path(args.data_dir) / f"sweep_{args.task}.json"), result, indent=2)
+    storage.write_json(str(Path(args.data_dir) / f"sweep_{args.task}.json"), portable(result), indent=2)
 
 
 # ----------------------------------------------------------------------------------------------------

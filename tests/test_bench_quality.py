@@ -218,6 +218,19 @@ def test_an_arm_is_recorded_without_touching_the_others(tmp_path):
     assert record["ratios"]["single"]["map50"] == pytest.approx(0.25)
 
 
+def test_a_recorded_arm_names_no_path_of_the_machine_it_ran_on(tmp_path):
+    args = bench.parse_args(["--task", "dense", "--data-dir", str(tmp_path), "--arms", "single"])
+    root = bench.REPO_ROOT
+    arm = {**_arm(0.1, 0.2), "command": f"{sys.executable} -m neoray.cli train {root / 'neoray/configs/x.yaml'}",
+           "config": str(root / "neoray" / "configs" / "x.yaml")}
+    bench._save_arm(args, "single", arm, [])
+    text = (tmp_path / "quality_dense.json").read_text()
+    assert str(root) not in text and sys.executable not in text
+    recorded = json.loads(text)["arms"]["single"]
+    assert recorded["command"] == "python -m neoray.cli train neoray/configs/x.yaml"
+    assert recorded["config"] == "neoray/configs/x.yaml"
+
+
 def test_the_command_line_orders_the_arms_and_refuses_a_bad_tag(capsys):
     args = bench.parse_args(["--task", "photo", "--arms", "yolo_mosaic", "sweep", "--tag", "mosaic.5"])
     assert args.arms == ["sweep", "yolo_mosaic"] and bench._arm_name("sweep", args.tag) == "sweep-mosaic.5"

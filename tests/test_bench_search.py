@@ -188,6 +188,8 @@ def test_the_sweep_step_reads_a_finished_sweep_and_judges_its_pick_against_the_t
     result = json.loads((tmp_path / "sweep_dense.json").read_text())
     assert result["pick"] == "trial_0001" and result["pick_within_margin"] is True
     assert result["trials"][0]["nearest_rank"] == 1 and "within it" in capsys.readouterr().out
+    assert result["sweep_command"].startswith("python experiments/sweep_lr.py --config benchmarks/configs/")
+    assert str(REPO_ROOT) not in (tmp_path / "sweep_dense.json").read_text()  # no path of this machine
 
 
 def test_one_ground_truth_invocation_trains_the_design_and_then_its_seed_repeats(tmp_path, monkeypatch):
