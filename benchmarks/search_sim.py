@@ -40,7 +40,6 @@ import io
 import json
 import math
 from dataclasses import dataclass, field
-from functools import cached_property
 
 import numpy as np
 import optuna
@@ -86,6 +85,17 @@ class Table:
     warmup_step: int = 10
     batches: tuple[str, ...] = ("4x1", "4x2", "8x1")
     own: dict = field(default_factory=lambda: {"lr": 2e-3, "warmup_steps": 20, "batch": "4x1"})
+    # Derived from the configurations once, when the table is made (plain attributes, not cached properties:
+    # the Tune check pickles the class by value, and Python 3.11's cached_property holds a lock).
+    seed_shift: dict = field(init=False, repr=False)  # training seed -> per-epoch shift from seed 0
+    true_scores: dict = field(init=False, repr=False)  # configuration -> its quality
+    noise_sigma: float = field(init=False, repr=False)  # the noise that reorders configurations
+
+    def __post_init__(self) -> None:
+        self.seed_shift = self._seed_shifts() if self.configs else {}
+        self.true_scores = {key: float(np.mean([self.curve(c, s)[-1] for s in self.seeds]))
+                            for key, c in self.configs.items()}
+        self.noise_sigma = self._interaction_sigma() if self.configs else 0.0
 
     @property
     def epochs(self) -> int:
@@ -96,8 +106,7 @@ class Table:
         """Every training seed recorded for any configuration (seed 0 is recorded for all)."""
         return sorted({s for c in self.configs.values() for s in c.curves})
 
-    @cached_property
-    def seed_shift(self) -> dict[int, np.ndarray]:
+    def _seed_shifts(self) -> dict[int, np.ndarray]:
         """Per training seed, its per-epoch shift from seed 0: the mean difference over the configurations recorded
         at both."""
         shift = {}
@@ -113,12 +122,8 @@ class Table:
             return tuple(config.curves[seed][:self.epochs])
         return tuple(float(v) for v in np.add(config.curves[0][:self.epochs], self.seed_shift[seed]))
 
-    @cached_property
-    def true_scores(self) -> dict[str, float]:
-        """Each configuration's quality: its final score averaged over the table's training seeds."""
-        return {key: float(np.mean([self.curve(c, s)[-1] for s in self.seeds])) for key, c in self.configs.items()}
-
     def true_score(self, key: str) -> float:
+        """A configuration's quality: its final score averaged over the table's training seeds."""
         return self.true_scores[key]
 
     @property
@@ -140,8 +145,7 @@ class Table:
             return 0.0
         return float(math.sqrt(np.mean([np.var(scores, ddof=1) for scores in repeated])))
 
-    @cached_property
-    def noise_sigma(self) -> float:
+    def _interaction_sigma(self) -> float:
         """The noise that reorders configurations: the deviation of the configuration x seed interaction of the
         final score (the residual of config + seed effects, on (C-1)(S-1) degrees of freedom), over the
         configurations recorded at every seed. With fewer than two such configurations the interaction cannot
