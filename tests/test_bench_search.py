@@ -51,7 +51,7 @@ def test_simulate_adds_a_second_policy_set_beside_the_first_and_success_prints_b
                              timeout=900)
         assert out.returncode == 0, out.stderr[-3000:]
     record = json.loads((tmp_path / "sim_dense.json").read_text())
-    assert set(record["outcomes"]) == {"random+no-ES", "tpe4+asha(g4,rf2)", "gp4+no-ES", "gp4+asha(g4,rf2)"}
+    assert set(record["outcomes"]) == {"random+no-ES", "tpe4+asha(g4,rf2)", "gp4+no-ES", "gp10+no-ES"}
     assert all(len(by_seed) == 6 for by_seed in record["outcomes"].values())  # two blocks of 3 search seeds
     out = subprocess.run([*bench, "success", "--tasks", "dense", "--block", "select_seeds", "--data-dir",
                           str(tmp_path)], capture_output=True, text=True, timeout=300)

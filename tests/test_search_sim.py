@@ -143,7 +143,7 @@ def test_success_is_read_at_each_budget_from_the_best_score_reported_by_then():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", [Policy("tpe", 3, "asha", 2, 2, workers=1), Policy("random", workers=1),
-                                    Policy("gp", 3, workers=1)],  # the default sampler, past its start-up
+                                    Policy("gp", 3, workers=1)],  # GPSampler past its start-up
                          ids=lambda p: p.name)
 def test_the_simulator_makes_the_decisions_tune_makes_with_neorays_scheduler_and_searcher(ray_session, policy):
     from search_tune_check import run_through_tune
