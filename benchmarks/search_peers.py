@@ -105,7 +105,8 @@ def new_record(table: Table) -> dict:
             "seed_sigma": table.seed_sigma,
             "seconds_per_epoch": table.seconds_per_epoch, "budgets_full_runs": list(BUDGETS_FULL_RUNS),
             "budgets_epochs": budgets_epochs, "budgets_seconds": budgets_seconds,
-            "table_digest": table_digest(table), "simulator": SIMULATOR_VERSION, "select_seeds": [], "report_seeds": [], "outcomes": {}, "timing": {}}
+            "table_digest": table_digest(table), "simulator": SIMULATOR_VERSION,
+            "select_seeds": [], "report_seeds": [], "outcomes": {}, "timing": {}}
 
 
 SAME_TABLE_KEYS = ("task", "table_digest", "simulator", "budgets_epochs", "budgets_seconds")

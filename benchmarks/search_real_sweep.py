@@ -74,9 +74,10 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['trial']}{mark} | {r['lr']:.3g} | {r['warmup_steps']} | {r['batch']} | "
                      f"{r['final_score']:.4f} | {r['best_map50']:.4f} | {nearest} |")
     verdict = "within" if result["pick_within_margin"] else "outside"
-    lines.append(f"\nThe sweep's pick {result['pick']} trained a final score of {result['pick_final_score']:.4f}; "
-                 f"the table's best ({result['table_best']}) trained {result['table_best_at_training_seed']:.4f} at the "
-                 f"same training seed (true score {result['table_best_true_score']:.4f}) and the "
-                 f"margin {result['margin']:.4f}: {verdict} it. {result['trials_within_margin']} of "
-                 f"{len(result['trials'])} trials trained a final score within the margin.")
+    lines.append(
+        f"\nThe sweep's pick {result['pick']} trained a final score of {result['pick_final_score']:.4f}; "
+        f"the table's best ({result['table_best']}) trained {result['table_best_at_training_seed']:.4f} "
+        f"at the same training seed (true score {result['table_best_true_score']:.4f}) and the margin "
+        f"{result['margin']:.4f}: {verdict} it. {result['trials_within_margin']} of {len(result['trials'])} "
+        f"trials trained a final score within the margin.")
     return "\n".join(lines)

@@ -474,6 +474,6 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-__all__ = ["BUDGETS_FULL_RUNS", "REPORT_SEEDS", "SELECT_SEEDS", "SIMULATOR_VERSION", "WORKERS", "Configuration", "Event", "Policy",
-           "Simulation", "Table", "budgets", "load_table", "make_sampler", "picks", "seed_blocks",
+__all__ = ["BUDGETS_FULL_RUNS", "REPORT_SEEDS", "SELECT_SEEDS", "SIMULATOR_VERSION", "WORKERS", "Configuration",
+           "Event", "Policy", "Simulation", "Table", "budgets", "load_table", "make_sampler", "picks", "seed_blocks",
            "simulate", "success_at", "sweep_training_seed", "table_digest", "wilson"]

@@ -1,7 +1,8 @@
 """Syne Tune's peers on the search tables (benchmarks/search_peers.py, benchmarks/bench_search_peers.py): the table
-becomes a blackbox with one row per training seed, a sweep reads every trial at its one training seed and is scored by neoray's
-own success rule at neoray's budgets, and the record is the one bench_search.py simulate prints. The simulations
-themselves need Syne Tune (its own virtualenv, see bench_search_peers.py) and are skipped without it."""
+becomes a blackbox with one row per training seed, a sweep reads every trial at its one training seed and is
+scored by neoray's own success rule at neoray's budgets, and the record is the one bench_search.py simulate
+prints. The simulations themselves need Syne Tune (its own virtualenv, see bench_search_peers.py) and are
+skipped without it."""
 
 from __future__ import annotations
 
