@@ -441,14 +441,11 @@ def _one_thread_per_process() -> None:
 
 
 def _sim_record(task: str, table, seeds: list[int], outcomes: dict, seconds: float) -> dict:
-    from search_sim import BUDGETS_FULL_RUNS, REPORT_SEEDS, SELECT_SEEDS, SIMULATOR_VERSION, budgets, table_digest
+    """sim_<task>.json: the header the peers' records share (search_peers.new_record), this run's outcomes."""
+    from search_peers import new_record
+    from search_sim import REPORT_SEEDS, SELECT_SEEDS
 
-    budgets_epochs, budgets_seconds = budgets(table)
-    return {"task": task, "configs": len(table.configs), "epochs": table.epochs, "best": table.best.key,
-            "best_score": table.true_score(table.best.key), "margin": table.margin, "noise_sigma": table.noise_sigma,
-            "seed_sigma": table.seed_sigma, "table_digest": table_digest(table), "simulator": SIMULATOR_VERSION,
-            "seconds_per_epoch": table.seconds_per_epoch, "budgets_full_runs": list(BUDGETS_FULL_RUNS),
-            "budgets_epochs": budgets_epochs, "budgets_seconds": budgets_seconds,
+    return {**new_record(table), "task": task,
             "select_seeds": [s for s in seeds if s in SELECT_SEEDS],
             "report_seeds": [s for s in seeds if s in REPORT_SEEDS],
             "outcomes": outcomes, "seconds": round(seconds),
