@@ -88,6 +88,8 @@ DESIGN_SEED = 2026
 # Training-seed noise: the best configurations of seed 0 trained again with these seeds.
 REPEAT_CONFIGS = 8
 REPEAT_SEEDS = (1, 2)
+NOISE_FROM_HELP = ("a table of the same task with seed repeats (e.g. benchmarks/data/search_dense.csv): score a "
+                   "table trained at one seed (--data-dir benchmarks/data/v1) with its noise relative to the best")
 
 
 def design(task: str = "default") -> list[dict]:
@@ -395,9 +397,9 @@ def simulate_step(args) -> None:
     seeds = seed_blocks(args.seeds)
     with _sweep_runner(args.parallel) as run_all:
         for task in args.tasks:
-            table = _table_for(task, args.data_dir)
+            table = _table_for(task, args.data_dir, args.noise_from)
             budgets_epochs, budgets_seconds = budgets(table)
-            path = Path(args.data_dir) / f"sim_{task}.json"
+            path = _sim_path(args.data_dir, task, args.noise_from)
             outcomes = _outcomes_to_keep(path, table, seeds, budgets_epochs)
             started = time.perf_counter()
             for policy in policies(args.policies):
@@ -471,22 +473,28 @@ def _outcomes_to_keep(path: Path, table, seeds: list[int], budgets_epochs: list)
 def success_step(args) -> None:
     """The success table of each task from sim_<task>.json, with the peers of peers_<task>.json (same seeds and
     budgets) as rows beside neoray's policies."""
+    from search_peers import record_name
+
     for task in args.tasks:
-        record = json.loads((Path(args.data_dir) / f"sim_{task}.json").read_text())
-        peers_path = Path(args.data_dir) / f"peers_{task}.json"
-        if peers_path.exists():
-            peers = json.loads(peers_path.read_text())["outcomes"]
-            record["outcomes"].update({name: by_seed for name, by_seed in peers.items()
+        record = json.loads(_sim_path(args.data_dir, task, args.noise_from).read_text())
+        peers_path = Path(args.data_dir) / record_name("peers", task, args.noise_from)
+        peers = json.loads(peers_path.read_text()) if peers_path.exists() else {}
+        if peers and peers.get("margin") == record["margin"]:  # scored by the same rule, or not shown beside
+            record["outcomes"].update({name: by_seed for name, by_seed in peers["outcomes"].items()
                                        if all(str(s) in by_seed or s in by_seed for s in record[args.block])})
         print_success(record, args.block)
 
 
-def _table_for(task: str, data_dir: str):
-    from search_sim import load_table
+def _table_for(task: str, data_dir: str, noise_from: str | None = None):
+    from search_peers import load_task_table
 
-    costs_path = Path(data_dir) / f"search_cost_{task}.json"
-    costs = json.loads(costs_path.read_text())["seconds_per_epoch"] if costs_path.exists() else None
-    return load_table((Path(data_dir) / f"search_{task}.csv").read_text(), task, costs)
+    return load_task_table(data_dir, task, noise_from)
+
+
+def _sim_path(data_dir: str, task: str, noise_from: str | None) -> Path:
+    from search_peers import record_name
+
+    return Path(data_dir) / record_name("sim", task, noise_from)
 
 
 def print_success(record: dict, block: str = "report_seeds") -> None:
@@ -731,6 +739,7 @@ def main(argv=None) -> int:
     si.add_argument("--policies", choices=("all", "core", "focus", "gp", "quick"), default="core")
     si.add_argument("--parallel", type=int, default=max(1, os.cpu_count() or 1))
     si.add_argument("--data-dir", default=str(DATA_DIR))
+    si.add_argument("--noise-from", help=NOISE_FROM_HELP)
     si.add_argument("--resume", action="store_true",
                     help="keep the policies sim_<task>.json already holds for these seeds; simulate the rest")
     su = sub.add_parser("success", help="the simulated success tables, the peers' rows beside them")
@@ -738,6 +747,7 @@ def main(argv=None) -> int:
     su.add_argument("--block", choices=("select_seeds", "report_seeds"), default="report_seeds",
                     help="the seeds the defaults were chosen on, or those the headline is read on")
     su.add_argument("--data-dir", default=str(DATA_DIR))
+    su.add_argument("--noise-from", help=NOISE_FROM_HELP)
     rs = sub.add_parser("sweep", help="one real sweep (experiments/sweep_lr.py) against the task's table")
     rs.add_argument("--task", choices=sorted(TASKS), required=True)
     rs.add_argument("--num-samples", type=int, default=12)

@@ -62,6 +62,7 @@ from search_peers import (
     load_task_table,
     new_record,
     outcome,
+    record_name,
     resumable,
     success_table,
     write_json_atomically,
@@ -250,7 +251,7 @@ def simulate_peer(blackbox: NearestDesignBlackbox, peer: Peer, seed: int, max_ep
 _WORKER: dict = {}
 
 
-def _init_worker(data_dir: str, task: str, folder: str) -> None:
+def _init_worker(data_dir: str, task: str, folder: str, noise_from: str | None) -> None:
     """A simulation process: quiet logs, Syne Tune's experiment folders in ``folder``, the task's blackbox."""
     os.environ["SYNETUNE_FOLDER"] = folder
     logging.getLogger("syne_tune").setLevel(logging.ERROR)
@@ -259,7 +260,7 @@ def _init_worker(data_dir: str, task: str, folder: str) -> None:
     # (statsmodels' categorical kernel), thousands of times a sweep; pandas warns of a future default it passes on.
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="statsmodels")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    table = load_task_table(data_dir, task)
+    table = load_task_table(data_dir, task, noise_from)
     _WORKER.update(table=table, blackbox=NearestDesignBlackbox(table), budgets=budgets(table))
 
 
@@ -281,8 +282,8 @@ def _git_commit() -> str:
 
 
 def run_task(args, task: str, folder: str) -> dict:
-    table = load_task_table(args.data_dir, task)
-    path = Path(args.out_dir) / f"peers_{task}.json"
+    table = load_task_table(args.data_dir, task, args.noise_from)
+    path = Path(args.out_dir) / record_name("peers", task, args.noise_from)
     record = new_record(table)
     if path.exists():
         previous = json.loads(path.read_text())
@@ -314,11 +315,11 @@ def run_task(args, task: str, folder: str) -> dict:
 
 def _results(args, task: str, folder: str, jobs: list):
     if args.parallel <= 1:
-        _init_worker(args.data_dir, task, folder)
+        _init_worker(args.data_dir, task, folder, args.noise_from)
         yield from map(_run_job, jobs)
         return
     with ProcessPoolExecutor(args.parallel, mp_context=get_context("spawn"), initializer=_init_worker,
-                             initargs=(args.data_dir, task, folder)) as pool:
+                             initargs=(args.data_dir, task, folder, args.noise_from)) as pool:
         yield from pool.map(_run_job, jobs, chunksize=4)
 
 
@@ -340,6 +341,8 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="+", help="only these peers (their names, e.g. st:RandomSearch)")
     parser.add_argument("--parallel", type=int, default=1, help="simulation processes")
     parser.add_argument("--data-dir", default=str(DATA_DIR), help="where search_<task>.csv is (default %(default)s)")
+    parser.add_argument("--noise-from", help="a table of the same task with seed repeats: score a one-seed table "
+                                               "(v1) with its noise relative to the best, as bench_search.py does")
     parser.add_argument("--out-dir", default=None, help="where peers_<task>.json goes (default: --data-dir)")
     parser.add_argument("--compare", nargs=2, metavar=("PEER", "METHOD"),
                         help="print PEER's rates against METHOD of --data-dir's sim_<task>.json (unpaired)")
@@ -359,7 +362,7 @@ def main(argv=None) -> int:
 
 
 def _print_comparison(args, task: str, record: dict) -> None:
-    sim_path = Path(args.data_dir) / f"sim_{task}.json"
+    sim_path = Path(args.data_dir) / record_name("sim", task, args.noise_from)
     if not sim_path.exists():
         raise SystemExit(f"{sim_path}: no such file (bench_search.py simulate writes it)")
     other = json.loads(sim_path.read_text())

@@ -44,8 +44,11 @@ from search_sim import (
 OBJECTIVES = ("score", "elapsed_time")  # the blackbox's objective columns, in this order
 
 
-def load_task_table(data_dir: str | Path, task: str) -> Table:
-    """``search_<task>.csv`` of ``data_dir`` with the seconds per epoch of ``search_cost_<task>.json`` if present."""
+def load_task_table(data_dir: str | Path, task: str, noise_from: str | Path | None = None) -> Table:
+    """``search_<task>.csv`` of ``data_dir`` with the seconds per epoch of ``search_cost_<task>.json`` if present.
+    ``noise_from``: a table of the same task with seed repeats whose noise, relative to its best, scores this one
+    (a table trained at one seed, as v1's are, has no noise of its own to widen its 2% margin)."""
+    borrowed = _relative_noise_of(Path(noise_from), task) if noise_from else None
     data_dir = Path(data_dir)
     table_path = data_dir / f"search_{task}.csv"
     if not table_path.exists():
@@ -57,13 +60,31 @@ def load_task_table(data_dir: str | Path, task: str) -> Table:
             costs = {k: float(v) for k, v in json.loads(costs_path.read_text())["seconds_per_epoch"].items()}
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise SystemExit(f"{costs_path}: no 'seconds_per_epoch' mapping of batch pair to seconds ({e})") from None
-    table = load_table(table_path.read_text(), task, costs)
+    try:
+        table = load_table(table_path.read_text(), task, costs, borrowed_relative_noise=borrowed)
+    except ValueError as error:
+        raise SystemExit(f"{table_path}: {error}") from None
     if not table.configs:
         raise SystemExit(f"{table_path}: no configuration with a complete seed-0 curve at 320x180")
     missing = sorted({c.batch for c in table.configs.values()} - set(table.seconds_per_epoch))
     if missing:
         raise SystemExit(f"{costs_path}: no seconds per epoch for batch pair(s) {', '.join(missing)}")
     return table
+
+
+def _relative_noise_of(path: Path, task: str) -> float:
+    if not path.exists():
+        raise SystemExit(f"--noise-from {path}: no such table")
+    donor = load_table(path.read_text(), task)
+    if donor.seed_sigma == 0:
+        raise SystemExit(f"--noise-from {path}: it has no seed repeats, so it has no noise to lend")
+    return donor.relative_noise
+
+
+def record_name(kind: str, task: str, noise_from: str | Path | None) -> str:
+    """sim_<task>.json / peers_<task>.json, or sim_<task>.borrowed-noise.json etc. for outcomes scored with a
+    borrowed noise: both kinds of record are kept side by side."""
+    return f"{kind}_{task}.borrowed-noise.json" if noise_from else f"{kind}_{task}.json"
 
 
 @dataclass(frozen=True)
@@ -102,6 +123,7 @@ def new_record(table: Table) -> dict:
     budgets_epochs, budgets_seconds = budgets(table)
     return {"task": table.task, "configs": len(table.configs), "epochs": table.epochs, "best": table.best.key,
             "best_score": table.true_score(table.best.key), "margin": table.margin, "noise_sigma": table.noise_sigma,
+            "noise_borrowed": table.borrowed_relative_noise is not None,
             "seed_sigma": table.seed_sigma,
             "seconds_per_epoch": table.seconds_per_epoch, "budgets_full_runs": list(BUDGETS_FULL_RUNS),
             "budgets_epochs": budgets_epochs, "budgets_seconds": budgets_seconds,
@@ -109,7 +131,8 @@ def new_record(table: Table) -> dict:
             "select_seeds": [], "report_seeds": [], "outcomes": {}, "timing": {}}
 
 
-SAME_TABLE_KEYS = ("task", "table_digest", "simulator", "budgets_epochs", "budgets_seconds")
+# The margin too: a table's outcomes scored with its own noise are not kept beside those with a borrowed one.
+SAME_TABLE_KEYS = ("task", "table_digest", "simulator", "budgets_epochs", "budgets_seconds", "margin")
 
 
 def resumable(previous: dict, fresh: dict) -> bool:
@@ -187,4 +210,5 @@ def compare(record: dict, method: str, other: dict, other_method: str, seeds: li
 
 
 __all__ = ["DesignArrays", "OBJECTIVES", "add_outcome", "blackbox_arrays", "compare", "load_task_table", "new_record",
-           "outcome", "rate_difference", "rates", "resumable", "success_table", "table_digest", "write_json_atomically"]
+           "outcome", "rate_difference", "rates", "record_name", "resumable", "success_table", "table_digest",
+           "write_json_atomically"]

@@ -85,6 +85,9 @@ class Table:
     warmup_step: int = 10
     batches: tuple[str, ...] = ("4x1", "4x2", "8x1")
     own: dict = field(default_factory=lambda: {"lr": 2e-3, "warmup_steps": 20, "batch": "4x1"})
+    # For a table trained at one seed only (v1): the interaction noise relative to the best configuration's score,
+    # measured on a table of the same task that has seed repeats (``relative_noise``). None: the table's own.
+    borrowed_relative_noise: float | None = None
     # Derived from the configurations once, when the table is made (plain attributes, not cached properties:
     # the Tune check pickles the class by value, and Python 3.11's cached_property holds a lock).
     seed_shift: dict = field(init=False, repr=False)  # training seed -> per-epoch shift from seed 0
@@ -96,6 +99,11 @@ class Table:
         self.true_scores = {key: float(np.mean([self.curve(c, s)[-1] for s in self.seeds]))
                             for key, c in self.configs.items()}
         self.noise_sigma = self._interaction_sigma() if self.configs else 0.0
+        if self.borrowed_relative_noise is not None:
+            if self.seed_sigma > 0:
+                raise ValueError(f"{self.task}: the table has seed repeats, so its noise is its own; a borrowed noise "
+                                 f"is only for a table trained at one seed")
+            self.noise_sigma = self.borrowed_relative_noise * self.true_score(self.best.key)
 
     @property
     def epochs(self) -> int:
@@ -159,6 +167,11 @@ class Table:
         return float(math.sqrt(np.sum(residual ** 2) / ((n_configs - 1) * (n_seeds - 1))))
 
     @property
+    def relative_noise(self) -> float:
+        """The noise that reorders configurations, relative to the best configuration's score."""
+        return self.noise_sigma / self.true_score(self.best.key)
+
+    @property
     def margin(self) -> float:
         return max(WITHIN * self.true_score(self.best.key), NOISE_SIGMAS * self.noise_sigma)
 
@@ -183,9 +196,10 @@ class Table:
 
 
 def load_table(text: str, task: str, seconds_per_epoch: dict[str, float] | None = None,
-               size: str = "320x180", epochs: int | None = None) -> Table:
+               size: str = "320x180", epochs: int | None = None, borrowed_relative_noise: float | None = None) -> Table:
     """A ground-truth CSV (bench_search.py's columns) as a Table; configurations without a complete seed-0
-    curve are left out. ``seconds_per_epoch`` defaults to the table's own median seconds per batch pair."""
+    curve are left out. ``seconds_per_epoch`` defaults to the table's own median seconds per batch pair;
+    ``borrowed_relative_noise``: see Table."""
     rows = [r for r in csv.DictReader(io.StringIO(text)) if r["size"] == size]
     params, curves, seconds = {}, {}, {}
     for r in rows:
@@ -201,7 +215,7 @@ def load_table(text: str, task: str, seconds_per_epoch: dict[str, float] | None 
         if 0 in complete:
             configs[key] = Configuration(key, *params[key], curves=complete)
     costs = seconds_per_epoch or {b: float(np.nanmedian(v)) for b, v in seconds.items()}
-    return Table(task, configs, costs)
+    return Table(task, configs, costs, borrowed_relative_noise=borrowed_relative_noise)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -109,6 +109,37 @@ def test_simulate_drops_stored_outcomes_made_on_another_table_or_by_another_simu
     assert set(json.loads(path.read_text())["outcomes"]) == {"random+no-ES", "tpe4+asha(g4,rf2)", "tpe4+no-ES"}
 
 
+def test_a_one_seed_table_scored_with_borrowed_noise_gets_its_own_record_and_no_peers_of_another_margin(tmp_path):
+    """simulate --noise-from scores v1's one-seed table with the v2 table's relative noise: its outcomes go to their
+    own record (the 2% ones stay), and success shows no peer row scored with the other margin beside them."""
+    import bench_search
+    from search_sim import load_table as load_sim_table
+
+    v1 = tmp_path / "v1"
+    v1.mkdir()
+    (v1 / "search_dense.csv").write_bytes((DATA / "search_dense.csv").read_bytes())
+    donor = REPO_ROOT / "benchmarks" / "data" / "search_dense.csv"
+    args = ["--tasks", "dense", "--data-dir", str(v1), "--noise-from", str(donor)]
+    bench_search.main(["simulate", *args, "--seeds", "2", "--parallel", "1", "--policies", "quick"])
+    record = json.loads((v1 / "sim_dense.borrowed-noise.json").read_text())
+    assert not (v1 / "sim_dense.json").exists()
+    one_seed = load_sim_table((v1 / "search_dense.csv").read_text(), "dense")
+    v2 = load_sim_table(donor.read_text(), "dense")
+    assert record["noise_borrowed"] and one_seed.margin == pytest.approx(0.02 * record["best_score"])
+    assert record["margin"] == pytest.approx(2 * v2.relative_noise * record["best_score"])
+    assert record["margin"] > one_seed.margin
+    peers = {**record, "margin": one_seed.margin, "outcomes": {"st:RandomSearch": record["outcomes"]["random+no-ES"]}}
+    (v1 / "peers_dense.json").write_text(json.dumps(peers))
+    out = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "bench_search.py"), "success", *args],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "| random+no-ES |" in out.stdout, out.stderr[-3000:]
+    assert "st:RandomSearch" not in out.stdout
+    refused = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "bench_search.py"), "simulate",
+                              "--tasks", "dense", "--data-dir", str(v1), "--noise-from", str(v1 / "search_dense.csv")],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "has no seed repeats" in refused.stderr and "Traceback" not in refused.stderr
+
+
 def test_the_held_out_task_is_left_out_of_the_steps_that_choose_and_labelled_when_named(tmp_path):
     for task in ("default", "dense"):
         (tmp_path / f"sim_{task}.json").write_bytes((DATA / f"sim_{task}.json").read_bytes())

@@ -77,6 +77,27 @@ def test_the_noise_that_reorders_configurations_is_their_interaction_with_the_se
     assert table.best.key == "a" and not table.succeeds("b")  # 0.413 < 0.473 - 0.028
 
 
+def test_a_table_trained_at_one_seed_is_scored_with_the_noise_borrowed_from_a_table_with_repeats():
+    """v1's tables were trained at one seed: their margin was 2% alone, below the noise a rerun shows. Borrowed
+    from a table of the same task with repeats, the noise relative to the best is applied to the best here."""
+    donor = _two_way_table()
+    assert donor.relative_noise == pytest.approx(0.01 * math.sqrt(2) / ((0.50 + 0.52 + 0.40) / 3))
+
+    def one_seed(**kwargs) -> Table:
+        configs = {"a": Configuration("a", 8e-3, 100, "4x1", {0: (0.25, 0.50)}),
+                   "b": Configuration("b", 4e-3, 100, "4x1", {0: (0.30, 0.48)}),  # 4% below a
+                   "c": Configuration("c", 1e-3, 20, "4x1", {0: (0.10, 0.40)})}
+        return Table("one-seed", configs, {"4x1": 10.0}, batches=("4x1",), **kwargs)
+
+    own, borrowed = one_seed(), one_seed(borrowed_relative_noise=donor.relative_noise)
+    assert own.noise_sigma == 0 and own.margin == pytest.approx(0.02 * 0.50) and not own.succeeds("b")
+    assert borrowed.noise_sigma == pytest.approx(donor.relative_noise * 0.50)
+    assert borrowed.margin == pytest.approx(2 * donor.relative_noise * 0.50)  # 0.030: wider than 2%
+    assert borrowed.succeeds("b") and not borrowed.succeeds("c")
+    with pytest.raises(ValueError, match="seed repeats"):  # a table with repeats keeps its own noise
+        Table("two-way", donor.configs, {"4x1": 10.0}, batches=("4x1",), borrowed_relative_noise=0.1)
+
+
 def test_every_trial_of_one_simulated_sweep_trains_with_the_same_training_seed():
     table = _table()
     best = table.best

@@ -23,8 +23,8 @@ def test_default_space_file_is_valid():
     assert space.params["batch"]["values"] == ["4x1", "4x2", "8x1"]  # the benchmark's design
     assert space.params["lr"]["relative"] and (space.params["lr"]["low"], space.params["lr"]["high"]) == (0.5, 8.0)
     assert not space.asha.enabled  # the benchmark's slow starter: every early-stopping setting lost it
-    # the benchmark's choice: the sampler never below random search on either dense table
-    assert (space.sampler, space.startup_trials) == ("tpe", 10)
+    # the benchmark's choice: never below random search on any table, ahead on both dense ones
+    assert (space.sampler, space.startup_trials) == ("tpe", 4)
 
 
 def test_per_worker_batches_become_pairs_keeping_the_effective_batch():
