@@ -88,8 +88,6 @@ DESIGN_SEED = 2026
 # Training-seed noise: the best configurations of seed 0 trained again with these seeds.
 REPEAT_CONFIGS = 8
 REPEAT_SEEDS = (1, 2)
-NOISE_FROM_HELP = ("a table of the same task with seed repeats (e.g. benchmarks/data/search_dense.csv): score a "
-                   "table trained at one seed (--data-dir benchmarks/data/v1) with its noise relative to the best")
 
 
 def design(task: str = "default") -> list[dict]:
@@ -392,12 +390,13 @@ def simulate_step(args) -> None:
     The file is rewritten after each policy, so a long policy set (GPSampler's) keeps what it finished when it is
     stopped; ``--resume`` then skips the policies the file already holds for these seeds and budgets."""
 
+    from search_peers import load_task_table
     from search_sim import budgets, seed_blocks
 
     seeds = seed_blocks(args.seeds)
     with _sweep_runner(args.parallel) as run_all:
         for task in args.tasks:
-            table = _table_for(task, args.data_dir, args.noise_from)
+            table = load_task_table(args.data_dir, task, args.noise_from)
             budgets_epochs, budgets_seconds = budgets(table)
             path = _sim_path(args.data_dir, task, args.noise_from)
             outcomes = _outcomes_to_keep(path, table, seeds, budgets_epochs)
@@ -485,10 +484,10 @@ def success_step(args) -> None:
         print_success(record, args.block)
 
 
-def _table_for(task: str, data_dir: str, noise_from: str | None = None):
-    from search_peers import load_task_table
+def _noise_from_help() -> str:
+    from search_peers import NOISE_FROM_HELP
 
-    return load_task_table(data_dir, task, noise_from)
+    return NOISE_FROM_HELP
 
 
 def _sim_path(data_dir: str, task: str, noise_from: str | None) -> Path:
@@ -739,7 +738,7 @@ def main(argv=None) -> int:
     si.add_argument("--policies", choices=("all", "core", "focus", "gp", "quick"), default="core")
     si.add_argument("--parallel", type=int, default=max(1, os.cpu_count() or 1))
     si.add_argument("--data-dir", default=str(DATA_DIR))
-    si.add_argument("--noise-from", help=NOISE_FROM_HELP)
+    si.add_argument("--noise-from", help=_noise_from_help())
     si.add_argument("--resume", action="store_true",
                     help="keep the policies sim_<task>.json already holds for these seeds; simulate the rest")
     su = sub.add_parser("success", help="the simulated success tables, the peers' rows beside them")
@@ -747,7 +746,7 @@ def main(argv=None) -> int:
     su.add_argument("--block", choices=("select_seeds", "report_seeds"), default="report_seeds",
                     help="the seeds the defaults were chosen on, or those the headline is read on")
     su.add_argument("--data-dir", default=str(DATA_DIR))
-    su.add_argument("--noise-from", help=NOISE_FROM_HELP)
+    su.add_argument("--noise-from", help=_noise_from_help())
     rs = sub.add_parser("sweep", help="one real sweep (experiments/sweep_lr.py) against the task's table")
     rs.add_argument("--task", choices=sorted(TASKS), required=True)
     rs.add_argument("--num-samples", type=int, default=12)

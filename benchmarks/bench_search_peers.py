@@ -56,6 +56,7 @@ from pathlib import Path
 import numpy as np
 import syne_tune
 from search_peers import (
+    NOISE_FROM_HELP,
     add_outcome,
     blackbox_arrays,
     compare,
@@ -341,8 +342,7 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="+", help="only these peers (their names, e.g. st:RandomSearch)")
     parser.add_argument("--parallel", type=int, default=1, help="simulation processes")
     parser.add_argument("--data-dir", default=str(DATA_DIR), help="where search_<task>.csv is (default %(default)s)")
-    parser.add_argument("--noise-from", help="a table of the same task with seed repeats: score a one-seed table "
-                                               "(v1) with its noise relative to the best, as bench_search.py does")
+    parser.add_argument("--noise-from", help=NOISE_FROM_HELP)
     parser.add_argument("--out-dir", default=None, help="where peers_<task>.json goes (default: --data-dir)")
     parser.add_argument("--compare", nargs=2, metavar=("PEER", "METHOD"),
                         help="print PEER's rates against METHOD of --data-dir's sim_<task>.json (unpaired)")

@@ -72,6 +72,10 @@ def load_task_table(data_dir: str | Path, task: str, noise_from: str | Path | No
     return table
 
 
+NOISE_FROM_HELP = ("a table of the same task with seed repeats (e.g. benchmarks/data/search_dense.csv): score a "
+                   "table trained at one seed (--data-dir benchmarks/data/v1) with its noise relative to the best")
+
+
 def _relative_noise_of(path: Path, task: str) -> float:
     if not path.exists():
         raise SystemExit(f"--noise-from {path}: no such table")
@@ -209,6 +213,7 @@ def compare(record: dict, method: str, other: dict, other_method: str, seeds: li
     return lines
 
 
-__all__ = ["DesignArrays", "OBJECTIVES", "add_outcome", "blackbox_arrays", "compare", "load_task_table", "new_record",
+__all__ = ["DesignArrays", "NOISE_FROM_HELP", "OBJECTIVES",
+           "add_outcome", "blackbox_arrays", "compare", "load_task_table", "new_record",
            "outcome", "rate_difference", "rates", "record_name", "resumable", "success_table", "table_digest",
            "write_json_atomically"]
