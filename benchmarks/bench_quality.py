@@ -82,6 +82,7 @@ from neoray import storage
 from neoray.config import format_size
 from neoray.configs import DEFAULT_CONFIG
 from neoray.data.demo import COMPLETE_MARKER, ensure_default_data
+from neoray.tune.continue_best import FINAL_DIR
 from neoray.tune.results import best_row, load_history
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -441,12 +442,21 @@ def run_sweep_arm(args, ctx: dict, name: str, work: Path) -> dict:
     best = best_row(_typed_rows(sweep_dir / "trials.csv"))
     if best is None:
         raise BenchError(f"{sweep_dir}: no trial reported a result")
-    checkpoint, best_epoch = _trial_checkpoint(sweep_dir / best["trial"], histories[best["trial"]])
-    final = _score_neoray_checkpoint(str(checkpoint), ctx["shards"], ctx["val_json"], work)
+    final_run = sweep_dir / FINAL_DIR  # search.trial_epochs: the best trial continued to the end of its schedule
+    if (final_run / "metrics.csv").is_file():
+        rows += [{"trial": FINAL_DIR, "epoch": int(float(r["epoch"])),
+                  "elapsed_s": round(float(r["time"]) - started, 1), "map": float(r["map"]),
+                  "map50": float(r["map50"]), "scored_by": NEORAY_EVALUATOR}
+                 for r in _metrics_rows(final_run) if r.get("map") not in (None, "")]
+        final = _score_neoray_checkpoint(str(final_run), ctx["shards"], ctx["val_json"], work)
+        epochs, best_epoch, curve = _last(rows, FINAL_DIR)["epoch"], final.get("epoch"), FINAL_DIR
+    else:
+        checkpoint, best_epoch = _trial_checkpoint(sweep_dir / best["trial"], histories[best["trial"]])
+        final = _score_neoray_checkpoint(str(checkpoint), ctx["shards"], ctx["val_json"], work)
+        epochs, curve = max((h["epoch"] for h in histories[best["trial"]]), default=0), best["trial"]
     return {"command": shlex.join(cmd), "wall_s": round(ended - started, 1), "started": started, "rows": rows,
             "final": final, "best_trial": best["trial"], "best_trial_best_epoch": best_epoch,
-            "epochs": max((h["epoch"] for h in histories[best["trial"]]), default=0),
-            "trials": len(histories), "last": _last(rows, best["trial"])}
+            "continued": curve == FINAL_DIR, "epochs": epochs, "trials": len(histories), "last": _last(rows, curve)}
 
 
 def _typed_rows(path: Path) -> list[dict]:

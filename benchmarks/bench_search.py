@@ -321,8 +321,9 @@ def real_sweep(args) -> None:
     sweep_dir = Path(args.work) / f"sweep_{args.task}"
     command = [sys.executable, str(Path(__file__).resolve().parents[1] / "experiments" / "sweep_lr.py"),
                "--config", str(RECIPE), "--num-samples", str(args.num_samples), "--output", str(args.work),
-               "--name", sweep_dir.name, f"data.train={shards['train']}", f"data.val={shards['val']}",
-               "data.size=320x180", f"train.epochs={EPOCHS}"]
+               # the tables hold whole runs: every trial trains its schedule, none is continued
+               "--name", sweep_dir.name, "--trial-epochs", "0", f"data.train={shards['train']}",
+               f"data.val={shards['val']}", "data.size=320x180", f"train.epochs={EPOCHS}"]
     started = time.time()
     if not (sweep_dir / "best_config.yaml").exists():
         resume = ["--resume"] if sweep_dir.exists() else []

@@ -149,6 +149,9 @@ def backbone_is_pretrained(model: ModelConfig) -> bool:
 @dataclass
 class TrainConfig:
     epochs: int = 10
+    # Stop after this epoch of the train.epochs schedule (0: train to the end); a later run continues the
+    # checkpoint on the same schedule. A sweep's trials train such a prefix (search.trial_epochs).
+    stop_after_epoch: int = 0
     batch_size: int = 4  # per worker
     accumulate: int = 1
     lr: float = 1e-4
@@ -175,6 +178,9 @@ class TrainConfig:
     use_gpu: bool = False
     gpus_per_worker: float = 1.0  # with use_gpu; a fraction lets several workers or trials share a GPU
     cpus_per_worker: float = 1.0
+    # torch's CPU threads per worker (0: Ray's default, the worker's whole CPUs). More than the worker reserves
+    # lets a run use the cores it leaves to Ray Data's decode tasks, which are idle most of a step.
+    torch_threads: int = 0
     placement: str = "pack"  # pack: workers on as few nodes as possible | spread: on as many as possible
     eval_every: int = 1  # evaluate every N epochs (and always after the last)
     eval_score_threshold: float = 0.5  # score at which precision, recall and F1 are reported
@@ -348,6 +354,7 @@ def _validate(cfg: Config) -> None:
     t.milestones = _milestones(t.milestones)
     checks = [
         (t.epochs >= 1, "train.epochs must be >= 1"),
+        (t.stop_after_epoch >= 0, "train.stop_after_epoch must be >= 0 (0: train to the end)"),
         (t.batch_size >= 1, "train.batch_size must be >= 1"),
         (t.accumulate >= 1, "train.accumulate must be >= 1"),
         (t.lr > 0, "train.lr must be > 0"),
@@ -359,6 +366,7 @@ def _validate(cfg: Config) -> None:
         (t.ema_warmup_steps >= 0, "train.ema_warmup_steps must be >= 0"),
         (t.freeze_backbone_until_epoch >= 0, "train.freeze_backbone_until_epoch must be >= 0"),
         (t.cpus_per_worker > 0, "train.cpus_per_worker must be > 0"),
+        (t.torch_threads >= 0, "train.torch_threads must be >= 0 (0: Ray's default, the worker's CPUs)"),
         (t.gpus_per_worker > 0, "train.gpus_per_worker must be > 0 (train.use_gpu=false for none)"),
         (t.early_stop_patience >= 0, "train.early_stop_patience must be >= 0 (0 turns it off)"),
         (t.max_oom_per_epoch >= 0, "train.max_oom_per_epoch must be >= 0"),

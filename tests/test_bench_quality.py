@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -250,6 +251,32 @@ def test_the_sweep_arm_scores_the_best_epochs_checkpoint_or_the_latest_kept(tmp_
     assert bench._trial_checkpoint(tmp_path, history) == (tmp_path / "checkpoint_000003", 2)
     with pytest.raises(bench.BenchError, match="no checkpoint left"):
         bench._trial_checkpoint(tmp_path / "nothing", history)
+
+
+def test_a_sweep_that_continued_its_best_trial_is_scored_on_the_final_run(tmp_path, monkeypatch):
+    """search.trial_epochs: the sweep's model is SWEEP_DIR/final, not the best trial's 4-epoch checkpoint; the
+    curve of the arm is the trial's epochs, then the final run's."""
+    sweep_dir = tmp_path / "sweep"
+    (sweep_dir / "trial_0001").mkdir(parents=True)
+    (sweep_dir / "trial_0001" / "result.json").write_text("".join(
+        json.dumps({"epoch": e, "evaluated": 1, "score": 0.1 * e, "map": 0.1 * e, "map50": 0.2 * e,
+                    "timestamp": 1000 + 10 * e, "checkpoint_dir_name": f"checkpoint_{e - 1:06d}"}) + "\n"
+        for e in (1, 2)))
+    (sweep_dir / "trials.csv").write_text("trial,status,lr,best_score\ntrial_0001,finished,0.002,0.2\n")
+    (sweep_dir / "final").mkdir()
+    (sweep_dir / "final" / "metrics.csv").write_text("epoch,map,map50,time\n3,0.5,0.7,1100\n4,0.6,0.8,1120\n")
+    scored = []
+    monkeypatch.setattr(bench, "_run", lambda cmd, log, env: (1000.0, 1130.0))
+    monkeypatch.setattr(bench, "_score_neoray_checkpoint",
+                        lambda checkpoint, shards, gt, out: scored.append(checkpoint) or {"epoch": 4, "map50": 0.8})
+    args = SimpleNamespace(config="c.yaml", sweep_args="", config_overrides=[])
+    ctx = {"task": {"size": (320, 180)}, "shards": {"train": "t", "val": "v"}, "val_json": tmp_path / "v.json"}
+    monkeypatch.setattr(bench, "_data_overrides", lambda task, shards: [])
+    result = bench.run_sweep_arm(args, ctx, "sweep", tmp_path)
+    assert scored == [str(sweep_dir / "final")] and result["continued"] and result["best_trial"] == "trial_0001"
+    assert [(r["trial"], r["epoch"]) for r in result["rows"]] == [("trial_0001", 1), ("trial_0001", 2),
+                                                                  ("final", 3), ("final", 4)]
+    assert result["epochs"] == 4 and result["last"]["map50"] == 0.8 and result["wall_s"] == 130.0
 
 
 def test_a_failing_arm_command_says_which_and_shows_its_log(tmp_path):

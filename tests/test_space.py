@@ -14,6 +14,7 @@ from neoray.tune.space import (
     params_to_overrides,
     parse_space,
     points_to_evaluate,
+    relative_to_config,
 )
 
 
@@ -25,6 +26,11 @@ def test_default_space_file_is_valid():
     assert not space.asha.enabled  # the benchmark's slow starter: every early-stopping setting lost it
     # the benchmark's choice: never below random search on any table, ahead on both dense ones
     assert (space.sampler, space.startup_trials) == ("tpe", 4)
+    # quality per hour (README "Quality against YOLO11n"): trials on the first 4 of the demo's epochs, then the
+    # best continues to the end
+    assert space.trial_epochs == 4
+    demo = relative_to_config(space, load_config(None))
+    assert (demo.trial_epochs, demo.asha.max_t) == (4, 4)
 
 
 def test_per_worker_batches_become_pairs_keeping_the_effective_batch():
@@ -210,7 +216,7 @@ def test_space_values_the_config_would_refuse_are_refused_before_the_sweep(synth
         ({"params": {"lr": {"distribution": "choice", "values": [1e-3, -0.1]}}}, "params.lr: -0.1"),
         ({"params": {"warmup_steps": {"distribution": "int_uniform", "low": -5, "high": 10}}}, "params.warmup_steps"),
         ({"params": {"lr": {"distribution": "log_uniform", "low": 1e-4, "high": 1e-2}},
-          "asha": {"grace_period": 7}}, "asha.grace_period 7 is longer than the run (train.epochs 6)"),
+          "asha": {"grace_period": 7}}, "asha.grace_period 7 is longer than a trial (train.epochs 6)"),
     ]
     for raw, message in bad:
         with pytest.raises(ConfigError, match=re.escape(message)):
@@ -267,6 +273,38 @@ def test_a_fractional_grace_period_is_that_share_of_the_run():
                          "asha": {"grace_period": bad}})
 
 
+def test_trial_epochs_are_a_prefix_of_the_schedule_and_asha_works_within_it():
+    from neoray.config import from_dict
+    from neoray.tune.space import relative_to_config
+
+    raw = {"params": {"lr": {"distribution": "log_uniform", "low": 1e-4, "high": 1e-2}},
+           "asha": {"grace_period": 0.5, "reduction_factor": 2}}
+    for trial_epochs, epochs, resolved in ((0.15, 28, 4), (0.15, 72, 11), (0.15, 2, 1), (4, 28, 4),
+                                           (0.5, 1, None), (12, 12, None), (30, 12, None), (0, 12, None)):
+        space = relative_to_config(parse_space({**raw, "search": {"trial_epochs": trial_epochs}}),
+                                   from_dict({"train": {"epochs": epochs}}))
+        assert space.trial_epochs == resolved, (trial_epochs, epochs)
+        # ASHA's rungs and max_t are within what a trial trains
+        assert space.asha.max_t == (resolved or epochs)
+        assert space.asha.grace_period == max(1, round(0.5 * (resolved or epochs)))
+    for bad in (-1, 1.5, True, "4", float("nan")):
+        with pytest.raises(ConfigError, match="search.trial_epochs must be an integer >= 1"):
+            parse_space({**raw, "search": {"trial_epochs": bad}})
+
+
+def test_a_grace_period_longer_than_a_trial_is_refused():
+    from neoray.config import from_dict
+    from neoray.tune.space import check_space_against_config, relative_to_config
+
+    cfg = from_dict({"train": {"epochs": 20}})
+    space = relative_to_config(parse_space({"params": {"lr": {"distribution": "log_uniform", "low": 1e-4,
+                                                                "high": 1e-2}},
+                                            "asha": {"grace_period": 5}, "search": {"trial_epochs": 4}}), cfg)
+    with pytest.raises(ConfigError, match=re.escape("asha.grace_period 5 is longer than a trial "
+                                                    "(search.trial_epochs 4)")):
+        check_space_against_config(space, cfg)
+
+
 @pytest.mark.parametrize("space_file, config_file", [
     ("space_default.yaml", "synthetic_cpu.yaml"),
     ("space_coco.yaml", "coco_r50_8gpu.yaml"),
@@ -282,6 +320,7 @@ def test_each_shipped_space_fits_the_config_it_is_written_for(space_file, config
     lr = optuna_distributions(space)["lr"]
     assert lr.low <= cfg.train.lr <= lr.high  # the config's own values are a point of the space
     assert 1 <= space.asha.grace_period < cfg.train.epochs
+    assert space.trial_epochs is None or 1 <= space.trial_epochs < cfg.train.epochs
 
 
 def test_a_space_without_early_stopping_has_no_rungs_and_a_gp_sampler_is_accepted(synthetic_shards):

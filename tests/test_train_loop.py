@@ -254,6 +254,34 @@ def test_resume_continues_step_and_lr(tmp_path):
         assert resumed["loss"] == pytest.approx(reference["loss"], rel=1e-5)
 
 
+def test_a_prefix_of_the_schedule_continued_to_its_end_is_the_whole_run(tmp_path):
+    """train.stop_after_epoch (a sweep's trial): the run stops after that epoch on the full schedule's LR, with
+    an evaluation and a checkpoint; continued from it without the stop, it is the uninterrupted run."""
+    cfg = tiny_config(epochs=4, optimizer="adamw", schedule="cosine", lr=0.01, warmup_steps=2)
+    batches, val = make_batches(16, 4), make_batches(8, 4, seed=1)
+    _, full = run_local(cfg, batches, tmp_path / "full", val=val)
+    prefix_cfg = cfg.with_overrides({"train.stop_after_epoch": 2})
+    _, prefix = run_local(prefix_cfg, batches, tmp_path / "prefix", val=val)
+    assert [r["epoch"] for r in prefix.reports] == [1, 2]
+    assert prefix.reports[-1]["evaluated"] == 1 and not prefix.reports[-1]["stop_reason"]
+    for part, whole in zip(prefix.reports, full.reports):
+        # the LR of a 4-epoch schedule, not of a 2-epoch one
+        assert part["lr"] == pytest.approx(whole["lr"]) and part["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+    assert full.reports[1]["lr"] > full.reports[3]["lr"]
+    ctx = LocalContext(ready(batches, val), resume_dir=str(tmp_path / "prefix" / "epoch_0002"))
+    run_training_loop(cfg, ctx, model_fn=TinyDetector, log=None)
+    assert [r["epoch"] for r in ctx.reports] == [3, 4]
+    for resumed, reference in zip(ctx.reports, full.reports[2:]):
+        assert resumed["step"] == reference["step"] and resumed["lr"] == pytest.approx(reference["lr"])
+        assert resumed["loss"] == pytest.approx(reference["loss"], rel=1e-5)
+
+
+def test_a_stop_past_the_schedule_trains_the_schedule():
+    cfg = tiny_config(epochs=2, stop_after_epoch=5)
+    _, ctx = run_local(cfg, make_batches(8, 4))
+    assert [r["epoch"] for r in ctx.reports] == [1, 2]
+
+
 def test_nan_loss_is_skipped_and_counted():
     cfg = tiny_config(epochs=1)
     batches = make_batches(24, 4)

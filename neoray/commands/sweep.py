@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import shlex
 import sys
 
@@ -11,6 +12,7 @@ from neoray.commands import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, program
 from neoray.config import ConfigError
 from neoray.run.run_tracking import add_track_argument
 from neoray.storage import StorageError
+from neoray.tune.continue_best import ContinuationError
 from neoray.tune.sweep import SweepOptions, run_sweep
 
 
@@ -44,6 +46,11 @@ def add_arguments(parser) -> None:
                         help="seed the search with a previous sweep (local or a URI): its best trials' configurations "
                              "run first (up to half of --num-samples), then the search goes on from them; for a "
                              "sweep again after the data changed")
+    parser.add_argument("--trial-epochs", type=_trial_epochs, default=None, metavar="N",
+                        help="each trial trains only the first N epochs of the config's schedule (or a fraction "
+                             "such as 0.25 of train.epochs), then the best continues to the end in OUTPUT/NAME/final; "
+                             "0: every trial trains the whole schedule (overrides the space file's "
+                             "search.trial_epochs)")
     parser.add_argument("--grace-period", type=int, default=None,
                         help="ASHA grace period in epochs (overrides the space file; turns ASHA on where the space "
                              "file has asha: false)")
@@ -59,11 +66,20 @@ def add_arguments(parser) -> None:
                         help="training config overrides, e.g. train.epochs=3 data.max_train_images=64")
 
 
+def _trial_epochs(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of epochs or a fraction, got {text!r}") from None
+    return int(value) if value >= 1 and value == int(value) else value
+
+
 def options_from_args(args):
     return SweepOptions(
         config=args.config, space=args.space, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
         workers_per_trial=args.workers_per_trial, gpus_per_worker=args.gpus_per_worker, output=args.output,
         name=args.name, resume=args.resume, overrides=list(args.overrides), grace_period=args.grace_period,
+        trial_epochs=args.trial_epochs,
         reduction_factor=args.reduction_factor, max_failures=args.max_failures, autoscale=args.autoscale,
         address=args.address, warm_start=args.warm_start, track=list(args.track), optuna_storage=args.optuna_storage,
     )
@@ -80,6 +96,9 @@ def resume_command(argv: list[str]) -> str:
 def run(args) -> int:
     try:
         result = run_sweep(options_from_args(args))
+    except ContinuationError as exc:
+        print(f"neoray sweep: error: the sweep ended, its best trial could not be continued: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except (ConfigError, ClusterError, StorageError) as exc:
         print(f"neoray sweep: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -87,4 +106,7 @@ def run(args) -> int:
         print(f"sweep {interrupts.how_stopped()}; continue with: {resume_command(sys.argv)}", file=sys.stderr,
               flush=True)
         return EXIT_INTERRUPTED
+    if result.final is not None and result.final.get("stop_reason") not in ("completed",) \
+            and not str(result.final.get("stop_reason")).startswith("early stop"):
+        return EXIT_FAILED  # the final run stopped on a guard: its summary says why
     return EXIT_OK if result.best is not None else EXIT_FAILED

@@ -50,7 +50,7 @@ def run_training_loop(cfg: Config, ctx: TrainContext, *, hooks: TrainHooks | Non
     log = log if ctx.world_rank == 0 else None
     state = _build_state(cfg, ctx, model_fn, resume_from, log)
     first_epoch_of_process = True
-    while state.epoch < cfg.train.epochs:
+    while state.epoch < last_epoch(cfg):
         state.set_backbone_frozen(state.epoch < cfg.train.freeze_backbone_until_epoch)
         batches = iter(ctx.data.train(state.epoch))
         if first_epoch_of_process:
@@ -78,9 +78,17 @@ def run_training_loop(cfg: Config, ctx: TrainContext, *, hooks: TrainHooks | Non
             return
 
 
+def last_epoch(cfg: Config) -> int:
+    """The epoch this run stops after: ``train.stop_after_epoch`` when it ends the run before its schedule does."""
+    stop = cfg.train.stop_after_epoch
+    return min(stop, cfg.train.epochs) if stop > 0 else cfg.train.epochs
+
+
 def _build_state(cfg: Config, ctx: TrainContext, model_fn, resume_from: str | None, log: Log) -> TrainState:
     """Seed, build the model and the training state, and continue a checkpoint or start from
     pretrained weights; wrap DDP; start the EMA from the weights every rank trains."""
+    if cfg.train.torch_threads:
+        torch.set_num_threads(cfg.train.torch_threads)
     seed_everything(cfg.train.seed + ctx.world_rank)  # different augmentations per rank, reproducible
     categories = ctx.data.categories
     checkpoint = ctx.latest_checkpoint() or resume_from
@@ -163,7 +171,7 @@ def _evaluate(state: TrainState, ctx: TrainContext) -> dict:
     last), ``{"evaluated": 0}`` on the others; collective over the ranks."""
     cfg = state.cfg.train
     batches = ctx.data.val()
-    if batches is None or not (state.epoch % cfg.eval_every == 0 or state.epoch == cfg.epochs):
+    if batches is None or not (state.epoch % cfg.eval_every == 0 or state.epoch == last_epoch(state.cfg)):
         return {"evaluated": 0}
     metrics = evaluate(state.eval_module(), batches, ctx.data.categories, state.device,
                        score_threshold=cfg.eval_score_threshold, amp_dtype=state.amp_dtype)
@@ -229,4 +237,4 @@ def _main_lr(optimizer: torch.optim.Optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
 
 
-__all__ = ["Log", "run_training_loop"]
+__all__ = ["Log", "last_epoch", "run_training_loop"]

@@ -122,10 +122,10 @@ def _check_data(cfg: Config) -> None:
 # data lives. Anything else (the model, the augmentation, the optimiser, the schedule's shape) would
 # make the checkpoint continue a different experiment than the one its run directory records.
 RESUMABLE_CHANGES = frozenset({
-    "output", "name", "data.train", "data.val", "train.epochs", "train.eval_every",
+    "output", "name", "data.train", "data.val", "train.epochs", "train.stop_after_epoch", "train.eval_every",
     "train.eval_score_threshold", "train.early_stop_patience", "train.max_skipped_fraction",
     "train.max_oom_per_epoch", "train.max_failures", "train.log_every", "train.workers", "train.use_gpu",
-    "train.gpus_per_worker", "train.cpus_per_worker", "train.placement",
+    "train.gpus_per_worker", "train.cpus_per_worker", "train.torch_threads", "train.placement",
 })
 
 

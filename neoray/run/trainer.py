@@ -125,13 +125,14 @@ def build_trainer(cfg: Config, storage_path: str, *, resume_from: str | None = N
 
 def train(cfg: Config, *, config_path: str | None = None, output: str | None = None,
           resume_dir: str | None = None, hooks=None, verbose: bool = True, track: list | None = None,
-          resume: ResumePoint | None = None) -> dict:
+          resume: ResumePoint | None = None, start_from: str | None = None) -> dict:
     """Run ``cfg`` to the end on the connected Ray cluster; returns the summary (also written).
 
     ``cfg`` must have been through ``neoray.run.setup.prepare_config`` (absolute paths, checked
     files) and the cluster through ``setup.check_cluster``. ``resume_dir``: continue that run (its Ray
     storage and its latest checkpoint that can be read: ``resume``, or ``setup.resume_point``'s choice) instead of
-    a new one. ``track``: experiment trackers
+    a new one. ``start_from``: a checkpoint (of another run: a sweep's trial) that a new run, or a resumed one
+    without a checkpoint of its own, continues on its schedule. ``track``: experiment trackers
     (``neoray.run.run_tracking.parse_track``), whose runs get every epoch and the summary.
     """
     run_dir = existing_run_dir(resume_dir) if resume_dir else new_run_dir(cfg, config_path, output)
@@ -144,7 +145,7 @@ def train(cfg: Config, *, config_path: str | None = None, output: str | None = N
     tracker = RunTracker.start(track, run_dir, cfg, resume=bool(resume_dir)) if track else None
     recorder = RunRecorder(run_dir, verbose, feed=tracker.feed if tracker else None)
     trainer = build_trainer(cfg, run_dir, hooks=hooks, callbacks=[recorder],
-                            resume_from=resume.checkpoint if resume_dir else None,
+                            resume_from=(resume.checkpoint if resume_dir else None) or start_from,
                             unreadable=resume.unreadable if resume_dir else ())
     start = time.perf_counter()
     error = None

@@ -29,6 +29,9 @@ class SearchSettings:
     sampler: str = "tpe"  # neoray.tune.space.SAMPLERS
     startup_trials: int = 10  # TPE's random start-up trials
     given: int = 1  # configurations run before the sampler's own: the config's values and the space's points
+    # Epochs each trial trains of the base config's schedule, the best trial then continued to its end
+    # (neoray.tune.continue_best); None: every trial trains the whole schedule.
+    trial_epochs: int | None = None
 
 
 @dataclass(frozen=True)

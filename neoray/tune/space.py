@@ -9,7 +9,7 @@ silently searches nothing. Example (experiments/configs/space_default.yaml)::
       warmup_steps: {distribution: int_uniform, low: 0, high: 100, step: 10}
       batch: {per_worker: [2, 4, 8], effective: 8}     # or: pairs: ["4x1", "2x2"]
     asha: {time_attr: epoch, grace_period: 1, reduction_factor: 2}   # or asha: false (no early stopping)
-    search: {seed: 0, num_samples: 8}
+    search: {seed: 0, num_samples: 8, trial_epochs: 0.25}   # trial_epochs: see SearchSpace
     points_to_evaluate: [{lr: 0.5}]                    # optional, after the config's own values
 
 Batch size and gradient accumulation are searched as one categorical "BxA" parameter (``batch``),
@@ -66,6 +66,10 @@ class SearchSpace:
     startup_trials: int = 10  # TPE samples at random for its first N trials (Optuna's default: 10)
     lr_scaling: LrScaling = field(default_factory=LrScaling)
     points_to_evaluate: list[dict] = field(default_factory=list)
+    # Each trial trains only the first N epochs of the config's train.epochs schedule (an integer >= 1, or a
+    # fraction in (0, 1) of train.epochs until resolved); the best trial then continues from its checkpoint to
+    # the end of that schedule (neoray.tune.continue_best). None: every trial trains the whole schedule.
+    trial_epochs: int | float | None = None
 
 
 def _unknown(key: str, valid, where: str) -> ConfigError:
@@ -201,7 +205,7 @@ def _parse_asha(asha_raw: Any) -> AshaSettings:
 
 
 def _parse_search(search_raw: Any, space: SearchSpace) -> None:
-    _check_keys(search_raw, ("seed", "num_samples", "sampler", "startup_trials"), "search.")
+    _check_keys(search_raw, ("seed", "num_samples", "sampler", "startup_trials", "trial_epochs"), "search.")
     space.seed = int(_number({"seed": search_raw.get("seed", 0)}, "seed", "search", integer=True))
     if not 0 <= space.seed <= MAX_SEED:
         raise ConfigError(f"search space: search.seed must be between 0 and {MAX_SEED}, got {space.seed:.3g}")
@@ -216,6 +220,27 @@ def _parse_search(search_raw: Any, space: SearchSpace) -> None:
                                        "search", integer=True))
     if space.startup_trials < 0:
         raise ConfigError("search space: search.startup_trials must be >= 0")
+    space.trial_epochs = parse_trial_epochs(search_raw.get("trial_epochs"), "search space: search.trial_epochs")
+
+
+def parse_trial_epochs(value: Any, where: str) -> int | float | None:
+    """An epoch count >= 1, a fraction in (0, 1) of train.epochs, or None / 0 (every trial trains the whole run)."""
+    if value is None or (not isinstance(value, bool) and value == 0):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < 0 or (value >= 1 and value != int(value)):
+        raise ConfigError(f"{where} must be an integer >= 1 (epochs), a fraction between 0 and 1 of train.epochs, "
+                          f"or 0 (every trial trains the whole run), got {value!r}")
+    return int(value) if value >= 1 else float(value)
+
+
+def resolve_trial_epochs(trial_epochs: int | float | None, epochs: int) -> int | None:
+    """The epochs each trial trains for a run of ``epochs``: a fraction becomes that share (rounded, at least 1);
+    None when the trials would train the whole run anyway (nothing is left to continue)."""
+    if trial_epochs is None:
+        return None
+    resolved = max(1, round(trial_epochs * epochs)) if isinstance(trial_epochs, float) else int(trial_epochs)
+    return resolved if resolved < epochs else None
 
 
 def _parse_lr_scaling(scaling_raw: Any, space: SearchSpace) -> LrScaling:
@@ -259,8 +284,10 @@ def relative_to_config(space: SearchSpace, cfg: Config) -> SearchSpace:
     configs whose learning rates differ by 100x and whose runs last 12 or 72 epochs: a ``relative: true``
     range's low and high are multiples of the config's own value (``lr: {low: 0.5, high: 4, relative:
     true}`` searches 0.5x to 4x the config's lr), and a fractional ``asha.grace_period`` is that fraction
-    of ``train.epochs`` (rounded, at least 1; ``AshaSettings.resolved``)."""
-    asha = space.asha.resolved(cfg.train.epochs)
+    of the epochs a trial trains (rounded, at least 1; ``AshaSettings.resolved``), and ``search.trial_epochs``
+    an epoch count below ``train.epochs`` (or None: every trial trains the whole run)."""
+    trial_epochs = resolve_trial_epochs(space.trial_epochs, cfg.train.epochs)
+    asha = space.asha.resolved(trial_epochs or cfg.train.epochs)
     params = {}
     for name, spec in space.params.items():
         if not spec.get("relative"):
@@ -272,7 +299,7 @@ def relative_to_config(space: SearchSpace, cfg: Config) -> SearchSpace:
                               f"{value:g}; give it a positive value or an absolute range")
         params[name] = {"distribution": spec["distribution"], "low": spec["low"] * value,
                         "high": spec["high"] * value}
-    return replace(space, params=params, asha=asha)
+    return replace(space, params=params, asha=asha, trial_epochs=trial_epochs)
 
 
 def optuna_distributions(space: SearchSpace) -> dict:
@@ -342,9 +369,11 @@ def check_space_against_config(space: SearchSpace, cfg: Config) -> None:
             except ConfigError as exc:
                 raise ConfigError(f"search space: params.{name}: {value!r} is not a value {PARAMS[name]} can take "
                                   f"({exc})") from None
-    if space.asha.enabled and space.asha.grace_period > cfg.train.epochs:
-        raise ConfigError(f"search space: asha.grace_period {space.asha.grace_period} is longer than the run "
-                          f"(train.epochs {cfg.train.epochs}): ASHA would stop no trial; lower it (its rungs are at "
+    trial_length = space.trial_epochs or cfg.train.epochs
+    if space.asha.enabled and space.asha.grace_period > trial_length:
+        what = (f"search.trial_epochs {trial_length}" if space.trial_epochs else f"train.epochs {cfg.train.epochs}")
+        raise ConfigError(f"search space: asha.grace_period {space.asha.grace_period} is longer than a trial "
+                          f"({what}): ASHA would stop no trial; lower it (its rungs are at "
                           f"grace_period x reduction_factor^k epochs) or train longer")
 
 

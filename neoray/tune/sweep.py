@@ -16,6 +16,8 @@ storage (``--output s3://bucket/sweeps``)::
     rung_trust.json       how far the rungs forecast the final ranking (neoray.tune.rung_trust)
     trials.csv, trials.md the results table; best_config.yaml the best trial as a training config (only
                           when every trial ended: an interrupted sweep writes a partial table, no best config)
+    final/                with search.trial_epochs: the best trial continued to the end of its schedule, an
+                          ordinary run directory (neoray.tune.continue_best)
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from neoray.run.setup import check_batches, check_cluster, check_output_dir, nee
 from neoray.tune import asha as asha_record
 from neoray.tune.best_config import FILE_NAME as BEST_CONFIG
 from neoray.tune.best_config import export_best_config
+from neoray.tune.continue_best import FINAL_DIR, continue_best
 from neoray.tune.placement_groups import release_worker_pgs, trial_record_path
 from neoray.tune.record import SearchSettings, SweepRecord, WarmStart, read_record, record_path, write_record
 from neoray.tune.results import (
@@ -65,6 +68,7 @@ from neoray.tune.space import (
     lr_scaling_record,
     optuna_distributions,
     parse_batch,
+    parse_trial_epochs,
     points_to_evaluate,
     relative_to_config,
 )
@@ -101,6 +105,7 @@ class SweepOptions:
     resume: bool = False
     warm_start: str | None = None  # a previous sweep directory: its best configurations run first
     overrides: list[str] = field(default_factory=list)
+    trial_epochs: int | float | None = None  # override the space file's search.trial_epochs (0: whole runs)
     grace_period: int | None = None  # override the space file's ASHA settings
     reduction_factor: float | None = None
     max_failures: int = 2  # retries of a failed trial before it is reported as errored
@@ -121,6 +126,7 @@ class SweepResult:
     best: dict | None
     best_config_path: str | None
     interrupted: bool = False  # fit() returned before every trial ended (Ctrl-C): continue with --resume
+    final: dict | None = None  # the summary of the best trial continued to the end (search.trial_epochs)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -160,6 +166,8 @@ def resolve_space(opts: SweepOptions) -> SearchSpace:
         if opts.num_samples < 1:
             raise ConfigError("--num-samples must be >= 1")
         space.num_samples = opts.num_samples
+    if opts.trial_epochs is not None:
+        space.trial_epochs = parse_trial_epochs(opts.trial_epochs, "--trial-epochs")
     return replace(space, asha=space.asha.with_overrides(opts.grace_period, opts.reduction_factor))
 
 
@@ -237,7 +245,10 @@ def _trainable(resources: TrialResources, setup: dict):
 
 
 def _setup(record: SweepRecord, opts: SweepOptions) -> dict:
-    return {"base": record.base_config.to_dict(), "sweep_dir": opts.sweep_dir, "lr_scaling": record.lr_scaling,
+    base = record.base_config
+    if record.search.trial_epochs:  # a prefix of the schedule (neoray.tune.continue_best)
+        base = base.with_overrides({"train.stop_after_epoch": record.search.trial_epochs})
+    return {"base": base.to_dict(), "sweep_dir": opts.sweep_dir, "lr_scaling": record.lr_scaling,
             "hooks": opts.hooks}
 
 
@@ -304,7 +315,8 @@ def _new_record(cfg: Config, space: SearchSpace, opts: SweepOptions, resources: 
     return SweepRecord(
         name=opts.name, asha=space.asha, params=space.params, num_samples=space.num_samples, seed=space.seed,
         # given: configurations run before the sampler's own (the config's values and the space file's points)
-        search=SearchSettings(space.sampler, space.startup_trials, 1 + len(space.points_to_evaluate)),
+        search=SearchSettings(space.sampler, space.startup_trials, 1 + len(space.points_to_evaluate),
+                              space.trial_epochs),
         lr_scaling=lr_scaling_record(space, cfg), resources=resources, base_config=cfg, track=list(opts.track),
         options=options,
         warm_start=warm_start,
@@ -457,7 +469,10 @@ def _run(opts: SweepOptions) -> SweepResult:
         _log(f"ASHA stops trials early on '{ranking.SCORE}' (max; {ranking.SCORE_DOC}) at {record.asha.time_attr} "
              f"rungs {record.rungs}, deciding in trial order")
     else:
-        _log(f"no early stopping: every trial trains its {record.base_config.train.epochs} epochs")
+        _log(f"no early stopping: every trial trains its {record.asha.max_t} epochs")
+    if record.search.trial_epochs:
+        _log(f"each trial trains epochs 1-{record.search.trial_epochs} of the {cfg.train.epochs}-epoch schedule; the "
+             f"best then continues to epoch {cfg.train.epochs} ({storage.join(sweep_dir, FINAL_DIR)})")
     _log(search_line(record))
     if record.optuna:
         _log(f"Optuna study '{record.optuna['study_name']}', live: {record.optuna['dashboard']}")
@@ -477,6 +492,12 @@ def _run(opts: SweepOptions) -> SweepResult:
     result = _finish(opts, record, rows, interrupted)
     finish_study(record.optuna, sweep_dir, opts.optuna_storage, interrupted)
     finish_tracking(record, sweep_dir, rows, result.best, interrupted)
+    if record.search.trial_epochs and result.best is not None and not interrupted:
+        result.final = continue_best(record, sweep_dir, result.best, _log)
+        line = (f"final model: {result.best['trial']} continued to epoch {cfg.train.epochs}, "
+                f"{_final_text(result.final)}; run directory {storage.join(sweep_dir, FINAL_DIR)}")
+        storage.write_text(storage.join(sweep_dir, TABLE_MARKDOWN), f"{table}\n\n**{line[0].upper()}{line[1:]}**\n")
+        _log(line)
     return result
 
 
@@ -508,6 +529,13 @@ def _finish(opts: SweepOptions, record: SweepRecord, rows: list[dict], interrupt
     _log(f"results: {sweep_dir}/{TABLE_MARKDOWN}; plots: neoray report {sweep_dir}; "
          f"TensorBoard: tensorboard --logdir {sweep_dir}")
     return SweepResult(sweep_dir, rows, best, best_path)
+
+
+def _final_text(summary: dict) -> str:
+    best = summary.get("best_metrics") or {}
+    scores = (f"best mAP {format_value(best.get('map'))}, mAP50 {format_value(best.get('map50'))} at epoch "
+              f"{summary.get('best_epoch')}" if best else "no evaluation")
+    return f"{summary.get('stop_reason')}; {scores}"
 
 
 def _best_text(best: dict) -> str:
