@@ -114,6 +114,10 @@ def test_a_sweep_on_a_prefix_continues_its_best_trial_to_the_end_and_resumes_tha
     assert json.loads((final / "checkpoints.json").read_text())["latest"]["epoch"] == 3
     best_config = load_config(result.best_config_path)  # ready for a full run: no stop in it
     assert (best_config.train.epochs, best_config.train.stop_after_epoch) == (3, 0)
+    from neoray.tune.report import write_report
+
+    report = Path(write_report(result.sweep_dir)).read_text()
+    assert f"trials train epochs 1-1 of the 3-epoch schedule; the best continues to its end in `{final}`" in report
     out = capfd.readouterr().out
     assert f"resumed from {sweep_dir / best}/checkpoint_" in out and ": 1 epochs and" in out
     assert f"[neoray] final model: {best} continued to epoch 3, completed; best mAP" in out

@@ -240,6 +240,10 @@ def write_report(sweep_dir) -> str:
               f"`{asha.time_attr}`, grace period {asha.grace_period}, reduction factor "
               f"{asha.reduction_factor}, max_t {asha.max_t}, rungs {record.rungs}",
               f"- search: OptunaSearch ({sampler}, seed {record.seed}), the config's own values evaluated first", ""]
+    if record.search.trial_epochs and record.base_config is not None:
+        epochs = record.base_config.train.epochs
+        lines[-1:] = [f"- trials train epochs 1-{record.search.trial_epochs} of the {epochs}-epoch schedule; the best "
+                      f"continues to its end in `{storage.join(sweep_dir, 'final')}`", ""]
     best_path = storage.join(sweep_dir, BEST_CONFIG)
     if storage.exists(best_path):
         lines += [f"Best configuration, ready for a full run: `neoray train {best_path} train.epochs=N`", ""]
