@@ -11,6 +11,7 @@ from neoray.cluster import ClusterError, add_address_argument
 from neoray.commands import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, program
 from neoray.config import ConfigError
 from neoray.run.run_tracking import add_track_argument
+from neoray.run.rundir import ended_well
 from neoray.storage import StorageError
 from neoray.tune.continue_best import ContinuationError
 from neoray.tune.sweep import SweepOptions, run_sweep
@@ -106,7 +107,6 @@ def run(args) -> int:
         print(f"sweep {interrupts.how_stopped()}; continue with: {resume_command(sys.argv)}", file=sys.stderr,
               flush=True)
         return EXIT_INTERRUPTED
-    if result.final is not None and result.final.get("stop_reason") not in ("completed",) \
-            and not str(result.final.get("stop_reason")).startswith("early stop"):
+    if result.final is not None and not ended_well(str(result.final.get("stop_reason"))):
         return EXIT_FAILED  # the final run stopped on a guard: its summary says why
     return EXIT_OK if result.best is not None else EXIT_FAILED

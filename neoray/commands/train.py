@@ -23,7 +23,7 @@ from neoray.commands import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, program
 from neoray.config import ConfigError, load_config
 from neoray.data.shards import ManifestError
 from neoray.run.run_tracking import add_track_argument, parse_track
-from neoray.run.rundir import RunDirError
+from neoray.run.rundir import RunDirError, ended_well
 from neoray.run.setup import check_cluster, check_resume, prepare_config, resume_point
 from neoray.run.trainer import RunInterrupted, train
 from neoray.storage import StorageError
@@ -98,4 +98,4 @@ def run(args: argparse.Namespace) -> int:
     best_text = f"best mAP {best:.4f} at epoch {summary['best_epoch']}" if best is not None else "no evaluation"
     print(f"neoray train: {reason}; {summary['epochs_run']} epochs; {best_text}; report "
           f"{summary['run_dir']}/summary.md", flush=True)
-    return EXIT_OK if reason == "completed" or reason.startswith("early stop") else EXIT_FAILED
+    return EXIT_OK if ended_well(reason) else EXIT_FAILED

@@ -43,6 +43,7 @@ from ray.util.queue import Empty, Queue
 
 from neoray import storage
 from neoray.config import Config, ConfigError
+from neoray.run.rundir import ended_well
 
 TRACKERS = ("mlflow", "wandb")
 DEFAULT_EXPERIMENT = "neoray"  # MLflow experiment and W&B project when the user names none
@@ -221,7 +222,7 @@ def _stop_status(summary: dict) -> tuple[str, int]:
     reason = str(summary.get("stop_reason") or "")
     if reason == "interrupted":
         return "KILLED", 1
-    if reason == "completed" or reason.startswith("early stop"):
+    if ended_well(reason):
         return "FINISHED", 0
     return "FAILED", 1
 

@@ -171,6 +171,11 @@ def hardware_info(cfg: Config, history: list[dict]) -> dict:
             "devices": devices, "nodes": len(nodes)}
 
 
+def ended_well(stop_reason: str) -> bool:
+    """Whether a run's summary ``stop_reason`` is a normal end: the schedule completed, or early stopping on mAP."""
+    return stop_reason == "completed" or stop_reason.startswith("early stop")
+
+
 def write_summary(run_dir: str, cfg: Config, history: list[dict], seconds: float, stop_reason: str,
                   pretrained_classes: list[str] | None = None) -> dict:
     best = ranking.best(history)
@@ -252,6 +257,6 @@ def summary_markdown(summary: dict, history: list[dict]) -> str:
 
 
 __all__ = [
-    "RAY_DIR", "RunDirError", "claim_directory", "epoch_line", "existing_run_dir", "new_run_dir", "read_metrics",
-    "summary_markdown", "write_metrics", "write_summary",
+    "RAY_DIR", "RunDirError", "claim_directory", "ended_well", "epoch_line", "existing_run_dir", "new_run_dir",
+    "read_metrics", "summary_markdown", "write_metrics", "write_summary",
 ]
