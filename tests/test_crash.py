@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_output import one_line, user_lines
 from process_tools import alive, descendants, pids_naming
 from test_eval_cli import save_checkpoint
 from test_sweep_resume import REPO_ROOT, _csv_rows
@@ -53,11 +54,6 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
         code = main(argv)
     return code, out.getvalue(), err.getvalue()
 
-
-def one_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in text, text
-    return lines[0]
 
 
 def _no_ray(*args, **kwargs):
@@ -142,7 +138,7 @@ class Neoray:
 
 
 def last_line(output: str) -> str:
-    return [line for line in output.splitlines() if line.strip()][-1]
+    return user_lines(output)[-1]
 
 
 @pytest.fixture

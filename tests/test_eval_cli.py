@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from cli_output import one_line
 
 from neoray.cli import main
 from neoray.evaluation.inference import CheckpointError, load_model
@@ -178,7 +179,7 @@ def test_eval_cli_default_output_next_to_checkpoint_and_errors(ray_session, cate
                json.loads((synthetic_shards["root"] / "annotations" / "instances_val.json").read_text())["images"]}
     assert detections and {d["image_id"] for d in detections} <= val_ids
     code, _, stderr = run_cli(["eval", str(tmp_path / "missing"), "--data", str(synthetic_shards["val"])])
-    assert code == 1 and "missing: no checkpoint found" in stderr and len(stderr.strip().splitlines()) == 1
+    assert code == 1 and "missing: no checkpoint found" in one_line(stderr)
     code, _, stderr = run_cli(["eval", str(directory), "--data", str(tmp_path)])
     assert code == 1 and "manifest not found" in stderr
 

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from cli_output import one_line
 from safetensors.torch import save_file
 from test_eval_cli import save_checkpoint
 from test_prepare import _png_bomb
@@ -46,11 +47,6 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
         code = main(argv)
     return code, out.getvalue(), err.getvalue()
 
-
-def _one_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in text, text
-    return lines[0]
 
 
 def _synth(tmp_path: Path, n: int = 4) -> tuple[Path, Path]:
@@ -107,7 +103,7 @@ def _check_silent_store(budget: str | None) -> float:
         proc = subprocess.run([sys.executable, "-m", "neoray.cli", "check", "s3://silent-bucket/shards"], env=env,
                               capture_output=True, text=True, timeout=120)
         elapsed = time.monotonic() - start
-    line = _one_line(proc.stderr)
+    line = one_line(proc.stderr)
     assert proc.returncode == 1 and "s3://silent-bucket/shards/_manifest.json" in line
     assert f"no answer from http://127.0.0.1:{port}" in line and "NEORAY_STORAGE_TIMEOUT_S" in line
     return elapsed
@@ -122,7 +118,7 @@ def test_a_silent_object_store_fails_within_about_30_s_by_default():
     assert _check_silent_store(None) < 30 + 10  # it was over 90 s: three tries of a 30-s request timeout
 
 
-def test_the_storage_budget_comes_from_the_environment_and_bad_values_are_one_line(monkeypatch):
+def test_the_storage_budget_comes_from_the_environment_and_bad_values_areone_line(monkeypatch):
     monkeypatch.setenv("NEORAY_STORAGE_TIMEOUT_S", "12")
     options = storage.resolve(f"s3://b-{uuid.uuid4().hex[:8]}/key")[0].__reduce__()[1][0]
     # Three tries, each allowed a sixth of the budget to connect and a sixth for a byte: never more in all.
@@ -153,7 +149,7 @@ def test_a_stale_ray_address_fails_in_one_line_naming_it_without_waiting(monkeyp
     assert time.monotonic() - start < 30
 
 
-def test_prepare_train_and_sweep_refuse_a_stale_ray_address_in_one_line(tmp_path, monkeypatch, synthetic_shards):
+def test_prepare_train_and_sweep_refuse_a_stale_ray_address_inone_line(tmp_path, monkeypatch, synthetic_shards):
     import ray
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
@@ -167,13 +163,13 @@ def test_prepare_train_and_sweep_refuse_a_stale_ray_address_in_one_line(tmp_path
     monkeypatch.setenv("RAY_ADDRESS", address)
     code, _, err = run_cli(["prepare", "--coco", str(ann), "--images", str(images), "--out", str(tmp_path / "o"),
                             "--size", "160x90"])
-    assert code == 1 and address in _one_line(err) and "RAY_ADDRESS" in err
+    assert code == 1 and address in one_line(err) and "RAY_ADDRESS" in err
     monkeypatch.delenv("RAY_ADDRESS")
     code, _, err = run_cli(["train", str(config), *data, "--address", address])
-    assert code == 1 and address in _one_line(err)
+    assert code == 1 and address in one_line(err)
     code, _, err = run_cli(["sweep", "--config", str(config), "--output", str(tmp_path / "sweeps"),
                             "--num-samples", "1", "--address", address, *data])
-    assert code == 1 and address in _one_line(err)
+    assert code == 1 and address in one_line(err)
     assert time.monotonic() - start < 60
     assert not (tmp_path / "runs").exists()
 
@@ -246,7 +242,7 @@ def test_a_category_name_that_is_not_utf8_is_one_line_naming_the_record(tmp_path
     ann.write_text(json.dumps(coco))
     assert main(["prepare", "--coco", str(ann), "--images", str(images), "--out", str(tmp_path / "o"),
                  "--size", "160x90"]) == 1
-    line = _one_line(capsys.readouterr().err)
+    line = one_line(capsys.readouterr().err)
     assert str(ann) in line and "categories[1]" in line and "'name'" in line
 
 
@@ -268,7 +264,7 @@ def test_deeply_nested_json_is_one_line_naming_the_file(tmp_path, capsys):
     ann.write_text(_deep_json())
     assert main(["prepare", "--coco", str(ann), "--images", str(images), "--out", str(tmp_path / "o"),
                  "--size", "160x90"]) == 1
-    assert str(ann) in _one_line(capsys.readouterr().err)
+    assert str(ann) in one_line(capsys.readouterr().err)
     shards = tmp_path / "shards"
     shards.mkdir()
     (shards / "_manifest.json").write_text(_deep_json())
@@ -299,13 +295,13 @@ def test_a_deeply_nested_huggingface_config_is_one_line_naming_it(tmp_path, synt
     assert "\n" not in str(err.value)
     code, _, err_text = run_cli(["predict", str(folder), str(tmp_path / "x.jpg"), "--out", str(tmp_path / "d"),
                                  "--size", "160x90"])
-    assert code == 1 and "config.json" in _one_line(err_text)
+    assert code == 1 and "config.json" in one_line(err_text)
 
 
 @pytest.mark.parametrize("config", ["[1, 2]", json.dumps(huggingface_config(d_model=[256])),
                                     json.dumps(huggingface_config(backbone_config=[1])),
                                     json.dumps(huggingface_config(encode_proj_layers=2))])
-def test_a_huggingface_config_of_the_wrong_shape_is_one_line(tmp_path, config):
+def test_a_huggingface_config_of_the_wrong_shape_isone_line(tmp_path, config):
     folder = _huggingface_folder(tmp_path / "hf", config)
     with pytest.raises(PretrainedError, match="config.json: ") as err:
         describe_pretrained(folder)
@@ -329,7 +325,7 @@ def test_predict_refuses_an_output_folder_it_cannot_write_before_predicting(chec
                                                                               "write"))
     for out in (blocker, blocker / "drawn"):
         code, _, err = run_cli(["predict", str(checkpoint), str(image), "--out", str(out)])
-        assert code == 1 and str(out) in _one_line(err)
+        assert code == 1 and str(out) in one_line(err)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -353,7 +349,7 @@ def test_predict_refuses_a_decompression_bomb_and_still_draws_the_other_images(c
     monkeypatch.setattr(image_files.cv2, "imdecode", imdecode)
     code, out, err = run_cli(["predict", str(checkpoint), str(bomb), str(good), "--out", str(tmp_path / "d")])
     assert code == 1
-    line = _one_line(err)
+    line = one_line(err)
     assert str(bomb) in line and "10000x10000" in line
     assert "1 image(s)" in out and "1 unreadable" in out
     assert [p.name for p in (tmp_path / "d").iterdir()] == ["good.png"]
@@ -369,9 +365,9 @@ def test_sizes_above_8k_are_refused_in_one_line_wherever_they_come_in(tmp_path, 
     ann, images = _synth(tmp_path, n=2)
     assert main(["prepare", "--coco", str(ann), "--images", str(images), "--out", str(tmp_path / "o"),
                  "--size", "100000x56250"]) == 1
-    assert "larger than 8192x4608" in _one_line(capsys.readouterr().err)
+    assert "larger than 8192x4608" in one_line(capsys.readouterr().err)
     assert main(["synth", str(tmp_path / "s"), "--train", "1", "--val", "0", "--size", "40000x30000"]) == 1
-    assert "larger than" in _one_line(capsys.readouterr().err)
+    assert "larger than" in one_line(capsys.readouterr().err)
     shards = tmp_path / "shards"
     shards.mkdir()
     (shards / "_manifest.json").write_text(json.dumps({
@@ -454,14 +450,14 @@ def test_an_output_that_is_a_file_is_refused_before_ray(synthetic_shards, tmp_pa
     config.write_text("{}")
     data = [f"data.train={synthetic_shards['train']}", f"data.val={synthetic_shards['val']}", "data.size=160x90"]
     code, _, err = run_cli(["train", str(config), *data, "--output", str(blocker)])
-    assert code == 1 and f"--output: {blocker}" in _one_line(err)
+    assert code == 1 and f"--output: {blocker}" in one_line(err)
     # The sweep's --output reaches the driver's checks with the sweep directory under it.
     info = cluster.ClusterInfo("local", "started", 1, 4.0, 0.0)
     with pytest.raises(ConfigError, match=f"--output: {blocker / 'sweep_lr'} .*file"):
         check_cluster(_cfg(synthetic_shards), info, str(blocker / "sweep_lr"))
     monkeypatch.setattr(sweep_module, "connect", lambda *a, **k: info)
     code, _, err = run_cli(["sweep", "--config", str(config), "--output", str(blocker), "--num-samples", "1", *data])
-    assert code == 1 and str(blocker) in _one_line(err) and "file" in err
+    assert code == 1 and str(blocker) in one_line(err) and "file" in err
 
 
 def test_resume_does_not_need_backbone_weights_the_checkpoint_replaces(synthetic_shards, tmp_path, monkeypatch):
@@ -483,7 +479,7 @@ def test_resume_does_not_need_backbone_weights_the_checkpoint_replaces(synthetic
     monkeypatch.setattr(train_command, "connect",
                         lambda *a, **k: (_ for _ in ()).throw(cluster.ClusterError("past the checks")))
     code, _, err = run_cli(["train", str(run_dir / "config.yaml"), "--resume", str(run_dir)])
-    assert code == 1 and "past the checks" in _one_line(err)
+    assert code == 1 and "past the checks" in one_line(err)
 
 
 @pytest.mark.parametrize("where", ["local", "memory"])
@@ -576,7 +572,7 @@ class _RunsCode:
 
 
 @pytest.mark.slow
-def test_commands_under_an_address_space_limit_still_answer_in_one_line(checkpoint, synthetic_shards, tmp_path):
+def test_commands_under_an_address_space_limit_still_answer_inone_line(checkpoint, synthetic_shards, tmp_path):
     runs_code = tmp_path / "runs_code.pth"
     torch.save({"model": _RunsCode()}, runs_code)  # a pickle that would call os.system
     not_an_image = tmp_path / "notes.png"
@@ -603,7 +599,7 @@ def test_commands_under_an_address_space_limit_still_answer_in_one_line(checkpoi
     ]
     for gigabytes, argv, fragment in cases:
         proc = _under_a_limit(gigabytes, argv)
-        assert proc.returncode == 1 and fragment in _one_line(proc.stderr), (argv, proc.stderr[-3000:])
+        assert proc.returncode == 1 and fragment in one_line(proc.stderr), (argv, proc.stderr[-3000:])
     assert "this ran" not in proc.stdout
 
 
@@ -640,7 +636,7 @@ def test_a_fifo_is_refused_as_what_it_is_wherever_a_path_is_taken(checkpoint, sy
     ]
     for argv in cases:
         code, _, err = run_cli(argv)
-        line = _one_line(err)
+        line = one_line(err)
         assert code == 1 and str(fifo) in line and "a FIFO" in line, (argv, line)
 
 
@@ -668,11 +664,11 @@ def test_an_mlflow_folder_store_is_refused_in_one_line_before_anything_starts(sy
                  ["sweep", "--config", str(config), *data, "--output", str(tmp_path / "s"), "--track",
                   f"mlflow:{store}"]):
         code, _, err = run_cli(argv)
-        line = _one_line(err)
+        line = one_line(err)
         assert code == 1 and "no longer tracks to a folder" in line and database in line, line
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{store}")
     code, _, err = run_cli(["train", str(config), *data, "--track", "mlflow"])
-    assert code == 1 and "MLFLOW_TRACKING_URI" in _one_line(err)
+    assert code == 1 and "MLFLOW_TRACKING_URI" in one_line(err)
     assert not (tmp_path / "runs").exists() and not store.exists()
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the user's own choice: MLflow then writes it
     assert parse_track(["mlflow"])[0].kind == "mlflow"

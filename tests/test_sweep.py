@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_output import one_line
 from fault_hooks import SlowTrial, TrialFailures
 
 from neoray.commands import sweep as sweep_cmd
@@ -213,7 +214,7 @@ def test_a_foreign_sweep_record_is_refused_in_one_line(tmp_path, monkeypatch, ca
     sweep_cmd.add_arguments(parser)
     code = sweep_cmd.run(parser.parse_args(["--output", str(tmp_path / "sweeps"), "--name", "odd", "--resume"]))
     err = capsys.readouterr().err
-    assert code == 1 and "not a neoray sweep record" in err and len(err.strip().splitlines()) == 1
+    assert code == 1 and "not a neoray sweep record" in one_line(err)
 
 
 def test_the_sweep_says_whether_tpe_will_model_any_trial():

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_output import one_line
 from fault_hooks import Faults
 
 from neoray.checkpoints import load_checkpoint, read_pointers
@@ -108,7 +109,7 @@ def test_train_command_rejects_a_misspelled_key_with_a_suggestion(tmp_path, caps
     config_file.write_text(yaml.safe_dump({"train": {"lr_warmup_steps": 10}}))
     assert neoray_main(["train", str(config_file)]) == 1
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1
+    one_line(err)
     assert "lr_warmup_steps" in err and "warmup_steps" in err.split("did you mean")[1]
 
 
