@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_tracking import _mlflow, _steps
 
 from neoray.config import ConfigError, from_dict, load_config
 from neoray.tune.asha import AshaSettings
@@ -92,7 +93,9 @@ def test_a_sweep_on_a_prefix_continues_its_best_trial_to_the_end_and_resumes_tha
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({"params": {"lr": {"distribution": "log_uniform", "low": 3e-4, "high": 3e-3}},
                                      "asha": False, "search": {"seed": 0, "num_samples": 2, "trial_epochs": 1}}))
-    result = run_sweep(SweepOptions(config=str(config), space=str(space), output=str(tmp_path / "sweeps"), name="p"))
+    tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = run_sweep(SweepOptions(config=str(config), space=str(space), output=str(tmp_path / "sweeps"), name="p",
+                                    track=[f"mlflow:{tracking_uri}"]))
     sweep_dir = Path(result.sweep_dir)
     with open(sweep_dir / "trials.csv", newline="") as handle:
         rows = {row["trial"]: row for row in csv.DictReader(handle)}
@@ -122,6 +125,18 @@ def test_a_sweep_on_a_prefix_continues_its_best_trial_to_the_end_and_resumes_tha
     assert f"resumed from {sweep_dir / best}/checkpoint_" in out and ": 1 epochs and" in out
     assert f"[neoray] final model: {best} continued to epoch 3, completed; best mAP" in out
     assert (sweep_dir / "trials.md").read_text().rstrip().endswith(f"run directory {final}**")
+    # --track: the final run is a run of the sweep's MLflow experiment, nested under the sweep's run beside
+    # the trials, with the epochs it trained and its summary
+    client = _mlflow(tracking_uri)
+    parent = json.loads((sweep_dir / "sweep.json").read_text())["tracking"]["mlflow"]["parent_run_id"]
+    experiment = client.get_run(parent).info.experiment_id
+    children = {r.info.run_name: r for r in
+                client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent}'")}
+    assert set(children) == {"trial_0001", "trial_0002", "final"}
+    final_run = children["final"]
+    assert final_run.info.status == "FINISHED" and _steps(client, final_run.info.run_id, "loss") == [2, 3]
+    assert float(final_run.data.params["train.lr"]) == pytest.approx(float(rows[best]["lr"]))
+    assert final_run.data.tags["neoray.stop_reason"] == "completed" and "summary/best_metrics/map" in final_run.data.metrics
 
     # A sweep stopped during the continuation, before the final run wrote a checkpoint: --resume continues the
     # best trial again, from its own checkpoint, in the same run directory.

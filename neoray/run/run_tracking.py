@@ -248,26 +248,35 @@ class RunTracker:
         self._thread = threading.Thread(target=self._pump, name="neoray-tracker", daemon=True)
 
     @classmethod
-    def start(cls, specs: list[TrackSpec], run_dir: str, cfg: Config, resume: bool = False) -> RunTracker:
+    def start(cls, specs: list[TrackSpec], run_dir: str, cfg: Config, resume: bool = False,
+              sweep: dict | None = None) -> RunTracker:
+        """``sweep``: the tracker record of the sweep this run belongs to (its sweep.json "tracking"); the run
+        lands in the sweep's MLflow store, nested under its parent run, and in its W&B project and group."""
         previous = _read_record(run_dir) if resume else {}
+        sweep = sweep or {}
         tracker = cls(run_dir, {})
         name = storage.basename(run_dir)
         for spec in specs:
             if spec.kind == "mlflow":
-                tracker._start_mlflow(spec, previous.get("mlflow"), cfg, name)
+                tracker._start_mlflow(spec, previous.get("mlflow"), cfg, name, sweep.get("mlflow"))
             else:
-                tracker._start_wandb(spec, previous.get("wandb"), cfg, name)
+                tracker._start_wandb(spec, previous.get("wandb"), cfg, name, sweep.get("wandb"))
         storage.write_json(storage.join(run_dir, RECORD_FILE), tracker.record, indent=2)
         tracker._thread.start()
         return tracker
 
-    def _start_mlflow(self, spec: TrackSpec, previous: dict | None, cfg: Config, name: str) -> None:
+    def _start_mlflow(self, spec: TrackSpec, previous: dict | None, cfg: Config, name: str,
+                      sweep: dict | None) -> None:
         # Ray's integration modules import the tracker itself (seconds): only when a run asks for it, never
         # in the controller or trial processes that import this module for RunRecorder.
         import mlflow  # noqa: PLC0415 - optional dependency (neoray[mlflow])
         from ray.air.integrations.mlflow import setup_mlflow  # noqa: PLC0415 - optional dependency (neoray[mlflow])
 
         settings = mlflow_settings(spec)
+        tags = {"neoray.command": "train", "neoray.run_dir": self.run_dir}
+        if sweep:
+            settings = {k: sweep[k] for k in ("tracking_uri", "experiment")}
+            tags.update({"mlflow.parentRunId": sweep["parent_run_id"], "neoray.command": "sweep"})
         if previous and (spec.target is None or absolute_uri(spec.target) == previous["tracking_uri"]):
             settings = {k: previous[k] for k in ("tracking_uri", "experiment")}
             mlflow.set_tracking_uri(settings["tracking_uri"])
@@ -276,23 +285,24 @@ class RunTracker:
             module = setup_mlflow(flat_config(cfg), tracking_uri=settings["tracking_uri"],
                                   experiment_name=settings["experiment"], run_name=name,
                                   artifact_location=artifact_location(settings["tracking_uri"]),
-                                  create_experiment_if_not_exists=True,
-                                  tags={"neoray.command": "train", "neoray.run_dir": self.run_dir})
+                                  create_experiment_if_not_exists=True, tags=tags)
             run_id = module.active_run().info.run_id
         self._mlflow_client = mlflow.MlflowClient(settings["tracking_uri"])
         self.record["mlflow"] = {**settings, "run_id": run_id}
         print(f"neoray train: MLflow run {run_id} in experiment '{settings['experiment']}' at "
               f"{settings['tracking_uri']}", flush=True)
 
-    def _start_wandb(self, spec: TrackSpec, previous: dict | None, cfg: Config, name: str) -> None:
+    def _start_wandb(self, spec: TrackSpec, previous: dict | None, cfg: Config, name: str,
+                     sweep: dict | None) -> None:
         from ray.air.integrations.wandb import setup_wandb  # noqa: PLC0415 - optional dependency (neoray[wandb])
 
-        settings = wandb_settings(spec)
+        settings = {"project": sweep["project"]} if sweep else wandb_settings(spec)
         same = previous and (spec.target is None or spec.target == previous["project"])
         run_id = previous["id"] if same else wandb_run_id(name)
         project = previous["project"] if same else settings["project"]
         self._wandb_run = setup_wandb(cfg.to_dict(), trial_id=run_id, trial_name=name, project=project,
-                                      group=None, job_type="train", resume="allow", **wandb_env_args())
+                                      group=sweep["group"] if sweep else None, job_type="train", resume="allow",
+                                      **wandb_env_args())
         self.record["wandb"] = {"project": project, "id": run_id}
 
     def _pump(self) -> None:

@@ -125,7 +125,7 @@ def build_trainer(cfg: Config, storage_path: str, *, resume_from: str | None = N
 
 def train(cfg: Config, *, config_path: str | None = None, output: str | None = None,
           resume_dir: str | None = None, hooks=None, verbose: bool = True, track: list | None = None,
-          resume: ResumePoint | None = None, start_from: str | None = None) -> dict:
+          resume: ResumePoint | None = None, start_from: str | None = None, sweep_tracking: dict | None = None) -> dict:
     """Run ``cfg`` to the end on the connected Ray cluster; returns the summary (also written).
 
     ``cfg`` must have been through ``neoray.run.setup.prepare_config`` (absolute paths, checked
@@ -133,7 +133,8 @@ def train(cfg: Config, *, config_path: str | None = None, output: str | None = N
     storage and its latest checkpoint that can be read: ``resume``, or ``setup.resume_point``'s choice) instead of
     a new one. ``start_from``: a checkpoint (of another run: a sweep's trial) that a new run, or a resumed one
     without a checkpoint of its own, continues on its schedule. ``track``: experiment trackers
-    (``neoray.run.run_tracking.parse_track``), whose runs get every epoch and the summary.
+    (``neoray.run.run_tracking.parse_track``), whose runs get every epoch and the summary; ``sweep_tracking``:
+    the tracker record of the sweep the run continues, whose entities the runs join.
     """
     run_dir = existing_run_dir(resume_dir) if resume_dir else new_run_dir(cfg, config_path, output)
     if resume_dir:
@@ -142,7 +143,7 @@ def train(cfg: Config, *, config_path: str | None = None, output: str | None = N
     save_config(cfg, storage.join(run_dir, "config.yaml"))
     if verbose:
         print(f"neoray train: run directory {run_dir}", flush=True)
-    tracker = RunTracker.start(track, run_dir, cfg, resume=bool(resume_dir)) if track else None
+    tracker = RunTracker.start(track, run_dir, cfg, resume=bool(resume_dir), sweep=sweep_tracking) if track else None
     recorder = RunRecorder(run_dir, verbose, feed=tracker.feed if tracker else None)
     trainer = build_trainer(cfg, run_dir, hooks=hooks, callbacks=[recorder],
                             resume_from=(resume.checkpoint if resume_dir else None) or start_from,

@@ -10,6 +10,9 @@ trained is thrown away, and the final model is one run of the full schedule, not
 This is where a sweep on a small budget gets its quality: on the photo-like task four 12-epoch trials reached
 mAP50 0.14 where one run of the same time reached far more (README "Quality against YOLO11n").
 
+With ``--track`` the final run is tracked as a training run is (every epoch, the summary, its files), in the
+sweep's MLflow experiment nested under the sweep's run and in its W&B group.
+
 A sweep stopped during the continuation (Ctrl-C, a lost driver) continues it with ``--resume`` from the final
 run's own last checkpoint, or from the trial's again when the final run had written none.
 """
@@ -23,6 +26,7 @@ from neoray.checkpoints import CheckpointError
 from neoray.checkpoints.format import FILE_NAME
 from neoray.cluster import DATA_HEADROOM_CPUS, alive_nodes
 from neoray.config import Config, ConfigError
+from neoray.run.run_tracking import parse_track
 from neoray.run.rundir import RunDirError
 from neoray.run.setup import resume_point
 from neoray.run.trainer import train
@@ -106,7 +110,8 @@ def continue_best(record: SweepRecord, sweep_dir: str, best: dict, log) -> dict:
             f"{f' and {cfg.train.torch_threads} torch threads' if cfg.train.torch_threads else ''} each): {run_dir}")
     try:
         return train(cfg, output=sweep_dir, resume_dir=run_dir if resume else None, resume=resume,
-                     start_from=start, verbose=True)
+                     start_from=start, verbose=True, track=parse_track(record.track) or None,
+                     sweep_tracking=record.tracking)
     except (RunDirError, CheckpointError) as exc:
         raise ContinuationError(str(exc)) from None
     except Exception as exc:  # the run failed: its summary is written; one line here, not a traceback
