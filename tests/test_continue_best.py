@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_tracking import _mlflow, _steps
+from test_tracking import _mlflow, _steps, _wandb_runs
 
 from neoray.config import ConfigError, from_dict, load_config
 from neoray.tune.asha import AshaSettings
@@ -82,7 +82,7 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_a_sweep_on_a_prefix_continues_its_best_trial_to_the_end_and_resumes_that(ray_session, synthetic_shards,
-                                                                                  tmp_path, capfd):
+                                                                                  tmp_path, capfd, monkeypatch):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({
         "model": {"name": "rtdetr_cpu"},
@@ -94,8 +94,12 @@ def test_a_sweep_on_a_prefix_continues_its_best_trial_to_the_end_and_resumes_tha
     space.write_text(yaml.safe_dump({"params": {"lr": {"distribution": "log_uniform", "low": 3e-4, "high": 3e-3}},
                                      "asha": False, "search": {"seed": 0, "num_samples": 2, "trial_epochs": 1}}))
     tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    (tmp_path / "wandb").mkdir()
     result = run_sweep(SweepOptions(config=str(config), space=str(space), output=str(tmp_path / "sweeps"), name="p",
-                                    track=[f"mlflow:{tracking_uri}"]))
+                                    track=[f"mlflow:{tracking_uri}", "wandb:neoray-test"]))
     sweep_dir = Path(result.sweep_dir)
     with open(sweep_dir / "trials.csv", newline="") as handle:
         rows = {row["trial"]: row for row in csv.DictReader(handle)}
@@ -136,7 +140,12 @@ def test_a_sweep_on_a_prefix_continues_its_best_trial_to_the_end_and_resumes_tha
     final_run = children["final"]
     assert final_run.info.status == "FINISHED" and _steps(client, final_run.info.run_id, "loss") == [2, 3]
     assert float(final_run.data.params["train.lr"]) == pytest.approx(float(rows[best]["lr"]))
-    assert final_run.data.tags["neoray.stop_reason"] == "completed" and "summary/best_metrics/map" in final_run.data.metrics
+    assert final_run.data.tags["neoray.stop_reason"] == "completed"
+    assert "summary/best_metrics/map" in final_run.data.metrics
+    wandb_final = _wandb_runs(tmp_path / "wandb")["final"]  # and a W&B run in the sweep's group
+    assert (wandb_final["group"], wandb_final["job_type"]) == ("p", "train")
+    assert [row["epoch"] for row in wandb_final["history"] if "loss" in row] == [2, 3]
+    assert wandb_final["summary"]["stop_reason"] == "completed"
 
     # A sweep stopped during the continuation, before the final run wrote a checkpoint: --resume continues the
     # best trial again, from its own checkpoint, in the same run directory.
