@@ -196,20 +196,31 @@ def test_two_workers_on_two_nodes_train_from_and_to_s3(cluster, s3_shards):
         assert set(row["nodes"].split(",")) == workers
 
 
-def test_a_sweep_runs_its_trials_on_the_worker_nodes(cluster, s3_shards):
-    config = _config(cluster, f"{s3_shards}/shards", "sweep")
+def test_a_sweep_on_a_prefix_runs_its_trials_on_the_worker_nodes_and_continues_the_best_there(cluster, s3_shards):
+    # Two-worker trials (a TorchTrainer per trial, its checkpoints under SWEEP_DIR/trials in the bucket) train
+    # epochs 1-2 of a 3-epoch schedule; the best continues from its checkpoint in the bucket to epoch 3.
+    config = _config(cluster, f"{s3_shards}/shards", "sweep", epochs=3, workers=2)
     space = cluster.root / "space.yaml"
     space.write_text(yaml.safe_dump({"params": {"lr": {"distribution": "log_uniform", "low": 3e-4, "high": 3e-3}},
-                                     "asha": {"grace_period": 2}, "search": {"seed": 0, "num_samples": 2}}))
+                                     "asha": False, "search": {"seed": 0, "num_samples": 2, "trial_epochs": 2}}))
     out = cluster.neoray("sweep", "--config", config, "--space", str(space), "--output", f"{s3_shards}/sweeps",
-                         "--name", "mn")
+                         "--name", "mn", "--max-concurrent", "1")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     sweep_dir = f"{s3_shards}/sweeps/mn"
     assert storage.is_file(f"{sweep_dir}/best_config.yaml")
     workers = {node["id"] for node in cluster.alive_nodes() if node["cpus"] > 0}
+    steps = {}
     for trial in ("trial_0001", "trial_0002"):
         rows = [json.loads(line) for line in storage.read_text(f"{sweep_dir}/{trial}/result.json").splitlines()]
-        assert [r["epoch"] for r in rows] == [1, 2] and rows[-1]["nodes"] in workers
+        assert [r["epoch"] for r in rows] == [1, 2] and set(rows[-1]["nodes"].split(",")) <= workers
+        assert f"/sweeps/mn/trials/{trial}/" in rows[-1]["checkpoint_path"]
+        steps[trial] = rows[-1]["step"]
+    best = storage.read_text(f"{sweep_dir}/trials.md")
+    assert f"run directory {sweep_dir}/final" in best
+    history = storage.read_json(f"{sweep_dir}/final/metrics.json")
+    assert [row["epoch"] for row in history] == [3] and set(history[0]["nodes"].split(",")) <= workers
+    assert history[0]["step"] == steps["trial_0001"] * 3 // 2  # continued from epoch 2, not started again
+    assert storage.read_json(f"{sweep_dir}/final/summary.json")["stop_reason"] == "completed"
 
 
 def test_losing_a_node_mid_run_resumes_on_the_nodes_that_remain(cluster, s3_shards):
