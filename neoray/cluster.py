@@ -157,6 +157,10 @@ def _connection_advice(target: str, exc: BaseException) -> str:
 DATA_HEADROOM_CPUS = 1.0
 # A multi-worker trial's driver only waits on its TorchTrainer; Tune refuses 0, so it asks for a sliver.
 TRAINER_DRIVER_CPUS = 0.01
+# ... but Ray Data's tasks and the batch tasks each need a whole CPU, and a sliver leaves its node a fraction
+# short of one: two trials of 2 x 1-CPU workers on two 3-CPU nodes left 0.99 CPUs free on each, 1.98 in all,
+# and no task could ever start (measured, Ray 2.60). Planning counts a trial's sliver as the whole CPU it spoils.
+TRAINER_DRIVER_PLANNED_CPUS = 1.0
 AUTOSCALE_HINT = "; if the cluster autoscales (ray up cluster.yaml), pass --autoscale to wait for new nodes"
 
 
@@ -191,6 +195,7 @@ def plan(cfg: Config, gpus_per_worker: float | None, max_concurrent: int | None,
     direct = workers == 1
     gpw = worker_gpus(cfg, gpus_per_worker)
     run_cpus = workers * cpw + (TRAINER_DRIVER_CPUS if sweep and not direct else 0.0)
+    planned_cpus = workers * cpw + (TRAINER_DRIVER_PLANNED_CPUS if sweep and not direct else 0.0)
     run_gpus = workers * gpw
     have_cpus, have_gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
     usable_cpus = have_cpus - DATA_HEADROOM_CPUS
@@ -215,7 +220,7 @@ def plan(cfg: Config, gpus_per_worker: float | None, max_concurrent: int | None,
                 f"{max((n.get('CPU', 0) for n in nodes), default=0):g} CPUs, "
                 f"{max((n.get('GPU', 0) for n in nodes), default=0):g} GPUs); lower train.cpus_per_worker or the "
                 f"GPUs per worker, or add a bigger node{hint}")
-    fit = math.floor(max(usable_cpus, 0.0) / run_cpus + 1e-9) if run_cpus > 0 else 1
+    fit = math.floor(max(usable_cpus, 0.0) / planned_cpus + 1e-9) if planned_cpus > 0 else 1
     if run_gpus > 0:
         fit = min(fit, math.floor(have_gpus / run_gpus + 1e-9))
     if autoscale:

@@ -15,6 +15,7 @@ import ray
 import ray.train
 from ray.train.v2._internal.execution import context as train_context
 from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 CHECKED_RAY_VERSION = "2.60"
 
@@ -123,6 +124,15 @@ def train_run_storage():
     return context.storage_filesystem, context.experiment_fs_path, context.make_default_checkpoint_dir_name()
 
 
+def prefer_node(node_id: str) -> NodeAffinitySchedulingStrategy:
+    """Run on ``node_id`` when it has the resources free, else on any node that has. Public ``soft=True`` falls
+    back only when the node is gone or can never fit the task: on a node whose CPUs are all held (by training
+    workers' placement groups) the task waits for that node forever, and a training worker waiting for its
+    batch never frees one (measured: three 1-CPU workers packed onto a 3-CPU node never finished an epoch). The
+    private ``_spill_on_unavailable`` (Ray 2.60) is what spills it to a node with a free CPU instead."""
+    return NodeAffinitySchedulingStrategy(node_id, soft=True, _spill_on_unavailable=True)
+
+
 def local_instance_pids() -> list[int]:
     """The pids of the processes ``ray.init()`` started for a local instance in this driver (GCS, raylet,
     dashboard, log monitor, ...: ``ray._private.worker._global_node.all_processes``, private in 2.60); what
@@ -207,6 +217,7 @@ __all__ = [
     "optuna_search_completed",
     "optuna_search_study",
     "optuna_search_trials",
+    "prefer_node",
     "quiet_sigterm_exit",
     "quiet_train_worker_logs",
     "set_train_defaults",

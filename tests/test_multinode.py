@@ -92,12 +92,13 @@ class Cluster:
 
     def alive_nodes(self) -> list[dict]:
         code = ("import json, ray; ray.init(address='%s', configure_logging=False, log_to_driver=False); "
-                "print(json.dumps([{'id': n['NodeID'], 'cpus': n['Resources'].get('CPU', 0)} "
+                "print('NODES=' + json.dumps([{'id': n['NodeID'], 'cpus': n['Resources'].get('CPU', 0)} "
                 "for n in ray.nodes() if n['Alive']]))" % self.address)
         out = subprocess.run([sys.executable, "-c", code], env=self.env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        # the marked line: Ray may print its own lines to stdout around it
+        return json.loads(next(line for line in out.stdout.splitlines() if line.startswith("NODES="))[len("NODES="):])
 
     def wait_for_nodes(self, count: int) -> None:
         deadline = time.monotonic() + 120
@@ -203,9 +204,12 @@ def test_a_sweep_on_a_prefix_runs_its_trials_on_the_worker_nodes_and_continues_t
     space = cluster.root / "space.yaml"
     space.write_text(yaml.safe_dump({"params": {"lr": {"distribution": "log_uniform", "low": 3e-4, "high": 3e-3}},
                                      "asha": False, "search": {"seed": 0, "num_samples": 2, "trial_epochs": 2}}))
+    # Two trials at once would leave each 3-CPU node 0.99 CPUs (two workers and a trial driver's 0.01), where no
+    # 1-CPU task of Ray Data can start: they waited forever. The plan runs one at a time here.
     out = cluster.neoray("sweep", "--config", config, "--space", str(space), "--output", f"{s3_shards}/sweeps",
-                         "--name", "mn", "--max-concurrent", "1")
+                         "--name", "mn", "--max-concurrent", "2", timeout=420)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "--max-concurrent 2 lowered to 1" in out.stdout
     sweep_dir = f"{s3_shards}/sweeps/mn"
     assert storage.is_file(f"{sweep_dir}/best_config.yaml")
     workers = {node["id"] for node in cluster.alive_nodes() if node["cpus"] > 0}
@@ -221,6 +225,17 @@ def test_a_sweep_on_a_prefix_runs_its_trials_on_the_worker_nodes_and_continues_t
     assert [row["epoch"] for row in history] == [3] and set(history[0]["nodes"].split(",")) <= workers
     assert history[0]["step"] == steps["trial_0001"] * 3 // 2  # continued from epoch 2, not started again
     assert storage.read_json(f"{sweep_dir}/final/summary.json")["stop_reason"] == "completed"
+
+
+def test_workers_that_fill_their_node_get_their_batches_decoded_on_another(cluster, s3_shards):
+    # Three 1-CPU workers packed onto one 3-CPU node hold every CPU there: the batch tasks that prefer the
+    # worker's node must run on the other node instead of waiting for this one forever.
+    config = _config(cluster, f"{s3_shards}/shards", "packed", workers=3, epochs=1, placement="pack")
+    out = cluster.neoray("train", config, "--output", f"{s3_shards}/runs", timeout=420)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    history = storage.read_json(f"{s3_shards}/runs/packed/metrics.json")
+    assert [row["epoch"] for row in history] == [1]
+    assert len(set(history[0]["nodes"].split(","))) == 1  # the three ranks did share one node
 
 
 def test_losing_a_node_mid_run_resumes_on_the_nodes_that_remain(cluster, s3_shards):

@@ -9,6 +9,7 @@ import dataclasses
 import inspect
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from neoray import ray_compat
 
@@ -104,3 +105,10 @@ def test_tracker_and_searcher_internals():
 
     assert "Only updating search alg if the trial is not to be stopped" in inspect.getsource(
         TuneController._process_trial_result)
+
+
+def test_a_node_preference_spills_to_another_node_when_its_node_is_busy():
+    # Public soft affinity waits for a busy node forever; the private flag is what lets the task spill.
+    assert "_spill_on_unavailable" in inspect.signature(NodeAffinitySchedulingStrategy.__init__).parameters
+    strategy = ray_compat.prefer_node("ab" * 28)
+    assert (strategy.node_id, strategy.soft, strategy._spill_on_unavailable) == ("ab" * 28, True, True)

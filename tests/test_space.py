@@ -89,11 +89,26 @@ def test_resources_fail_fast_and_cap_concurrency():
     with pytest.raises(ConfigError, match="one trial needs 2.01 CPUs"):
         plan_resources(cfg, None, None, {"CPU": 2})
     plan = plan_resources(cfg, None, 8, {"CPU": 8})
-    assert not plan.direct and plan.tune_request == {"cpu": 0.01} and plan.max_concurrent == 3
+    # 7 CPUs besides Ray Data's; each trial holds 2 workers' CPUs and the sliver of its driver, which spoils a
+    # whole CPU for Ray Data's 1-CPU tasks: 2 trials, not 3
+    assert not plan.direct and plan.tune_request == {"cpu": 0.01} and plan.max_concurrent == 2
     single = plan_resources(load_config(None), None, None, {"CPU": 4})
     assert single.direct and single.tune_request == {"cpu": 1.0, "gpu": 0.0} and single.max_concurrent == 3
     with pytest.raises(ConfigError, match="GPUs"):
         plan_resources(load_config(None), 1, None, {"CPU": 4})
+
+
+def test_trials_at_once_leave_ray_data_a_whole_cpu_on_some_node(capsys):
+    """Two 3-CPU nodes, trials of 2 x 1-CPU workers: two at once would leave 0.99 CPUs free on each node (the
+    trial drivers' slivers), where no 1-CPU task of Ray Data or of the batch stream can ever start."""
+    cfg = load_config(None, ["train.workers=2", "train.cpus_per_worker=1"])
+    nodes = [{"CPU": 0.0}, {"CPU": 3.0}, {"CPU": 3.0}]
+    assert plan_resources(cfg, None, None, {"CPU": 6}, nodes=nodes).max_concurrent == 1
+    assert plan_resources(cfg, None, 2, {"CPU": 6}, nodes=nodes).max_concurrent == 1
+    assert "--max-concurrent 2 lowered to 1" in capsys.readouterr().out
+    # a one-worker trial holds whole CPUs only: nothing is spoilt
+    single = load_config(None, ["train.cpus_per_worker=1"])
+    assert plan_resources(single, None, None, {"CPU": 6}, nodes=nodes).max_concurrent == 5
 
 
 def test_gpus_per_worker_is_planned_and_requested_alike(synthetic_shards):

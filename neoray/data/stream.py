@@ -58,9 +58,8 @@ from typing import Iterator
 import numpy as np
 import ray
 import torch
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from neoray import storage
+from neoray import ray_compat, storage
 from neoray.config import DataConfig, parse_size
 from neoray.data.augment import decode_augment_batch, resize_image
 from neoray.data.decode import check_targets, read_chunk, read_encoded_chunk
@@ -342,9 +341,9 @@ def _task_batches(jobs: Iterator[tuple[list[dict], BatchDraw]], in_flight: int) 
     """``data.decode: cpu``: one Ray task per batch on this node, at most ``in_flight`` at once, in order."""
     if not ray.is_initialized():
         ray.init()  # what Ray Data does on first use
-    # Soft: on a node without a free CPU the task runs elsewhere rather than waiting.
-    task = _batch_task().options(num_cpus=1, scheduling_strategy=NodeAffinitySchedulingStrategy(
-        ray.get_runtime_context().get_node_id(), soft=True))
+    # This node while it has a free CPU, any node that has one otherwise (never waiting for this one).
+    task = _batch_task().options(num_cpus=1,
+                                 scheduling_strategy=ray_compat.prefer_node(ray.get_runtime_context().get_node_id()))
     # Empty tasks first, while Ray Data reads the first chunks: fresh worker processes pay their imports
     # (albumentations brings torch: seconds) before the first real batch instead of after it.
     warm = [task.remote([], [], _EMPTY_DRAW, []) for _ in range(in_flight)]
